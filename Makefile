@@ -1,0 +1,50 @@
+# tailscope: `make demo` runs the main job on the bundled corpus, `make test` runs every test.
+# Both provision libtorch first (scripts/setup, once per machine). Set CARGO_TARGET_DIR to keep
+# build outputs outside the clone; OUT to put the demo outputs elsewhere.
+SHELL := bash
+CARGO ?= cargo
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+BIN := $(TARGET_DIR)/release/tailscope
+OUT ?= out/demo
+
+.PHONY: all setup setup-test build demo test lint bench bench-freq fixture clean
+
+all: build
+
+setup:
+	@bash scripts/setup
+
+setup-test:
+	@bash scripts/setup --test-deps
+
+build: setup
+	$(CARGO) build --release --locked
+
+demo: build
+	$(BIN) corpus ingest fixtures/brown/brown.jsonl.gz --vocab-size 8192 -o $(OUT)/corpus.parquet
+	$(BIN) freq --corpus $(OUT)/corpus.parquet -o $(OUT)/freq
+	@echo
+	@echo "demo outputs:"
+	@echo "  corpus table      $(OUT)/corpus.parquet"
+	@echo "  tokenizer         $(OUT)/tokenizer.json"
+	@echo "  frequency tables  $(OUT)/freq/{scores,ngrams,domains}.parquet"
+	@echo "  summary           $(OUT)/freq/summary.json"
+
+test: setup-test
+	$(CARGO) test --release --locked
+
+lint: setup
+	$(CARGO) fmt --check
+	$(CARGO) clippy --release --locked --all-targets -- -D warnings
+
+bench: setup
+	$(CARGO) bench --locked --bench freq
+
+bench-freq: build
+	bash scripts/bench-freq
+
+fixture:
+	scripts/build-brown-fixture
+
+clean:
+	rm -rf $(OUT)
