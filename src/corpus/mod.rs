@@ -1,0 +1,447 @@
+//! The corpus table: one row per sample with a stable id, its text, its domain, its split and its
+//! length in tokens. Every later stage (frequency statistics, training, capture, analysis) reads
+//! this table, written as Parquet with the columns
+//! `id: str, text: str, domain: str, split: str ("train" | "validation"), n_tokens: u32`
+//! and, for synthetic corpora, the ground truth `long_tail: bool`.
+//!
+//! Building a corpus from raw records ([`build`]) applies, in order: whitespace normalisation,
+//! optional sentence splitting, the word-length filter, the id-uniqueness check, the seeded split.
+
+pub mod ingest;
+pub mod synth;
+pub mod tokenizer;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use polars::prelude::{Column, DataFrame};
+use unicode_segmentation::UnicodeSegmentation;
+
+use crate::error::{Error, Result};
+use crate::io;
+
+/// Which part of the corpus a sample belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Split {
+    Train,
+    Validation,
+}
+
+impl Split {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Validation => "validation",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Split> {
+        match s {
+            "train" => Some(Split::Train),
+            "validation" => Some(Split::Validation),
+            _ => None,
+        }
+    }
+}
+
+/// One row of the corpus table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub id: String,
+    pub text: String,
+    pub domain: String,
+    pub split: Split,
+    pub n_tokens: u32,
+    /// Ground truth from `corpus synth`: whether the sample belongs to a rare domain.
+    pub long_tail: Option<bool>,
+}
+
+/// A raw record before [`build`]: where it came from (for error messages), an id if the input
+/// gave one, its text and domain.
+#[derive(Debug, Clone)]
+pub struct RawRecord {
+    /// `file:line` (or `file:row`), used in ids and messages.
+    pub origin: String,
+    pub id: Option<String>,
+    pub text: String,
+    pub domain: String,
+    pub long_tail: Option<bool>,
+}
+
+/// How raw records become samples.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Split each record into sentences (Unicode UAX #29 sentence boundaries).
+    pub sentences: bool,
+    /// Keep samples with at least this many whitespace-separated words.
+    pub min_words: usize,
+    /// Keep samples with at most this many words (`None`: no limit).
+    pub max_words: Option<usize>,
+    /// Fraction of samples assigned to the validation split, in [0, 1).
+    pub val_fraction: f64,
+    /// Seed of the split; the split of a sample depends only on its id and the seed.
+    pub seed: u64,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            sentences: false,
+            min_words: 1,
+            max_words: None,
+            val_fraction: 0.1,
+            seed: 0,
+        }
+    }
+}
+
+/// What [`build`] kept and dropped, for the summary line.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BuildStats {
+    pub records: usize,
+    pub kept: usize,
+    pub too_short: usize,
+    pub too_long: usize,
+}
+
+/// The corpus table in memory.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Corpus {
+    pub samples: Vec<Sample>,
+}
+
+/// A 64-bit hash that is stable across platforms, Rust versions and runs (std's `DefaultHasher`
+/// promises none of that): FNV-1a over the bytes, then the SplitMix64 finaliser to spread bits.
+pub fn stable_hash(seed: u64, bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// The split of a sample: validation when `hash(seed, id) / 2^64 < val_fraction`. Depends on the
+/// id alone, so adding or removing other samples never moves a sample between splits.
+pub fn split_of(id: &str, seed: u64, val_fraction: f64) -> Split {
+    let u = (stable_hash(seed, id.as_bytes()) >> 11) as f64 / (1u64 << 53) as f64;
+    if u < val_fraction {
+        Split::Validation
+    } else {
+        Split::Train
+    }
+}
+
+/// Collapse runs of whitespace (including newlines) into single spaces and trim.
+pub fn normalize_whitespace(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Turn raw records into samples (without token counts; see [`tokenizer::count_tokens`]).
+/// Ids: the record's own id, or its origin; with sentence splitting, `<id>#<k>` for the k-th
+/// sentence (1-based). A duplicate id is bad input naming both origins.
+/// `source` names the input in the error raised when no sample survives the filters.
+pub fn build(
+    source: &str,
+    records: Vec<RawRecord>,
+    opts: &BuildOptions,
+) -> Result<(Corpus, BuildStats)> {
+    if !(0.0..1.0).contains(&opts.val_fraction) {
+        return Err(Error::invalid(
+            "--val-fraction",
+            format!("must be in [0, 1), got {}", opts.val_fraction),
+        ));
+    }
+    if let Some(max) = opts.max_words {
+        if max < opts.min_words {
+            return Err(Error::invalid(
+                "--max-words",
+                format!("{max} is below --min-words {}", opts.min_words),
+            ));
+        }
+    }
+    let mut stats = BuildStats {
+        records: records.len(),
+        ..BuildStats::default()
+    };
+    let mut seen: HashMap<String, String> = HashMap::new();
+    let mut samples = Vec::with_capacity(records.len());
+    for rec in records {
+        let base_id = rec.id.clone().unwrap_or_else(|| rec.origin.clone());
+        let pieces: Vec<String> = if opts.sentences {
+            // Newlines are UAX #29 hard breaks; hard-wrapped text would be cut mid-sentence, so
+            // whitespace is normalised first.
+            normalize_whitespace(&rec.text)
+                .unicode_sentences()
+                .map(normalize_whitespace)
+                .filter(|s| !s.is_empty())
+                .collect()
+        } else {
+            vec![normalize_whitespace(&rec.text)]
+        };
+        for (k, text) in pieces.into_iter().enumerate() {
+            let words = text.split_whitespace().count();
+            if words < opts.min_words.max(1) {
+                stats.too_short += 1;
+                continue;
+            }
+            if opts.max_words.is_some_and(|m| words > m) {
+                stats.too_long += 1;
+                continue;
+            }
+            let id = if opts.sentences {
+                format!("{base_id}#{}", k + 1)
+            } else {
+                base_id.clone()
+            };
+            if let Some(first) = seen.insert(id.clone(), rec.origin.clone()) {
+                return Err(Error::invalid(
+                    rec.origin.clone(),
+                    format!("duplicate id {id:?} (first seen at {first}); ids must be unique"),
+                ));
+            }
+            samples.push(Sample {
+                split: split_of(&id, opts.seed, opts.val_fraction),
+                id,
+                text,
+                domain: rec.domain.clone(),
+                n_tokens: 0,
+                long_tail: rec.long_tail,
+            });
+        }
+    }
+    stats.kept = samples.len();
+    if samples.is_empty() {
+        return Err(Error::invalid(
+            source,
+            format!(
+                "no samples left after the length filters (--min-words, --max-words): \
+                 {} records read, {} too short, {} too long",
+                stats.records, stats.too_short, stats.too_long
+            ),
+        ));
+    }
+    Ok((Corpus { samples }, stats))
+}
+
+impl Corpus {
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// Distinct domains in order of first appearance.
+    pub fn domains(&self) -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
+        self.samples
+            .iter()
+            .filter(|s| seen.insert(s.domain.as_str()))
+            .map(|s| s.domain.clone())
+            .collect()
+    }
+
+    pub fn to_dataframe(&self) -> Result<DataFrame> {
+        let s = &self.samples;
+        let mut cols = vec![
+            Column::new(
+                "id".into(),
+                s.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "text".into(),
+                s.iter().map(|x| x.text.as_str()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "domain".into(),
+                s.iter().map(|x| x.domain.as_str()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "split".into(),
+                s.iter().map(|x| x.split.as_str()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "n_tokens".into(),
+                s.iter().map(|x| x.n_tokens).collect::<Vec<_>>(),
+            ),
+        ];
+        if s.iter().any(|x| x.long_tail.is_some()) {
+            cols.push(Column::new(
+                "long_tail".into(),
+                s.iter().map(|x| x.long_tail).collect::<Vec<_>>(),
+            ));
+        }
+        DataFrame::new(s.len(), cols).map_err(|e| Error::table("building the corpus table", e))
+    }
+
+    pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
+        io::write_parquet(&mut self.to_dataframe()?, path)
+    }
+
+    /// Read a corpus table written by `corpus ingest` or `corpus synth`. A missing column, a
+    /// null, or an unknown split value is bad input naming the file, column and row.
+    pub fn read(path: impl AsRef<Path>) -> Result<Corpus> {
+        let path = path.as_ref();
+        let df = io::read_parquet(path)?;
+        let strs = |name: &str| -> Result<Vec<String>> {
+            let col = df.column(name).map_err(|_| {
+                Error::in_file(
+                    path,
+                    format!("missing column `{name}`; is this a corpus table?"),
+                )
+            })?;
+            let ca = col.str().map_err(|_| {
+                Error::in_file(
+                    path,
+                    format!("column `{name}` is {}, expected str", col.dtype()),
+                )
+            })?;
+            ca.iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.map(str::to_owned).ok_or_else(|| {
+                        Error::in_file(path, format!("column `{name}`: null in row {}", i + 1))
+                    })
+                })
+                .collect()
+        };
+        let ids = strs("id")?;
+        let texts = strs("text")?;
+        let domains = strs("domain")?;
+        let splits = strs("split")?;
+        let n_tok_col = df.column("n_tokens").map_err(|_| {
+            Error::in_file(path, "missing column `n_tokens`; is this a corpus table?")
+        })?;
+        let n_tok_cast = n_tok_col
+            .cast(&polars::prelude::DataType::UInt32)
+            .map_err(|_| Error::in_file(path, "column `n_tokens` is not an integer column"))?;
+        let n_tokens: Vec<u32> = n_tok_cast
+            .u32()
+            .map_err(|e| Error::table("reading n_tokens", e))?
+            .iter()
+            .map(|v| v.unwrap_or(0))
+            .collect();
+        let long_tail: Option<Vec<Option<bool>>> = match df.column("long_tail") {
+            Ok(c) => Some(
+                c.bool()
+                    .map_err(|_| Error::in_file(path, "column `long_tail` is not boolean"))?
+                    .iter()
+                    .collect(),
+            ),
+            Err(_) => None,
+        };
+        let mut samples = Vec::with_capacity(ids.len());
+        for (i, (((id, text), domain), split)) in ids
+            .into_iter()
+            .zip(texts)
+            .zip(domains)
+            .zip(splits)
+            .enumerate()
+        {
+            let split = Split::parse(&split).ok_or_else(|| {
+                Error::in_file(
+                    path,
+                    format!(
+                        "column `split`: row {} has {split:?}, expected \"train\" or \"validation\"",
+                        i + 1
+                    ),
+                )
+            })?;
+            samples.push(Sample {
+                id,
+                text,
+                domain,
+                split,
+                n_tokens: n_tokens[i],
+                long_tail: long_tail.as_ref().and_then(|v| v[i]),
+            });
+        }
+        if samples.is_empty() {
+            return Err(Error::in_file(path, "the corpus table has no rows"));
+        }
+        Ok(Corpus { samples })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(origin: &str, text: &str) -> RawRecord {
+        RawRecord {
+            origin: origin.into(),
+            id: None,
+            text: text.into(),
+            domain: "d".into(),
+            long_tail: None,
+        }
+    }
+
+    #[test]
+    fn split_depends_only_on_id_and_seed() {
+        let ids: Vec<String> = (0..4000).map(|i| format!("doc:{i}")).collect();
+        let a: Vec<Split> = ids.iter().map(|id| split_of(id, 7, 0.25)).collect();
+        let b: Vec<Split> = ids.iter().rev().map(|id| split_of(id, 7, 0.25)).collect();
+        assert_eq!(a, b.into_iter().rev().collect::<Vec<_>>());
+        let val = a.iter().filter(|s| **s == Split::Validation).count() as f64 / 4000.0;
+        assert!((val - 0.25).abs() < 0.03, "validation share {val}");
+        let c: Vec<Split> = ids.iter().map(|id| split_of(id, 8, 0.25)).collect();
+        assert_ne!(a, c, "a different seed must give a different split");
+        assert!(ids.iter().all(|id| split_of(id, 7, 0.0) == Split::Train));
+    }
+
+    #[test]
+    fn build_splits_sentences_filters_and_names_ids() {
+        let opts = BuildOptions {
+            sentences: true,
+            min_words: 2,
+            max_words: Some(5),
+            ..BuildOptions::default()
+        };
+        let recs = vec![
+            rec("f.txt:1", "First one here.  Second\n sentence is here! Ok."),
+            rec("f.txt:2", "one two three four five six seven."),
+        ];
+        let (c, stats) = build("test", recs, &opts).unwrap();
+        let ids: Vec<_> = c.samples.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["f.txt:1#1", "f.txt:1#2"]);
+        assert_eq!(c.samples[1].text, "Second sentence is here!");
+        assert_eq!(stats.too_short, 1);
+        assert_eq!(stats.too_long, 1);
+    }
+
+    #[test]
+    fn duplicate_ids_are_rejected_naming_both_places() {
+        let mut a = rec("x.jsonl:1", "hello world");
+        a.id = Some("same".into());
+        let mut b = rec("x.jsonl:4", "other text");
+        b.id = Some("same".into());
+        let err = build("test", vec![a, b], &BuildOptions::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("x.jsonl:4: duplicate id \"same\""), "{msg}");
+        assert!(msg.contains("x.jsonl:1"), "{msg}");
+        assert!(err.is_bad_input());
+    }
+
+    #[test]
+    fn table_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.parquet");
+        let (mut c, _) = build(
+            "test",
+            vec![rec("a:1", "alpha beta"), rec("a:2", "gamma delta epsilon")],
+            &BuildOptions::default(),
+        )
+        .unwrap();
+        c.samples[0].n_tokens = 3;
+        c.samples[1].long_tail = Some(true);
+        c.write(&p).unwrap();
+        assert_eq!(Corpus::read(&p).unwrap(), c);
+    }
+}

@@ -1,0 +1,190 @@
+//! File plumbing shared by every stage: atomic outputs (write to a temporary sibling, then rename,
+//! so a failed or interrupted run never leaves a half-written file under the final name), Parquet
+//! tables through polars, and transparent reading of gzip-compressed inputs.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use polars::prelude::{DataFrame, ParquetReader, ParquetWriter, SerReader};
+
+use crate::error::{Error, Result};
+
+/// A file being written under a temporary name beside its destination. `commit` flushes, syncs
+/// and renames it into place; dropping it uncommitted removes the temporary file.
+pub struct AtomicFile {
+    dest: PathBuf,
+    tmp: PathBuf,
+    writer: Option<BufWriter<File>>,
+}
+
+impl AtomicFile {
+    pub fn create(dest: impl AsRef<Path>) -> Result<Self> {
+        let dest = dest.as_ref().to_path_buf();
+        if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let name = dest
+            .file_name()
+            .ok_or_else(|| Error::in_file(&dest, "output path has no file name"))?
+            .to_string_lossy()
+            .into_owned();
+        let tmp = dest.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok(AtomicFile {
+            dest,
+            tmp,
+            writer: Some(BufWriter::new(file)),
+        })
+    }
+
+    pub fn writer(&mut self) -> &mut BufWriter<File> {
+        self.writer
+            .as_mut()
+            .expect("AtomicFile writer is present until commit")
+    }
+
+    pub fn commit(mut self) -> Result<()> {
+        let writer = self
+            .writer
+            .take()
+            .expect("AtomicFile writer is present until commit");
+        let file = writer
+            .into_inner()
+            .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+        std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.writer.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Write `bytes` to `dest` atomically.
+pub fn write_atomic(dest: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    let dest = dest.as_ref();
+    let mut out = AtomicFile::create(dest)?;
+    out.writer()
+        .write_all(bytes)
+        .map_err(|e| Error::io(dest, e))?;
+    out.commit()
+}
+
+/// Write a table to `dest` as Parquet (zstd), atomically.
+pub fn write_parquet(df: &mut DataFrame, dest: impl AsRef<Path>) -> Result<()> {
+    let dest = dest.as_ref();
+    let mut out = AtomicFile::create(dest)?;
+    ParquetWriter::new(out.writer())
+        .finish(df)
+        .map_err(|e| Error::table(format!("writing {}", dest.display()), e))?;
+    out.commit()
+}
+
+/// Read a whole Parquet table. A file that is not Parquet is bad input naming the file.
+pub fn read_parquet(path: impl AsRef<Path>) -> Result<DataFrame> {
+    let path = path.as_ref();
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    ParquetReader::new(file)
+        .finish()
+        .map_err(|e| Error::in_file(path, format!("not a readable Parquet table ({e})")))
+}
+
+/// Open a file for reading, decompressing it when its name ends in `.gz`.
+pub fn open_text(path: impl AsRef<Path>) -> Result<Box<dyn BufRead>> {
+    let path = path.as_ref();
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader: Box<dyn Read> = if is_gzip(path) {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    Ok(Box::new(BufReader::with_capacity(1 << 16, reader)))
+}
+
+/// Whether the file name ends in `.gz`.
+pub fn is_gzip(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gz"))
+}
+
+/// The file name without a trailing `.gz`, lowercased, for format detection.
+pub fn logical_name(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    name.strip_suffix(".gz").map(str::to_owned).unwrap_or(name)
+}
+
+/// Iterate over the lines of a text input as `(line number, line)`, 1-based, with the line
+/// terminator removed. Invalid UTF-8 is bad input naming the file and line; a decompression
+/// error names the file.
+pub fn lines(path: &Path) -> Result<impl Iterator<Item = Result<(usize, String)>>> {
+    let mut reader = open_text(path)?;
+    let path = path.to_path_buf();
+    let mut line_no = 0usize;
+    let mut buf = Vec::new();
+    Ok(std::iter::from_fn(move || {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) => None,
+            Ok(_) => {
+                line_no += 1;
+                while matches!(buf.last(), Some(b'\n' | b'\r')) {
+                    buf.pop();
+                }
+                Some(match std::str::from_utf8(&buf) {
+                    Ok(s) => Ok((line_no, s.to_owned())),
+                    Err(e) => Err(Error::at_line(
+                        &path,
+                        line_no,
+                        format!(
+                            "invalid UTF-8 at byte {} of the line; convert the file to UTF-8",
+                            e.valid_up_to() + 1
+                        ),
+                    )),
+                })
+            }
+            Err(e) => Some(Err(Error::in_file(
+                &path,
+                format!("read failed after line {line_no}: {e}"),
+            ))),
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uncommitted_file_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.txt");
+        {
+            let mut f = AtomicFile::create(&dest).unwrap();
+            f.writer().write_all(b"partial").unwrap();
+        }
+        assert!(!dest.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        write_atomic(&dest, b"done").unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"done");
+    }
+
+    #[test]
+    fn lines_reports_invalid_utf8_with_line_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.txt");
+        std::fs::write(&p, b"ok\r\nfine\n\xff\xfe bad\n").unwrap();
+        let got: Vec<_> = lines(&p).unwrap().collect();
+        assert_eq!(got[0].as_ref().unwrap(), &(1, "ok".to_string()));
+        assert_eq!(got[1].as_ref().unwrap(), &(2, "fine".to_string()));
+        let err = got[2].as_ref().unwrap_err().to_string();
+        assert!(err.contains("x.txt:3: invalid UTF-8"), "{err}");
+    }
+}
