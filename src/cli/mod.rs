@@ -1,0 +1,144 @@
+//! The command-line edge: argument parsing (clap derive), logging, progress bars and exit codes.
+//! Arguments are parsed into plain structs first; heavy objects are built by the command handlers.
+//!
+//! Exit status: 0 success; 1 failure; 2 bad input or usage (with a one-line reason naming the
+//! file, line, field or option).
+
+mod corpus;
+mod freq;
+pub mod progress;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::device::DeviceArg;
+
+/// tailscope: find the long-tail training data a language model fails to learn.
+#[derive(Debug, Parser)]
+#[command(
+    name = "tailscope",
+    version,
+    about = "Find the long-tail training data a language model fails to learn, and why",
+    long_about = "Find the long-tail training data a language model fails to learn, and why.\n\n\
+        Pipeline: corpus (ingest or synth) -> freq -> train -> capture -> ntk -> analyze -> report.\n\
+        Exit status: 0 success, 1 failure, 2 bad input or usage.",
+    after_help = "Example:\n  tailscope corpus ingest fixtures/brown/brown.jsonl.gz -o out/brown/corpus.parquet\n  \
+        tailscope freq --corpus out/brown/corpus.parquet -o out/brown/freq"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Global {
+    /// Compute device.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = DeviceArg::Auto,
+        value_name = "DEVICE",
+        help_heading = "Global",
+        long_help = "Compute device for tensor work: auto (CUDA when available), cpu, or cuda.\n\
+            CPU runs are deterministic for a given --seed. Example: --device cpu"
+    )]
+    pub device: DeviceArg,
+    /// Worker threads (default: all cores).
+    #[arg(
+        long,
+        global = true,
+        value_name = "N",
+        help_heading = "Global",
+        long_help = "Number of worker threads for libtorch and for parallel loops (tokenisation, \
+            counting). Default: all cores. Example: --threads 2"
+    )]
+    pub threads: Option<usize>,
+    /// Seed of every random choice.
+    #[arg(
+        long,
+        global = true,
+        default_value_t = 0,
+        value_name = "SEED",
+        help_heading = "Global",
+        long_help = "Seed of every random choice (splits, synthetic data, initialisation). The same \
+            seed and inputs give the same outputs on the CPU. Example: --seed 42"
+    )]
+    pub seed: u64,
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = "Global")]
+    pub verbose: u8,
+    /// Less output: errors only, no progress bars.
+    #[arg(
+        short,
+        long,
+        global = true,
+        conflicts_with = "verbose",
+        help_heading = "Global"
+    )]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build corpus tables: ingest your data or generate a synthetic long-tail corpus.
+    #[command(subcommand)]
+    Corpus(corpus::CorpusCommand),
+    /// Data-frequency statistics: n-gram counts, sentence frequency scores, long-tail domains.
+    Freq(freq::FreqArgs),
+}
+
+/// Parse `args` and run the command. Usage errors exit through clap (status 2; 0 for --help).
+pub fn run<I, T>(args: I) -> anyhow::Result<ExitCode>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    init_logging(&cli.global);
+    progress::set_quiet(cli.global.quiet);
+    crate::device::configure(cli.global.threads, cli.global.seed)?;
+    match &cli.command {
+        Command::Corpus(cmd) => corpus::run(cmd, &cli.global)?,
+        Command::Freq(args) => freq::run(args, &cli.global)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The exit status for an error: 2 when some `tailscope::Error` in its chain is bad input.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    let bad_input = err
+        .chain()
+        .filter_map(|e| e.downcast_ref::<crate::Error>())
+        .any(crate::Error::is_bad_input);
+    if bad_input {
+        2
+    } else {
+        1
+    }
+}
+
+fn init_logging(g: &Global) {
+    let level = match (g.quiet, g.verbose) {
+        (true, _) => "error",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,tailscope={level}")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .try_init();
+}

@@ -1,0 +1,630 @@
+//! End-to-end tests of the `tailscope` binary: ingestion of every format, every bad-input case
+//! (exit status 2 with a one-line reason naming the file, line or field), the synthetic corpus and
+//! frequency statistics, and a run on the bundled Brown fixture.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use polars::prelude::{ParquetReader, SerReader};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tailscope"));
+    c.arg("-q").arg("--threads").arg("2");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("the binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(o.status.success(), "{args:?} failed: {}", stderr(&o));
+    stdout(&o)
+}
+
+/// Run, expect exit status 2 and a single stderr line containing every `needles` entry.
+fn bad(args: &[&str], needles: &[&str]) {
+    let o = run(args);
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{args:?}: expected exit 2, got {:?}; {err}",
+        o.status
+    );
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: {err:?} lacks {n:?}");
+    }
+}
+
+fn read_table(p: &Path) -> polars::prelude::DataFrame {
+    ParquetReader::new(std::fs::File::open(p).unwrap())
+        .finish()
+        .unwrap()
+}
+
+fn strs(df: &polars::prelude::DataFrame, col: &str) -> Vec<String> {
+    df.column(col)
+        .unwrap()
+        .str()
+        .unwrap()
+        .iter()
+        .map(|v| v.unwrap().to_string())
+        .collect()
+}
+
+struct Tmp(tempfile::TempDir);
+impl Tmp {
+    fn new() -> Tmp {
+        Tmp(tempfile::tempdir().unwrap())
+    }
+    fn file(&self, name: &str, bytes: &[u8]) -> String {
+        let p = self.0.path().join(name);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(&p, bytes).unwrap();
+        p.to_string_lossy().into_owned()
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.path().join(name)
+    }
+    fn s(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+}
+
+const SMALL_VOCAB: &[&str] = &["--vocab-size", "300", "--min-words", "1"];
+
+fn lines(n: usize) -> String {
+    (0..n)
+        .map(|i| format!("sample number {i} says hello world again\n"))
+        .collect()
+}
+
+#[test]
+fn help_everywhere() {
+    for args in [
+        vec!["--help"],
+        vec!["corpus", "--help"],
+        vec!["corpus", "ingest", "--help"],
+        vec!["corpus", "synth", "--help"],
+        vec!["freq", "--help"],
+    ] {
+        let out = ok(&args);
+        assert!(out.contains("Usage:"), "{args:?}: {out}");
+        assert!(out.contains("--seed"), "{args:?} lacks the global options");
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let o = run(&["corpus", "ingest"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = run(&["--device", "tpu", "freq", "--corpus", "x", "-o", "y"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--device"));
+}
+
+#[test]
+fn text_ingest_writes_table_and_tokenizer() {
+    let t = Tmp::new();
+    let input = t.file("notes.txt", lines(40).as_bytes());
+    let out = t.s("o/corpus.parquet");
+    let mut args = vec!["corpus", "ingest", &input, "-o", &out];
+    args.extend_from_slice(SMALL_VOCAB);
+    let printed = ok(&args);
+    assert!(printed.contains("corpus: 40 samples"), "{printed}");
+    let df = read_table(&t.path("o/corpus.parquet"));
+    assert_eq!(
+        df.get_column_names()
+            .iter()
+            .map(|c| c.as_str())
+            .collect::<Vec<_>>(),
+        ["id", "text", "domain", "split", "n_tokens"]
+    );
+    let ids = strs(&df, "id");
+    assert_eq!(ids[0], "notes.txt:1");
+    assert_eq!(strs(&df, "domain")[0], "general");
+    assert!(t.path("o/tokenizer.json").exists());
+    // Nothing temporary is left behind.
+    let names: Vec<_> = std::fs::read_dir(t.path("o"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+#[test]
+fn same_seed_same_output_and_seed_changes_split() {
+    let t = Tmp::new();
+    let input = t.file("a.txt", lines(200).as_bytes());
+    let go = |seed: &str, out: &str| {
+        let out = t.s(out);
+        let mut args = vec!["--seed", seed, "corpus", "ingest", &input, "-o", &out];
+        args.extend_from_slice(SMALL_VOCAB);
+        ok(&args);
+        strs(&read_table(Path::new(&out)), "split")
+    };
+    let a = go("1", "a/c.parquet");
+    let b = go("1", "b/c.parquet");
+    let c = go("2", "c/c.parquet");
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    assert_eq!(
+        std::fs::read(t.path("a/c.parquet")).unwrap(),
+        std::fs::read(t.path("b/c.parquet")).unwrap(),
+        "same seed, same bytes"
+    );
+    assert_eq!(
+        std::fs::read(t.path("a/tokenizer.json")).unwrap(),
+        std::fs::read(t.path("b/tokenizer.json")).unwrap()
+    );
+}
+
+#[test]
+fn jsonl_csv_tsv_parquet_and_dir_inputs() {
+    let t = Tmp::new();
+    let jsonl: String = (0..30)
+        .map(|i| {
+            format!(
+                "{{\"id\": \"r{i}\", \"text\": \"jsonl text {i} here\", \"domain\": \"d{}\"}}\n",
+                i % 3
+            )
+        })
+        .collect();
+    let j = t.file("in.jsonl", jsonl.as_bytes());
+    let out = t.s("j/c.parquet");
+    let mut args = vec!["corpus", "ingest", &j, "-o", &out];
+    args.extend_from_slice(SMALL_VOCAB);
+    ok(&args);
+    let df = read_table(Path::new(&out));
+    assert_eq!(strs(&df, "id")[5], "r5");
+    assert_eq!(strs(&df, "domain")[5], "d2");
+
+    // gzip-compressed JSONL
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, jsonl.as_bytes()).unwrap();
+    let jg = t.file("in.jsonl.gz", &gz.finish().unwrap());
+    let out_gz = t.s("jg/c.parquet");
+    let mut args = vec!["corpus", "ingest", &jg, "-o", &out_gz];
+    args.extend_from_slice(SMALL_VOCAB);
+    ok(&args);
+    assert_eq!(
+        strs(&read_table(Path::new(&out_gz)), "text"),
+        strs(&df, "text")
+    );
+
+    let csv: String = std::iter::once("body,topic\n".to_string())
+        .chain((0..30).map(|i| format!("\"csv, text {i}\",t{}\n", i % 2)))
+        .collect();
+    let c = t.file("in.csv", csv.as_bytes());
+    let out = t.s("c/c.parquet");
+    let mut args = vec![
+        "corpus",
+        "ingest",
+        &c,
+        "--text-field",
+        "body",
+        "--domain-field",
+        "topic",
+        "-o",
+        &out,
+    ];
+    args.extend_from_slice(SMALL_VOCAB);
+    ok(&args);
+    let df = read_table(Path::new(&out));
+    assert_eq!(strs(&df, "text")[1], "csv, text 1");
+    assert_eq!(strs(&df, "id")[1], "in.csv:3");
+    assert_eq!(strs(&df, "domain")[1], "t1");
+
+    let tsv = "text\tdomain\nalpha beta\tx\ngamma delta\ty\n";
+    let ts = t.file("in.tsv", tsv.as_bytes());
+    let out_t = t.s("t/c.parquet");
+    let mut args = vec!["corpus", "ingest", &ts, "-o", &out_t];
+    args.extend_from_slice(SMALL_VOCAB);
+    ok(&args);
+    assert_eq!(strs(&read_table(Path::new(&out_t)), "domain"), ["x", "y"]);
+
+    // Parquet input: the CSV's corpus table read back in (columns text, domain, id).
+    let out2 = t.s("p/c.parquet");
+    let mut args = vec!["corpus", "ingest", &out, "-o", &out2];
+    args.extend_from_slice(SMALL_VOCAB);
+    ok(&args);
+    assert_eq!(strs(&read_table(Path::new(&out2)), "id"), strs(&df, "id"));
+
+    t.file(
+        "dir/law/a.txt",
+        b"the court held\nthe statute applies here\n",
+    );
+    t.file("dir/med/sub/b.txt", b"the patient recovered well\n");
+    t.file("dir/med/ignored.md", b"not text\n");
+    let d = t.s("dir");
+    let out = t.s("d/c.parquet");
+    let mut args = vec!["corpus", "ingest", &d, "-o", &out];
+    args.extend_from_slice(SMALL_VOCAB);
+    ok(&args);
+    let df = read_table(Path::new(&out));
+    assert_eq!(strs(&df, "domain"), ["law", "law", "med"]);
+    assert_eq!(
+        strs(&df, "id"),
+        ["law/a.txt:1", "law/a.txt:2", "med/sub/b.txt:1"]
+    );
+}
+
+#[test]
+fn paragraphs_sentences_and_length_filters() {
+    let t = Tmp::new();
+    let text = "First para line one.\nStill first. Another sentence here.\n\nSecond para here.\n\nok\n\nyes\n";
+    let input = t.file("p.txt", text.as_bytes());
+    let out = t.s("o/c.parquet");
+    let args = [
+        "corpus",
+        "ingest",
+        &input,
+        "--unit",
+        "paragraph",
+        "--sentences",
+        "--min-words",
+        "2",
+        "--max-words",
+        "3",
+        "--vocab-size",
+        "300",
+        "-o",
+        &out,
+    ];
+    let printed = ok(&args);
+    assert!(
+        printed.contains("filtered: 2 too short, 1 too long"),
+        "{printed}"
+    );
+    let df = read_table(Path::new(&out));
+    assert_eq!(strs(&df, "id"), ["p.txt:1#2", "p.txt:1#3", "p.txt:4#1"]);
+    assert_eq!(strs(&df, "text")[0], "Still first.");
+}
+
+#[test]
+fn ingest_errors_name_file_line_or_field() {
+    let t = Tmp::new();
+    let out = t.s("o/c.parquet");
+    let empty = t.file("empty.txt", b"");
+    bad(
+        &["corpus", "ingest", &empty, "-o", &out],
+        &["empty.txt", "empty"],
+    );
+    let blank = t.file("blank.txt", b"\n  \n\n");
+    bad(
+        &["corpus", "ingest", &blank, "-o", &out],
+        &["blank.txt", "no samples"],
+    );
+    let utf = t.file("bad.txt", b"fine line here\nbad \xff\xfe bytes\n");
+    bad(
+        &["corpus", "ingest", &utf, "-o", &out],
+        &["bad.txt:2", "UTF-8"],
+    );
+    let utf_csv = t.file("bad.csv", b"text\nok row\n\xff bad\n");
+    bad(
+        &["corpus", "ingest", &utf_csv, "-o", &out],
+        &["bad.csv:3", "UTF-8"],
+    );
+    let json = t.file("bad.jsonl", b"{\"text\": \"ok\"}\n{\"text\": oops}\n");
+    bad(
+        &["corpus", "ingest", &json, "-o", &out],
+        &["bad.jsonl:2", "invalid JSON"],
+    );
+    let nofield = t.file(
+        "nofield.jsonl",
+        b"{\"text\": \"ok\"}\n\n{\"body\": \"x\"}\n",
+    );
+    bad(
+        &["corpus", "ingest", &nofield, "-o", &out],
+        &["nofield.jsonl:3", "missing field `text`"],
+    );
+    let notstr = t.file("notstr.jsonl", b"{\"text\": 5}\n");
+    bad(
+        &["corpus", "ingest", &notstr, "-o", &out],
+        &["notstr.jsonl:1", "`text`", "a number"],
+    );
+    let nocol = t.file("nocol.csv", b"body,topic\nx,y\n");
+    bad(
+        &["corpus", "ingest", &nocol, "-o", &out],
+        &["nocol.csv", "missing column `text`", "body, topic"],
+    );
+    let ragged = t.file("ragged.csv", b"text,domain\na b,c\nd e,f,g\n");
+    bad(
+        &["corpus", "ingest", &ragged, "-o", &out],
+        &["ragged.csv:3", "3 fields"],
+    );
+    let unknown = t.file("data.xyz", b"whatever\n");
+    bad(
+        &["corpus", "ingest", &unknown, "-o", &out],
+        &["data.xyz", "unknown input format"],
+    );
+    let notpq = t.file("fake.parquet", b"not parquet at all");
+    bad(
+        &["corpus", "ingest", &notpq, "-o", &out],
+        &["fake.parquet", "Parquet"],
+    );
+    bad(
+        &["corpus", "ingest", &t.s("missing.txt"), "-o", &out],
+        &["missing.txt"],
+    );
+    let dup = t.file(
+        "dup.jsonl",
+        b"{\"id\": \"a\", \"text\": \"one two\"}\n{\"id\": \"a\", \"text\": \"three four\"}\n",
+    );
+    bad(
+        &["corpus", "ingest", &dup, "--min-words", "1", "-o", &out],
+        &["dup.jsonl:2", "duplicate id \"a\"", "dup.jsonl:1"],
+    );
+    let short = t.file("short.txt", b"a b\nc\n");
+    bad(
+        &["corpus", "ingest", &short, "-o", &out],
+        &["short.txt", "no samples left", "2 too short"],
+    );
+    let good = t.file("good.txt", lines(5).as_bytes());
+    bad(
+        &["corpus", "ingest", &good, "--vocab-size", "10", "-o", &out],
+        &["--vocab-size"],
+    );
+    bad(
+        &[
+            "corpus",
+            "ingest",
+            &good,
+            "--val-fraction",
+            "1.5",
+            "-o",
+            &out,
+        ],
+        &["--val-fraction"],
+    );
+    let badtok = t.file("tok.json", b"{}");
+    bad(
+        &[
+            "corpus",
+            "ingest",
+            &good,
+            "--tokenizer",
+            &badtok,
+            "-o",
+            &out,
+        ],
+        &["tok.json", "tokenizer"],
+    );
+    t.file("flat/a.txt", b"no domain folder\n");
+    bad(
+        &["corpus", "ingest", &t.s("flat"), "-o", &out],
+        &["a.txt", "subfolder"],
+    );
+    // Nothing was written by any failed run.
+    assert!(!t.path("o").exists() || std::fs::read_dir(t.path("o")).unwrap().count() == 0);
+}
+
+#[test]
+fn existing_tokenizer_is_used_and_copied() {
+    let t = Tmp::new();
+    let a = t.file("a.txt", lines(30).as_bytes());
+    let out_a = t.s("a/c.parquet");
+    ok(&["corpus", "ingest", &a, "--vocab-size", "300", "-o", &out_a]);
+    let tok = t.s("a/tokenizer.json");
+    let out_b = t.s("b/c.parquet");
+    ok(&["corpus", "ingest", &a, "--tokenizer", &tok, "-o", &out_b]);
+    assert_eq!(
+        std::fs::read(&tok).unwrap(),
+        std::fs::read(t.path("b/tokenizer.json")).unwrap()
+    );
+    let n = |p: &str| {
+        read_table(Path::new(p))
+            .column("n_tokens")
+            .unwrap()
+            .u32()
+            .unwrap()
+            .iter()
+            .map(|v| v.unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(n(&out_a), n(&out_b));
+}
+
+#[test]
+fn synth_then_freq_finds_the_rare_domains() {
+    let t = Tmp::new();
+    let corpus = t.s("s/corpus.parquet");
+    ok(&[
+        "--seed",
+        "5",
+        "corpus",
+        "synth",
+        "--samples",
+        "3000",
+        "--vocab-size",
+        "400",
+        "-o",
+        &corpus,
+    ]);
+    let df = read_table(Path::new(&corpus));
+    let lt: Vec<bool> = df
+        .column("long_tail")
+        .unwrap()
+        .bool()
+        .unwrap()
+        .iter()
+        .map(|v| v.unwrap())
+        .collect();
+    let domains = strs(&df, "domain");
+    assert_eq!(lt.iter().filter(|x| **x).count(), 180); // 6% of 3000
+    assert!(domains.iter().zip(&lt).all(|(d, l)| *l == (d != "general")));
+
+    let out = t.s("s/freq");
+    let printed = ok(&[
+        "freq",
+        "--corpus",
+        &corpus,
+        "-o",
+        &out,
+        "--share-by",
+        "samples",
+    ]);
+    assert!(printed.contains("long-tail threshold"), "{printed}");
+    let dom = read_table(&t.path("s/freq/domains.parquet"));
+    let names = strs(&dom, "domain");
+    let flags: Vec<bool> = dom
+        .column("long_tail")
+        .unwrap()
+        .bool()
+        .unwrap()
+        .iter()
+        .map(|v| v.unwrap())
+        .collect();
+    assert_eq!(names[0], "general");
+    assert!(!flags[0], "the common domain is not long-tail");
+    assert!(
+        flags[1..].iter().all(|f| *f),
+        "all rare domains are long-tail: {names:?} {flags:?}"
+    );
+
+    // Rare-domain samples have lower 1-gram frequency scores than common ones.
+    let scores = read_table(&t.path("s/freq/scores.parquet"));
+    let s1: Vec<f64> = scores
+        .column("score_1gram")
+        .unwrap()
+        .f64()
+        .unwrap()
+        .iter()
+        .map(|v| v.unwrap())
+        .collect();
+    let sd = strs(&scores, "domain");
+    let mean = |rare: bool| {
+        let v: Vec<f64> = s1
+            .iter()
+            .zip(&sd)
+            .filter(|(_, d)| (*d != "general") == rare)
+            .map(|(s, _)| *s)
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    assert!(
+        mean(true) < mean(false),
+        "rare {} vs common {}",
+        mean(true),
+        mean(false)
+    );
+    for f in ["ngrams.parquet", "summary.json"] {
+        assert!(t.path("s/freq").join(f).exists());
+    }
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.path("s/freq/summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["samples"], 3000);
+    assert_eq!(summary["long_tail_domains"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn freq_errors_name_the_file_or_option() {
+    let t = Tmp::new();
+    let notpq = t.file("c.parquet", b"junk");
+    bad(
+        &["freq", "--corpus", &notpq, "-o", &t.s("f")],
+        &["c.parquet"],
+    );
+    let a = t.file("a.txt", lines(20).as_bytes());
+    let corpus = t.s("x/corpus.parquet");
+    ok(&["corpus", "ingest", &a, "--vocab-size", "300", "-o", &corpus]);
+    bad(
+        &[
+            "freq",
+            "--corpus",
+            &corpus,
+            "--orders",
+            "4",
+            "-o",
+            &t.s("f"),
+        ],
+        &["--orders"],
+    );
+    bad(
+        &[
+            "freq",
+            "--corpus",
+            &corpus,
+            "--tokenizer",
+            &t.s("nope.json"),
+            "-o",
+            &t.s("f"),
+        ],
+        &["nope.json"],
+    );
+    // A table that is Parquet but not a corpus table names the missing column.
+    let freq_dir = t.s("f2");
+    ok(&["freq", "--corpus", &corpus, "-o", &freq_dir]);
+    bad(
+        &[
+            "freq",
+            "--corpus",
+            &t.s("f2/domains.parquet"),
+            "--tokenizer",
+            &t.s("x/tokenizer.json"),
+            "-o",
+            &t.s("f3"),
+        ],
+        &["domains.parquet", "missing column `id`"],
+    );
+}
+
+/// The bundled real corpus, end to end: ingest, then frequency statistics.
+#[test]
+fn brown_fixture_end_to_end() {
+    let t = Tmp::new();
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/brown/brown.jsonl.gz");
+    let corpus = t.s("b/corpus.parquet");
+    let printed = ok(&[
+        "corpus",
+        "ingest",
+        fixture,
+        "--vocab-size",
+        "4096",
+        "-o",
+        &corpus,
+    ]);
+    assert!(printed.contains("15 domains"), "{printed}");
+    let out = t.s("b/freq");
+    let printed = ok(&["freq", "--corpus", &corpus, "-o", &out]);
+    let dom = read_table(&t.path("b/freq/domains.parquet"));
+    let names = strs(&dom, "domain");
+    assert_eq!(names.len(), 15);
+    assert_eq!(names[0], "learned", "{printed}");
+    let flags: Vec<bool> = dom
+        .column("long_tail")
+        .unwrap()
+        .bool()
+        .unwrap()
+        .iter()
+        .map(|v| v.unwrap())
+        .collect();
+    let lt: Vec<&String> = names
+        .iter()
+        .zip(&flags)
+        .filter(|(_, f)| **f)
+        .map(|(n, _)| n)
+        .collect();
+    assert!(lt.iter().any(|n| *n == "science_fiction"), "{printed}");
+    assert!(
+        !lt.iter().any(|n| *n == "learned" || *n == "belles_lettres"),
+        "{printed}"
+    );
+}
