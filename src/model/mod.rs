@@ -1,0 +1,346 @@
+//! Transformer language models in tch: a GPT-style causal LM and a BERT-style masked LM
+//! (pre-LayerNorm blocks, learned positions, optionally tied input/output embeddings), whose last
+//! blocks can carry Switch-MoE FFNs ([`moe`]) or Cluster-guided Sparse Experts ([`cse`]).
+//!
+//! Tensor names (safetensors, `VarStore` paths, per-sample-gradient keys, error messages):
+//! ```text
+//! wte.weight (vocab, d)          wpe.weight (max_len, d)
+//! h.{i}.ln_1.{weight,bias}       h.{i}.attn.c_attn.{weight (3d, d), bias}   h.{i}.attn.c_proj.*
+//! h.{i}.ln_2.{weight,bias}       h.{i}.mlp.c_fc.{weight (ffn, d), bias}     h.{i}.mlp.c_proj.*
+//! Switch block:  h.{i}.mlp.router.weight (E, d), h.{i}.mlp.experts.{e}.c_fc.*, ...c_proj.*
+//! CSE block:     h.{i}.cse.proj (d, d′), h.{i}.cse.centroids (k, d′), h.{i}.cse.radii (k),
+//!                h.{i}.mlp.experts.{e}.* (MoF), h.{i}.attn.experts.{e}.* (MoA)
+//! ln_f.{weight,bias}             lm_head.weight (vocab, d) when untied
+//! BERT head:     mlm.dense.{weight,bias}, mlm.ln.{weight,bias}, mlm.bias (vocab)
+//! ```
+//! Linear weights are (out, in), as `torch.nn.Linear` stores them, so a PyTorch user can load the
+//! safetensors file into the same layout.
+
+pub mod checkpoint;
+pub mod config;
+pub mod cse;
+pub mod layers;
+pub mod moe;
+
+use tch::{nn, Kind, Tensor};
+
+pub use config::{Arch, CseConfig, CseVariant, EpsRule, ExpertConfig, ModelConfig, SwitchConfig};
+use cse::{route_sequences, CseRouter};
+use layers::{masked_mean, Attention, Mlp};
+use moe::SwitchMoe;
+
+use crate::error::{Error, Result};
+
+/// Targets equal to this are ignored by the loss (padding, unmasked BERT positions).
+pub const IGNORE: i64 = -100;
+
+#[derive(Debug)]
+enum AttnPart {
+    Dense(Attention),
+    Experts(Vec<Attention>),
+}
+
+#[derive(Debug)]
+enum MlpPart {
+    Dense(Mlp),
+    Switch(SwitchMoe),
+    Experts(Vec<Mlp>),
+}
+
+#[derive(Debug)]
+struct Block {
+    ln_1: nn::LayerNorm,
+    attn: AttnPart,
+    ln_2: nn::LayerNorm,
+    mlp: MlpPart,
+    router: Option<CseRouter>,
+}
+
+struct BlockOut {
+    x: Tensor,
+    aux: Option<Tensor>,
+    route: Option<Tensor>,
+    load: Option<Tensor>,
+}
+
+impl Block {
+    fn new(p: nn::Path, cfg: &ModelConfig, layer: i64) -> Block {
+        let ln = |name: &str| nn::layer_norm(&p / name, vec![cfg.d_model], Default::default());
+        let sparse = cfg.is_sparse_layer(layer);
+        let (attn, mlp, router) = match (&cfg.experts, sparse) {
+            (ExpertConfig::Switch(s), true) => (
+                AttnPart::Dense(Attention::new(&p / "attn", cfg)),
+                MlpPart::Switch(SwitchMoe::new(&p / "mlp", cfg, s)),
+                None,
+            ),
+            (ExpertConfig::Cse(c), true) => {
+                let slot = (layer - (cfg.n_layer - c.last_k)) as usize;
+                let k = c.experts.get(slot).copied().unwrap_or(1);
+                let moa = matches!(c.variant, CseVariant::Moa | CseVariant::Both);
+                let mof = matches!(c.variant, CseVariant::Mof | CseVariant::Both);
+                let attn = if moa {
+                    AttnPart::Experts(
+                        (0..k)
+                            .map(|e| Attention::new(&p / "attn" / "experts" / e, cfg))
+                            .collect(),
+                    )
+                } else {
+                    AttnPart::Dense(Attention::new(&p / "attn", cfg))
+                };
+                let mlp = if mof {
+                    MlpPart::Experts(
+                        (0..k)
+                            .map(|e| Mlp::new(&p / "mlp" / "experts" / e, cfg))
+                            .collect(),
+                    )
+                } else {
+                    MlpPart::Dense(Mlp::new(&p / "mlp", cfg))
+                };
+                (attn, mlp, Some(CseRouter::new(&p / "cse", cfg, c, k)))
+            }
+            _ => (
+                AttnPart::Dense(Attention::new(&p / "attn", cfg)),
+                MlpPart::Dense(Mlp::new(&p / "mlp", cfg)),
+                None,
+            ),
+        };
+        Block {
+            ln_1: ln("ln_1"),
+            attn,
+            ln_2: ln("ln_2"),
+            mlp,
+            router,
+        }
+    }
+
+    fn forward_t(&self, x: &Tensor, mask: &Tensor, train: bool) -> BlockOut {
+        let route = self.router.as_ref().map(|r| r.route(x, mask, train));
+        let h = x.apply(&self.ln_1);
+        let a = match (&self.attn, &route) {
+            (AttnPart::Dense(m), _) => m.forward_t(&h, mask, train),
+            (AttnPart::Experts(ms), Some(r)) => {
+                route_sequences(&h, mask, r, ms.len(), |e, xe, me| {
+                    ms[e].forward_t(xe, me, train)
+                })
+            }
+            (AttnPart::Experts(ms), None) => ms[0].forward_t(&h, mask, train),
+        };
+        let x = x + a;
+        let h = x.apply(&self.ln_2);
+        let (m, aux, load) = match (&self.mlp, &route) {
+            (MlpPart::Dense(m), _) => (m.forward_t(&h, train), None, None),
+            (MlpPart::Switch(s), _) => {
+                let o = s.forward_t(&h, mask, train);
+                (o.y, Some(o.aux), Some(o.load))
+            }
+            (MlpPart::Experts(ms), Some(r)) => {
+                let y =
+                    route_sequences(&h, mask, r, ms.len(), |e, xe, _| ms[e].forward_t(xe, train));
+                (y, None, None)
+            }
+            (MlpPart::Experts(ms), None) => (ms[0].forward_t(&h, train), None, None),
+        };
+        let load = load.or_else(|| {
+            route.as_ref().map(|r| {
+                let k = self
+                    .router
+                    .as_ref()
+                    .and_then(|c| c.radii.as_ref())
+                    .map_or(1, |r| r.size()[0]);
+                r.bincount::<Tensor>(None, k)
+            })
+        });
+        BlockOut {
+            x: x + m,
+            aux,
+            route,
+            load,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct MlmHead {
+    dense: nn::Linear,
+    ln: nn::LayerNorm,
+    bias: Tensor,
+}
+
+/// A transformer LM; see the module docs for its tensor names.
+#[derive(Debug)]
+pub struct Model {
+    pub cfg: ModelConfig,
+    wte: nn::Embedding,
+    wpe: nn::Embedding,
+    blocks: Vec<Block>,
+    ln_f: nn::LayerNorm,
+    lm_head: Option<nn::Linear>,
+    mlm: Option<MlmHead>,
+}
+
+/// What a forward pass returns.
+#[derive(Debug)]
+pub struct Output {
+    /// (batch, seq, vocab)
+    pub logits: Tensor,
+    /// Sum of the Switch load-balancing losses (scalar; 0 without Switch layers).
+    pub aux_loss: Tensor,
+    /// Sequence embeddings (batch, d) after 0..=n_layer blocks (0: the embeddings), when asked.
+    pub seq_emb: Vec<Tensor>,
+    /// (layer, expert of each sequence (batch,)) for CSE blocks.
+    pub routes: Vec<(i64, Tensor)>,
+    /// (layer, tokens or sequences per expert) for Switch and CSE blocks.
+    pub loads: Vec<(i64, Tensor)>,
+}
+
+impl Model {
+    /// Build the model's variables under `p` (the root of a `VarStore`). Validates the config.
+    pub fn new(p: &nn::Path, cfg: &ModelConfig) -> Result<Model> {
+        cfg.validate()?;
+        let d = cfg.d_model;
+        let emb_init = nn::EmbeddingConfig {
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+            ..Default::default()
+        };
+        let wte = nn::embedding(p / "wte", cfg.vocab_size, d, emb_init);
+        let wpe = nn::embedding(p / "wpe", cfg.max_len, d, emb_init);
+        let blocks = (0..cfg.n_layer)
+            .map(|i| Block::new(p / "h" / i, cfg, i))
+            .collect();
+        let ln_f = nn::layer_norm(p / "ln_f", vec![d], Default::default());
+        let lm_head = (!cfg.tie_embeddings).then(|| {
+            nn::linear(
+                p / "lm_head",
+                d,
+                cfg.vocab_size,
+                nn::LinearConfig {
+                    bias: false,
+                    ..Default::default()
+                },
+            )
+        });
+        let mlm = (cfg.arch == Arch::Bert).then(|| MlmHead {
+            dense: nn::linear(p / "mlm" / "dense", d, d, Default::default()),
+            ln: nn::layer_norm(p / "mlm" / "ln", vec![d], Default::default()),
+            bias: (p / "mlm").zeros("bias", &[cfg.vocab_size]),
+        });
+        Ok(Model {
+            cfg: cfg.clone(),
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            mlm,
+        })
+    }
+
+    /// `ids`: (batch, seq) i64 token ids; `mask`: (batch, seq) bool, true for real tokens.
+    /// With `capture`, also returns the sequence embedding after every block.
+    pub fn forward_t(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        train: bool,
+        capture: bool,
+    ) -> Result<Output> {
+        let (b, t) = ids.size2().map_err(|_| {
+            Error::invalid(
+                "input ids",
+                format!("expected (batch, seq), got {:?}", ids.size()),
+            )
+        })?;
+        if t > self.cfg.max_len {
+            return Err(Error::invalid(
+                "input ids",
+                format!("sequence length {t} exceeds max_len {}", self.cfg.max_len),
+            ));
+        }
+        if mask.size() != [b, t] {
+            return Err(Error::invalid(
+                "mask",
+                format!("expected {:?}, got {:?}", [b, t], mask.size()),
+            ));
+        }
+        let pos = Tensor::arange(t, (Kind::Int64, ids.device())).unsqueeze(0);
+        let mut x = (ids.apply(&self.wte) + pos.apply(&self.wpe)).dropout(self.cfg.dropout, train);
+        let mut aux_loss = Tensor::zeros([], (x.kind(), x.device()));
+        let mut seq_emb = Vec::new();
+        let mut routes = Vec::new();
+        let mut loads = Vec::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            if capture {
+                seq_emb.push(masked_mean(&x, mask));
+            }
+            let o = block.forward_t(&x, mask, train);
+            x = o.x;
+            if let Some(a) = o.aux {
+                aux_loss += a;
+            }
+            if let Some(r) = o.route {
+                routes.push((i as i64, r));
+            }
+            if let Some(l) = o.load {
+                loads.push((i as i64, l));
+            }
+        }
+        if capture {
+            seq_emb.push(masked_mean(&x, mask));
+        }
+        let h = x.apply(&self.ln_f);
+        let logits = match &self.mlm {
+            Some(head) => {
+                let z = h.apply(&head.dense).gelu("none").apply(&head.ln);
+                self.project_vocab(&z) + &head.bias
+            }
+            None => self.project_vocab(&h),
+        };
+        Ok(Output {
+            logits,
+            aux_loss,
+            seq_emb,
+            routes,
+            loads,
+        })
+    }
+
+    fn project_vocab(&self, h: &Tensor) -> Tensor {
+        match &self.lm_head {
+            Some(l) => h.apply(l),
+            None => h.matmul(&self.wte.ws.tr()),
+        }
+    }
+
+    /// The CSE routers of the model: (layer, router).
+    pub fn cse_routers(&self) -> Vec<(i64, &CseRouter)> {
+        self.blocks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| b.router.as_ref().map(|r| (i as i64, r)))
+            .collect()
+    }
+}
+
+/// Token losses: `logits` (b, t, V), `targets` (b, t) with [`IGNORE`] for skipped positions.
+/// Returns (mean over all counted tokens (scalar), per-sequence summed loss (b,), tokens (b,)).
+pub fn token_losses(logits: &Tensor, targets: &Tensor) -> (Tensor, Tensor, Tensor) {
+    let (b, t, v) = logits.size3().expect("logits are (batch, seq, vocab)");
+    let ce = logits
+        .reshape([b * t, v])
+        .cross_entropy_loss::<Tensor>(
+            &targets.reshape([b * t]),
+            None,
+            tch::Reduction::None,
+            IGNORE,
+            0.0,
+        )
+        .view([b, t]);
+    let valid = targets.ne(IGNORE).to_kind(ce.kind());
+    let per_seq = (&ce * &valid).sum_dim_intlist(1, false, ce.kind());
+    let counts = valid.sum_dim_intlist(1, false, ce.kind());
+    let mean = per_seq.sum(ce.kind()) / counts.sum(ce.kind()).clamp_min(1.0);
+    (mean, per_seq, counts)
+}
