@@ -1,0 +1,175 @@
+//! Evaluation of a trained model (`tailscope eval`): perplexity per domain and for long-tail
+//! against common domains, sequence embeddings at any layer, CSE routing tables, and linear probing
+//! ([`probe`]) of frozen embeddings as in the paper.
+
+pub mod probe;
+
+use std::collections::BTreeMap;
+
+use tch::{Device, Tensor};
+
+use crate::error::Result;
+use crate::model::{token_losses, Model};
+use crate::train::data::{make_batch, step_rng};
+
+/// Summed token loss of a group of samples.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct GroupLoss {
+    pub group: String,
+    pub samples: usize,
+    pub tokens: u64,
+    pub loss_sum: f64,
+}
+
+impl GroupLoss {
+    pub fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.tokens.max(1) as f64
+    }
+    /// exp(mean token loss); pseudo-perplexity over masked positions for BERT.
+    pub fn perplexity(&self) -> f64 {
+        self.mean_loss().exp()
+    }
+}
+
+/// Per-sample summed loss and predicted-token count, in batches, without gradients. BERT masks
+/// are drawn from `seed`, so the figure is reproducible.
+pub fn sample_losses(
+    model: &Model,
+    seqs: &[&[u32]],
+    batch: usize,
+    device: Device,
+    seed: u64,
+) -> Result<Vec<(f64, i64)>> {
+    let mut out = Vec::with_capacity(seqs.len());
+    tch::no_grad(|| -> Result<()> {
+        for (k, chunk) in seqs.chunks(batch.max(1)).enumerate() {
+            let mut rng = step_rng(seed, k as u64);
+            let b = make_batch(
+                model.cfg.arch,
+                chunk,
+                (0..chunk.len()).collect(),
+                model.cfg.max_len,
+                model.cfg.vocab_size,
+                &mut rng,
+                device,
+            );
+            let o = model.forward_t(&b.ids, &b.mask, false, false)?;
+            let (_, per_seq, counts) = token_losses(&o.logits, &b.targets);
+            let l: Vec<f64> =
+                Vec::try_from(per_seq.to_kind(tch::Kind::Double).to_device(Device::Cpu))?;
+            let c: Vec<f64> =
+                Vec::try_from(counts.to_kind(tch::Kind::Double).to_device(Device::Cpu))?;
+            out.extend(l.into_iter().zip(c).map(|(l, c)| (l, c as i64)));
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Group per-sample losses by label, plus a group "all"; sorted by group name with "all" first.
+pub fn group_losses(losses: &[(f64, i64)], labels: &[&str]) -> Vec<GroupLoss> {
+    let mut acc: BTreeMap<&str, (usize, u64, f64)> = BTreeMap::new();
+    let mut all = (0usize, 0u64, 0f64);
+    for ((l, c), g) in losses.iter().zip(labels) {
+        let e = acc.entry(g).or_default();
+        e.0 += 1;
+        e.1 += *c as u64;
+        e.2 += l;
+        all.0 += 1;
+        all.1 += *c as u64;
+        all.2 += l;
+    }
+    let mut out = vec![GroupLoss {
+        group: "all".into(),
+        samples: all.0,
+        tokens: all.1,
+        loss_sum: all.2,
+    }];
+    out.extend(acc.into_iter().map(|(g, (s, t, l))| GroupLoss {
+        group: g.to_string(),
+        samples: s,
+        tokens: t,
+        loss_sum: l,
+    }));
+    out
+}
+
+/// Sequence embeddings of every sample after 0..=n_layer blocks (each (n, d), float, on the CPU)
+/// and the CSE route of every sample at every CSE block, from one forward pass per batch.
+#[derive(Debug)]
+pub struct Encoded {
+    pub layers: Vec<Tensor>,
+    pub routes: Vec<(i64, Vec<i64>)>,
+}
+
+pub fn encode(model: &Model, seqs: &[&[u32]], batch: usize, device: Device) -> Result<Encoded> {
+    let mut per_layer: Vec<Vec<Tensor>> = (0..=model.cfg.n_layer).map(|_| Vec::new()).collect();
+    let mut routes: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    tch::no_grad(|| -> Result<()> {
+        for chunk in seqs.chunks(batch.max(1)) {
+            let mut rng = step_rng(0, 0);
+            let b = make_batch(
+                model.cfg.arch,
+                chunk,
+                (0..chunk.len()).collect(),
+                model.cfg.max_len,
+                model.cfg.vocab_size,
+                &mut rng,
+                device,
+            );
+            let o = model.forward_t(&b.ids, &b.mask, false, true)?;
+            for (slot, e) in per_layer.iter_mut().zip(&o.seq_emb) {
+                slot.push(e.to_device(Device::Cpu).to_kind(tch::Kind::Float));
+            }
+            for (l, r) in o.routes {
+                routes
+                    .entry(l)
+                    .or_default()
+                    .extend(Vec::<i64>::try_from(r.to_device(Device::Cpu))?);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(Encoded {
+        layers: per_layer.iter().map(|v| Tensor::cat(v, 0)).collect(),
+        routes: routes.into_iter().collect(),
+    })
+}
+
+/// Count of samples per (label, expert): rows are labels (sorted), columns experts.
+pub fn routing_table(labels: &[&str], routes: &[i64]) -> (Vec<String>, usize, Vec<Vec<usize>>) {
+    let n_exp = routes.iter().copied().max().map_or(0, |m| m as usize + 1);
+    let mut rows: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (l, &r) in labels.iter().zip(routes) {
+        rows.entry(l).or_insert_with(|| vec![0; n_exp])[r as usize] += 1;
+    }
+    let names = rows.keys().map(|s| s.to_string()).collect();
+    (names, n_exp, rows.into_values().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grouping_and_routing_tables() {
+        let losses = [(2.0, 2), (4.0, 2), (3.0, 1)];
+        let g = group_losses(&losses, &["a", "b", "a"]);
+        assert_eq!(g[0].group, "all");
+        assert_eq!((g[0].tokens, g[0].loss_sum), (5, 9.0));
+        assert_eq!(
+            (g[1].group.as_str(), g[1].tokens, g[1].loss_sum),
+            ("a", 3, 5.0)
+        );
+        assert!((g[2].perplexity() - 2f64.exp()).abs() < 1e-12);
+        let (names, k, t) = routing_table(&["x", "y", "x", "x"], &[0, 1, 1, 0]);
+        assert_eq!(
+            (names, k, t),
+            (
+                vec!["x".to_string(), "y".to_string()],
+                2,
+                vec![vec![2, 1], vec![0, 1]]
+            )
+        );
+    }
+}

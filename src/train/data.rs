@@ -1,0 +1,222 @@
+//! Batches for training and evaluation. A sample is one corpus row; sequences are truncated to the
+//! model's `max_len` and right-padded with `<pad>`.
+//!
+//! GPT: input `<|endoftext|> t1 … t(n−1)`, targets `t1 … tn`: every real token is predicted.
+//! BERT: input `<cls> t1 … tn <sep>`; 15% of the real tokens are chosen (at least one per sample),
+//! of which 80% become `<mask>`, 10% a random token, 10% stay; only chosen positions have targets.
+//!
+//! The sample order of step s is a pure function of (seed, s): epoch e uses the permutation of the
+//! training samples drawn from seed ⊕ e, so a resumed run sees exactly the batches it would have.
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Kind, Tensor};
+
+use crate::model::{Arch, IGNORE};
+
+/// Special-token ids of tokenizers trained by `corpus ingest` (see `corpus::tokenizer`).
+pub const BOS: i64 = 0;
+pub const PAD: i64 = 1;
+pub const MASK: i64 = 2;
+pub const CLS: i64 = 3;
+pub const SEP: i64 = 4;
+
+/// One batch on a device.
+#[derive(Debug)]
+pub struct Batch {
+    /// (b, t) i64
+    pub ids: Tensor,
+    /// (b, t) bool, true for real tokens
+    pub mask: Tensor,
+    /// (b, t) i64, [`IGNORE`] where nothing is predicted
+    pub targets: Tensor,
+    /// Indices of the samples in the caller's list.
+    pub samples: Vec<usize>,
+    /// Number of predicted tokens.
+    pub n_targets: i64,
+}
+
+/// Build a batch from token-id lists. `rng` drives BERT masking (unused for GPT).
+pub fn make_batch(
+    arch: Arch,
+    seqs: &[&[u32]],
+    samples: Vec<usize>,
+    max_len: i64,
+    vocab: i64,
+    rng: &mut ChaCha8Rng,
+    device: Device,
+) -> Batch {
+    let max_len = max_len as usize;
+    let mut rows: Vec<(Vec<i64>, Vec<i64>)> = Vec::with_capacity(seqs.len());
+    for s in seqs {
+        let toks: Vec<i64> = s.iter().map(|&x| i64::from(x)).collect();
+        let (input, target) = match arch {
+            Arch::Gpt => {
+                let n = toks.len().min(max_len);
+                let mut input = vec![BOS];
+                input.extend_from_slice(&toks[..n.saturating_sub(1)]);
+                (input, toks[..n].to_vec())
+            }
+            Arch::Bert => {
+                let n = toks.len().min(max_len.saturating_sub(2));
+                let mut input = vec![CLS];
+                input.extend_from_slice(&toks[..n]);
+                input.push(SEP);
+                let mut target = vec![IGNORE; input.len()];
+                let mut chosen: Vec<usize> =
+                    (1..=n).filter(|_| rng.random::<f64>() < 0.15).collect();
+                if chosen.is_empty() && n > 0 {
+                    chosen.push(rng.random_range(1..=n));
+                }
+                for &i in &chosen {
+                    target[i] = input[i];
+                    let u = rng.random::<f64>();
+                    if u < 0.8 {
+                        input[i] = MASK;
+                    } else if u < 0.9 {
+                        input[i] = rng.random_range(5..vocab.max(6));
+                    }
+                }
+                (input, target)
+            }
+        };
+        rows.push((input, target));
+    }
+    let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(1).max(1);
+    let b = rows.len();
+    let mut ids = vec![PAD; b * t];
+    let mut mask = vec![false; b * t];
+    let mut targets = vec![IGNORE; b * t];
+    let mut n_targets = 0;
+    for (i, (input, target)) in rows.iter().enumerate() {
+        for (j, &x) in input.iter().enumerate() {
+            ids[i * t + j] = x;
+            mask[i * t + j] = true;
+        }
+        for (j, &y) in target.iter().enumerate() {
+            targets[i * t + j] = y;
+            n_targets += i64::from(y != IGNORE);
+        }
+    }
+    let shape = [b as i64, t as i64];
+    Batch {
+        ids: Tensor::from_slice(&ids).view(shape).to_device(device),
+        mask: Tensor::from_slice(&mask)
+            .view(shape)
+            .to_kind(Kind::Bool)
+            .to_device(device),
+        targets: Tensor::from_slice(&targets).view(shape).to_device(device),
+        samples,
+        n_targets,
+    }
+}
+
+/// The deterministic order of training samples across epochs.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    n: usize,
+    seed: u64,
+    cache: Option<(u64, Vec<usize>)>,
+}
+
+impl Sampler {
+    pub fn new(n: usize, seed: u64) -> Sampler {
+        Sampler {
+            n,
+            seed,
+            cache: None,
+        }
+    }
+
+    fn perm(&mut self, epoch: u64) -> &[usize] {
+        if self.cache.as_ref().map(|c| c.0) != Some(epoch) {
+            let mut p: Vec<usize> = (0..self.n).collect();
+            p.shuffle(&mut ChaCha8Rng::seed_from_u64(
+                self.seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            ));
+            self.cache = Some((epoch, p));
+        }
+        &self.cache.as_ref().expect("set above").1
+    }
+
+    /// Sample indices of batch `step` (0-based) of size `batch`.
+    pub fn batch(&mut self, step: u64, batch: usize) -> Vec<usize> {
+        let start = step * batch as u64;
+        (start..start + batch as u64)
+            .map(|k| {
+                let (epoch, i) = (k / self.n as u64, (k % self.n as u64) as usize);
+                self.perm(epoch)[i]
+            })
+            .collect()
+    }
+}
+
+/// A RNG for step `step` of a run seeded `seed` (BERT masking).
+pub fn step_rng(seed: u64, step: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(crate::corpus::stable_hash(seed, &step.to_le_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpt_batch_shifts_targets_and_pads() {
+        let a = [10u32, 11, 12];
+        let b = [20u32];
+        let mut rng = step_rng(0, 0);
+        let batch = make_batch(
+            Arch::Gpt,
+            &[&a, &b],
+            vec![0, 1],
+            8,
+            100,
+            &mut rng,
+            Device::Cpu,
+        );
+        let ids: Vec<i64> = Vec::try_from(batch.ids.view([-1])).unwrap();
+        let tg: Vec<i64> = Vec::try_from(batch.targets.view([-1])).unwrap();
+        assert_eq!(ids, vec![BOS, 10, 11, BOS, PAD, PAD]);
+        assert_eq!(tg, vec![10, 11, 12, 20, IGNORE, IGNORE]);
+        assert_eq!(batch.n_targets, 4);
+        // truncation to max_len
+        let long: Vec<u32> = (0..20).collect();
+        let batch = make_batch(Arch::Gpt, &[&long], vec![0], 5, 100, &mut rng, Device::Cpu);
+        assert_eq!(batch.ids.size(), vec![1, 5]);
+    }
+
+    #[test]
+    fn bert_batch_masks_some_tokens() {
+        let a: Vec<u32> = (10..40).collect();
+        let mut rng = step_rng(1, 3);
+        let batch = make_batch(Arch::Bert, &[&a], vec![0], 64, 100, &mut rng, Device::Cpu);
+        let ids: Vec<i64> = Vec::try_from(batch.ids.view([-1])).unwrap();
+        let tg: Vec<i64> = Vec::try_from(batch.targets.view([-1])).unwrap();
+        assert_eq!((ids[0], ids[31]), (CLS, SEP));
+        assert!(batch.n_targets >= 1);
+        for (i, &t) in tg.iter().enumerate() {
+            if t != IGNORE {
+                assert_eq!(t, a[i - 1] as i64, "targets are the original tokens");
+            } else if i > 0 && i < 31 {
+                assert_eq!(ids[i], a[i - 1] as i64, "unchosen tokens are unchanged");
+            }
+        }
+    }
+
+    #[test]
+    fn sampler_is_a_pure_function_of_step() {
+        let mut a = Sampler::new(10, 3);
+        let first: Vec<Vec<usize>> = (0..7).map(|s| a.batch(s, 4)).collect();
+        let mut b = Sampler::new(10, 3);
+        assert_eq!(b.batch(5, 4), first[5]);
+        let mut epoch0: Vec<usize> = first[..2].concat();
+        epoch0.extend_from_slice(&first[2][..2]);
+        epoch0.sort();
+        assert_eq!(
+            epoch0,
+            (0..10).collect::<Vec<_>>(),
+            "each epoch is a permutation"
+        );
+    }
+}

@@ -1,0 +1,641 @@
+//! Pretraining (`tailscope train`): AdamW with warm-up and cosine decay, gradient clipping,
+//! dense / Switch-MoE / CSE runs from one spec ([`spec`]), the CSE initialisation after the dense
+//! warm-up ([`cse_init`]), validation perplexity per domain, cluster dynamics ([`dynamics`]),
+//! checkpoints every N steps (the last k kept, plus listed steps) and resumption that reproduces an
+//! uninterrupted run exactly on the CPU.
+//!
+//! Layout of a run directory `<out>/<run>/`:
+//! ```text
+//! checkpoints/step-000100/  config.json model.safetensors optimizer.safetensors state.json
+//! final/                    config.json model.safetensors          (the trained model)
+//! log.parquet               step, loss, aux_loss, lr, grad_norm, tokens, tokens_per_s, expert_load
+//! val.parquet               step, group, samples, tokens, loss, ppl   (group "all" or a domain)
+//! clusters.parquet          step, layer, n_clusters, noise, eps, ratio
+//! cse_init.json             the CSE clustering (CSE runs)
+//! ```
+//! Determinism: the batch of step s is a function of (seed, s); dropout is re-seeded with seed + s
+//! at each step; BERT masks come from a RNG seeded by (seed, s). Nothing else is random after
+//! initialisation, so a run resumed from a checkpoint takes the same steps as one never stopped.
+
+pub mod cse_init;
+pub mod data;
+pub mod dynamics;
+pub mod optim;
+pub mod spec;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use polars::prelude::{Column, DataFrame};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device};
+
+use crate::corpus::{tokenizer, Corpus, Split};
+use crate::error::{Error, Result};
+use crate::model::checkpoint::{self, named_variables, read_tensors, save_model, write_tensors};
+use crate::model::cse::expand_experts;
+use crate::model::{token_losses, ExpertConfig, Model, ModelConfig};
+use data::{make_batch, step_rng, Sampler};
+use optim::{lr_at, AdamW};
+pub use spec::{RunSpec, TrainOptions, TrainSpec};
+
+/// The tokenised corpus shared by all runs of a spec.
+pub struct TrainData {
+    pub corpus: Corpus,
+    pub ids: Vec<Vec<u32>>,
+    pub train: Vec<usize>,
+    pub val: Vec<usize>,
+    pub vocab: i64,
+}
+
+impl TrainData {
+    pub fn load(corpus: &Path, tokenizer_path: Option<&Path>) -> Result<TrainData> {
+        let c = Corpus::read(corpus)?;
+        let tok_path: PathBuf = tokenizer_path.map(Path::to_path_buf).unwrap_or_else(|| {
+            corpus
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("tokenizer.json")
+        });
+        let tok = tokenizer::load(&tok_path)?;
+        let texts: Vec<&str> = c.samples.iter().map(|s| s.text.as_str()).collect();
+        let ids = tokenizer::encode_all(&tok, &texts)?;
+        let (train, val): (Vec<usize>, Vec<usize>) =
+            (0..c.len()).partition(|&i| c.samples[i].split == Split::Train);
+        if train.is_empty() {
+            return Err(Error::in_file(corpus, "the corpus has no training samples"));
+        }
+        Ok(TrainData {
+            corpus: c,
+            ids,
+            train,
+            val,
+            vocab: tok.get_vocab_size(true) as i64,
+        })
+    }
+
+    pub fn seqs(&self, idx: &[usize]) -> Vec<&[u32]> {
+        idx.iter().map(|&i| self.ids[i].as_slice()).collect()
+    }
+
+    /// Up to `n` evenly spaced validation samples (all of them when fewer).
+    pub fn val_subset(&self, n: usize) -> Vec<usize> {
+        if self.val.len() <= n {
+            return self.val.clone();
+        }
+        (0..n).map(|k| self.val[k * self.val.len() / n]).collect()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepRow {
+    pub step: u64,
+    pub loss: f64,
+    pub aux_loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: i64,
+    pub tokens_per_s: f64,
+    /// Per sparse block `layer:n0/n1/...` (tokens for Switch, sequences for CSE), `;`-separated.
+    pub expert_load: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ValRow {
+    pub step: u64,
+    pub group: String,
+    pub samples: usize,
+    pub tokens: u64,
+    pub loss: f64,
+    pub ppl: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterRow {
+    pub step: u64,
+    pub layer: i64,
+    pub n_clusters: usize,
+    pub noise: usize,
+    pub eps: f64,
+    pub ratio: Option<f64>,
+}
+
+/// Everything a checkpoint stores besides tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunState {
+    pub run: String,
+    pub seed: u64,
+    pub step: u64,
+    pub adam_t: i64,
+    pub cse_initialized: bool,
+    pub log: Vec<StepRow>,
+    pub val: Vec<ValRow>,
+    pub clusters: Vec<ClusterRow>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Finished,
+    /// Stopped by Ctrl-C after saving a checkpoint at this step.
+    Interrupted(u64),
+}
+
+/// What the CLI prints after a run.
+pub struct RunResult {
+    pub outcome: Outcome,
+    pub dir: PathBuf,
+    pub state: RunState,
+    pub cse_init: Vec<cse_init::InitReport>,
+    pub params: i64,
+    pub seconds: f64,
+}
+
+/// Callbacks for progress reporting.
+pub trait Progress {
+    fn start(&self, _run: &str, _total: u64, _done: u64) {}
+    fn step(&self, _row: &StepRow) {}
+    fn message(&self, _msg: &str) {}
+    fn finish(&self) {}
+}
+
+/// No progress output.
+pub struct Silent;
+impl Progress for Silent {}
+
+struct Live {
+    cfg: ModelConfig,
+    vs: nn::VarStore,
+    model: Model,
+    opt: AdamW,
+}
+
+fn build_live(cfg: &ModelConfig, device: Device, seed: u64, t: &TrainOptions) -> Result<Live> {
+    tch::manual_seed(seed as i64);
+    let vs = nn::VarStore::new(device);
+    let model = Model::new(&vs.root(), cfg)?;
+    let opt = AdamW::new(&vs, t.adamw);
+    Ok(Live {
+        cfg: cfg.clone(),
+        vs,
+        model,
+        opt,
+    })
+}
+
+fn ckpt_name(step: u64) -> String {
+    format!("step-{step:06}")
+}
+
+/// The checkpoint with the highest step in `dir/checkpoints`, if any.
+pub fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
+    let dir = run_dir.join("checkpoints");
+    let mut best: Option<(u64, PathBuf)> = None;
+    for e in std::fs::read_dir(&dir).ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            if e.path().join("state.json").exists() && best.as_ref().is_none_or(|b| step > b.0) {
+                best = Some((step, e.path()));
+            }
+        }
+    }
+    best.map(|b| b.1)
+}
+
+fn save_checkpoint(
+    run_dir: &Path,
+    live: &Live,
+    state: &RunState,
+    t: &TrainOptions,
+) -> Result<PathBuf> {
+    let dir = run_dir.join("checkpoints");
+    let final_dir = dir.join(ckpt_name(state.step));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        ckpt_name(state.step),
+        std::process::id()
+    ));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    save_model(&tmp, &live.cfg, &live.vs)?;
+    write_tensors(&live.opt.state(), &tmp.join("optimizer.safetensors"))?;
+    let json = serde_json::to_string(state).map_err(|e| Error::invalid("state", e.to_string()))?;
+    crate::io::write_atomic(tmp.join("state.json"), json.as_bytes())?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    prune_checkpoints(&dir, t)?;
+    Ok(final_dir)
+}
+
+/// Keep the last `keep_last` checkpoints and those in `keep_steps`.
+fn prune_checkpoints(dir: &Path, t: &TrainOptions) -> Result<()> {
+    let mut steps: Vec<u64> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_prefix("step-")
+                .and_then(|s| s.parse().ok())
+        })
+        .collect();
+    steps.sort_unstable();
+    let n = steps.len();
+    for (i, s) in steps.iter().enumerate() {
+        if i + t.keep_last.max(1) < n && !t.keep_steps.contains(s) {
+            let p = dir.join(ckpt_name(*s));
+            std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn load_checkpoint(dir: &Path, device: Device, t: &TrainOptions) -> Result<(Live, RunState)> {
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+    let state: RunState = serde_json::from_str(&text)
+        .map_err(|e| Error::at_line(&state_path, e.line(), format!("bad checkpoint state: {e}")))?;
+    let (vs, model) = checkpoint::load_model(dir, device)?;
+    let cfg = model.cfg.clone();
+    let mut opt = AdamW::new(&vs, t.adamw);
+    let opt_path = dir.join("optimizer.safetensors");
+    opt.load_state(&read_tensors(&opt_path)?, state.adam_t, |n| n.to_string())
+        .map_err(|e| Error::in_file(&opt_path, e.to_string()))?;
+    Ok((
+        Live {
+            cfg,
+            vs,
+            model,
+            opt,
+        },
+        state,
+    ))
+}
+
+fn validation(
+    live: &Live,
+    data: &TrainData,
+    val_idx: &[usize],
+    step: u64,
+    seed: u64,
+    device: Device,
+) -> Result<Vec<ValRow>> {
+    if val_idx.is_empty() {
+        return Ok(Vec::new());
+    }
+    let seqs = data.seqs(val_idx);
+    let losses = crate::eval::sample_losses(&live.model, &seqs, 64, device, seed)?;
+    let labels: Vec<&str> = val_idx
+        .iter()
+        .map(|&i| data.corpus.samples[i].domain.as_str())
+        .collect();
+    Ok(crate::eval::group_losses(&losses, &labels)
+        .into_iter()
+        .map(|g| ValRow {
+            step,
+            loss: g.mean_loss(),
+            ppl: g.perplexity(),
+            group: g.group,
+            samples: g.samples,
+            tokens: g.tokens,
+        })
+        .collect())
+}
+
+fn load_string(loads: &[(i64, tch::Tensor)]) -> String {
+    loads
+        .iter()
+        .map(|(l, t)| {
+            let v: Vec<i64> = Vec::try_from(t.to_device(Device::Cpu)).unwrap_or_default();
+            format!(
+                "{l}:{}",
+                v.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// Train one run of a spec into `out/<run.name>`. With `resume`, continue from the latest
+/// checkpoint there (a fresh start when there is none).
+#[allow(clippy::too_many_arguments)]
+pub fn train_run(
+    spec: &TrainSpec,
+    run: &RunSpec,
+    data: &TrainData,
+    out: &Path,
+    device: Device,
+    seed: u64,
+    resume: bool,
+    stop: &AtomicBool,
+    progress: &dyn Progress,
+) -> Result<RunResult> {
+    let t = &spec.train;
+    let started = Instant::now();
+    let run_dir = out.join(&run.name);
+    std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+    let cfg = spec.model_config(run, data.vocab)?;
+    let (mut live, mut state) = match latest_checkpoint(&run_dir).filter(|_| resume) {
+        Some(dir) => {
+            progress.message(&format!("resuming {} from {}", run.name, dir.display()));
+            let (live, state) = load_checkpoint(&dir, device, t)?;
+            if live.cfg.vocab_size != cfg.vocab_size
+                || live.cfg.d_model != cfg.d_model
+                || live.cfg.n_layer != cfg.n_layer
+            {
+                return Err(Error::in_file(
+                    dir.join("config.json"),
+                    "the checkpoint's model does not match the spec",
+                ));
+            }
+            (live, state)
+        }
+        None => (
+            build_live(&cfg, device, seed, t)?,
+            RunState {
+                run: run.name.clone(),
+                seed,
+                step: 0,
+                adam_t: 0,
+                cse_initialized: false,
+                log: vec![],
+                val: vec![],
+                clusters: vec![],
+            },
+        ),
+    };
+    let cse_cfg = match &cfg.experts {
+        ExpertConfig::Cse(c) => Some(c.clone()),
+        _ => None,
+    };
+    let aux_weight = match &cfg.experts {
+        ExpertConfig::Switch(s) => s.aux_weight,
+        _ => 0.0,
+    };
+    let cse_step = ((t.cse_warmup_fraction * t.steps as f64).floor() as u64)
+        .max(1)
+        .min(t.steps);
+    let mut cse_reports = Vec::new();
+    let val_idx = data.val_subset(spec.data.eval_samples);
+    let probe_idx = data.val_subset(t.probe_samples);
+    let probe = data.seqs(&probe_idx);
+    let mut sampler = Sampler::new(data.train.len(), seed);
+    progress.start(&run.name, t.steps, state.step);
+    let dynamics_due = |step: u64| {
+        step == 0 || step == t.steps || (t.dynamics_every > 0 && step % t.dynamics_every == 0)
+    };
+    while state.step < t.steps {
+        let step = state.step;
+        if stop.load(Ordering::SeqCst) {
+            state.adam_t = live.opt.t;
+            save_checkpoint(&run_dir, &live, &state, t)?;
+            write_tables(&run_dir, &state)?;
+            progress.finish();
+            return Ok(RunResult {
+                outcome: Outcome::Interrupted(step),
+                dir: run_dir,
+                state,
+                cse_init: cse_reports,
+                params: count_params(&live),
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
+        if let (Some(c), false, true) = (&cse_cfg, state.cse_initialized, step == cse_step) {
+            progress.message(&format!(
+                "{}: CSE initialisation after {step} dense warm-up steps",
+                run.name
+            ));
+            let pick = cse_init::sample_indices(data.train.len(), c.sample, seed ^ 0xc5e);
+            let idx: Vec<usize> = pick.iter().map(|&k| data.train[k]).collect();
+            let (inits, reports) =
+                cse_init::cluster_blocks(&live.model, c, &data.seqs(&idx), device)?;
+            let (vs, model, new_cfg) = expand_experts(&live.vs, &live.cfg, &inits)?;
+            let mut opt = AdamW::new(&vs, t.adamw);
+            let old: HashMap<String, tch::Tensor> = live.opt.state().into_iter().collect();
+            opt.load_state(&old, live.opt.t, expert_zero)?;
+            live = Live {
+                cfg: new_cfg,
+                vs,
+                model,
+                opt,
+            };
+            state.cse_initialized = true;
+            let json = serde_json::to_string_pretty(&reports.iter().map(|r| serde_json::json!({
+                "layer": r.layer, "eps": r.eps, "dbscan_clusters": r.raw_clusters, "expert_sizes": r.sizes,
+                "noise": r.noise, "radii": r.radii, "sampled": idx.len(), "step": step,
+            })).collect::<Vec<_>>()).map_err(|e| Error::invalid("cse_init", e.to_string()))?;
+            crate::io::write_atomic(run_dir.join("cse_init.json"), json.as_bytes())?;
+            cse_reports = reports;
+        }
+        if dynamics_due(step) && !state.clusters.iter().any(|r| r.step == step) {
+            for r in dynamics::measure(&live.model, &probe, step, device)? {
+                state.clusters.push(ClusterRow {
+                    step: r.step,
+                    layer: r.layer,
+                    n_clusters: r.n_clusters,
+                    noise: r.noise,
+                    eps: r.eps,
+                    ratio: r.ratio,
+                });
+            }
+        }
+        let t0 = Instant::now();
+        let picks = sampler.batch(step, t.batch_size);
+        let idx: Vec<usize> = picks.iter().map(|&k| data.train[k]).collect();
+        let mut rng = step_rng(seed, step);
+        let batch = make_batch(
+            cfg.arch,
+            &data.seqs(&idx),
+            idx.clone(),
+            cfg.max_len,
+            cfg.vocab_size,
+            &mut rng,
+            device,
+        );
+        tch::manual_seed(seed.wrapping_add(step) as i64);
+        let out = live.model.forward_t(&batch.ids, &batch.mask, true, false)?;
+        let (loss, _, _) = token_losses(&out.logits, &batch.targets);
+        let total = &loss + &out.aux_loss * aux_weight;
+        live.opt.zero_grad();
+        total.backward();
+        let grad_norm = live.opt.clip_grad_norm(t.grad_clip);
+        let lr = lr_at(step, t.steps, t.warmup_steps, t.lr, t.min_lr_ratio);
+        live.opt.step(lr);
+        let tokens = i64::try_from(batch.mask.sum(tch::Kind::Int64)).unwrap_or(0);
+        let row = StepRow {
+            step: step + 1,
+            loss: loss.double_value(&[]),
+            aux_loss: out.aux_loss.double_value(&[]),
+            lr,
+            grad_norm,
+            tokens,
+            tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            expert_load: load_string(&out.loads),
+        };
+        if !row.loss.is_finite() {
+            return Err(Error::invalid(
+                "train.lr",
+                format!(
+                    "the loss diverged ({}) at step {}; lower the learning rate",
+                    row.loss,
+                    step + 1
+                ),
+            ));
+        }
+        progress.step(&row);
+        state.log.push(row);
+        state.step += 1;
+        let s = state.step;
+        if s == t.steps || (t.checkpoint_every > 0 && s % t.checkpoint_every == 0) {
+            state
+                .val
+                .extend(validation(&live, data, &val_idx, s, seed, device)?);
+            if s == t.steps && dynamics_due(s) {
+                for r in dynamics::measure(&live.model, &probe, s, device)? {
+                    state.clusters.push(ClusterRow {
+                        step: r.step,
+                        layer: r.layer,
+                        n_clusters: r.n_clusters,
+                        noise: r.noise,
+                        eps: r.eps,
+                        ratio: r.ratio,
+                    });
+                }
+            }
+            state.adam_t = live.opt.t;
+            save_checkpoint(&run_dir, &live, &state, t)?;
+            write_tables(&run_dir, &state)?;
+        }
+    }
+    save_model(&run_dir.join("final"), &live.cfg, &live.vs)?;
+    write_tables(&run_dir, &state)?;
+    progress.finish();
+    if cse_reports.is_empty() && state.cse_initialized {
+        if let Ok(text) = std::fs::read_to_string(run_dir.join("cse_init.json")) {
+            tracing::debug!("cse init (from an earlier session): {text}");
+        }
+    }
+    Ok(RunResult {
+        outcome: Outcome::Finished,
+        dir: run_dir,
+        params: count_params(&live),
+        state,
+        cse_init: cse_reports,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// `h.3.mlp.experts.2.c_fc.weight` → `h.3.mlp.experts.0.c_fc.weight`: new experts take the
+/// optimiser moments of the module they were copied from.
+fn expert_zero(name: &str) -> String {
+    let mut parts: Vec<&str> = name.split('.').collect();
+    if let Some(i) = parts.iter().position(|p| *p == "experts") {
+        if i + 1 < parts.len() {
+            parts[i + 1] = "0";
+        }
+    }
+    parts.join(".")
+}
+
+fn count_params(live: &Live) -> i64 {
+    named_variables(&live.vs)
+        .iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(_, t)| t.numel() as i64)
+        .sum()
+}
+
+fn write_tables(run_dir: &Path, s: &RunState) -> Result<()> {
+    let l = &s.log;
+    let mut log = DataFrame::new(
+        l.len(),
+        vec![
+            Column::new("step".into(), l.iter().map(|r| r.step).collect::<Vec<_>>()),
+            Column::new("loss".into(), l.iter().map(|r| r.loss).collect::<Vec<_>>()),
+            Column::new(
+                "aux_loss".into(),
+                l.iter().map(|r| r.aux_loss).collect::<Vec<_>>(),
+            ),
+            Column::new("lr".into(), l.iter().map(|r| r.lr).collect::<Vec<_>>()),
+            Column::new(
+                "grad_norm".into(),
+                l.iter().map(|r| r.grad_norm).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "tokens".into(),
+                l.iter().map(|r| r.tokens).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "tokens_per_s".into(),
+                l.iter().map(|r| r.tokens_per_s).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "expert_load".into(),
+                l.iter().map(|r| r.expert_load.as_str()).collect::<Vec<_>>(),
+            ),
+        ],
+    )
+    .map_err(|e| Error::table("step log", e))?;
+    crate::io::write_parquet(&mut log, run_dir.join("log.parquet"))?;
+    let v = &s.val;
+    let mut val = DataFrame::new(
+        v.len(),
+        vec![
+            Column::new("step".into(), v.iter().map(|r| r.step).collect::<Vec<_>>()),
+            Column::new(
+                "group".into(),
+                v.iter().map(|r| r.group.as_str()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "samples".into(),
+                v.iter().map(|r| r.samples as u64).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "tokens".into(),
+                v.iter().map(|r| r.tokens).collect::<Vec<_>>(),
+            ),
+            Column::new("loss".into(), v.iter().map(|r| r.loss).collect::<Vec<_>>()),
+            Column::new("ppl".into(), v.iter().map(|r| r.ppl).collect::<Vec<_>>()),
+        ],
+    )
+    .map_err(|e| Error::table("validation log", e))?;
+    crate::io::write_parquet(&mut val, run_dir.join("val.parquet"))?;
+    let c = &s.clusters;
+    let mut cl = DataFrame::new(
+        c.len(),
+        vec![
+            Column::new("step".into(), c.iter().map(|r| r.step).collect::<Vec<_>>()),
+            Column::new(
+                "layer".into(),
+                c.iter().map(|r| r.layer).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "n_clusters".into(),
+                c.iter().map(|r| r.n_clusters as u64).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "noise".into(),
+                c.iter().map(|r| r.noise as u64).collect::<Vec<_>>(),
+            ),
+            Column::new("eps".into(), c.iter().map(|r| r.eps).collect::<Vec<_>>()),
+            Column::new(
+                "ratio".into(),
+                c.iter().map(|r| r.ratio).collect::<Vec<_>>(),
+            ),
+        ],
+    )
+    .map_err(|e| Error::table("cluster dynamics", e))?;
+    crate::io::write_parquet(&mut cl, run_dir.join("clusters.parquet"))
+}

@@ -1,0 +1,196 @@
+//! The training spec (`tailscope train --config FILE.toml`): data, model shape, optimisation and
+//! one or more runs (dense, Switch-MoE, CSE) that share everything but their experts. Unknown keys
+//! are errors naming the key; paths are relative to the working directory.
+//!
+//! ```toml
+//! [data]
+//! corpus = "out/demo/corpus.parquet"   # tokenizer.json beside it unless `tokenizer` is set
+//! [model]
+//! arch = "gpt"                         # or "bert"
+//! n_layer = 4
+//! d_model = 128
+//! n_head = 4
+//! d_ffn = 512
+//! max_len = 64
+//! [train]
+//! steps = 400
+//! batch_size = 32
+//! [[run]]
+//! name = "cse"
+//! experts = { kind = "cse", variant = "mof", last_k = 2 }
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::model::{Arch, ExpertConfig, ModelConfig};
+use crate::train::optim::AdamWConfig;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    pub data: DataSpec,
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub train: TrainOptions,
+    #[serde(rename = "run")]
+    pub runs: Vec<RunSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    pub corpus: PathBuf,
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// Validation samples used for perplexity during training (evenly spaced), default 2000.
+    #[serde(default = "default_eval_samples")]
+    pub eval_samples: usize,
+}
+
+/// The model's shape; the vocabulary comes from the tokenizer and the experts from each run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub arch: Arch,
+    pub n_layer: i64,
+    pub d_model: i64,
+    pub n_head: i64,
+    pub d_ffn: i64,
+    pub max_len: i64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "yes")]
+    pub tie_embeddings: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainOptions {
+    pub steps: u64,
+    pub batch_size: usize,
+    pub lr: f64,
+    /// Final learning rate as a fraction of `lr` (cosine decay).
+    pub min_lr_ratio: f64,
+    pub warmup_steps: u64,
+    /// Global gradient-norm clip (0: none).
+    pub grad_clip: f64,
+    pub adamw: AdamWConfig,
+    pub checkpoint_every: u64,
+    /// Keep the last k periodic checkpoints ...
+    pub keep_last: usize,
+    /// ... plus these steps, kept for analysis.
+    pub keep_steps: Vec<u64>,
+    /// Cluster dynamics (DBSCAN per layer over the probe set) every M steps (0: only at the ends).
+    pub dynamics_every: u64,
+    /// Validation samples in the fixed probe set of the cluster dynamics.
+    pub probe_samples: usize,
+    /// Dense warm-up of CSE runs as a fraction of `steps` (paper: ≤ 1%); at least one step.
+    pub cse_warmup_fraction: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_eval_samples() -> usize {
+    2000
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            steps: 400,
+            batch_size: 32,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 20,
+            grad_clip: 1.0,
+            adamw: AdamWConfig::default(),
+            checkpoint_every: 100,
+            keep_last: 2,
+            keep_steps: Vec::new(),
+            dynamics_every: 100,
+            probe_samples: 512,
+            cse_warmup_fraction: 0.01,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    pub name: String,
+    #[serde(default)]
+    pub experts: ExpertConfig,
+}
+
+impl TrainSpec {
+    /// Read and check a spec; TOML errors carry the file and line, unknown keys their name.
+    pub fn read(path: &Path) -> Result<TrainSpec> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let spec: TrainSpec = toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start].lines().count().max(1))
+                .unwrap_or(1);
+            Error::at_line(path, line, e.message().replace('\n', " "))
+        })?;
+        spec.check()
+            .map_err(|e| Error::in_file(path, e.to_string()))?;
+        Ok(spec)
+    }
+
+    pub fn check(&self) -> Result<()> {
+        let t = &self.train;
+        if t.steps == 0 {
+            return Err(Error::invalid("train.steps", "must be at least 1"));
+        }
+        if t.batch_size == 0 {
+            return Err(Error::invalid("train.batch_size", "must be at least 1"));
+        }
+        if t.lr.is_nan() || t.lr <= 0.0 {
+            return Err(Error::invalid("train.lr", "must be positive"));
+        }
+        if !(0.0..=1.0).contains(&t.cse_warmup_fraction) {
+            return Err(Error::invalid(
+                "train.cse_warmup_fraction",
+                "must be in [0, 1]",
+            ));
+        }
+        if self.runs.is_empty() {
+            return Err(Error::invalid("run", "give at least one [[run]]"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for r in &self.runs {
+            if r.name.is_empty() || r.name.contains(['/', '\\']) || !names.insert(r.name.as_str()) {
+                return Err(Error::invalid(
+                    "run.name",
+                    format!("{:?} must be unique, non-empty, without slashes", r.name),
+                ));
+            }
+            self.model_config(r, 100)?.validate()?;
+        }
+        Ok(())
+    }
+
+    /// The model config of a run, for a vocabulary of `vocab` entries.
+    pub fn model_config(&self, run: &RunSpec, vocab: i64) -> Result<ModelConfig> {
+        let m = &self.model;
+        let cfg = ModelConfig {
+            arch: m.arch,
+            vocab_size: vocab,
+            max_len: m.max_len,
+            n_layer: m.n_layer,
+            d_model: m.d_model,
+            n_head: m.n_head,
+            d_ffn: m.d_ffn,
+            dropout: m.dropout,
+            tie_embeddings: m.tie_embeddings,
+            experts: run.experts.clone(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
