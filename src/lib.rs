@@ -5,10 +5,14 @@
 //! with [`cli`] at the edge. The method is described in `shared/paper-notes.md` and the README.
 
 pub mod cli;
+pub mod cluster;
 pub mod corpus;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod freq;
 pub mod io;
+pub mod model;
+pub mod train;
 
 pub use error::{Error, Result};

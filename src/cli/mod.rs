@@ -7,6 +7,7 @@
 mod corpus;
 mod freq;
 pub mod progress;
+mod train;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -91,6 +92,10 @@ pub enum Command {
     Corpus(corpus::CorpusCommand),
     /// Data-frequency statistics: n-gram counts, sentence frequency scores, long-tail domains.
     Freq(freq::FreqArgs),
+    /// Pretrain dense, Switch-MoE and CSE language models from a TOML spec.
+    Train(train::TrainArgs),
+    /// Perplexity per domain and linear-probe accuracy of a trained model.
+    Eval(train::EvalArgs),
 }
 
 /// Parse `args` and run the command. Usage errors exit through clap (status 2; 0 for --help).
@@ -109,6 +114,8 @@ where
     match &cli.command {
         Command::Corpus(cmd) => corpus::run(cmd, &cli.global)?,
         Command::Freq(args) => freq::run(args, &cli.global)?,
+        Command::Train(args) => train::run_train(args, &cli.global)?,
+        Command::Eval(args) => train::run_eval(args, &cli.global)?,
     }
     Ok(ExitCode::SUCCESS)
 }
