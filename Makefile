@@ -23,12 +23,16 @@ build: setup
 demo: build
 	$(BIN) corpus ingest fixtures/brown/brown.jsonl.gz --vocab-size 8192 -o $(OUT)/corpus.parquet
 	$(BIN) freq --corpus $(OUT)/corpus.parquet -o $(OUT)/freq
+	$(BIN) train --config analyses/demo-train.toml --corpus $(OUT)/corpus.parquet -o $(OUT)/train
+	for run in dense switch cse; do \
+	  $(BIN) eval --model $(OUT)/train/$$run/final --corpus $(OUT)/corpus.parquet -o $(OUT)/eval/$$run || exit 1; \
+	done
 	@echo
 	@echo "demo outputs:"
-	@echo "  corpus table      $(OUT)/corpus.parquet"
-	@echo "  tokenizer         $(OUT)/tokenizer.json"
-	@echo "  frequency tables  $(OUT)/freq/{scores,ngrams,domains}.parquet"
-	@echo "  summary           $(OUT)/freq/summary.json"
+	@echo "  corpus table      $(OUT)/corpus.parquet (tokenizer: $(OUT)/tokenizer.json)"
+	@echo "  frequency tables  $(OUT)/freq/{scores,ngrams,domains}.parquet, summary.json"
+	@echo "  trained models    $(OUT)/train/{dense,switch,cse}/final (logs: log/val/clusters.parquet)"
+	@echo "  evaluations       $(OUT)/eval/{dense,switch,cse}/eval.json"
 
 test: setup-test
 	$(CARGO) test --release --locked
@@ -38,7 +42,7 @@ lint: setup
 	$(CARGO) clippy --release --locked --all-targets -- -D warnings
 
 bench: setup
-	$(CARGO) bench --locked --bench freq
+	$(CARGO) bench --locked --bench freq --bench train
 
 bench-freq: build
 	bash scripts/bench-freq

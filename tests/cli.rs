@@ -628,3 +628,138 @@ fn brown_fixture_end_to_end() {
         "{printed}"
     );
 }
+
+fn tiny_spec(t: &Tmp, corpus: &str) -> String {
+    t.file(
+        "spec.toml",
+        format!(
+            r#"[data]
+corpus = "{corpus}"
+eval_samples = 60
+[model]
+arch = "gpt"
+n_layer = 2
+d_model = 16
+n_head = 2
+d_ffn = 32
+max_len = 16
+[train]
+steps = 6
+batch_size = 8
+lr = 1e-2
+min_lr_ratio = 0.1
+warmup_steps = 1
+grad_clip = 1.0
+adamw = {{ beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.01 }}
+checkpoint_every = 3
+keep_last = 1
+keep_steps = []
+dynamics_every = 0
+probe_samples = 40
+cse_warmup_fraction = 0.34
+[[run]]
+name = "dense"
+[[run]]
+name = "cse"
+experts = {{ kind = "cse", last_k = 1, proj_dim = 4, sample = 200, min_pts = 3, min_cluster_size = 3 }}
+"#
+        )
+        .as_bytes(),
+    )
+}
+
+#[test]
+fn train_and_eval_end_to_end_with_errors() {
+    let t = Tmp::new();
+    let corpus = t.s("c/corpus.parquet");
+    ok(&[
+        "corpus",
+        "synth",
+        "--samples",
+        "600",
+        "--rare-share",
+        "0.2",
+        "--vocab-size",
+        "320",
+        "-o",
+        &corpus,
+    ]);
+    let spec = tiny_spec(&t, &corpus);
+    let out = t.s("train");
+    let printed = ok(&["--device", "cpu", "train", "--config", &spec, "-o", &out]);
+    assert!(
+        printed.contains("run dense:") && printed.contains("run cse:"),
+        "{printed}"
+    );
+    assert!(printed.contains("CSE block 1: DBSCAN"), "{printed}");
+    assert!(
+        printed.contains("routing of validation sequences at block 1"),
+        "{printed}"
+    );
+    for f in [
+        "dense/final/model.safetensors",
+        "cse/final/config.json",
+        "cse/log.parquet",
+        "cse/val.parquet",
+        "cse/cse_init.json",
+        "cse/checkpoints/step-000006/state.json",
+    ] {
+        assert!(t.path("train").join(f).exists(), "{f}");
+    }
+    let log = read_table(&t.path("train/cse/log.parquet"));
+    assert_eq!(log.height(), 6);
+
+    let model = t.s("train/cse/final");
+    let printed = ok(&[
+        "eval",
+        "--model",
+        &model,
+        "--corpus",
+        &corpus,
+        "-o",
+        &t.s("ev"),
+    ]);
+    assert!(printed.contains("perplexity per domain"), "{printed}");
+    assert!(
+        printed.contains("legal") && printed.contains("linear probe"),
+        "{printed}"
+    );
+    assert!(printed.contains("long-tail"), "{printed}");
+    let ev: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.path("ev/eval.json")).unwrap()).unwrap();
+    let acc = ev["probe"]["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+
+    // Bad input: an unknown run, an unknown spec key, a corrupt or mismatched checkpoint.
+    bad(
+        &["train", "--config", &spec, "--run", "nope", "-o", &out],
+        &["--run", "nope"],
+    );
+    let bad_spec = t.file("bad.toml", b"[data]\ncorpus = \"x\"\nwhat = 1\n");
+    bad(
+        &["train", "--config", &bad_spec, "-o", &out],
+        &["bad.toml:", "what"],
+    );
+    let w = t.path("train/dense/final/model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..100]).unwrap();
+    bad(
+        &[
+            "eval",
+            "--model",
+            &t.s("train/dense/final"),
+            "--corpus",
+            &corpus,
+        ],
+        &["model.safetensors"],
+    );
+    let cfg_path = t.path("train/cse/final/config.json");
+    let cfg = std::fs::read_to_string(&cfg_path)
+        .unwrap()
+        .replace("\"d_ffn\": 32", "\"d_ffn\": 24");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    bad(
+        &["eval", "--model", &model, "--corpus", &corpus],
+        &["model.safetensors", "c_fc", "[32]", "[24]"],
+    );
+}
