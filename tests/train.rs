@@ -1,15 +1,19 @@
 //! Training: resumption equal to an uninterrupted run (dense and CSE, interrupted after the CSE
 //! initialisation), checkpoint pruning, the logs, and spec errors.
 //!
-//! These tests live in their own binary: libtorch's random generator (dropout) is process-wide, and
-//! tests running in parallel threads of one binary would draw from it between a run's steps.
+//! These tests live in their own binary and take the `TORCH` lock: libtorch's random generator
+//! (dropout) is process-wide, and tests running in parallel threads would draw from it between a
+//! run's steps.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use tch::Device;
 
 use tailscope::model::{checkpoint, ExpertConfig};
 use tailscope::train::{self, RunSpec, StepRow, TrainData, TrainSpec};
+
+static TORCH: Mutex<()> = Mutex::new(());
 
 /// A tiny corpus and tokenizer on disk, and a spec with dense and CSE runs.
 fn setup(dir: &std::path::Path) -> (TrainSpec, TrainData) {
@@ -86,6 +90,7 @@ impl train::Progress for StopAt<'_> {
 
 #[test]
 fn resume_equals_uninterrupted_and_checkpoints_are_pruned() {
+    let _torch = TORCH.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let (spec, data) = setup(dir.path());
     for run in &spec.runs {
@@ -189,4 +194,35 @@ fn bad_specs_name_the_key() {
         name: "x".into(),
         experts: ExpertConfig::Dense,
     };
+}
+
+#[test]
+fn cse_initialisation_without_clusters_says_what_to_change() {
+    let _torch = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spec, data) = setup(dir.path());
+    if let ExpertConfig::Cse(c) = &mut spec.runs[1].experts {
+        c.min_cluster_size = 10_000;
+    }
+    let never = AtomicBool::new(false);
+    let err = train::train_run(
+        &spec,
+        &spec.runs[1],
+        &data,
+        dir.path(),
+        Device::Cpu,
+        1,
+        false,
+        &never,
+        &train::Silent,
+    )
+    .err()
+    .expect("no cluster is large enough");
+    let msg = err.to_string();
+    assert!(err.is_bad_input(), "{msg}");
+    assert!(
+        msg.contains("found no cluster of at least 10000 points")
+            && msg.contains("min_cluster_size"),
+        "{msg}"
+    );
 }
