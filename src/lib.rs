@@ -4,6 +4,7 @@
 //! frequency scores, long-tail domains) → model → train → capture → ntk → analysis → report,
 //! with [`cli`] at the edge. The method is described in `shared/paper-notes.md` and the README.
 
+pub mod capture;
 pub mod cli;
 pub mod cluster;
 pub mod corpus;
@@ -13,6 +14,7 @@ pub mod eval;
 pub mod freq;
 pub mod io;
 pub mod model;
+pub mod ntk;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -229,7 +229,7 @@ fn switch_aux_loss_matches_its_formula() {
     let moe = SwitchMoe::new(vs.root() / "mlp", &cfg, &s);
     let x = Tensor::randn([3, 5, 8], (Kind::Float, Device::Cpu));
     let mask = Tensor::ones([3, 5], (Kind::Bool, Device::Cpu));
-    let out = moe.forward_t(&x, &mask, false);
+    let out = moe.forward_t(&x, &mask, false, true, None);
     let router = vs.variables()["mlp.router.weight"].shallow_clone();
     let probs = x
         .reshape([15, 8])

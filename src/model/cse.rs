@@ -91,23 +91,36 @@ pub fn dispatch(v: &Tensor, c: &Tensor, r: &Tensor) -> Tensor {
 /// Per-sequence routing of a module's input to one of its experts. Experts are any module with a
 /// `(x, mask, train)` forward; sequences are gathered per expert and scattered back with
 /// `index_copy`, so gradients reach exactly the expert each sequence used.
+/// With a capture `tape`, each expert call runs under the row map of its sequences' positions.
 pub fn route_sequences(
     x: &Tensor,
     mask: &Tensor,
     route: &Tensor,
     n_experts: usize,
+    tape: Option<&crate::capture::tape::Tape>,
     forward: impl Fn(usize, &Tensor, &Tensor) -> Tensor,
 ) -> Tensor {
     if n_experts == 1 {
         return forward(0, x, mask);
     }
+    let t = x.size()[1];
     let mut out = x.zeros_like();
     for e in 0..n_experts {
         let sel = route.eq(e as i64).nonzero().squeeze_dim(1);
         if sel.size()[0] == 0 {
             continue;
         }
-        let y = forward(e, &x.index_select(0, &sel), &mask.index_select(0, &sel));
+        let run = || forward(e, &x.index_select(0, &sel), &mask.index_select(0, &sel));
+        let y = match tape {
+            Some(tp) => {
+                // Flat (batch × seq) positions of the selected sequences: sel·t + 0..t.
+                let pos = (sel.unsqueeze(1) * t
+                    + Tensor::arange(t, (tch::Kind::Int64, x.device())).unsqueeze(0))
+                .reshape([-1]);
+                tp.with_rows(&tp.compose(&pos), run)
+            }
+            None => run(),
+        };
         out = out.index_copy(0, &sel, &y);
     }
     out

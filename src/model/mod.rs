@@ -26,10 +26,25 @@ use tch::{nn, Kind, Tensor};
 
 pub use config::{Arch, CseConfig, CseVariant, EpsRule, ExpertConfig, ModelConfig, SwitchConfig};
 use cse::{route_sequences, CseRouter};
-use layers::{masked_mean, Attention, Mlp};
+use layers::{masked_mean, Attention, Lin, Mlp, Norm};
 use moe::SwitchMoe;
 
+use crate::capture::tape::Tape;
 use crate::error::{Error, Result};
+
+/// How a forward pass runs.
+#[derive(Clone, Copy)]
+pub struct Forward<'a> {
+    /// Dropout on, CSE centroids move.
+    pub train: bool,
+    /// Return the sequence embeddings after every block.
+    pub capture: bool,
+    /// Enforce the Switch expert capacity (off during gradient capture, so that a sample's
+    /// output does not depend on the other samples of its batch).
+    pub capacity: bool,
+    /// Record layer inputs and output perturbations for per-sample gradients.
+    pub tape: Option<&'a Tape>,
+}
 
 /// Targets equal to this are ignored by the loss (padding, unmasked BERT positions).
 pub const IGNORE: i64 = -100;
@@ -49,9 +64,9 @@ enum MlpPart {
 
 #[derive(Debug)]
 struct Block {
-    ln_1: nn::LayerNorm,
+    ln_1: Norm,
     attn: AttnPart,
-    ln_2: nn::LayerNorm,
+    ln_2: Norm,
     mlp: MlpPart,
     router: Option<CseRouter>,
 }
@@ -65,7 +80,7 @@ struct BlockOut {
 
 impl Block {
     fn new(p: nn::Path, cfg: &ModelConfig, layer: i64) -> Block {
-        let ln = |name: &str| nn::layer_norm(&p / name, vec![cfg.d_model], Default::default());
+        let ln = |name: &str| Norm::new(&p / name, cfg.d_model);
         let sparse = cfg.is_sparse_layer(layer);
         let (attn, mlp, router) = match (&cfg.experts, sparse) {
             (ExpertConfig::Switch(s), true) => (
@@ -113,32 +128,34 @@ impl Block {
         }
     }
 
-    fn forward_t(&self, x: &Tensor, mask: &Tensor, train: bool) -> BlockOut {
+    fn forward_t(&self, x: &Tensor, mask: &Tensor, f: &Forward) -> BlockOut {
+        let (train, tape) = (f.train, f.tape);
         let route = self.router.as_ref().map(|r| r.route(x, mask, train));
-        let h = x.apply(&self.ln_1);
+        let h = self.ln_1.forward(x, tape);
         let a = match (&self.attn, &route) {
-            (AttnPart::Dense(m), _) => m.forward_t(&h, mask, train),
+            (AttnPart::Dense(m), _) => m.forward_t(&h, mask, train, tape),
             (AttnPart::Experts(ms), Some(r)) => {
-                route_sequences(&h, mask, r, ms.len(), |e, xe, me| {
-                    ms[e].forward_t(xe, me, train)
+                route_sequences(&h, mask, r, ms.len(), tape, |e, xe, me| {
+                    ms[e].forward_t(xe, me, train, tape)
                 })
             }
-            (AttnPart::Experts(ms), None) => ms[0].forward_t(&h, mask, train),
+            (AttnPart::Experts(ms), None) => ms[0].forward_t(&h, mask, train, tape),
         };
         let x = x + a;
-        let h = x.apply(&self.ln_2);
+        let h = self.ln_2.forward(&x, tape);
         let (m, aux, load) = match (&self.mlp, &route) {
-            (MlpPart::Dense(m), _) => (m.forward_t(&h, train), None, None),
+            (MlpPart::Dense(m), _) => (m.forward_t(&h, train, tape), None, None),
             (MlpPart::Switch(s), _) => {
-                let o = s.forward_t(&h, mask, train);
+                let o = s.forward_t(&h, mask, train, f.capacity, tape);
                 (o.y, Some(o.aux), Some(o.load))
             }
             (MlpPart::Experts(ms), Some(r)) => {
-                let y =
-                    route_sequences(&h, mask, r, ms.len(), |e, xe, _| ms[e].forward_t(xe, train));
+                let y = route_sequences(&h, mask, r, ms.len(), tape, |e, xe, _| {
+                    ms[e].forward_t(xe, train, tape)
+                });
                 (y, None, None)
             }
-            (MlpPart::Experts(ms), None) => (ms[0].forward_t(&h, train), None, None),
+            (MlpPart::Experts(ms), None) => (ms[0].forward_t(&h, train, tape), None, None),
         };
         let load = load.or_else(|| {
             route.as_ref().map(|r| {
@@ -161,8 +178,8 @@ impl Block {
 
 #[derive(Debug)]
 struct MlmHead {
-    dense: nn::Linear,
-    ln: nn::LayerNorm,
+    dense: Lin,
+    ln: Norm,
     bias: Tensor,
 }
 
@@ -173,8 +190,8 @@ pub struct Model {
     wte: nn::Embedding,
     wpe: nn::Embedding,
     blocks: Vec<Block>,
-    ln_f: nn::LayerNorm,
-    lm_head: Option<nn::Linear>,
+    ln_f: Norm,
+    lm_head: Option<Lin>,
     mlm: Option<MlmHead>,
 }
 
@@ -210,21 +227,12 @@ impl Model {
         let blocks = (0..cfg.n_layer)
             .map(|i| Block::new(p / "h" / i, cfg, i))
             .collect();
-        let ln_f = nn::layer_norm(p / "ln_f", vec![d], Default::default());
-        let lm_head = (!cfg.tie_embeddings).then(|| {
-            nn::linear(
-                p / "lm_head",
-                d,
-                cfg.vocab_size,
-                nn::LinearConfig {
-                    bias: false,
-                    ..Default::default()
-                },
-            )
-        });
+        let ln_f = Norm::new(p / "ln_f", d);
+        let lm_head =
+            (!cfg.tie_embeddings).then(|| Lin::new(p / "lm_head", d, cfg.vocab_size, false));
         let mlm = (cfg.arch == Arch::Bert).then(|| MlmHead {
-            dense: nn::linear(p / "mlm" / "dense", d, d, Default::default()),
-            ln: nn::layer_norm(p / "mlm" / "ln", vec![d], Default::default()),
+            dense: Lin::new(p / "mlm" / "dense", d, d, true),
+            ln: Norm::new(p / "mlm" / "ln", d),
             bias: (p / "mlm").zeros("bias", &[cfg.vocab_size]),
         });
         Ok(Model {
@@ -247,6 +255,20 @@ impl Model {
         train: bool,
         capture: bool,
     ) -> Result<Output> {
+        self.forward_with(
+            ids,
+            mask,
+            &Forward {
+                train,
+                capture,
+                capacity: true,
+                tape: None,
+            },
+        )
+    }
+
+    /// The forward pass with every option (see [`Forward`]).
+    pub fn forward_with(&self, ids: &Tensor, mask: &Tensor, f: &Forward) -> Result<Output> {
         let (b, t) = ids.size2().map_err(|_| {
             Error::invalid(
                 "input ids",
@@ -266,16 +288,20 @@ impl Model {
             ));
         }
         let pos = Tensor::arange(t, (Kind::Int64, ids.device())).unsqueeze(0);
-        let mut x = (ids.apply(&self.wte) + pos.apply(&self.wpe)).dropout(self.cfg.dropout, train);
+        let mut x = ids.apply(&self.wte) + pos.apply(&self.wpe);
+        if let Some(tape) = f.tape {
+            x = tape.embedding("wte.weight", "wpe.weight", ids, x);
+        }
+        let mut x = x.dropout(self.cfg.dropout, f.train);
         let mut aux_loss = Tensor::zeros([], (x.kind(), x.device()));
         let mut seq_emb = Vec::new();
         let mut routes = Vec::new();
         let mut loads = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
-            if capture {
+            if f.capture {
                 seq_emb.push(masked_mean(&x, mask));
             }
-            let o = block.forward_t(&x, mask, train);
+            let o = block.forward_t(&x, mask, f);
             x = o.x;
             if let Some(a) = o.aux {
                 aux_loss += a;
@@ -287,17 +313,27 @@ impl Model {
                 loads.push((i as i64, l));
             }
         }
-        if capture {
+        if f.capture {
             seq_emb.push(masked_mean(&x, mask));
         }
-        let h = x.apply(&self.ln_f);
-        let logits = match &self.mlm {
+        let h = self.ln_f.forward(&x, f.tape);
+        let (z, bias) = match &self.mlm {
             Some(head) => {
-                let z = h.apply(&head.dense).gelu("none").apply(&head.ln);
-                self.project_vocab(&z) + &head.bias
+                let z = head.dense.forward(&h, f.tape).gelu("none");
+                (head.ln.forward(&z, f.tape), Some(&head.bias))
             }
-            None => self.project_vocab(&h),
+            None => (h, None),
         };
+        let (mut logits, weight) = match &self.lm_head {
+            Some(l) => (z.apply(&l.l), format!("{}.weight", l.name)),
+            None => (z.matmul(&self.wte.ws.tr()), "wte.weight".to_string()),
+        };
+        if let Some(b) = bias {
+            logits += b;
+        }
+        if let Some(tape) = f.tape {
+            logits = tape.linear(&weight, bias.map(|_| "mlm.bias"), &z, logits);
+        }
         Ok(Output {
             logits,
             aux_loss,
@@ -305,13 +341,6 @@ impl Model {
             routes,
             loads,
         })
-    }
-
-    fn project_vocab(&self, h: &Tensor) -> Tensor {
-        match &self.lm_head {
-            Some(l) => h.apply(l),
-            None => h.matmul(&self.wte.ws.tr()),
-        }
     }
 
     /// The CSE routers of the model: (layer, router).

@@ -7,11 +7,12 @@
 use tch::{nn, Tensor};
 
 use super::config::{ModelConfig, SwitchConfig};
-use super::layers::Mlp;
+use super::layers::{Lin, Mlp};
+use crate::capture::tape::Tape;
 
 #[derive(Debug)]
 pub struct SwitchMoe {
-    router: nn::Linear,
+    router: Lin,
     experts: Vec<Mlp>,
     capacity_factor: f64,
 }
@@ -27,15 +28,7 @@ pub struct SwitchOut {
 
 impl SwitchMoe {
     pub fn new(p: nn::Path, cfg: &ModelConfig, s: &SwitchConfig) -> SwitchMoe {
-        let router = nn::linear(
-            &p / "router",
-            cfg.d_model,
-            s.n_experts,
-            nn::LinearConfig {
-                bias: false,
-                ..Default::default()
-            },
-        );
+        let router = Lin::new(&p / "router", cfg.d_model, s.n_experts, false);
         let experts = (0..s.n_experts)
             .map(|e| Mlp::new(&p / "experts" / e, cfg))
             .collect();
@@ -46,17 +39,33 @@ impl SwitchMoe {
         }
     }
 
-    /// `x`: (b, t, d), `mask`: (b, t) bool. Padding tokens are not routed.
-    pub fn forward_t(&self, x: &Tensor, mask: &Tensor, train: bool) -> SwitchOut {
+    /// `x`: (b, t, d), `mask`: (b, t) bool. Padding tokens are not routed. Without `capacity`
+    /// (gradient capture) no token is dropped, so a sample's output does not depend on its batch.
+    pub fn forward_t(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        train: bool,
+        capacity: bool,
+        tape: Option<&Tape>,
+    ) -> SwitchOut {
         let (b, t, d) = x.size3().expect("switch input is (batch, seq, d_model)");
         let n_exp = self.experts.len() as i64;
         let flat = x.reshape([b * t, d]);
         let valid = mask.reshape([b * t]).nonzero().squeeze_dim(1); // (n,)
         let xv = flat.index_select(0, &valid); // (n, d)
         let n = xv.size()[0];
-        let probs = xv.apply(&self.router).softmax(-1, x.kind()); // (n, E)
+        let logits = match tape {
+            Some(t) => t.with_rows(&valid, || self.router.forward(&xv, Some(t))),
+            None => self.router.forward(&xv, None),
+        };
+        let probs = logits.softmax(-1, x.kind()); // (n, E)
         let (gate, choice) = probs.max_dim(-1, false); // (n,), (n,)
-        let capacity = ((self.capacity_factor * n as f64) / n_exp as f64).ceil() as i64;
+        let capacity = if capacity {
+            ((self.capacity_factor * n as f64) / n_exp as f64).ceil() as i64
+        } else {
+            n
+        };
         let mut out = xv.zeros_like();
         let mut load = Vec::with_capacity(self.experts.len());
         for (e, expert) in self.experts.iter().enumerate() {
@@ -69,8 +78,13 @@ impl SwitchMoe {
             if kept == 0 {
                 continue;
             }
-            let ye = expert.forward_t(&xv.index_select(0, &sel), train)
-                * gate.index_select(0, &sel).unsqueeze(1);
+            let xe = xv.index_select(0, &sel);
+            let ye = match tape {
+                Some(t) => t.with_rows(&valid.index_select(0, &sel), || {
+                    expert.forward_t(&xe, train, Some(t))
+                }),
+                None => expert.forward_t(&xe, train, None),
+            } * gate.index_select(0, &sel).unsqueeze(1);
             out = out.index_add(0, &sel, &ye);
         }
         let aux = if n > 0 {

@@ -37,7 +37,7 @@ pub struct Batch {
     pub n_targets: i64,
 }
 
-/// Build a batch from token-id lists. `rng` drives BERT masking (unused for GPT).
+/// Build a batch from token-id lists. `rng` drives BERT masking (unused for GPT), row after row.
 pub fn make_batch(
     arch: Arch,
     seqs: &[&[u32]],
@@ -47,42 +47,75 @@ pub fn make_batch(
     rng: &mut ChaCha8Rng,
     device: Device,
 ) -> Batch {
+    let rows = seqs
+        .iter()
+        .map(|s| encode_row(arch, s, max_len, vocab, rng))
+        .collect();
+    pad(rows, samples, device)
+}
+
+/// Like [`make_batch`], but row i's BERT mask comes from a RNG seeded by (`seed`, `keys[i]`), so a
+/// sample is masked the same way whatever batch it is in (gradient capture compares batch sizes).
+pub fn make_batch_keyed(
+    arch: Arch,
+    seqs: &[&[u32]],
+    keys: &[u64],
+    seed: u64,
+    max_len: i64,
+    vocab: i64,
+    device: Device,
+) -> Batch {
+    let rows = seqs
+        .iter()
+        .zip(keys)
+        .map(|(s, &k)| encode_row(arch, s, max_len, vocab, &mut step_rng(seed, k)))
+        .collect();
+    pad(rows, (0..seqs.len()).collect(), device)
+}
+
+/// Input ids and targets of one sample (see the module docs).
+fn encode_row(
+    arch: Arch,
+    s: &[u32],
+    max_len: i64,
+    vocab: i64,
+    rng: &mut ChaCha8Rng,
+) -> (Vec<i64>, Vec<i64>) {
     let max_len = max_len as usize;
-    let mut rows: Vec<(Vec<i64>, Vec<i64>)> = Vec::with_capacity(seqs.len());
-    for s in seqs {
-        let toks: Vec<i64> = s.iter().map(|&x| i64::from(x)).collect();
-        let (input, target) = match arch {
-            Arch::Gpt => {
-                let n = toks.len().min(max_len);
-                let mut input = vec![BOS];
-                input.extend_from_slice(&toks[..n.saturating_sub(1)]);
-                (input, toks[..n].to_vec())
+    let toks: Vec<i64> = s.iter().map(|&x| i64::from(x)).collect();
+    match arch {
+        Arch::Gpt => {
+            let n = toks.len().min(max_len);
+            let mut input = vec![BOS];
+            input.extend_from_slice(&toks[..n.saturating_sub(1)]);
+            (input, toks[..n].to_vec())
+        }
+        Arch::Bert => {
+            let n = toks.len().min(max_len.saturating_sub(2));
+            let mut input = vec![CLS];
+            input.extend_from_slice(&toks[..n]);
+            input.push(SEP);
+            let mut target = vec![IGNORE; input.len()];
+            let mut chosen: Vec<usize> = (1..=n).filter(|_| rng.random::<f64>() < 0.15).collect();
+            if chosen.is_empty() && n > 0 {
+                chosen.push(rng.random_range(1..=n));
             }
-            Arch::Bert => {
-                let n = toks.len().min(max_len.saturating_sub(2));
-                let mut input = vec![CLS];
-                input.extend_from_slice(&toks[..n]);
-                input.push(SEP);
-                let mut target = vec![IGNORE; input.len()];
-                let mut chosen: Vec<usize> =
-                    (1..=n).filter(|_| rng.random::<f64>() < 0.15).collect();
-                if chosen.is_empty() && n > 0 {
-                    chosen.push(rng.random_range(1..=n));
+            for &i in &chosen {
+                target[i] = input[i];
+                let u = rng.random::<f64>();
+                if u < 0.8 {
+                    input[i] = MASK;
+                } else if u < 0.9 {
+                    input[i] = rng.random_range(5..vocab.max(6));
                 }
-                for &i in &chosen {
-                    target[i] = input[i];
-                    let u = rng.random::<f64>();
-                    if u < 0.8 {
-                        input[i] = MASK;
-                    } else if u < 0.9 {
-                        input[i] = rng.random_range(5..vocab.max(6));
-                    }
-                }
-                (input, target)
             }
-        };
-        rows.push((input, target));
+            (input, target)
+        }
     }
+}
+
+/// Right-pad rows into tensors.
+fn pad(rows: Vec<(Vec<i64>, Vec<i64>)>, samples: Vec<usize>, device: Device) -> Batch {
     let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(1).max(1);
     let b = rows.len();
     let mut ids = vec![PAD; b * t];

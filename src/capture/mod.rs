@@ -1,0 +1,649 @@
+//! Per-sample gradients J(X) = ∇_θ f(X; θ) (n × P) of a scalar output per sample, for a chosen
+//! set of parameters, by three methods that give the same kernel:
+//!
+//! - [`Method::Exact`]: one backward pass per sample, the trusted oracle (slow).
+//! - [`Method::Batched`]: one forward/backward per batch; a [`tape::Tape`] records every Linear,
+//!   Embedding and LayerNorm input and output gradient, and per-sample gradients are formed layer
+//!   by layer (Σ_t g_t x_tᵀ for a Linear weight, scatter-adds for embeddings, Σ_t g_t ⊙ x̂_t for a
+//!   LayerNorm gain).
+//! - [`Method::Ghost`]: like `Batched`, but Linear weight kernels come straight from the inputs' and
+//!   output gradients' Gram matrices, K_ij = Σ_{t,s} (x_it·x_js)(g_it·g_js), without forming the
+//!   (out × in) per-sample gradients; [`Method::Auto`] picks ghost per layer where T²(in + out) <
+//!   in·out.
+//!
+//! Optionally, per-sample gradients are projected to k dimensions with a seeded Gaussian or
+//! Rademacher matrix (entries of variance 1/k, so E[K̂] = K); the matrix for a parameter depends
+//! only on (seed, parameter name, row block), so processes and shards agree.
+//!
+//! Outputs f (`--output`): the mean token loss of the sample (default), the summed
+//! log-likelihood, or the trace over output logits, estimated with `probes` Rademacher output
+//! directions v_p (Hutchinson): Σ_o J_o J_oᵀ ≈ (1/k) Σ_p (v_pᵀJ)(v_pᵀJ)ᵀ.
+//!
+//! During capture the Switch capacity limit is lifted and the model runs in evaluation mode, so a
+//! sample's output does not depend on the other samples of its batch; BERT masks are seeded per
+//! sample for the same reason.
+
+pub mod tape;
+
+use std::collections::BTreeMap;
+
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::{token_losses, Forward, Model};
+use crate::train::data::{make_batch_keyed, Batch};
+use tape::{Record, RecordKind, Tape};
+
+/// The scalar output per sample.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputKind {
+    /// Mean token loss of the sample (default).
+    #[default]
+    MeanLoss,
+    /// Summed log-likelihood of the sample's tokens.
+    SumLoglik,
+    /// Trace over output logits (Hutchinson estimate with `probes` directions).
+    LogitTrace,
+}
+
+/// How per-sample gradients are computed.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// One backward pass per sample: the oracle.
+    Exact,
+    /// Per-layer per-sample gradients from one batched backward pass (default).
+    #[default]
+    Batched,
+    /// Linear weight kernels from Gram matrices, without per-sample gradients.
+    Ghost,
+    /// Ghost where it is cheaper, batched elsewhere.
+    Auto,
+}
+
+/// Random projection of per-sample gradients.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProjectionKind {
+    Gaussian,
+    Rademacher,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Projection {
+    pub kind: ProjectionKind,
+    pub dim: i64,
+    pub seed: u64,
+}
+
+/// Capture settings.
+#[derive(Debug, Clone)]
+pub struct CaptureOptions {
+    pub output: OutputKind,
+    pub method: Method,
+    pub projection: Option<Projection>,
+    /// Samples per forward/backward pass.
+    pub batch: usize,
+    /// Output directions of the logit-trace estimate.
+    pub probes: usize,
+    /// Seed of BERT masks and logit-trace probes.
+    pub seed: u64,
+}
+
+impl Default for CaptureOptions {
+    fn default() -> Self {
+        CaptureOptions {
+            output: OutputKind::MeanLoss,
+            method: Method::Batched,
+            projection: None,
+            batch: 32,
+            probes: 8,
+            seed: 0,
+        }
+    }
+}
+
+/// Which parameters: name globs (`*` any run of characters, `?` one), block ranges and experts,
+/// combined with OR; empty means every trainable parameter.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub globs: Vec<String>,
+    /// Inclusive block range: every parameter under `h.{i}.` for i in the range.
+    pub layers: Option<(i64, i64)>,
+    /// (block, expert): the parameters of one CSE or Switch expert.
+    pub expert: Option<(i64, i64)>,
+}
+
+/// `*` and `?` glob match.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+impl Selection {
+    pub fn is_all(&self) -> bool {
+        self.globs.is_empty() && self.layers.is_none() && self.expert.is_none()
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        if self.is_all() {
+            return true;
+        }
+        let block: Option<i64> = name
+            .strip_prefix("h.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|s| s.parse().ok());
+        self.globs.iter().any(|g| glob_match(g, name))
+            || self
+                .layers
+                .is_some_and(|(a, b)| block.is_some_and(|i| i >= a && i <= b))
+            || self
+                .expert
+                .is_some_and(|(l, e)| block == Some(l) && name.contains(&format!(".experts.{e}.")))
+    }
+
+    /// The selected trainable parameters of `vs`, sorted by name.
+    pub fn select(&self, vs: &nn::VarStore) -> Result<Vec<(String, Tensor)>> {
+        let params: Vec<(String, Tensor)> = crate::model::checkpoint::named_variables(vs)
+            .into_iter()
+            .filter(|(n, t)| t.requires_grad() && self.matches(n))
+            .collect();
+        if params.is_empty() {
+            return Err(Error::invalid(
+                "--params",
+                "the selection matches no trainable parameter",
+            ));
+        }
+        Ok(params)
+    }
+}
+
+/// A batch of samples for capture: masks seeded per sample (key = index in the caller's list).
+pub fn capture_batch(
+    model: &Model,
+    seqs: &[&[u32]],
+    first: usize,
+    seed: u64,
+    device: Device,
+) -> Batch {
+    let keys: Vec<u64> = (first..first + seqs.len()).map(|k| k as u64).collect();
+    make_batch_keyed(
+        model.cfg.arch,
+        seqs,
+        &keys,
+        seed,
+        model.cfg.max_len,
+        model.cfg.vocab_size,
+        device,
+    )
+}
+
+/// Rademacher output directions of the logit-trace estimate, (probes, max_len, vocab).
+fn trace_probes(model: &Model, probes: usize, seed: u64, kind: Kind, device: Device) -> Tensor {
+    let shape = [probes as i64, model.cfg.max_len, model.cfg.vocab_size];
+    let bits = tch::no_grad(|| {
+        tch::manual_seed(crate::corpus::stable_hash(seed, b"logit-trace") as i64);
+        Tensor::randint(2, shape, (Kind::Int64, Device::Cpu))
+    });
+    (bits * 2 - 1).to_kind(kind).to_device(device)
+}
+
+/// The scalar output of every sample of a batch, (b,); `probe` is one logit-trace direction
+/// (max_len, vocab) and its scale.
+fn outputs(
+    kind: OutputKind,
+    logits: &Tensor,
+    batch: &Batch,
+    probe: Option<(&Tensor, f64)>,
+) -> Tensor {
+    match kind {
+        OutputKind::MeanLoss => {
+            let (_, per_seq, counts) = token_losses(logits, &batch.targets);
+            per_seq / counts.clamp_min(1.0)
+        }
+        OutputKind::SumLoglik => {
+            let (_, per_seq, _) = token_losses(logits, &batch.targets);
+            -per_seq
+        }
+        OutputKind::LogitTrace => {
+            // f_p(x_i) = Σ_{t,o} v_p[t,o] logits_i[t,o] over real positions, scaled by 1/√k so that
+            // summing the k probes' kernels gives their mean.
+            let (v, scale) = probe.expect("a probe for the logit trace");
+            let t = logits.size()[1];
+            let m = batch.mask.to_kind(logits.kind()).unsqueeze(-1); // (b, t, 1)
+            let vt = v.narrow(0, 0, t).unsqueeze(0); // (1, t, V)
+            (logits * m * vt).sum_dim_intlist([1i64, 2].as_slice(), false, logits.kind()) * scale
+        }
+    }
+}
+
+/// Per-sample information a set of samples yields, per selected parameter:
+/// a Jacobian block (n, P_p) (or (n, k) projected), or ghost factors for a Linear weight.
+pub struct Captured {
+    pub names: Vec<String>,
+    pub jac: Vec<Option<Tensor>>,
+    /// Per output direction (one, or one per logit-trace probe): (x (n, T, in), g (n, T, out)) in
+    /// padded sample × position layout, for ghost kernels; the kernel is the sum over directions.
+    pub ghost: Vec<Option<Vec<(Tensor, Tensor)>>>,
+    pub n: usize,
+}
+
+/// Capture per-sample gradient information of `seqs` for the selected parameters.
+pub fn capture(
+    model: &Model,
+    params: &[(String, Tensor)],
+    seqs: &[&[u32]],
+    opts: &CaptureOptions,
+    device: Device,
+    on_progress: &dyn Fn(usize),
+) -> Result<Captured> {
+    if seqs.is_empty() {
+        return Err(Error::invalid("samples", "no samples to capture"));
+    }
+    let kind = params[0].1.kind();
+    let probes = (opts.output == OutputKind::LogitTrace)
+        .then(|| trace_probes(model, opts.probes.max(1), opts.seed, kind, device));
+    let n_out = if opts.output == OutputKind::LogitTrace {
+        opts.probes.max(1)
+    } else {
+        1
+    };
+    let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+    let mut jac_parts: Vec<Vec<Tensor>> = (0..params.len()).map(|_| Vec::new()).collect();
+    let mut ghost_parts: Vec<Vec<(Tensor, Tensor)>> =
+        (0..params.len()).map(|_| Vec::new()).collect();
+    let use_ghost: Vec<bool> = params
+        .iter()
+        .map(|(n, t)| ghost_for(opts.method, n, t, model.cfg.max_len))
+        .collect();
+    let mut done = 0;
+    let batch = if opts.method == Method::Exact {
+        1
+    } else {
+        opts.batch.max(1)
+    };
+    for chunk in seqs.chunks(batch) {
+        let b = capture_batch(model, chunk, done, opts.seed, device);
+        for p in 0..n_out {
+            let probe = probes.as_ref().map(|v| v.get(p as i64));
+            let probe = probe.as_ref().map(|v| (v, 1.0 / (n_out as f64).sqrt()));
+            if opts.method == Method::Exact {
+                let out = model.forward_with(
+                    &b.ids,
+                    &b.mask,
+                    &Forward {
+                        train: false,
+                        capture: false,
+                        capacity: false,
+                        tape: None,
+                    },
+                )?;
+                let f = outputs(opts.output, &out.logits, &b, probe).sum(kind);
+                let refs: Vec<&Tensor> = params.iter().map(|(_, t)| t).collect();
+                let grads = Tensor::f_run_backward(&[&f], &refs, false, false)?;
+                for (k, g) in grads.into_iter().enumerate() {
+                    // Undefined: the parameter took no part (an expert this sample did not use).
+                    let g = if g.defined() {
+                        g
+                    } else {
+                        params[k].1.zeros_like()
+                    };
+                    jac_parts[k].push(g.reshape([1, -1]));
+                }
+            } else {
+                let tape = Tape::new();
+                let out = model.forward_with(
+                    &b.ids,
+                    &b.mask,
+                    &Forward {
+                        train: false,
+                        capture: false,
+                        capacity: false,
+                        tape: Some(&tape),
+                    },
+                )?;
+                let f = outputs(opts.output, &out.logits, &b, probe).sum(kind);
+                let records = tape.take();
+                let zs: Vec<&Tensor> = records.iter().map(|r| &r.z).collect();
+                let gs = Tensor::f_run_backward(&[&f], &zs, false, false)?;
+                let (bsz, t) = b.ids.size2()?;
+                let per = per_sample(&records, &gs, bsz, t, model, &names, &use_ghost)?;
+                for (k, item) in per.into_iter().enumerate() {
+                    match item {
+                        Some(PerSample::Jac(j)) => jac_parts[k].push(j),
+                        Some(PerSample::Ghost(x, g)) => ghost_parts[k].push((x, g)),
+                        // The parameter took no part (an expert no sample of this batch used).
+                        None if use_ghost[k] => {
+                            let s = params[k].1.size();
+                            ghost_parts[k].push((
+                                Tensor::zeros([bsz, 1, s[1]], (kind, device)),
+                                Tensor::zeros([bsz, 1, s[0]], (kind, device)),
+                            ));
+                        }
+                        None => {
+                            let numel = params[k].1.numel() as i64;
+                            jac_parts[k].push(Tensor::zeros([bsz, numel], (kind, device)));
+                        }
+                    }
+                }
+            }
+        }
+        done += chunk.len();
+        on_progress(done);
+    }
+    let n = seqs.len();
+    let mut jac = Vec::with_capacity(params.len());
+    let mut ghost = Vec::with_capacity(params.len());
+    for k in 0..params.len() {
+        if !ghost_parts[k].is_empty() {
+            // Pad positions to max_len (twice that for a weight called twice) so chunks stack.
+            let width = ghost_parts[k]
+                .iter()
+                .map(|(x, _)| x.size()[1])
+                .max()
+                .unwrap_or(0)
+                .max(model.cfg.max_len);
+            let pad = |t: &Tensor| {
+                let (b, tt, f) = t.size3().expect("(n, T, features)");
+                Tensor::cat(
+                    &[
+                        t.shallow_clone(),
+                        Tensor::zeros([b, width - tt, f], (t.kind(), t.device())),
+                    ],
+                    1,
+                )
+            };
+            // parts are ordered chunk-major, probe-minor: regroup per probe, stacking chunks.
+            let per_probe: Vec<(Tensor, Tensor)> = (0..n_out)
+                .map(|p| {
+                    let xs: Vec<Tensor> = ghost_parts[k]
+                        .iter()
+                        .skip(p)
+                        .step_by(n_out)
+                        .map(|(x, _)| pad(x))
+                        .collect();
+                    let gs: Vec<Tensor> = ghost_parts[k]
+                        .iter()
+                        .skip(p)
+                        .step_by(n_out)
+                        .map(|(_, g)| pad(g))
+                        .collect();
+                    (Tensor::cat(&xs, 0), Tensor::cat(&gs, 0))
+                })
+                .collect();
+            ghost.push(Some(per_probe));
+            jac.push(None);
+        } else {
+            // chunk-major, probe-minor: concatenate probes along the parameter axis per chunk.
+            let by_chunk: Vec<Tensor> = jac_parts[k]
+                .chunks(n_out)
+                .map(|ps| Tensor::cat(ps, 1))
+                .collect();
+            let j = Tensor::cat(&by_chunk, 0);
+            jac.push(Some(match &opts.projection {
+                Some(p) => project(&j, &names[k], p, n_out)?,
+                None => j,
+            }));
+            ghost.push(None);
+        }
+    }
+    Ok(Captured {
+        names,
+        jac,
+        ghost,
+        n,
+    })
+}
+
+fn ghost_for(method: Method, name: &str, t: &Tensor, max_len: i64) -> bool {
+    let is_linear_weight = name.ends_with(".weight")
+        && t.dim() == 2
+        && !name.starts_with("wte.")
+        && !name.starts_with("wpe.");
+    match method {
+        Method::Ghost => is_linear_weight,
+        Method::Auto => {
+            let s = t.size();
+            is_linear_weight && max_len * max_len * (s[0] + s[1]) < s[0] * s[1]
+        }
+        _ => false,
+    }
+}
+
+enum PerSample {
+    Jac(Tensor),
+    Ghost(Tensor, Tensor),
+}
+
+/// Scatter a record's rows into the padded (b, t, features) grid.
+fn grid(v: &Tensor, rows: &Option<Tensor>, b: i64, t: i64) -> Tensor {
+    let f = v.size()[1];
+    match rows {
+        None => v.view([b, t, f]),
+        Some(r) => Tensor::zeros([b * t, f], (v.kind(), v.device()))
+            .index_copy(0, r, v)
+            .view([b, t, f]),
+    }
+}
+
+/// Per-sample gradients (b, P_p) of every selected parameter from one batch's records.
+fn per_sample(
+    records: &[Record],
+    gs: &[Tensor],
+    b: i64,
+    t: i64,
+    model: &Model,
+    names: &[String],
+    use_ghost: &[bool],
+) -> Result<Vec<Option<PerSample>>> {
+    let index: BTreeMap<&str, usize> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i))
+        .collect();
+    let mut acc: Vec<Option<PerSample>> = (0..names.len()).map(|_| None).collect();
+    let mut add = |name: &str, value: PerSample| {
+        if let Some(&k) = index.get(name) {
+            acc[k] = Some(match (acc[k].take(), value) {
+                (None, v) => v,
+                (Some(PerSample::Jac(a)), PerSample::Jac(v)) => PerSample::Jac(a + v),
+                (Some(PerSample::Ghost(xa, ga)), PerSample::Ghost(x, g)) => {
+                    // Two calls of one weight: their rows are both part of the sum over positions.
+                    PerSample::Ghost(Tensor::cat(&[xa, x], 1), Tensor::cat(&[ga, g], 1))
+                }
+                (Some(a), _) => a,
+            });
+        }
+    };
+    for (rec, g) in records.iter().zip(gs) {
+        let g = if g.defined() {
+            g.shallow_clone()
+        } else {
+            rec.z.zeros_like()
+        };
+        match &rec.kind {
+            RecordKind::Linear { weight, bias } => {
+                let gg = grid(&g, &rec.rows, b, t); // (b, t, out)
+                let want_w = index.get(weight.as_str()).copied();
+                if let Some(k) = want_w {
+                    let xx = grid(&rec.x, &rec.rows, b, t); // (b, t, in)
+                    if use_ghost[k] {
+                        add(weight, PerSample::Ghost(xx, gg.shallow_clone()));
+                    } else {
+                        let gw = Tensor::einsum("bto,bti->boi", &[&gg, &xx], None::<i64>);
+                        add(weight, PerSample::Jac(gw.reshape([b, -1])));
+                    }
+                }
+                if let Some(bn) = bias {
+                    if index.contains_key(bn.as_str()) {
+                        add(bn, PerSample::Jac(gg.sum_dim_intlist(1, false, gg.kind())));
+                    }
+                }
+            }
+            RecordKind::Embedding { weight, positions } => {
+                let gg = g.view([b, t, -1]); // (b, t, d)
+                let d = gg.size()[2];
+                if index.contains_key(weight.as_str()) {
+                    let v = model.cfg.vocab_size;
+                    let ids = rec.x.view([b, t]);
+                    let offs = Tensor::arange(b, (tch::Kind::Int64, ids.device())).unsqueeze(1) * v;
+                    let flat = (ids + offs).reshape([-1]);
+                    let ge = Tensor::zeros([b * v, d], (gg.kind(), gg.device())).index_add(
+                        0,
+                        &flat,
+                        &gg.reshape([-1, d]),
+                    );
+                    add(weight, PerSample::Jac(ge.view([b, -1])));
+                }
+                if index.contains_key(positions.as_str()) {
+                    let ml = model.cfg.max_len;
+                    let gp = Tensor::cat(
+                        &[
+                            gg.shallow_clone(),
+                            Tensor::zeros([b, ml - t, d], (gg.kind(), gg.device())),
+                        ],
+                        1,
+                    );
+                    add(positions, PerSample::Jac(gp.view([b, -1])));
+                }
+            }
+            RecordKind::LayerNorm { weight, bias } => {
+                let gg = grid(&g, &rec.rows, b, t);
+                if index.contains_key(weight.as_str()) {
+                    let xx = grid(&rec.x, &rec.rows, b, t);
+                    add(
+                        weight,
+                        PerSample::Jac((&gg * xx).sum_dim_intlist(1, false, gg.kind())),
+                    );
+                }
+                if index.contains_key(bias.as_str()) {
+                    add(
+                        bias,
+                        PerSample::Jac(gg.sum_dim_intlist(1, false, gg.kind())),
+                    );
+                }
+            }
+        }
+    }
+    Ok(acc)
+}
+
+/// Rows of projection matrices are generated in blocks of this many parameters.
+const PROJ_BLOCK: i64 = 1 << 16;
+
+/// Project per-sample gradients `j` (n, P) to (n, k): J R with R (P, k) of entries of variance 1/k,
+/// drawn per (seed, name, block) so every process builds the same R. With several logit-trace
+/// probes concatenated along P, each probe's slice gets the same R.
+pub fn project(j: &Tensor, name: &str, p: &Projection, probes: usize) -> Result<Tensor> {
+    if p.dim < 1 {
+        return Err(Error::invalid(
+            "--project",
+            "the projection dimension must be at least 1",
+        ));
+    }
+    let (n, total) = j.size2()?;
+    let per = total / probes as i64;
+    let mut out = Tensor::zeros([n, p.dim], (j.kind(), j.device()));
+    for probe in 0..probes as i64 {
+        let jp = j.narrow(1, probe * per, per);
+        let mut start = 0;
+        while start < per {
+            let len = PROJ_BLOCK.min(per - start);
+            let key = format!("{name}#{}", start / PROJ_BLOCK);
+            let r = tch::no_grad(|| {
+                tch::manual_seed(crate::corpus::stable_hash(p.seed, key.as_bytes()) as i64);
+                match p.kind {
+                    ProjectionKind::Gaussian => {
+                        Tensor::randn([len, p.dim], (Kind::Double, Device::Cpu))
+                    }
+                    ProjectionKind::Rademacher => {
+                        Tensor::randint(2, [len, p.dim], (Kind::Int64, Device::Cpu))
+                            .to_kind(Kind::Double)
+                            * 2.0
+                            - 1.0
+                    }
+                }
+            }) / (p.dim as f64).sqrt();
+            out += jp
+                .narrow(1, start, len)
+                .matmul(&r.to_kind(j.kind()).to_device(j.device()));
+            start += len;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_and_selections() {
+        assert!(glob_match("h.*.mlp.*", "h.3.mlp.c_fc.weight"));
+        assert!(!glob_match("h.*.mlp.*", "h.3.attn.c_attn.weight"));
+        assert!(glob_match("wte.weigh?", "wte.weight"));
+        assert!(glob_match("*", "anything"));
+        let s = Selection {
+            layers: Some((2, 3)),
+            ..Default::default()
+        };
+        assert!(
+            s.matches("h.2.ln_1.weight")
+                && s.matches("h.3.mlp.c_fc.bias")
+                && !s.matches("h.1.mlp.c_fc.bias")
+                && !s.matches("wte.weight")
+        );
+        let s = Selection {
+            expert: Some((3, 1)),
+            ..Default::default()
+        };
+        assert!(
+            s.matches("h.3.mlp.experts.1.c_fc.weight")
+                && !s.matches("h.3.mlp.experts.0.c_fc.weight")
+                && !s.matches("h.2.mlp.experts.1.c_fc.weight")
+        );
+    }
+}

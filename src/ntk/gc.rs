@@ -1,0 +1,112 @@
+//! Gradient consistency (paper notes, Definition 1), computed from kernel entries alone.
+//!
+//! With Θ(X) = Σ λ_i u_i u_iᵀ and u the eigenvector of the largest eigenvalue λ (sign fixed so
+//! that Σ_i u_i ≥ 0), the primary gradient direction is g(X) = uᵀ J(X). For a subset X′ ⊂ X with
+//! principal pair (u′, λ′) of Θ(X′, X′):
+//!     GC(X′) = cos(g(X), g(X′)) = uᵀ Θ(X, X′) u′ / (√λ √λ′),
+//! since ‖g(X)‖² = uᵀ Θ u = λ. Per-sample alignment (an extension): cos(g(X), J_i) =
+//! (Θ u)_i / (√λ √Θ_ii). Eigenvectors come from libtorch's `linalg_eigh` (float64).
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+
+/// The principal eigenpair of a symmetric kernel, sign-fixed.
+#[derive(Debug)]
+pub struct Principal {
+    pub u: Tensor,
+    pub lambda: f64,
+}
+
+pub fn principal(k: &Tensor) -> Result<Principal> {
+    let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
+    let n = k.size()[0];
+    if n == 0 || k.size() != [n, n] {
+        return Err(Error::invalid(
+            "kernel",
+            format!("expected a square kernel, got {:?}", k.size()),
+        ));
+    }
+    let sym = (&k + k.tr()) / 2.0;
+    let (vals, vecs) = sym.f_linalg_eigh("L")?;
+    let lambda = vals.double_value(&[n - 1]);
+    let mut u = vecs.select(1, n - 1);
+    if u.sum(Kind::Double).double_value(&[]) < 0.0 {
+        u = -u;
+    }
+    Ok(Principal { u, lambda })
+}
+
+/// GC of the subset `idx` of the samples of `k` (n × n); `None` for an empty subset or a zero
+/// kernel.
+pub fn gc(k: &Tensor, whole: &Principal, idx: &[usize]) -> Result<Option<f64>> {
+    if idx.is_empty() || whole.lambda <= 0.0 {
+        return Ok(None);
+    }
+    let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
+    let sel = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    let sub = k.index_select(0, &sel).index_select(1, &sel);
+    let p = principal(&sub)?;
+    if p.lambda <= 0.0 {
+        return Ok(None);
+    }
+    let cross = k.index_select(1, &sel); // Θ(X, X′)
+    let num = whole.u.dot(&cross.mv(&p.u)).double_value(&[]);
+    Ok(Some(num / (whole.lambda.sqrt() * p.lambda.sqrt())))
+}
+
+/// cos(g(X), J_i) for every sample.
+pub fn alignment(k: &Tensor, whole: &Principal) -> Vec<f64> {
+    let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
+    let ku: Vec<f64> = Vec::try_from(k.mv(&whole.u)).unwrap_or_default();
+    let diag: Vec<f64> = Vec::try_from(k.diagonal(0, 0, 1)).unwrap_or_default();
+    ku.iter()
+        .zip(diag)
+        .map(|(a, d)| {
+            if d > 0.0 && whole.lambda > 0.0 {
+                a / (whole.lambda.sqrt() * d.sqrt())
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Explicit Jacobians: GC must equal the cosine of the explicit primary directions.
+    #[test]
+    fn gc_from_kernel_equals_explicit_directions() {
+        tch::manual_seed(0);
+        let j = Tensor::randn([6, 10], (Kind::Double, Device::Cpu)) + 0.5;
+        let k = j.matmul(&j.tr());
+        let whole = principal(&k).unwrap();
+        assert!(
+            whole.u.sum(Kind::Double).double_value(&[]) >= 0.0,
+            "sign convention"
+        );
+        let idx = [1usize, 3, 4];
+        let sel = Tensor::from_slice(&[1i64, 3, 4]);
+        let js = j.index_select(0, &sel);
+        let ps = principal(&js.matmul(&js.tr())).unwrap();
+        let g = whole.u.unsqueeze(0).matmul(&j).squeeze();
+        let gs = ps.u.unsqueeze(0).matmul(&js).squeeze();
+        let want = g.dot(&gs).double_value(&[])
+            / (g.norm().double_value(&[]) * gs.norm().double_value(&[]));
+        let got = gc(&k, &whole, &idx).unwrap().unwrap();
+        assert!((got - want).abs() < 1e-10, "{got} vs {want}");
+        // GC of the set with itself is 1.
+        let all: Vec<usize> = (0..6).collect();
+        assert!((gc(&k, &whole, &all).unwrap().unwrap() - 1.0).abs() < 1e-10);
+        // Alignment equals the explicit cosine.
+        let a = alignment(&k, &whole);
+        for (i, ai) in a.iter().enumerate() {
+            let ji = j.get(i as i64);
+            let want = g.dot(&ji).double_value(&[])
+                / (g.norm().double_value(&[]) * ji.norm().double_value(&[]));
+            assert!((ai - want).abs() < 1e-10);
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The empirical neural tangent kernel Θ(X, Y) = J(X) J(Y)ᵀ (n × m) for per-sample gradients
+//! J (n × P) of a scalar output, from [`crate::capture`], and its parameter-group blocks:
+//! Θ = Σ_g J_g J_gᵀ, where g runs over parameters, modules (an attention, an MLP, one expert, a
+//! LayerNorm), or blocks (`h.{i}`) — the blocks always sum to the total.
+//!
+//! Shape rule: with `diagonal`, only Θ_ii is computed and every output is (n,) instead of (n, m);
+//! a cross kernel (Y ≠ X) is (n, m) and has no diagonal form. Kernels are float64 on the CPU.
+//! Gradient consistency from kernel entries is in [`gc`].
+
+pub mod gc;
+
+use std::collections::BTreeMap;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::capture::Captured;
+use crate::error::{Error, Result};
+
+/// How the kernel is split into blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockBy {
+    /// No blocks, the total only.
+    None,
+    /// One block per parameter tensor.
+    Param,
+    /// One block per module: attention, MLP, each expert, router, LayerNorm, embeddings (default).
+    #[default]
+    Module,
+    /// One block per transformer block `h.{i}` (plus embeddings and heads).
+    Layer,
+}
+
+/// The group of a parameter name under `by`.
+pub fn group_of(name: &str, by: BlockBy) -> String {
+    let parts: Vec<&str> = name.split('.').collect();
+    match by {
+        BlockBy::None => "total".into(),
+        BlockBy::Param => name.into(),
+        BlockBy::Layer => {
+            if parts[0] == "h" && parts.len() > 1 {
+                format!("h.{}", parts[1])
+            } else {
+                parts[0].into()
+            }
+        }
+        BlockBy::Module => {
+            if parts[0] != "h" || parts.len() < 3 {
+                return parts[0].into();
+            }
+            match parts.iter().position(|p| *p == "experts") {
+                Some(i) if i + 1 < parts.len() => parts[..i + 2].join("."),
+                _ => parts[..3].join("."),
+            }
+        }
+    }
+}
+
+/// A kernel and its blocks (float64, CPU).
+#[derive(Debug)]
+pub struct Kernel {
+    pub total: Tensor,
+    pub blocks: Vec<(String, Tensor)>,
+    pub diagonal: bool,
+}
+
+/// Rows per tile of ghost kernels (memory ≈ tile² · T² values per tile).
+const GHOST_TILE: i64 = 16;
+
+/// Θ(X, Y) from captured gradients; `y = None` means Y = X. Both captures must cover the same
+/// parameters (and projection).
+pub fn kernel(x: &Captured, y: Option<&Captured>, by: BlockBy, diagonal: bool) -> Result<Kernel> {
+    let y = y.unwrap_or(x);
+    if diagonal && !std::ptr::eq(x, y) {
+        return Err(Error::invalid(
+            "--diagonal",
+            "a cross kernel has no diagonal form",
+        ));
+    }
+    if x.names != y.names {
+        return Err(Error::invalid(
+            "kernel",
+            "the two sample sets were captured for different parameters",
+        ));
+    }
+    let shape: Vec<i64> = if diagonal {
+        vec![x.n as i64]
+    } else {
+        vec![x.n as i64, y.n as i64]
+    };
+    let mut groups: BTreeMap<String, Tensor> = BTreeMap::new();
+    for k in 0..x.names.len() {
+        let c = match (&x.jac[k], &y.jac[k], &x.ghost[k], &y.ghost[k]) {
+            (Some(jx), Some(jy), _, _) => {
+                let (jx, jy) = (
+                    jx.to_kind(Kind::Double).to_device(Device::Cpu),
+                    jy.to_kind(Kind::Double).to_device(Device::Cpu),
+                );
+                if diagonal {
+                    (&jx * &jx).sum_dim_intlist(1, false, Kind::Double)
+                } else {
+                    jx.matmul(&jy.tr())
+                }
+            }
+            (_, _, Some(px), Some(py)) if px.len() == py.len() => px
+                .iter()
+                .zip(py)
+                .map(|((xx, gx), (xy, gy))| ghost_kernel(xx, gx, xy, gy, diagonal))
+                .reduce(|a, b| a + b)
+                .unwrap_or_else(|| Tensor::zeros(shape.as_slice(), (Kind::Double, Device::Cpu))),
+            _ => {
+                return Err(Error::invalid(
+                    "kernel",
+                    format!(
+                        "parameter `{}` was captured differently in the two sets",
+                        x.names[k]
+                    ),
+                ))
+            }
+        };
+        let g = group_of(&x.names[k], by);
+        match groups.get_mut(&g) {
+            Some(acc) => *acc += c,
+            None => {
+                groups.insert(g, c);
+            }
+        }
+    }
+    let mut total = Tensor::zeros(shape.as_slice(), (Kind::Double, Device::Cpu));
+    for v in groups.values() {
+        total += v;
+    }
+    let blocks = if by == BlockBy::None {
+        Vec::new()
+    } else {
+        groups.into_iter().collect()
+    };
+    Ok(Kernel {
+        total,
+        blocks,
+        diagonal,
+    })
+}
+
+/// K_ij = Σ_{t,s} (x_it·x_js)(g_it·g_js) over padded positions, tiled over samples.
+fn ghost_kernel(xx: &Tensor, gx: &Tensor, xy: &Tensor, gy: &Tensor, diagonal: bool) -> Tensor {
+    let cpu = |t: &Tensor| t.to_kind(Kind::Double).to_device(Device::Cpu);
+    let (xx, gx, xy, gy) = (cpu(xx), cpu(gx), cpu(xy), cpu(gy));
+    let (n, m) = (xx.size()[0], xy.size()[0]);
+    if diagonal {
+        let mut out = Vec::new();
+        for a in (0..n).step_by(GHOST_TILE as usize) {
+            let l = GHOST_TILE.min(n - a);
+            let (xa, ga) = (xx.narrow(0, a, l), gx.narrow(0, a, l));
+            let aa = Tensor::einsum("ati,asi->ats", &[&xa, &xa], None::<i64>);
+            let bb = Tensor::einsum("ato,aso->ats", &[&ga, &ga], None::<i64>);
+            out.push((aa * bb).sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Double));
+        }
+        return Tensor::cat(&out, 0);
+    }
+    let mut rows = Vec::new();
+    for a in (0..n).step_by(GHOST_TILE as usize) {
+        let la = GHOST_TILE.min(n - a);
+        let (xa, ga) = (xx.narrow(0, a, la), gx.narrow(0, a, la));
+        let mut cols = Vec::new();
+        for b in (0..m).step_by(GHOST_TILE as usize) {
+            let lb = GHOST_TILE.min(m - b);
+            let (xb, gb) = (xy.narrow(0, b, lb), gy.narrow(0, b, lb));
+            let aa = Tensor::einsum("ati,bsi->abts", &[&xa, &xb], None::<i64>);
+            let bb = Tensor::einsum("ato,bso->abts", &[&ga, &gb], None::<i64>);
+            cols.push((aa * bb).sum_dim_intlist([2i64, 3].as_slice(), false, Kind::Double));
+        }
+        rows.push(Tensor::cat(&cols, 1));
+    }
+    Tensor::cat(&rows, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups() {
+        let n = "h.3.mlp.experts.1.c_fc.weight";
+        assert_eq!(group_of(n, BlockBy::Module), "h.3.mlp.experts.1");
+        assert_eq!(group_of(n, BlockBy::Layer), "h.3");
+        assert_eq!(group_of(n, BlockBy::Param), n);
+        assert_eq!(
+            group_of("h.0.attn.c_attn.bias", BlockBy::Module),
+            "h.0.attn"
+        );
+        assert_eq!(group_of("h.0.ln_1.weight", BlockBy::Module), "h.0.ln_1");
+        assert_eq!(group_of("wte.weight", BlockBy::Module), "wte");
+        assert_eq!(group_of("ln_f.bias", BlockBy::Layer), "ln_f");
+    }
+}
