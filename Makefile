@@ -42,7 +42,7 @@ lint: setup
 	$(CARGO) clippy --release --locked --all-targets -- -D warnings
 
 bench: setup
-	$(CARGO) bench --locked --bench freq --bench train
+	$(CARGO) bench --locked --bench freq --bench train --bench ntk
 
 bench-freq: build
 	bash scripts/bench-freq

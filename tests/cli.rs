@@ -763,3 +763,146 @@ fn train_and_eval_end_to_end_with_errors() {
         &["model.safetensors", "c_fc", "[32]", "[24]"],
     );
 }
+
+#[test]
+fn capture_and_ntk_from_the_cli() {
+    let t = Tmp::new();
+    let corpus = t.s("c/corpus.parquet");
+    ok(&[
+        "corpus",
+        "synth",
+        "--samples",
+        "400",
+        "--rare-share",
+        "0.2",
+        "--vocab-size",
+        "320",
+        "-o",
+        &corpus,
+    ]);
+    let spec = tiny_spec(&t, &corpus);
+    ok(&[
+        "train",
+        "--config",
+        &spec,
+        "--run",
+        "cse",
+        "-o",
+        &t.s("train"),
+    ]);
+    let model = t.s("train/cse/final");
+    let out = t.s("ntk");
+    let printed = ok(&[
+        "ntk",
+        "--model",
+        &model,
+        "--corpus",
+        &corpus,
+        "--samples",
+        "24",
+        "--batch",
+        "8",
+        "--bins",
+        "3",
+        "-o",
+        &out,
+    ]);
+    assert!(
+        printed.contains("NTK of 24 samples") && printed.contains("GC"),
+        "{printed}"
+    );
+    let k = tch::Tensor::read_safetensors(t.path("ntk/kernel.safetensors")).unwrap();
+    let total = &k.iter().find(|(n, _)| n == "total").unwrap().1;
+    assert_eq!(total.size(), vec![24, 24]);
+    let blocks: Vec<&tch::Tensor> = k
+        .iter()
+        .filter(|(n, _)| n.starts_with("block."))
+        .map(|(_, t)| t)
+        .collect();
+    assert!(blocks.len() > 5);
+    let sum = blocks.iter().fold(total.zeros_like(), |a, b| a + *b);
+    assert!(
+        (sum - total).abs().max().double_value(&[]) < 1e-3 * total.abs().max().double_value(&[])
+    );
+    let gc = read_table(&t.path("ntk/gc.parquet"));
+    let cols = strs(&gc, "column");
+    assert!(
+        cols.iter().any(|c| c == "freq_bin")
+            && cols.iter().any(|c| c == "domain")
+            && cols.iter().any(|c| c.starts_with("expert_h"))
+    );
+    let samples = read_table(&t.path("ntk/samples.parquet"));
+    assert_eq!(samples.height(), 24);
+    for c in ["self_kernel", "alignment", "freq_score", "freq_bin"] {
+        assert!(samples.column(c).is_ok(), "{c}");
+    }
+    // The ghost method writes the same kernel.
+    ok(&[
+        "ntk",
+        "--model",
+        &model,
+        "--corpus",
+        &corpus,
+        "--samples",
+        "24",
+        "--method",
+        "ghost",
+        "--blocks",
+        "none",
+        "-o",
+        &t.s("ntk2"),
+    ]);
+    let k2 = tch::Tensor::read_safetensors(t.path("ntk2/kernel.safetensors")).unwrap();
+    let total2 = &k2.iter().find(|(n, _)| n == "total").unwrap().1;
+    assert!(
+        (total2 - total).abs().max().double_value(&[]) < 1e-4 * total.abs().max().double_value(&[])
+    );
+    // capture with a projection and a selection
+    let printed = ok(&[
+        "capture",
+        "--model",
+        &model,
+        "--corpus",
+        &corpus,
+        "--samples",
+        "10",
+        "--params",
+        "h.1.*",
+        "--project",
+        "32",
+        "-o",
+        &t.s("cap"),
+    ]);
+    assert!(printed.contains("captured 10 samples"), "{printed}");
+    let g = tch::Tensor::read_safetensors(t.path("cap/grads.safetensors")).unwrap();
+    assert!(g
+        .iter()
+        .all(|(n, t)| n.starts_with("h.1.") && t.size() == vec![10, 32]));
+    // Bad selections and options name the option.
+    bad(
+        &[
+            "ntk",
+            "--model",
+            &model,
+            "--corpus",
+            &corpus,
+            "--params",
+            "nothing.*",
+            "-o",
+            &out,
+        ],
+        &["--params"],
+    );
+    bad(
+        &[
+            "ntk", "--model", &model, "--corpus", &corpus, "--layers", "1-2", "-o", &out,
+        ],
+        &["--layers"],
+    );
+    bad(
+        &[
+            "capture", "--model", &model, "--corpus", &corpus, "--method", "ghost", "-o", &out,
+        ],
+        &["--method"],
+    );
+}

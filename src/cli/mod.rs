@@ -6,6 +6,7 @@
 
 mod corpus;
 mod freq;
+mod ntk;
 pub mod progress;
 mod train;
 
@@ -96,6 +97,10 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Perplexity per domain and linear-probe accuracy of a trained model.
     Eval(train::EvalArgs),
+    /// Per-sample gradients of a scalar output for chosen parameters.
+    Capture(ntk::CaptureArgs),
+    /// Empirical NTK (total, blocks or diagonal) and gradient consistency.
+    Ntk(ntk::NtkArgs),
 }
 
 /// Parse `args` and run the command. Usage errors exit through clap (status 2; 0 for --help).
@@ -116,6 +121,8 @@ where
         Command::Freq(args) => freq::run(args, &cli.global)?,
         Command::Train(args) => train::run_train(args, &cli.global)?,
         Command::Eval(args) => train::run_eval(args, &cli.global)?,
+        Command::Capture(args) => ntk::run_capture_cmd(args, &cli.global)?,
+        Command::Ntk(args) => ntk::run_ntk(args, &cli.global)?,
     }
     Ok(ExitCode::SUCCESS)
 }
