@@ -133,6 +133,9 @@ pub struct NtkArgs {
     /// Frequency bins (quantiles of the 1-gram frequency score) for GC per bin.
     #[arg(long, default_value_t = 5, value_name = "N", help_heading = "Kernel")]
     pub bins: usize,
+    /// Also write batch.safetensors (ids, mask, targets of the samples, padded) for peer tools.
+    #[arg(long, help_heading = "Output")]
+    pub export_batch: bool,
 }
 
 struct Prepared {
@@ -361,6 +364,22 @@ pub fn run_ntk(a: &NtkArgs, g: &Global) -> anyhow::Result<()> {
     write_tensors(&named, &out.join("kernel.safetensors"))?;
     let n = cx.n;
     let p_total: i64 = p.params.iter().map(|(_, t)| t.numel() as i64).sum();
+    let summary = serde_json::json!({
+        "samples": n, "parameters": p_total, "tensors": p.params.len(), "method": a.capture.method,
+        "output": a.capture.output, "projection": p.opts.projection.map(|pr| pr.dim), "seconds": secs,
+        "blocks": k.blocks.iter().map(|(name, _)| name.clone()).collect::<Vec<_>>(),
+    });
+    crate::io::write_atomic(out.join("ntk.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    if a.export_batch {
+        let refs: Vec<&[u32]> = p.ids.iter().map(Vec::as_slice).collect();
+        let b = capture::capture_batch(&p.model, &refs, 0, g.seed, tch::Device::Cpu);
+        let named = vec![
+            ("ids".to_string(), b.ids),
+            ("mask".to_string(), b.mask.to_kind(tch::Kind::Int64)),
+            ("targets".to_string(), b.targets),
+        ];
+        write_tensors(&named, &out.join("batch.safetensors"))?;
+    }
     println!(
         "NTK of {n} samples over {p_total} parameters ({} tensors), output {:?}, method {:?}{}: {:.1} s",
         p.params.len(),

@@ -91,16 +91,15 @@ pub fn kernel(x: &Captured, y: Option<&Captured>, by: BlockBy, diagonal: bool) -
     let mut groups: BTreeMap<String, Tensor> = BTreeMap::new();
     for k in 0..x.names.len() {
         let c = match (&x.jac[k], &y.jac[k], &x.ghost[k], &y.ghost[k]) {
+            // The GEMM runs in the gradients' precision (float32 for trained models: twice the
+            // speed and half the memory of float64); the result is accumulated in float64.
             (Some(jx), Some(jy), _, _) => {
-                let (jx, jy) = (
-                    jx.to_kind(Kind::Double).to_device(Device::Cpu),
-                    jy.to_kind(Kind::Double).to_device(Device::Cpu),
-                );
-                if diagonal {
-                    (&jx * &jx).sum_dim_intlist(1, false, Kind::Double)
+                let c = if diagonal {
+                    (jx * jx).sum_dim_intlist(1, false, Kind::Double)
                 } else {
                     jx.matmul(&jy.tr())
-                }
+                };
+                c.to_kind(Kind::Double).to_device(Device::Cpu)
             }
             (_, _, Some(px), Some(py)) if px.len() == py.len() => px
                 .iter()
