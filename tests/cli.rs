@@ -857,6 +857,47 @@ fn capture_and_ntk_from_the_cli() {
     assert!(
         (total2 - total).abs().max().double_value(&[]) < 1e-4 * total.abs().max().double_value(&[])
     );
+    // Streamed in tiles of 10 samples: the same kernel; a rerun reuses every file.
+    let printed = ok(&[
+        "ntk",
+        "--model",
+        &model,
+        "--corpus",
+        &corpus,
+        "--samples",
+        "24",
+        "--tile",
+        "10",
+        "-o",
+        &t.s("ntk3"),
+    ]);
+    assert!(
+        printed.contains("streamed: 3 shards (0 reused), 6 tiles (0 reused)"),
+        "{printed}"
+    );
+    let k3 = tch::Tensor::read_safetensors(t.path("ntk3/kernel.safetensors")).unwrap();
+    let total3 = &k3.iter().find(|(n, _)| n == "total").unwrap().1;
+    assert!(
+        (total3 - total).abs().max().double_value(&[]) < 1e-5 * total.abs().max().double_value(&[])
+    );
+    let printed = ok(&[
+        "ntk",
+        "--model",
+        &model,
+        "--corpus",
+        &corpus,
+        "--samples",
+        "24",
+        "--tile",
+        "10",
+        "-o",
+        &t.s("ntk3"),
+    ]);
+    assert!(
+        printed.contains("3 shards (3 reused), 6 tiles (6 reused)"),
+        "{printed}"
+    );
+    assert!(read_table(&t.path("ntk3/tiles.parquet")).height() == 6);
     // capture with a projection and a selection
     let printed = ok(&[
         "capture",

@@ -280,6 +280,20 @@ pub fn capture(
     device: Device,
     on_progress: &dyn Fn(usize),
 ) -> Result<Captured> {
+    capture_from(model, params, seqs, 0, opts, device, on_progress)
+}
+
+/// [`capture`] for samples that sit at `offset` in a larger set: BERT masks are keyed by the
+/// samples' indices in that set, so shards of one set capture exactly what the whole set would.
+pub fn capture_from(
+    model: &Model,
+    params: &[(String, Tensor)],
+    seqs: &[&[u32]],
+    offset: usize,
+    opts: &CaptureOptions,
+    device: Device,
+    on_progress: &dyn Fn(usize),
+) -> Result<Captured> {
     if seqs.is_empty() {
         return Err(Error::invalid("samples", "no samples to capture"));
     }
@@ -306,7 +320,7 @@ pub fn capture(
         opts.batch.max(1)
     };
     for chunk in seqs.chunks(batch) {
-        let b = capture_batch(model, chunk, done, opts.seed, device);
+        let b = capture_batch(model, chunk, offset + done, opts.seed, device);
         for p in 0..n_out {
             let probe = probes.as_ref().map(|v| v.get(p as i64));
             let probe = probe.as_ref().map(|v| (v, 1.0 / (n_out as f64).sqrt()));

@@ -136,6 +136,26 @@ pub struct NtkArgs {
     /// Also write batch.safetensors (ids, mask, targets of the samples, padded) for peer tools.
     #[arg(long, help_heading = "Output")]
     pub export_batch: bool,
+    /// Stream to disk in tiles of N samples (resumable); see the long help.
+    #[arg(
+        long,
+        value_name = "N",
+        help_heading = "Kernel",
+        long_help = "Compute the kernel out of memory: per-sample gradients are written in shards of N \
+            samples (shards/), the kernel in N × N tiles (tiles/, indexed by tiles.parquet). Files that \
+            exist are complete, so rerunning the same command after an interruption resumes where it \
+            stopped. The tiles are assembled into kernel.safetensors (and GC computed) when the whole \
+            kernel has at most --assemble-max samples. Not with --diagonal, --cross-split or ghost."
+    )]
+    pub tile: Option<usize>,
+    /// Largest streamed kernel assembled in memory.
+    #[arg(
+        long,
+        default_value_t = 16384,
+        value_name = "N",
+        help_heading = "Kernel"
+    )]
+    pub assemble_max: usize,
 }
 
 struct Prepared {
@@ -351,10 +371,75 @@ pub fn run_ntk(a: &NtkArgs, g: &Global) -> anyhow::Result<()> {
     let p = prepare(&a.capture, g)?;
     let out = &a.capture.out;
     let t0 = Instant::now();
-    let cx = run_capture(&p, &p.ids, "capturing", device)?;
-    let k = ntk::kernel(&cx, None, a.blocks, a.diagonal)?;
-    let secs = t0.elapsed().as_secs_f64();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let (k, cx) = match a.tile {
+        Some(tile) => {
+            if a.diagonal || a.cross_split.is_some() {
+                return Err(Error::invalid(
+                    "--tile",
+                    "streamed kernels are full square kernels; drop --diagonal and --cross-split",
+                )
+                .into());
+            }
+            let refs: Vec<&[u32]> = p.ids.iter().map(Vec::as_slice).collect();
+            let pb = progress::bar(1, "streaming");
+            let plan = ntk::stream::StreamPlan {
+                dir: out,
+                tile,
+                blocks: a.blocks,
+            };
+            let rep = ntk::stream::stream_kernel(
+                &p.model,
+                &p.params,
+                &refs,
+                &p.opts,
+                &plan,
+                device,
+                &|d, t| {
+                    pb.set_length(t as u64);
+                    pb.set_position(d as u64);
+                },
+            )?;
+            pb.finish_and_clear();
+            println!(
+                "streamed: {} shards ({} reused), {} tiles ({} reused) under {}",
+                rep.shards,
+                rep.shards_reused,
+                rep.tiles,
+                rep.tiles_reused,
+                out.display()
+            );
+            if refs.len() > a.assemble_max {
+                let mut df = samples_frame(&p, None, None, &[])?;
+                crate::io::write_parquet(&mut df, out.join("samples.parquet"))?;
+                println!(
+                    "{} samples exceed --assemble-max {}: the kernel stays in tiles/ (rows and columns as in tiles.parquet, samples in samples.parquet)",
+                    refs.len(),
+                    a.assemble_max
+                );
+                return Ok(());
+            }
+            let mut parts = ntk::stream::assemble(out, refs.len(), tile)?;
+            let total = parts.remove(0).1;
+            let blocks = parts
+                .into_iter()
+                .map(|(n, t)| (n.trim_start_matches("block.").to_string(), t))
+                .collect();
+            (
+                ntk::Kernel {
+                    total,
+                    blocks,
+                    diagonal: false,
+                },
+                None,
+            )
+        }
+        None => {
+            let cx = run_capture(&p, &p.ids, "capturing", device)?;
+            (ntk::kernel(&cx, None, a.blocks, a.diagonal)?, Some(cx))
+        }
+    };
+    let secs = t0.elapsed().as_secs_f64();
     let mut named = vec![("total".to_string(), k.total.shallow_clone())];
     named.extend(
         k.blocks
@@ -362,14 +447,17 @@ pub fn run_ntk(a: &NtkArgs, g: &Global) -> anyhow::Result<()> {
             .map(|(n, t)| (format!("block.{n}"), t.shallow_clone())),
     );
     write_tensors(&named, &out.join("kernel.safetensors"))?;
-    let n = cx.n;
+    let n = p.ids.len();
     let p_total: i64 = p.params.iter().map(|(_, t)| t.numel() as i64).sum();
     let summary = serde_json::json!({
         "samples": n, "parameters": p_total, "tensors": p.params.len(), "method": a.capture.method,
         "output": a.capture.output, "projection": p.opts.projection.map(|pr| pr.dim), "seconds": secs,
         "blocks": k.blocks.iter().map(|(name, _)| name.clone()).collect::<Vec<_>>(),
     });
-    crate::io::write_atomic(out.join("ntk.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    crate::io::write_atomic(
+        out.join("ntk.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
     if a.export_batch {
         let refs: Vec<&[u32]> = p.ids.iter().map(Vec::as_slice).collect();
         let b = capture::capture_batch(&p.model, &refs, 0, g.seed, tch::Device::Cpu);
@@ -528,7 +616,10 @@ pub fn run_ntk(a: &NtkArgs, g: &Global) -> anyhow::Result<()> {
         let yidx = pick(&p.corpus, split, a.cross_samples);
         let yids: Vec<Vec<u32>> = yidx.iter().map(|&i| all_ids[i].clone()).collect();
         let cy = run_capture(&p, &yids, "cross set", device)?;
-        let kc = ntk::kernel(&cx, Some(&cy), a.blocks, false)?;
+        let cx = cx
+            .as_ref()
+            .expect("an in-memory capture when --cross-split is given");
+        let kc = ntk::kernel(cx, Some(&cy), a.blocks, false)?;
         let mut named = vec![("total".to_string(), kc.total.shallow_clone())];
         named.extend(
             kc.blocks

@@ -8,6 +8,7 @@
 //! Gradient consistency from kernel entries is in [`gc`].
 
 pub mod gc;
+pub mod stream;
 
 use std::collections::BTreeMap;
 
