@@ -483,11 +483,29 @@ pub fn run_ntk(a: &NtkArgs, g: &Global) -> anyhow::Result<()> {
         64,
         device,
     )?;
-    let extra: Vec<(String, Vec<i64>)> = enc
+    let mut extra: Vec<(String, Vec<i64>)> = enc
         .routes
         .iter()
         .map(|(l, r)| (format!("expert_h{l}"), r.clone()))
         .collect();
+    // DBSCAN clusters of the last block's sequence embeddings (knee eps, minPts 5; -1 = noise).
+    if let Some(last) = enc.layers.last() {
+        let d = last.size()[1] as usize;
+        let data: Vec<f32> = Vec::try_from(last.reshape([-1]))?;
+        let min_pts = crate::train::dynamics::MIN_PTS;
+        if p.ids.len() > min_pts {
+            let eps = crate::cluster::eps_from_knee(&data, d, min_pts)?;
+            let c =
+                crate::cluster::dbscan(&data, d, crate::cluster::DbscanParams::new(eps, min_pts)?)?;
+            extra.push((
+                "cluster".into(),
+                c.labels
+                    .iter()
+                    .map(|l| l.map_or(-1, |x| x as i64))
+                    .collect(),
+            ));
+        }
+    }
     if a.diagonal {
         let d: Vec<f64> = Vec::try_from(&k.total)?;
         let mut df = samples_frame(&p, Some(&d), None, &extra)?;
