@@ -334,25 +334,11 @@ fn samples_frame(
     extra: &[(String, Vec<i64>)],
 ) -> anyhow::Result<DataFrame> {
     let s: Vec<&crate::corpus::Sample> = p.idx.iter().map(|&i| &p.corpus.samples[i]).collect();
-    let mut cols = vec![
-        Column::new("index".into(), (0..s.len() as u64).collect::<Vec<_>>()),
-        Column::new(
-            "id".into(),
-            s.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(),
-        ),
-        Column::new(
-            "domain".into(),
-            s.iter().map(|x| x.domain.as_str()).collect::<Vec<_>>(),
-        ),
-        Column::new(
-            "split".into(),
-            s.iter().map(|x| x.split.as_str()).collect::<Vec<_>>(),
-        ),
-        Column::new(
-            "n_tokens".into(),
-            s.iter().map(|x| x.n_tokens).collect::<Vec<_>>(),
-        ),
-    ];
+    let mut cols = vec![Column::new(
+        "index".into(),
+        (0..s.len() as u64).collect::<Vec<_>>(),
+    )];
+    cols.extend(crate::corpus::sample_columns(&s));
     if let Some(v) = self_k {
         cols.push(Column::new("self_kernel".into(), v.to_vec()));
     }

@@ -115,11 +115,8 @@ pub fn dbscan(data: &[f32], d: usize, params: DbscanParams) -> Result<Clustering
     })
 }
 
-/// `eps` from the knee of the sorted k-distance curve (Ester et al.'s heuristic, with k =
-/// `min_pts` − 1 neighbours besides the point): the distances sorted in decreasing order are
-/// convex-decreasing, and the elbow of that curve (the Kneedle rule of [`crate::freq::elbow`]) is
-/// where density drops. Falls back to the median k-distance when the curve has no elbow.
-pub fn eps_from_knee(data: &[f32], d: usize, min_pts: usize) -> Result<f64> {
+/// Distance of every point to its k-th nearest other point, k = `min_pts` − 1 (at least 1).
+fn k_distances(data: &[f32], d: usize, min_pts: usize) -> Result<Vec<f64>> {
     let pts = rows(data, d)?;
     let k = min_pts.saturating_sub(1).max(1);
     if pts.len() <= k {
@@ -128,7 +125,7 @@ pub fn eps_from_knee(data: &[f32], d: usize, min_pts: usize) -> Result<f64> {
             format!("{} points are too few for min_pts {min_pts}", pts.len()),
         ));
     }
-    let mut kdist: Vec<f64> = (0..pts.len())
+    Ok((0..pts.len())
         .into_par_iter()
         .map(|i| {
             let mut ds: Vec<f64> = (0..pts.len())
@@ -138,7 +135,15 @@ pub fn eps_from_knee(data: &[f32], d: usize, min_pts: usize) -> Result<f64> {
             ds.select_nth_unstable_by(k - 1, f64::total_cmp);
             ds[k - 1].sqrt()
         })
-        .collect();
+        .collect())
+}
+
+/// `eps` from the knee of the sorted k-distance curve (Ester et al.'s heuristic, with k =
+/// `min_pts` − 1 neighbours besides the point): the distances sorted in decreasing order are
+/// convex-decreasing, and the elbow of that curve (the Kneedle rule of [`crate::freq::elbow`]) is
+/// where density drops. Falls back to the median k-distance when the curve has no elbow.
+pub fn eps_from_knee(data: &[f32], d: usize, min_pts: usize) -> Result<f64> {
+    let mut kdist = k_distances(data, d, min_pts)?;
     kdist.sort_by(|a, b| b.total_cmp(a));
     let eps = match crate::freq::elbow(&kdist) {
         Some(i) => kdist[i],
@@ -158,25 +163,7 @@ pub fn eps_from_knee(data: &[f32], d: usize, min_pts: usize) -> Result<f64> {
 /// where the clusters become experts; the knee rule ([`eps_from_knee`]) tends to find the single
 /// dense bulk of an early-training embedding cloud.
 pub fn eps_max_clusters(data: &[f32], d: usize, min_pts: usize, min_size: usize) -> Result<f64> {
-    let pts = rows(data, d)?;
-    let k = min_pts.saturating_sub(1).max(1);
-    if pts.len() <= k {
-        return Err(Error::invalid(
-            "min_pts",
-            format!("{} points are too few for min_pts {min_pts}", pts.len()),
-        ));
-    }
-    let mut kdist: Vec<f64> = (0..pts.len())
-        .into_par_iter()
-        .map(|i| {
-            let mut ds: Vec<f64> = (0..pts.len())
-                .filter(|&j| j != i)
-                .map(|j| dist2(pts[i], pts[j]))
-                .collect();
-            ds.select_nth_unstable_by(k - 1, f64::total_cmp);
-            ds[k - 1].sqrt()
-        })
-        .collect();
+    let mut kdist = k_distances(data, d, min_pts)?;
     kdist.sort_by(f64::total_cmp);
     let mut best: Option<(usize, f64)> = None;
     for q in (1..20).map(|i| i as f64 * 0.05) {

@@ -110,6 +110,31 @@ pub struct Corpus {
     pub samples: Vec<Sample>,
 }
 
+/// The identifying columns every per-sample table starts with: id, domain, split, n_tokens.
+pub fn sample_columns(samples: &[&Sample]) -> Vec<Column> {
+    vec![
+        Column::new(
+            "id".into(),
+            samples.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "domain".into(),
+            samples
+                .iter()
+                .map(|x| x.domain.as_str())
+                .collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "split".into(),
+            samples.iter().map(|x| x.split.as_str()).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "n_tokens".into(),
+            samples.iter().map(|x| x.n_tokens).collect::<Vec<_>>(),
+        ),
+    ]
+}
+
 /// A 64-bit hash that is stable across platforms, Rust versions and runs (std's `DefaultHasher`
 /// promises none of that): FNV-1a over the bytes, then the SplitMix64 finaliser to spread bits.
 pub fn stable_hash(seed: u64, bytes: &[u8]) -> u64 {
@@ -248,29 +273,15 @@ impl Corpus {
     }
 
     pub fn to_dataframe(&self) -> Result<DataFrame> {
-        let s = &self.samples;
-        let mut cols = vec![
-            Column::new(
-                "id".into(),
-                s.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(),
-            ),
+        let s: Vec<&Sample> = self.samples.iter().collect();
+        let mut cols = sample_columns(&s);
+        cols.insert(
+            1,
             Column::new(
                 "text".into(),
                 s.iter().map(|x| x.text.as_str()).collect::<Vec<_>>(),
             ),
-            Column::new(
-                "domain".into(),
-                s.iter().map(|x| x.domain.as_str()).collect::<Vec<_>>(),
-            ),
-            Column::new(
-                "split".into(),
-                s.iter().map(|x| x.split.as_str()).collect::<Vec<_>>(),
-            ),
-            Column::new(
-                "n_tokens".into(),
-                s.iter().map(|x| x.n_tokens).collect::<Vec<_>>(),
-            ),
-        ];
+        );
         if s.iter().any(|x| x.long_tail.is_some()) {
             cols.push(Column::new(
                 "long_tail".into(),

@@ -129,30 +129,14 @@ impl FreqReport {
     fn scores_frame(&self, corpus: &Corpus) -> Result<DataFrame> {
         let s = &corpus.samples;
         let lt: std::collections::HashSet<&str> = self.long_tail_domains().into_iter().collect();
-        let mut cols = vec![
-            Column::new(
-                "id".into(),
-                s.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(),
-            ),
-            Column::new(
-                "domain".into(),
-                s.iter().map(|x| x.domain.as_str()).collect::<Vec<_>>(),
-            ),
-            Column::new(
-                "split".into(),
-                s.iter().map(|x| x.split.as_str()).collect::<Vec<_>>(),
-            ),
-            Column::new(
-                "n_tokens".into(),
-                s.iter().map(|x| x.n_tokens).collect::<Vec<_>>(),
-            ),
-            Column::new(
-                "domain_long_tail".into(),
-                s.iter()
-                    .map(|x| lt.contains(x.domain.as_str()))
-                    .collect::<Vec<_>>(),
-            ),
-        ];
+        let refs: Vec<&crate::corpus::Sample> = s.iter().collect();
+        let mut cols = crate::corpus::sample_columns(&refs);
+        cols.push(Column::new(
+            "domain_long_tail".into(),
+            s.iter()
+                .map(|x| lt.contains(x.domain.as_str()))
+                .collect::<Vec<_>>(),
+        ));
         for (order, sc) in self.options.orders.iter().zip(&self.scores) {
             cols.push(Column::new(format!("score_{order}gram").into(), sc.clone()));
         }
