@@ -94,6 +94,39 @@ pub fn read_parquet(path: impl AsRef<Path>) -> Result<DataFrame> {
         .map_err(|e| Error::in_file(path, format!("not a readable Parquet table ({e})")))
 }
 
+/// A numeric column as f64 (nulls become NaN); a missing or non-numeric column is bad input
+/// naming the file and column.
+pub fn column_f64(df: &DataFrame, name: &str, path: &Path) -> Result<Vec<f64>> {
+    let col = df
+        .column(name)
+        .map_err(|_| Error::in_file(path, format!("missing column `{name}`")))?;
+    let cast = col
+        .cast(&polars::prelude::DataType::Float64)
+        .map_err(|_| Error::in_file(path, format!("column `{name}` is not numeric")))?;
+    Ok(cast
+        .f64()
+        .map_err(|e| Error::table(format!("reading {name}"), e))?
+        .iter()
+        .map(|v| v.unwrap_or(f64::NAN))
+        .collect())
+}
+
+/// A text column (nulls become empty strings); errors as [`column_f64`].
+pub fn column_str(df: &DataFrame, name: &str, path: &Path) -> Result<Vec<String>> {
+    let col = df
+        .column(name)
+        .map_err(|_| Error::in_file(path, format!("missing column `{name}`")))?;
+    let cast = col
+        .cast(&polars::prelude::DataType::String)
+        .map_err(|_| Error::in_file(path, format!("column `{name}` is not text")))?;
+    Ok(cast
+        .str()
+        .map_err(|e| Error::table(format!("reading {name}"), e))?
+        .iter()
+        .map(|v| v.unwrap_or("").to_string())
+        .collect())
+}
+
 /// Open a file for reading, decompressing it when its name ends in `.gz`.
 pub fn open_text(path: impl AsRef<Path>) -> Result<Box<dyn BufRead>> {
     let path = path.as_ref();

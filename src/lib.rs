@@ -4,6 +4,7 @@
 //! frequency scores, long-tail domains) → model → train → capture → ntk → analysis → report,
 //! with [`cli`] at the edge. The method is described in `shared/paper-notes.md` and the README.
 
+pub mod analysis;
 pub mod capture;
 pub mod cli;
 pub mod cluster;

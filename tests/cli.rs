@@ -898,6 +898,64 @@ fn capture_and_ntk_from_the_cli() {
         "{printed}"
     );
     assert!(read_table(&t.path("ntk3/tiles.parquet")).height() == 6);
+    // analyze: correlations with intervals, flags, and precision/recall against the synthetic truth.
+    let printed = ok(&[
+        "analyze",
+        "--ntk",
+        &out,
+        "--model",
+        &model,
+        "--corpus",
+        &corpus,
+        "--resamples",
+        "200",
+        "-o",
+        &t.s("an"),
+    ]);
+    assert!(
+        printed.contains("spearman   freq_score  vs loss"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("against the corpus's ground truth (long_tail): precision"),
+        "{printed}"
+    );
+    let corr = read_table(&t.path("an/correlations.parquet"));
+    assert_eq!(corr.height(), 12);
+    let joined = read_table(&t.path("an/analysis.parquet"));
+    assert_eq!(joined.height(), 24);
+    assert!(joined.column("loss").is_ok() && joined.column("flag_rank").is_ok());
+    assert!(t.path("an/flags.parquet").exists());
+    bad(
+        &[
+            "analyze",
+            "--ntk",
+            &t.s("nowhere"),
+            "--model",
+            &model,
+            "--corpus",
+            &corpus,
+            "-o",
+            &t.s("an2"),
+        ],
+        &["samples.parquet"],
+    );
+    bad(
+        &[
+            "analyze",
+            "--ntk",
+            &out,
+            "--model",
+            &model,
+            "--corpus",
+            &corpus,
+            "--alpha",
+            "2",
+            "-o",
+            &t.s("an2"),
+        ],
+        &["--alpha"],
+    );
     // capture with a projection and a selection
     let printed = ok(&[
         "capture",

@@ -4,6 +4,7 @@
 //! Exit status: 0 success; 1 failure; 2 bad input or usage (with a one-line reason naming the
 //! file, line, field or option).
 
+mod analyze;
 mod corpus;
 mod freq;
 mod ntk;
@@ -101,6 +102,8 @@ pub enum Command {
     Capture(ntk::CaptureArgs),
     /// Empirical NTK (total, blocks or diagonal) and gradient consistency.
     Ntk(ntk::NtkArgs),
+    /// Frequency correlations, GC per bin and the ranked under-memorised long-tail flags.
+    Analyze(analyze::AnalyzeArgs),
 }
 
 /// Parse `args` and run the command. Usage errors exit through clap (status 2; 0 for --help).
@@ -123,6 +126,7 @@ where
         Command::Eval(args) => train::run_eval(args, &cli.global)?,
         Command::Capture(args) => ntk::run_capture_cmd(args, &cli.global)?,
         Command::Ntk(args) => ntk::run_ntk(args, &cli.global)?,
+        Command::Analyze(args) => analyze::run(args, &cli.global)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,180 @@
+//! Under-memorised long-tail flags. A sample is flagged when it is
+//! 1. rare: its frequency score is in the lowest `rare_quantile` of the analysed samples, or its
+//!    domain is long-tail (when `long_tail_domains` is on);
+//! 2. poorly aligned: its alignment cos(g(X), J_i) is in the lowest `align_quantile`;
+//! 3. poorly fitted: its loss exceeds the median loss of its frequency-bin peers by at least
+//!    `loss_z` robust standard deviations (1.4826 × the bin's median absolute deviation).
+//!
+//! Defaults: rare_quantile 0.2, long-tail domains on, align_quantile 0.5, loss_z 0.5. Flags are
+//! ranked by (1 − frequency percentile) + (1 − alignment percentile) + the loss z-score, and each
+//! carries its reasons with the values behind them.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct FlagOptions {
+    pub rare_quantile: f64,
+    pub long_tail_domains: bool,
+    pub align_quantile: f64,
+    pub loss_z: f64,
+}
+
+impl Default for FlagOptions {
+    fn default() -> Self {
+        FlagOptions {
+            rare_quantile: 0.2,
+            long_tail_domains: true,
+            align_quantile: 0.5,
+            loss_z: 0.5,
+        }
+    }
+}
+
+/// What the flags need per sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleMetrics {
+    pub freq_score: f64,
+    pub long_tail_domain: bool,
+    pub alignment: f64,
+    pub loss: f64,
+    /// Frequency bin (peers for the loss comparison).
+    pub bin: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Flag {
+    pub index: usize,
+    pub rank_score: f64,
+    pub freq_percentile: f64,
+    pub align_percentile: f64,
+    pub loss_z: f64,
+    pub reasons: Vec<String>,
+}
+
+/// Fraction of values strictly below each value (0 = lowest).
+fn percentiles(v: &[f64]) -> Vec<f64> {
+    let r = super::stats::ranks(v);
+    let n = v.len().max(2) as f64;
+    r.iter().map(|x| (x - 1.0) / (n - 1.0)).collect()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 0 {
+        (v[m - 1] + v[m]) / 2.0
+    } else {
+        v[m]
+    }
+}
+
+/// Flag and rank; returns flags sorted by decreasing rank score (ties by index).
+pub fn flag(m: &[SampleMetrics], opts: &FlagOptions) -> Vec<Flag> {
+    let fp = percentiles(&m.iter().map(|s| s.freq_score).collect::<Vec<_>>());
+    let ap = percentiles(&m.iter().map(|s| s.alignment).collect::<Vec<_>>());
+    let n_bins = m.iter().map(|s| s.bin).max().map_or(0, |b| b + 1);
+    let mut stats = vec![(0.0, 1.0); n_bins];
+    for (b, st) in stats.iter_mut().enumerate() {
+        let mut l: Vec<f64> = m.iter().filter(|s| s.bin == b).map(|s| s.loss).collect();
+        let med = median(&mut l);
+        let mut dev: Vec<f64> = l.iter().map(|x| (x - med).abs()).collect();
+        let mad = median(&mut dev) * 1.4826;
+        *st = (med, if mad > 0.0 { mad } else { 1.0 });
+    }
+    let mut out: Vec<Flag> = m
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let (med, scale) = stats[s.bin];
+            let z = (s.loss - med) / scale;
+            let rare_freq = fp[i] < opts.rare_quantile;
+            let rare_dom = opts.long_tail_domains && s.long_tail_domain;
+            let misaligned = ap[i] < opts.align_quantile;
+            let unfit = z >= opts.loss_z;
+            if !((rare_freq || rare_dom) && misaligned && unfit) {
+                return None;
+            }
+            let mut reasons = Vec::new();
+            if rare_freq {
+                reasons.push(format!("rare: frequency score {:.4} (percentile {:.2})", s.freq_score, fp[i]));
+            }
+            if rare_dom {
+                reasons.push("rare: long-tail domain".to_string());
+            }
+            reasons.push(format!("poorly aligned: alignment {:.3} (percentile {:.2})", s.alignment, ap[i]));
+            reasons.push(format!("poorly fitted: loss {:.3}, {z:.2} robust sd above its frequency bin's median {med:.3}", s.loss));
+            Some(Flag { index: i, rank_score: (1.0 - fp[i]) + (1.0 - ap[i]) + z, freq_percentile: fp[i], align_percentile: ap[i], loss_z: z, reasons })
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.rank_score
+            .total_cmp(&a.rank_score)
+            .then(a.index.cmp(&b.index))
+    });
+    out
+}
+
+/// Precision and recall of flags against ground-truth labels (`truth[i]`: sample i is long-tail).
+pub fn precision_recall(flags: &[Flag], truth: &[bool]) -> (f64, f64) {
+    let tp = flags.iter().filter(|f| truth[f.index]).count() as f64;
+    let pos = truth.iter().filter(|t| **t).count() as f64;
+    let precision = if flags.is_empty() {
+        0.0
+    } else {
+        tp / flags.len() as f64
+    };
+    let recall = if pos == 0.0 { 0.0 } else { tp / pos };
+    (precision, recall)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(freq: f64, lt: bool, align: f64, loss: f64, bin: usize) -> SampleMetrics {
+        SampleMetrics {
+            freq_score: freq,
+            long_tail_domain: lt,
+            alignment: align,
+            loss,
+            bin,
+        }
+    }
+
+    /// Ten samples in one bin, losses 1..=10 (median 5.5, MAD 2.5 → scale 3.7065).
+    #[test]
+    fn flags_need_all_three_reasons() {
+        let m: Vec<SampleMetrics> = vec![
+            s(0.01, false, -0.5, 10.0, 0), // rare by frequency, misaligned, unfit → flagged
+            s(0.50, true, -0.4, 9.0, 0),   // long-tail domain, misaligned, unfit → flagged
+            s(0.02, false, 0.9, 8.0, 0),   // rare, unfit, but well aligned → not
+            s(0.60, false, -0.3, 7.0, 0),  // misaligned, unfit, common → not
+            s(0.70, false, -0.2, 1.0, 0),
+            s(0.80, false, 0.1, 2.0, 0),
+            s(0.90, false, 0.2, 3.0, 0),
+            s(0.95, false, 0.3, 4.0, 0),
+            s(0.97, false, 0.4, 5.0, 0),
+            s(0.99, false, 0.5, 6.0, 0),
+        ];
+        let f = flag(&m, &FlagOptions::default());
+        assert_eq!(f.iter().map(|x| x.index).collect::<Vec<_>>(), vec![0, 1]);
+        assert!((f[0].loss_z - 4.5 / 3.7065).abs() < 1e-3, "{}", f[0].loss_z);
+        assert!(f[0].reasons[0].starts_with("rare: frequency score 0.0100"));
+        assert!(f[1].reasons[0] == "rare: long-tail domain");
+        let truth = [
+            true, false, true, false, false, false, false, false, false, false,
+        ];
+        assert_eq!(precision_recall(&f, &truth), (0.5, 0.5));
+        let off = flag(
+            &m,
+            &FlagOptions {
+                long_tail_domains: false,
+                ..Default::default()
+            },
+        );
+        assert_eq!(off.len(), 1);
+    }
+}

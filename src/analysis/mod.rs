@@ -1,0 +1,6 @@
+//! Analysis of per-sample metrics (`tailscope analyze`): correlations of data frequency with
+//! alignment, self-kernel and loss, with bootstrap intervals ([`stats`]), and the ranked
+//! under-memorised long-tail flags ([`flags`]).
+
+pub mod flags;
+pub mod stats;
