@@ -27,6 +27,8 @@ pub mod tape;
 
 use std::collections::BTreeMap;
 
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
@@ -221,14 +223,20 @@ pub fn capture_batch(
     )
 }
 
-/// Rademacher output directions of the logit-trace estimate, (probes, max_len, vocab).
+/// Rademacher output directions of the logit-trace estimate, (probes, max_len, vocab). Drawn with
+/// our own seeded generator, not libtorch's process-wide one, so that concurrent work cannot
+/// change them and every process draws the same.
 fn trace_probes(model: &Model, probes: usize, seed: u64, kind: Kind, device: Device) -> Tensor {
     let shape = [probes as i64, model.cfg.max_len, model.cfg.vocab_size];
-    let bits = tch::no_grad(|| {
-        tch::manual_seed(crate::corpus::stable_hash(seed, b"logit-trace") as i64);
-        Tensor::randint(2, shape, (Kind::Int64, Device::Cpu))
-    });
-    (bits * 2 - 1).to_kind(kind).to_device(device)
+    let n = (shape[0] * shape[1] * shape[2]) as usize;
+    let mut rng = ChaCha8Rng::seed_from_u64(crate::corpus::stable_hash(seed, b"logit-trace"));
+    let signs: Vec<f32> = (0..n)
+        .map(|_| if rng.random::<bool>() { 1.0 } else { -1.0 })
+        .collect();
+    Tensor::from_slice(&signs)
+        .view(shape)
+        .to_kind(kind)
+        .to_device(device)
 }
 
 /// The scalar output of every sample of a batch, (b,); `probe` is one logit-trace direction
@@ -607,20 +615,7 @@ pub fn project(j: &Tensor, name: &str, p: &Projection, probes: usize) -> Result<
         while start < per {
             let len = PROJ_BLOCK.min(per - start);
             let key = format!("{name}#{}", start / PROJ_BLOCK);
-            let r = tch::no_grad(|| {
-                tch::manual_seed(crate::corpus::stable_hash(p.seed, key.as_bytes()) as i64);
-                match p.kind {
-                    ProjectionKind::Gaussian => {
-                        Tensor::randn([len, p.dim], (Kind::Double, Device::Cpu))
-                    }
-                    ProjectionKind::Rademacher => {
-                        Tensor::randint(2, [len, p.dim], (Kind::Int64, Device::Cpu))
-                            .to_kind(Kind::Double)
-                            * 2.0
-                            - 1.0
-                    }
-                }
-            }) / (p.dim as f64).sqrt();
+            let r = projection_block(p, &key, len);
             out += jp
                 .narrow(1, start, len)
                 .matmul(&r.to_kind(j.kind()).to_device(j.device()));
@@ -628,6 +623,35 @@ pub fn project(j: &Tensor, name: &str, p: &Projection, probes: usize) -> Result<
         }
     }
     Ok(out)
+}
+
+/// One (len × dim) block of a projection matrix, entries of variance 1/dim, from ChaCha streams
+/// seeded by (seed, key, row chunk), the chunks drawn in parallel; no libtorch generator is used,
+/// so concurrent work cannot change the matrix and every process draws the same one.
+fn projection_block(p: &Projection, key: &str, len: i64) -> Tensor {
+    use rayon::prelude::*;
+    const ROWS: i64 = 4096;
+    let scale = 1.0 / (p.dim as f64).sqrt();
+    let chunks: Vec<Vec<f64>> = (0..(len + ROWS - 1) / ROWS)
+        .into_par_iter()
+        .map(|c| {
+            let rows = ROWS.min(len - c * ROWS);
+            let mut rng = ChaCha8Rng::seed_from_u64(crate::corpus::stable_hash(
+                p.seed,
+                format!("{key}/{c}").as_bytes(),
+            ));
+            let n = (rows * p.dim) as usize;
+            match p.kind {
+                ProjectionKind::Gaussian => (0..n)
+                    .map(|_| rng.sample::<f64, _>(rand_distr::StandardNormal) * scale)
+                    .collect(),
+                ProjectionKind::Rademacher => (0..n)
+                    .map(|_| if rng.random::<bool>() { scale } else { -scale })
+                    .collect(),
+            }
+        })
+        .collect();
+    Tensor::from_slice(&chunks.concat()).view([len, p.dim])
 }
 
 #[cfg(test)]
