@@ -59,6 +59,17 @@ pub struct AnalyzeArgs {
     /// Poorly fitted: loss this many robust sd above its frequency bin's median.
     #[arg(long, default_value_t = 0.5, value_name = "Z", help_heading = "Flags")]
     pub loss_z: f64,
+    /// An `ntk` folder of the dense baseline on the same samples: adds expert isolation.
+    #[arg(
+        long,
+        value_name = "DIR",
+        help_heading = "Input",
+        long_help = "An `ntk` output folder of the dense baseline computed on the same samples (same \
+            --split, --samples and seed). For every CSE block of --ntk's model, expert isolation is \
+            reported: routing purity per domain, NMI(domain, expert), per-expert kernel consistency \
+            and long-tail GC against the baseline's, and a verdict per expert."
+    )]
+    pub baseline: Option<PathBuf>,
     /// Output directory.
     #[arg(short, long, value_name = "DIR", help_heading = "Output")]
     pub out: PathBuf,
@@ -328,7 +339,12 @@ pub fn run(a: &AnalyzeArgs, g: &Global) -> anyhow::Result<()> {
     if let Some((p, r)) = pr {
         println!("against the corpus's ground truth (long_tail): precision {p:.3}, recall {r:.3}");
     }
+    let isolation = match &a.baseline {
+        Some(b) => isolation(a, b, &samples, &ids, &domains, &lt, &model.cfg)?,
+        None => Vec::new(),
+    };
     let summary = serde_json::json!({
+        "isolation": isolation,
         "samples": ids.len(), "flags": flagged.len(), "flag_options": opts,
         "precision": pr.map(|x| x.0), "recall": pr.map(|x| x.1),
         "correlations": corr_rows.iter().map(|r| serde_json::json!({"x": r.0, "y": r.1, "method": r.2, "estimate": r.3})).collect::<Vec<_>>(),
@@ -342,4 +358,130 @@ pub fn run(a: &AnalyzeArgs, g: &Global) -> anyhow::Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+fn load_total(path: &std::path::Path) -> anyhow::Result<tch::Tensor> {
+    let t = checkpoint::read_tensors(path)?;
+    Ok(t.get("total")
+        .ok_or_else(|| Error::in_file(path, "missing tensor `total`"))?
+        .to_kind(tch::Kind::Double))
+}
+
+/// Expert isolation of every CSE block against the baseline kernel on the same samples.
+fn isolation(
+    a: &AnalyzeArgs,
+    base: &std::path::Path,
+    samples: &DataFrame,
+    ids: &[String],
+    domains: &[String],
+    lt: &std::collections::HashSet<&str>,
+    model_cfg: &crate::model::ModelConfig,
+) -> anyhow::Result<Vec<crate::analysis::isolation::BlockReport>> {
+    use crate::analysis::isolation::{block_report, Routing, VerdictRule};
+    let bp = base.join("samples.parquet");
+    let base_ids = column_str(&read_parquet(&bp)?, "id", &bp)?;
+    if base_ids != ids {
+        return Err(Error::in_file(&bp, format!("holds other samples than {}; compute both kernels with the same --split, --samples and --seed", a.ntk.join("samples.parquet").display())).into());
+    }
+    let k = load_total(&a.ntk.join("kernel.safetensors"))?;
+    let kb = load_total(&base.join("kernel.safetensors"))?;
+    let long_tail: Vec<String> = {
+        let mut v: Vec<String> = domains
+            .iter()
+            .filter(|d| lt.contains(d.as_str()))
+            .cloned()
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let sp = a.ntk.join("samples.parquet");
+    let mut reports = Vec::new();
+    let cols: Vec<String> = samples
+        .get_column_names()
+        .iter()
+        .map(|c| c.to_string())
+        .filter(|c| c.starts_with("expert_h"))
+        .collect();
+    if cols.is_empty() {
+        println!(
+            "expert isolation: the model of {} has no CSE block",
+            a.ntk.display()
+        );
+    }
+    let (mut block, mut expert, mut load, mut dom, mut share, mut cons, mut bcons, mut verdict) = (
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+    );
+    for c in cols {
+        let routes: Vec<i64> = column_f64(samples, &c, &sp)?
+            .iter()
+            .map(|x| *x as i64)
+            .collect();
+        let layer: i64 = c.trim_start_matches("expert_h").parse().unwrap_or(-1);
+        let n_experts = match &model_cfg.experts {
+            crate::model::ExpertConfig::Cse(cse) => cse
+                .experts
+                .get((layer - (model_cfg.n_layer - cse.last_k)).max(0) as usize)
+                .copied()
+                .unwrap_or(1) as usize,
+            _ => 1,
+        };
+        let routing = Routing {
+            block: &c,
+            domains,
+            routes: &routes,
+            n_experts,
+        };
+        let r = block_report(&routing, &long_tail, &k, &kb, &VerdictRule::default())?;
+        println!(
+            "expert isolation at {} (NMI(domain, expert) {:.3}):",
+            c.trim_start_matches("expert_"),
+            r.nmi
+        );
+        for e in &r.experts {
+            let f = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.3}"));
+            println!(
+                "  expert {}: {} — {} samples, {:.0}% {}, kernel consistency {} (baseline {})",
+                e.expert,
+                e.verdict,
+                e.load,
+                100.0 * e.dominant_share,
+                e.dominant_domain,
+                f(e.consistency),
+                f(e.baseline_consistency)
+            );
+            block.push(c.clone());
+            expert.push(e.expert);
+            load.push(e.load as u64);
+            dom.push(e.dominant_domain.clone());
+            share.push(e.dominant_share);
+            cons.push(e.consistency);
+            bcons.push(e.baseline_consistency);
+            verdict.push(e.verdict.clone());
+        }
+        reports.push(r);
+    }
+    let mut df = DataFrame::new(
+        block.len(),
+        vec![
+            Column::new("block".into(), block),
+            Column::new("expert".into(), expert),
+            Column::new("load".into(), load),
+            Column::new("dominant_domain".into(), dom),
+            Column::new("dominant_share".into(), share),
+            Column::new("consistency".into(), cons),
+            Column::new("baseline_consistency".into(), bcons),
+            Column::new("verdict".into(), verdict),
+        ],
+    )
+    .map_err(|e| Error::table("isolation", e))?;
+    crate::io::write_parquet(&mut df, a.out.join("isolation.parquet"))?;
+    Ok(reports)
 }
