@@ -27,12 +27,20 @@ demo: build
 	for run in dense switch cse; do \
 	  $(BIN) eval --model $(OUT)/train/$$run/final --corpus $(OUT)/corpus.parquet -o $(OUT)/eval/$$run || exit 1; \
 	done
+	for run in dense cse; do \
+	  $(BIN) ntk --model $(OUT)/train/$$run/final --corpus $(OUT)/corpus.parquet --samples 512 -o $(OUT)/ntk/$$run || exit 1; \
+	done
+	$(BIN) analyze --ntk $(OUT)/ntk/dense --model $(OUT)/train/dense/final --corpus $(OUT)/corpus.parquet -o $(OUT)/analysis/dense
+	$(BIN) analyze --ntk $(OUT)/ntk/cse --model $(OUT)/train/cse/final --corpus $(OUT)/corpus.parquet \
+	  --baseline $(OUT)/ntk/dense -o $(OUT)/analysis/cse
 	@echo
 	@echo "demo outputs:"
 	@echo "  corpus table      $(OUT)/corpus.parquet (tokenizer: $(OUT)/tokenizer.json)"
 	@echo "  frequency tables  $(OUT)/freq/{scores,ngrams,domains}.parquet, summary.json"
 	@echo "  trained models    $(OUT)/train/{dense,switch,cse}/final (logs: log/val/clusters.parquet)"
 	@echo "  evaluations       $(OUT)/eval/{dense,switch,cse}/eval.json"
+	@echo "  NTK and GC        $(OUT)/ntk/{dense,cse}/{kernel.safetensors,samples.parquet,gc.parquet}"
+	@echo "  analysis          $(OUT)/analysis/{dense,cse}/{analysis,correlations,flags,isolation}.parquet"
 
 test: setup-test
 	$(CARGO) test --release --locked
