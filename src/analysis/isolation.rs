@@ -9,8 +9,9 @@
 //! expert (X = the expert's samples, X′ = its samples of that domain) for both kernels.
 //!
 //! Verdict per expert: `idle` when it holds fewer than `idle_share` of the samples; `isolated`
-//! when its dominant domain makes up at least `purity` of its samples and its kernel consistency
-//! exceeds the baseline's; otherwise `mixed`. Defaults: idle_share 0.01, purity 0.7.
+//! when one domain, or the long-tail domains together, make up at least `purity` of its samples
+//! and its kernel consistency exceeds the baseline's; otherwise `mixed`. Defaults: idle_share
+//! 0.01, purity 0.7.
 
 use std::collections::BTreeMap;
 
@@ -41,6 +42,8 @@ pub struct ExpertReport {
     pub load: usize,
     pub dominant_domain: String,
     pub dominant_share: f64,
+    /// Share of the expert's samples from long-tail domains.
+    pub long_tail_share: f64,
     pub consistency: Option<f64>,
     pub baseline_consistency: Option<f64>,
     /// (long-tail domain, GC within the expert, baseline GC on the same sets)
@@ -187,6 +190,11 @@ pub fn block_report(
             .map(|(d, c)| (d.to_string(), *c))
             .unwrap_or_default();
         let share = top as f64 / idx.len().max(1) as f64;
+        let lt_share = idx
+            .iter()
+            .filter(|&&i| long_tail.contains(&domains[i]))
+            .count() as f64
+            / idx.len().max(1) as f64;
         let (c, cb) = (consistency(kernel, &idx), consistency(baseline, &idx));
         let mut lt = Vec::new();
         for d in long_tail {
@@ -201,7 +209,9 @@ pub fn block_report(
         }
         let verdict = if (idx.len() as f64) < rule.idle_share * n as f64 {
             "idle"
-        } else if share >= rule.purity && c.zip(cb).is_some_and(|(a, b)| a > b) {
+        } else if (share >= rule.purity || lt_share >= rule.purity)
+            && c.zip(cb).is_some_and(|(a, b)| a > b)
+        {
             "isolated"
         } else {
             "mixed"
@@ -211,6 +221,7 @@ pub fn block_report(
             load: idx.len(),
             dominant_domain: dom,
             dominant_share: share,
+            long_tail_share: lt_share,
             consistency: c,
             baseline_consistency: cb,
             long_tail_gc: lt,
@@ -289,6 +300,10 @@ mod tests {
         assert!(
             r.experts[1].consistency.unwrap() > 0.9
                 && r.experts[1].baseline_consistency.unwrap() < 0.05
+        );
+        assert_eq!(
+            (r.experts[0].long_tail_share, r.experts[1].long_tail_share),
+            (0.0, 1.0)
         );
         let (ref d, g, gb) = r.experts[1].long_tail_gc[0];
         assert_eq!(d, "law");

@@ -409,16 +409,7 @@ fn isolation(
             a.ntk.display()
         );
     }
-    let (mut block, mut expert, mut load, mut dom, mut share, mut cons, mut bcons, mut verdict) = (
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-    );
+    let mut table: Vec<(String, crate::analysis::isolation::ExpertReport)> = Vec::new();
     for c in cols {
         let routes: Vec<i64> = column_f64(samples, &c, &sp)?
             .iter()
@@ -448,37 +439,68 @@ fn isolation(
         for e in &r.experts {
             let f = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.3}"));
             println!(
-                "  expert {}: {} — {} samples, {:.0}% {}, kernel consistency {} (baseline {})",
+                "  expert {}: {} — {} samples, {:.0}% {}, {:.0}% long-tail, kernel consistency {} (baseline {})",
                 e.expert,
                 e.verdict,
                 e.load,
                 100.0 * e.dominant_share,
                 e.dominant_domain,
+                100.0 * e.long_tail_share,
                 f(e.consistency),
                 f(e.baseline_consistency)
             );
-            block.push(c.clone());
-            expert.push(e.expert);
-            load.push(e.load as u64);
-            dom.push(e.dominant_domain.clone());
-            share.push(e.dominant_share);
-            cons.push(e.consistency);
-            bcons.push(e.baseline_consistency);
-            verdict.push(e.verdict.clone());
+            table.push((c.clone(), e.clone()));
         }
         reports.push(r);
     }
+    let col_f = |name: &str, f: fn(&crate::analysis::isolation::ExpertReport) -> f64| {
+        Column::new(
+            name.into(),
+            table.iter().map(|(_, e)| f(e)).collect::<Vec<_>>(),
+        )
+    };
     let mut df = DataFrame::new(
-        block.len(),
+        table.len(),
         vec![
-            Column::new("block".into(), block),
-            Column::new("expert".into(), expert),
-            Column::new("load".into(), load),
-            Column::new("dominant_domain".into(), dom),
-            Column::new("dominant_share".into(), share),
-            Column::new("consistency".into(), cons),
-            Column::new("baseline_consistency".into(), bcons),
-            Column::new("verdict".into(), verdict),
+            Column::new(
+                "block".into(),
+                table.iter().map(|(b, _)| b.as_str()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "expert".into(),
+                table.iter().map(|(_, e)| e.expert).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "load".into(),
+                table.iter().map(|(_, e)| e.load as u64).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "dominant_domain".into(),
+                table
+                    .iter()
+                    .map(|(_, e)| e.dominant_domain.as_str())
+                    .collect::<Vec<_>>(),
+            ),
+            col_f("dominant_share", |e| e.dominant_share),
+            col_f("long_tail_share", |e| e.long_tail_share),
+            Column::new(
+                "consistency".into(),
+                table.iter().map(|(_, e)| e.consistency).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "baseline_consistency".into(),
+                table
+                    .iter()
+                    .map(|(_, e)| e.baseline_consistency)
+                    .collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "verdict".into(),
+                table
+                    .iter()
+                    .map(|(_, e)| e.verdict.as_str())
+                    .collect::<Vec<_>>(),
+            ),
         ],
     )
     .map_err(|e| Error::table("isolation", e))?;
