@@ -33,6 +33,9 @@ demo: build
 	$(BIN) analyze --ntk $(OUT)/ntk/dense --model $(OUT)/train/dense/final --corpus $(OUT)/corpus.parquet -o $(OUT)/analysis/dense
 	$(BIN) analyze --ntk $(OUT)/ntk/cse --model $(OUT)/train/cse/final --corpus $(OUT)/corpus.parquet \
 	  --baseline $(OUT)/ntk/dense -o $(OUT)/analysis/cse
+	$(BIN) report --analysis $(OUT)/analysis/cse --ntk $(OUT)/ntk/cse --baseline $(OUT)/ntk/dense \
+	  --title "tailscope demo: Brown corpus, CSE model against the dense baseline" \
+	  -o $(OUT)/report --notebook notebooks-export/demo.ipynb
 	@echo
 	@echo "demo outputs:"
 	@echo "  corpus table      $(OUT)/corpus.parquet (tokenizer: $(OUT)/tokenizer.json)"
@@ -41,6 +44,8 @@ demo: build
 	@echo "  evaluations       $(OUT)/eval/{dense,switch,cse}/eval.json"
 	@echo "  NTK and GC        $(OUT)/ntk/{dense,cse}/{kernel.safetensors,samples.parquet,gc.parquet}"
 	@echo "  analysis          $(OUT)/analysis/{dense,cse}/{analysis,correlations,flags,isolation}.parquet"
+	@echo "  HTML report       $(OUT)/report/report.html"
+	@echo "  notebook          notebooks-export/demo.ipynb"
 
 test: setup-test
 	$(CARGO) test --release --locked

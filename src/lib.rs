@@ -16,6 +16,7 @@ pub mod freq;
 pub mod io;
 pub mod model;
 pub mod ntk;
+pub mod report;
 pub mod train;
 
 pub use error::{Error, Result};

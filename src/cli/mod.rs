@@ -9,6 +9,7 @@ mod corpus;
 mod freq;
 mod ntk;
 pub mod progress;
+mod report;
 mod train;
 
 use std::ffi::OsString;
@@ -104,6 +105,8 @@ pub enum Command {
     Ntk(ntk::NtkArgs),
     /// Frequency correlations, GC per bin and the ranked under-memorised long-tail flags.
     Analyze(analyze::AnalyzeArgs),
+    /// A self-contained HTML report and a Jupyter notebook from an analysis.
+    Report(report::ReportArgs),
 }
 
 /// Parse `args` and run the command. Usage errors exit through clap (status 2; 0 for --help).
@@ -127,6 +130,7 @@ where
         Command::Capture(args) => ntk::run_capture_cmd(args, &cli.global)?,
         Command::Ntk(args) => ntk::run_ntk(args, &cli.global)?,
         Command::Analyze(args) => analyze::run(args, &cli.global)?,
+        Command::Report(args) => report::run(args, &cli.global)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,375 @@
+//! Reports (`tailscope report`): one self-contained HTML file (inline SVG figures, no network; a
+//! sortable table of the flagged examples with their text) and a Jupyter notebook (nbformat 4)
+//! with the same figures as outputs and cells that reload the Parquet tables, so users can go on
+//! in Python. Inputs are an `analyze` folder and the `ntk` folder(s) it was computed from.
+
+pub mod plots;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::io::{column_f64, column_str, read_parquet};
+use crate::model::checkpoint::read_tensors;
+
+/// One figure: file stem, caption, SVG text.
+pub struct Figure {
+    pub name: String,
+    pub caption: String,
+    pub svg: String,
+}
+
+/// Everything a report shows.
+pub struct Report {
+    pub title: String,
+    pub summary: Vec<String>,
+    pub correlations: Vec<[String; 6]>,
+    pub flags: Vec<[String; 6]>,
+    pub isolation: Vec<String>,
+    pub figures: Vec<Figure>,
+    pub tables: Vec<PathBuf>,
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn fmt(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.3}")
+    } else {
+        "–".into()
+    }
+}
+
+/// Gather tables and draw the figures.
+pub fn build(analysis: &Path, ntk: &Path, baseline: Option<&Path>, title: &str) -> Result<Report> {
+    let ap = analysis.join("analysis.parquet");
+    let a = read_parquet(&ap)?;
+    let freq = column_f64(&a, "freq_score", &ap)?;
+    let align = column_f64(&a, "alignment", &ap)?;
+    let domains = column_str(&a, "domain", &ap)?;
+    let gp = ntk.join("gc.parquet");
+    let g = read_parquet(&gp)?;
+    let (gcol, ggroup, gval, gn, gscore) = (
+        column_str(&g, "column", &gp)?,
+        column_str(&g, "group", &gp)?,
+        column_f64(&g, "gc", &gp)?,
+        column_f64(&g, "n", &gp)?,
+        column_f64(&g, "mean_freq_score", &gp)?,
+    );
+    let mut bins: Vec<(String, f64, Option<f64>, u64)> = (0..gcol.len())
+        .filter(|&i| gcol[i] == "freq_bin")
+        .map(|i| {
+            (
+                ggroup[i].clone(),
+                gscore[i],
+                gval[i].is_finite().then_some(gval[i]),
+                gn[i] as u64,
+            )
+        })
+        .collect();
+    bins.sort_by_key(|b| b.0.parse::<usize>().unwrap_or(0));
+    let mut figures = vec![
+        Figure {
+            name: "gc_by_frequency".into(),
+            caption: "Gradient consistency of each 1-gram frequency bin with the whole sample set (top) and the samples per bin (bottom); paper Fig. 2a.".into(),
+            svg: plots::gc_by_frequency(&bins, "GC by data frequency")?,
+        },
+        Figure {
+            name: "frequency_vs_alignment".into(),
+            caption: "Each sample's frequency score against the alignment of its gradient with the primary gradient direction, coloured by domain.".into(),
+            svg: plots::frequency_vs_alignment(&freq, &align, &domains, "Frequency against alignment")?,
+        },
+    ];
+    // Heatmaps: samples ordered by expert (last CSE block, if any), then domain.
+    let total = |dir: &Path| -> Result<tch::Tensor> {
+        let p = dir.join("kernel.safetensors");
+        Ok(read_tensors(&p)?
+            .remove("total")
+            .ok_or_else(|| Error::in_file(&p, "missing tensor `total`"))?
+            .to_kind(tch::Kind::Double))
+    };
+    let k = total(ntk)?;
+    let expert_col = a
+        .get_column_names()
+        .iter()
+        .map(|c| c.to_string())
+        .filter(|c| c.starts_with("expert_h"))
+        .max();
+    let experts: Vec<f64> = match &expert_col {
+        Some(c) => column_f64(&a, c, &ap)?,
+        None => vec![0.0; domains.len()],
+    };
+    let mut order: Vec<usize> = (0..domains.len()).collect();
+    order.sort_by(|&i, &j| {
+        experts[i]
+            .total_cmp(&experts[j])
+            .then(domains[i].cmp(&domains[j]))
+            .then(i.cmp(&j))
+    });
+    let step = order.len().div_ceil(96).max(1);
+    let order: Vec<usize> = order.into_iter().step_by(step).collect();
+    let boundaries: Vec<usize> = (1..order.len())
+        .filter(|&p| {
+            let (i, j) = (order[p - 1], order[p]);
+            experts[i] != experts[j] || (expert_col.is_none() && domains[i] != domains[j])
+        })
+        .collect();
+    let kb = baseline.map(total).transpose()?;
+    let mut panels: Vec<(&str, &tch::Tensor)> = vec![("this model", &k)];
+    if let Some(kb) = &kb {
+        panels.push(("dense baseline", kb));
+    }
+    figures.push(Figure {
+        name: "ntk_heatmap".into(),
+        caption: format!(
+            "Cosine-normalised NTK of {} samples ordered by {}domain (orange +1, white 0, blue −1; lines separate experts, or domains for a model without experts){}; paper Fig. 5b/c.",
+            order.len(),
+            if expert_col.is_some() { "expert, then " } else { "" },
+            if kb.is_some() { ", beside the dense baseline on the same samples" } else { "" }
+        ),
+        svg: plots::ntk_heatmaps(&panels, &order, &boundaries, "Empirical NTK")?,
+    });
+    let cp = analysis.join("correlations.parquet");
+    let c = read_parquet(&cp)?;
+    let (cx, cy, cm) = (
+        column_str(&c, "x", &cp)?,
+        column_str(&c, "y", &cp)?,
+        column_str(&c, "method", &cp)?,
+    );
+    let (cv, cl, ch) = (
+        column_f64(&c, "value", &cp)?,
+        column_f64(&c, "low", &cp)?,
+        column_f64(&c, "high", &cp)?,
+    );
+    let correlations = (0..cx.len())
+        .map(|i| {
+            [
+                cx[i].clone(),
+                cy[i].clone(),
+                cm[i].clone(),
+                fmt(cv[i]),
+                fmt(cl[i]),
+                fmt(ch[i]),
+            ]
+        })
+        .collect();
+    let fp = analysis.join("flags.parquet");
+    let f = read_parquet(&fp)?;
+    let (fid, fdom, ftext, freason) = (
+        column_str(&f, "id", &fp)?,
+        column_str(&f, "domain", &fp)?,
+        column_str(&f, "text", &fp)?,
+        column_str(&f, "reasons", &fp)?,
+    );
+    let fscore = column_f64(&f, "score", &fp)?;
+    let flags = (0..fid.len())
+        .map(|i| {
+            [
+                (i + 1).to_string(),
+                fid[i].clone(),
+                fdom[i].clone(),
+                fmt(fscore[i]),
+                freason[i].clone(),
+                ftext[i].clone(),
+            ]
+        })
+        .collect();
+    let mut isolation = Vec::new();
+    let ip = analysis.join("isolation.parquet");
+    if ip.exists() {
+        let t = read_parquet(&ip)?;
+        let (b, d, v) = (
+            column_str(&t, "block", &ip)?,
+            column_str(&t, "dominant_domain", &ip)?,
+            column_str(&t, "verdict", &ip)?,
+        );
+        let (e, l, s, lt) = (
+            column_f64(&t, "expert", &ip)?,
+            column_f64(&t, "load", &ip)?,
+            column_f64(&t, "dominant_share", &ip)?,
+            column_f64(&t, "long_tail_share", &ip)?,
+        );
+        let (co, bc) = (
+            column_f64(&t, "consistency", &ip)?,
+            column_f64(&t, "baseline_consistency", &ip)?,
+        );
+        for i in 0..b.len() {
+            isolation.push(format!(
+                "{} expert {}: {} — {} samples, {:.0}% {}, {:.0}% long-tail, kernel consistency {} (baseline {})",
+                b[i].trim_start_matches("expert_"), e[i], v[i], l[i], 100.0 * s[i], d[i], 100.0 * lt[i], fmt(co[i]), fmt(bc[i])
+            ));
+        }
+    }
+    let spearman = |y: &str| {
+        (0..cx.len()).find(|&i| cx[i] == "freq_score" && cy[i] == y && cm[i] == "spearman")
+    };
+    let mut summary = vec![format!(
+        "{} samples; {} flagged as under-memorised.",
+        domains.len(),
+        fid.len()
+    )];
+    for y in ["alignment", "loss"] {
+        if let Some(i) = spearman(y) {
+            summary.push(format!(
+                "Frequency score vs {y}: Spearman {} (95% interval {} to {}).",
+                fmt(cv[i]),
+                fmt(cl[i]),
+                fmt(ch[i])
+            ));
+        }
+    }
+    summary.push(format!(
+        "GC by frequency bin, rarest first: {}.",
+        bins.iter()
+            .map(|b| b.2.map_or("–".into(), fmt))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    for i in (0..gcol.len()).filter(|&i| gcol[i] == "long_tail") {
+        summary.push(format!(
+            "GC of {} samples: {}.",
+            if ggroup[i] == "true" {
+                "long-tail-domain"
+            } else {
+                "common-domain"
+            },
+            fmt(gval[i])
+        ));
+    }
+    let tables = [
+        "analysis.parquet",
+        "correlations.parquet",
+        "flags.parquet",
+        "isolation.parquet",
+    ]
+    .iter()
+    .map(|t| analysis.join(t))
+    .filter(|p| p.exists())
+    .chain([ntk.join("gc.parquet")])
+    .collect();
+    Ok(Report {
+        title: title.to_string(),
+        summary,
+        correlations,
+        flags,
+        isolation,
+        figures,
+        tables,
+    })
+}
+
+const SORT_JS: &str = "function sortTable(t,c){const b=t.tBodies[0];const r=[...b.rows];const asc=t.dataset.col==c&&t.dataset.dir!='asc';r.sort((x,y)=>{const a=x.cells[c].innerText,d=y.cells[c].innerText;const n=parseFloat(a)-parseFloat(d);const v=isNaN(n)?a.localeCompare(d):n;return asc?v:-v});t.dataset.col=c;t.dataset.dir=asc?'asc':'desc';r.forEach(e=>b.appendChild(e));}";
+
+fn table(id: &str, head: &[&str], rows: &[[String; 6]]) -> String {
+    let th: String = head
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            format!(
+                "<th onclick=\"sortTable(document.getElementById('{id}'),{i})\">{}</th>",
+                esc(h)
+            )
+        })
+        .collect();
+    let body: String = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "<tr>{}</tr>",
+                r.iter()
+                    .map(|c| format!("<td>{}</td>", esc(c)))
+                    .collect::<String>()
+            )
+        })
+        .collect();
+    format!("<table id=\"{id}\"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>")
+}
+
+/// The self-contained HTML page.
+pub fn html(r: &Report) -> String {
+    let figs: String = r
+        .figures
+        .iter()
+        .map(|f| {
+            format!(
+                "<figure id=\"{}\">{}<figcaption>{}</figcaption></figure>",
+                f.name,
+                f.svg,
+                esc(&f.caption)
+            )
+        })
+        .collect();
+    let summary: String = r
+        .summary
+        .iter()
+        .map(|s| format!("<li>{}</li>", esc(s)))
+        .collect();
+    let iso = if r.isolation.is_empty() {
+        String::new()
+    } else {
+        format!("<h2>Expert isolation</h2><ul>{}</ul><p class=\"note\">Verdicts: idle under 1% of the samples; isolated when one domain or the long-tail domains make up ≥ 70% of an expert's samples and its kernel consistency exceeds the dense baseline's; mixed otherwise.</p>", r.isolation.iter().map(|s| format!("<li>{}</li>", esc(s))).collect::<String>())
+    };
+    format!(
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>\
+body{{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}}table{{border-collapse:collapse;font-size:13px;margin:1em 0}}\
+td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top}}th{{background:#eee;cursor:pointer}}figure{{margin:1.5em 0}}\
+figcaption{{font-size:13px;color:#444}}svg{{max-width:100%;height:auto}}.note{{font-size:13px;color:#555}}</style>\
+<script>{js}</script></head><body><h1>{t}</h1><h2>Summary</h2><ul>{summary}</ul><h2>Figures</h2>{figs}\
+<h2>Correlations</h2>{corr}{iso}<h2>Flagged examples</h2><p class=\"note\">Click a column to sort.</p>{flags}</body></html>",
+        t = esc(&r.title),
+        js = SORT_JS,
+        corr = table("corr", &["x", "y", "method", "value", "95% low", "95% high"], &r.correlations),
+        flags = table("flags", &["rank", "id", "domain", "score", "reasons", "text"], &r.flags),
+    )
+}
+
+fn lines(s: &str) -> Vec<String> {
+    let v: Vec<&str> = s.split_inclusive('\n').collect();
+    v.iter().map(|l| l.to_string()).collect()
+}
+
+/// The notebook (nbformat 4.5): summary, figures as SVG outputs, and cells that reload the tables.
+pub fn notebook(r: &Report, figure_dir: &Path) -> serde_json::Value {
+    let mut cells = vec![json!({
+        "cell_type": "markdown", "id": "title", "metadata": {},
+        "source": lines(&format!("# {}\n\n{}\n", r.title, r.summary.iter().map(|s| format!("- {s}")).collect::<Vec<_>>().join("\n")))
+    })];
+    let paths: Vec<String> = r.tables.iter().map(|p| p.display().to_string()).collect();
+    let load = format!(
+        "import pandas as pd  # or: import polars as pl; pl.read_parquet(...)\ntables = {{}}\nfor path in {paths:?}:\n    tables[path.rsplit('/', 1)[-1].removesuffix('.parquet')] = pd.read_parquet(path)\ntables['analysis'].head()\n"
+    );
+    cells.push(json!({"cell_type": "code", "id": "load", "execution_count": null, "metadata": {}, "outputs": [], "source": lines(&load)}));
+    for (i, f) in r.figures.iter().enumerate() {
+        cells.push(json!({"cell_type": "markdown", "id": format!("cap{i}"), "metadata": {}, "source": lines(&format!("### {}\n\n{}\n", f.name, f.caption))}));
+        cells.push(json!({
+            "cell_type": "code", "id": format!("fig{i}"), "execution_count": null, "metadata": {},
+            "source": lines(&format!("from IPython.display import SVG\nSVG(filename={:?})\n", figure_dir.join(format!("{}.svg", f.name)).display().to_string())),
+            "outputs": [{"output_type": "display_data", "metadata": {}, "data": {"image/svg+xml": lines(&f.svg), "text/plain": [format!("<{} figure>", f.name)]}}]
+        }));
+    }
+    json!({
+        "nbformat": 4, "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}, "language_info": {"name": "python"}},
+        "cells": cells
+    })
+}
+
+/// Write report.html, figures/*.svg and the notebook, atomically each.
+pub fn write(r: &Report, out: &Path, notebook_path: &Path) -> Result<()> {
+    for f in &r.figures {
+        crate::io::write_atomic(
+            out.join("figures").join(format!("{}.svg", f.name)),
+            f.svg.as_bytes(),
+        )?;
+    }
+    crate::io::write_atomic(out.join("report.html"), html(r).as_bytes())?;
+    let nb = serde_json::to_string_pretty(&notebook(r, &out.join("figures")))
+        .map_err(|e| Error::invalid("notebook", e.to_string()))?;
+    crate::io::write_atomic(notebook_path, nb.as_bytes())
+}

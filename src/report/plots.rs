@@ -1,0 +1,254 @@
+//! Figures as SVG (plotters' SVG backend; text is left to the viewer's fonts): GC per frequency
+//! bin over the bin sizes (paper Fig. 2a), frequency score against alignment coloured by domain,
+//! and NTK heatmaps (cosine-normalised) ordered by expert and domain, sparse model beside the
+//! baseline (paper Fig. 5b/c). Colours: the Okabe–Ito palette, safe for colour-blind readers.
+
+use plotters::prelude::*;
+use tch::Tensor;
+
+use crate::error::{Error, Result};
+
+/// Okabe–Ito colours (black last), then grey for "other".
+pub const PALETTE: [RGBColor; 8] = [
+    RGBColor(0, 114, 178),
+    RGBColor(230, 159, 0),
+    RGBColor(0, 158, 115),
+    RGBColor(204, 121, 167),
+    RGBColor(86, 180, 233),
+    RGBColor(213, 94, 0),
+    RGBColor(240, 228, 66),
+    RGBColor(0, 0, 0),
+];
+const GREY: RGBColor = RGBColor(150, 150, 150);
+
+fn plot_err<E: std::fmt::Debug>(e: E) -> Error {
+    Error::invalid("plot", format!("{e:?}"))
+}
+
+/// GC per frequency bin (top) over the number of samples per bin (bottom).
+pub fn gc_by_frequency(bins: &[(String, f64, Option<f64>, u64)], title: &str) -> Result<String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (720, 480)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let root = root.titled(title, ("sans-serif", 20)).map_err(plot_err)?;
+        let (top, bottom) = root.split_vertically(300);
+        let n = bins.len().max(1) as f64;
+        let (lo, hi) = bins
+            .iter()
+            .filter_map(|b| b.2)
+            .fold((0.0f64, 1.0f64), |(l, h), v| (l.min(v), h.max(v)));
+        let mut c = ChartBuilder::on(&top)
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(55)
+            .build_cartesian_2d(-0.5..n - 0.5, (lo - 0.05)..(hi + 0.05))
+            .map_err(plot_err)?;
+        c.configure_mesh()
+            .y_desc("gradient consistency (GC)")
+            .x_labels(bins.len().max(2))
+            .x_label_formatter(&|x| {
+                let i = x.round() as usize;
+                bins.get(i)
+                    .map(|b| format!("bin {} ({:.3})", b.0, b.1))
+                    .unwrap_or_default()
+            })
+            .draw()
+            .map_err(plot_err)?;
+        let pts: Vec<(f64, f64)> = bins
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| b.2.map(|g| (i as f64, g)))
+            .collect();
+        c.draw_series(LineSeries::new(pts.clone(), PALETTE[0].stroke_width(2)))
+            .map_err(plot_err)?
+            .label("GC of the bin vs all samples")
+            .legend(|(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], PALETTE[0].stroke_width(2))
+            });
+        c.draw_series(pts.iter().map(|&p| Circle::new(p, 5, PALETTE[0].filled())))
+            .map_err(plot_err)?;
+        c.configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
+        let maxn = bins.iter().map(|b| b.3).max().unwrap_or(1) as f64;
+        let mut h = ChartBuilder::on(&bottom)
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(55)
+            .build_cartesian_2d(-0.5..n - 0.5, 0.0..maxn * 1.1)
+            .map_err(plot_err)?;
+        h.configure_mesh()
+            .y_desc("samples")
+            .x_desc("1-gram frequency bin (mean score), rarest first")
+            .x_labels(bins.len().max(2))
+            .x_label_formatter(&|x| format!("{}", x.round() as i64))
+            .draw()
+            .map_err(plot_err)?;
+        h.draw_series(bins.iter().enumerate().map(|(i, b)| {
+            Rectangle::new(
+                [(i as f64 - 0.35, 0.0), (i as f64 + 0.35, b.3 as f64)],
+                PALETTE[1].mix(0.8).filled(),
+            )
+        }))
+        .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(svg)
+}
+
+/// Frequency score (x) against alignment (y), one colour per domain (the 7 largest; others grey).
+pub fn frequency_vs_alignment(
+    freq: &[f64],
+    align: &[f64],
+    domains: &[String],
+    title: &str,
+) -> Result<String> {
+    let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for d in domains {
+        *counts.entry(d.as_str()).or_default() += 1;
+    }
+    let mut order: Vec<(&str, usize)> = counts.into_iter().collect();
+    order.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let named: Vec<&str> = order.iter().take(7).map(|x| x.0).collect();
+    let colour = |d: &str| {
+        named
+            .iter()
+            .position(|n| *n == d)
+            .map_or(GREY, |i| PALETTE[i])
+    };
+    let fin = |v: &[f64]| {
+        v.iter()
+            .copied()
+            .filter(|x| x.is_finite())
+            .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(x), h.max(x)))
+    };
+    let ((x0, x1), (y0, y1)) = (fin(freq), fin(align));
+    let pad = |a: f64, b: f64| if b > a { (b - a) * 0.05 } else { 0.5 };
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (720, 480)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut c = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(
+                (x0 - pad(x0, x1))..(x1 + pad(x0, x1)),
+                (y0 - pad(y0, y1))..(y1 + pad(y0, y1)),
+            )
+            .map_err(plot_err)?;
+        c.configure_mesh()
+            .x_desc("sentence frequency score (1-gram)")
+            .y_desc("alignment cos(g(X), J_i)")
+            .draw()
+            .map_err(plot_err)?;
+        let mut groups: Vec<&str> = named.clone();
+        if order.len() > 7 {
+            groups.push("other");
+        }
+        for g in groups {
+            let pts: Vec<(f64, f64)> = (0..freq.len())
+                .filter(|&i| {
+                    if g == "other" {
+                        !named.contains(&domains[i].as_str())
+                    } else {
+                        domains[i] == g
+                    }
+                })
+                .filter(|&i| freq[i].is_finite() && align[i].is_finite())
+                .map(|i| (freq[i], align[i]))
+                .collect();
+            let col = if g == "other" { GREY } else { colour(g) };
+            c.draw_series(
+                pts.into_iter()
+                    .map(|p| Circle::new(p, 3, col.mix(0.7).filled())),
+            )
+            .map_err(plot_err)?
+            .label(g)
+            .legend(move |(x, y)| Circle::new((x + 6, y), 4, col.filled()));
+        }
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(svg)
+}
+
+/// Cosine-normalised kernels K_ij / √(K_ii K_jj) of the samples `order` (already ordered), one
+/// panel per (title, kernel), with a shared blue (−1) – white (0) – orange (+1) scale; black
+/// lines mark the positions in `boundaries` (where the expert or domain changes).
+pub fn ntk_heatmaps(
+    panels: &[(&str, &Tensor)],
+    order: &[usize],
+    boundaries: &[usize],
+    caption: &str,
+) -> Result<String> {
+    let n = order.len();
+    let mut svg = String::new();
+    {
+        let w = 360 * panels.len().max(1) as u32;
+        let root = SVGBackend::with_string(&mut svg, (w, 400)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let root = root.titled(caption, ("sans-serif", 18)).map_err(plot_err)?;
+        let areas = root.split_evenly((1, panels.len().max(1)));
+        for ((title, k), area) in panels.iter().zip(areas) {
+            let diag: Vec<f64> = order
+                .iter()
+                .map(|&i| k.double_value(&[i as i64, i as i64]).max(1e-300))
+                .collect();
+            let mut c = ChartBuilder::on(&area)
+                .caption(*title, ("sans-serif", 16))
+                .margin(8)
+                .build_cartesian_2d(0..n as i32, 0..n as i32)
+                .map_err(plot_err)?;
+            let mut cells = Vec::with_capacity(n * n);
+            for (a, &i) in order.iter().enumerate() {
+                for (b, &j) in order.iter().enumerate() {
+                    let v = (k.double_value(&[i as i64, j as i64]) / (diag[a] * diag[b]).sqrt())
+                        .clamp(-1.0, 1.0);
+                    let (r, g, bl) = if v >= 0.0 {
+                        (
+                            255.0 - (255.0 - 213.0) * v,
+                            255.0 - (255.0 - 94.0) * v,
+                            255.0 * (1.0 - v),
+                        )
+                    } else {
+                        let u = -v;
+                        (
+                            255.0 * (1.0 - u),
+                            255.0 - (255.0 - 114.0) * u,
+                            255.0 - (255.0 - 178.0) * u,
+                        )
+                    };
+                    let col = RGBColor(r as u8, g as u8, bl as u8);
+                    cells.push(Rectangle::new(
+                        [
+                            (b as i32, (n - 1 - a) as i32),
+                            (b as i32 + 1, (n - a) as i32),
+                        ],
+                        col.filled(),
+                    ));
+                }
+            }
+            c.draw_series(cells).map_err(plot_err)?;
+            for &b in boundaries {
+                let (b, m) = (b as i32, n as i32);
+                c.draw_series([
+                    PathElement::new(vec![(b, 0), (b, m)], BLACK.stroke_width(1)),
+                    PathElement::new(vec![(0, m - b), (m, m - b)], BLACK.stroke_width(1)),
+                ])
+                .map_err(plot_err)?;
+            }
+        }
+        root.present().map_err(plot_err)?;
+    }
+    Ok(svg)
+}
