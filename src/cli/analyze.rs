@@ -116,12 +116,10 @@ pub fn run(a: &AnalyzeArgs, g: &Global) -> anyhow::Result<()> {
         })
         .collect::<Result<_, _>>()?;
     let (_, model) = checkpoint::load_model(&a.model, device)?;
-    let tok_path = a.tokenizer.clone().unwrap_or_else(|| {
-        a.corpus
-            .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join("tokenizer.json")
-    });
+    let tok_path = a
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| crate::corpus::tokenizer::default_path(&a.corpus));
     let tok = tokenizer::load(&tok_path)?;
     let texts: Vec<&str> = rows
         .iter()

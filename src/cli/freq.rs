@@ -77,12 +77,10 @@ pub struct FreqArgs {
 
 pub fn run(a: &FreqArgs, _g: &Global) -> anyhow::Result<()> {
     let corpus = Corpus::read(&a.corpus)?;
-    let tok_path = a.tokenizer.clone().unwrap_or_else(|| {
-        a.corpus
-            .parent()
-            .map(|p| p.join("tokenizer.json"))
-            .unwrap_or_else(|| PathBuf::from("tokenizer.json"))
-    });
+    let tok_path = a
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| crate::corpus::tokenizer::default_path(&a.corpus));
     let tok = tokenizer::load(&tok_path)?;
     let texts: Vec<&str> = corpus.samples.iter().map(|s| s.text.as_str()).collect();
     let pb = progress::bar(texts.len() as u64, "tokenizing");

@@ -1,7 +1,7 @@
 //! `tailscope capture` and `tailscope ntk`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
@@ -205,12 +205,10 @@ fn prepare(a: &CaptureArgs, g: &Global) -> anyhow::Result<Prepared> {
     let device = crate::device::resolve(g.device)?;
     let (vs, model) = checkpoint::load_model(&a.model, device)?;
     let corpus = Corpus::read(&a.corpus)?;
-    let tok_path = a.tokenizer.clone().unwrap_or_else(|| {
-        a.corpus
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("tokenizer.json")
-    });
+    let tok_path = a
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| crate::corpus::tokenizer::default_path(&a.corpus));
     let tok = tokenizer::load(&tok_path)?;
     if tok.get_vocab_size(true) as i64 != model.cfg.vocab_size {
         return Err(Error::in_file(

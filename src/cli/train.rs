@@ -238,12 +238,10 @@ pub fn run_eval(a: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     let device = crate::device::resolve(g.device)?;
     let (_, model) = checkpoint::load_model(&a.model, device)?;
     let corpus = Corpus::read(&a.corpus)?;
-    let tok_path = a.tokenizer.clone().unwrap_or_else(|| {
-        a.corpus
-            .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join("tokenizer.json")
-    });
+    let tok_path = a
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| crate::corpus::tokenizer::default_path(&a.corpus));
     let tok = tokenizer::load(&tok_path)?;
     if tok.get_vocab_size(true) as i64 != model.cfg.vocab_size {
         return Err(crate::Error::in_file(

@@ -53,6 +53,14 @@ pub fn train_bpe(texts: &[String], vocab_size: usize, min_frequency: u64) -> Res
     Ok(tok)
 }
 
+/// Where `corpus ingest` puts the tokenizer of a corpus table: `tokenizer.json` beside it.
+pub fn default_path(corpus: &Path) -> std::path::PathBuf {
+    match corpus.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join("tokenizer.json"),
+        _ => std::path::PathBuf::from("tokenizer.json"),
+    }
+}
+
 /// Load a `tokenizer.json`; an unreadable or malformed file is bad input naming it.
 pub fn load(path: &Path) -> Result<Tokenizer> {
     if !path.exists() {

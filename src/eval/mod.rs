@@ -10,7 +10,7 @@ use tch::{Device, Tensor};
 
 use crate::error::Result;
 use crate::model::{token_losses, Model};
-use crate::train::data::{make_batch, step_rng};
+use crate::train::data::{model_batch, step_rng};
 
 /// Summed token loss of a group of samples.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -44,15 +44,7 @@ pub fn sample_losses(
     tch::no_grad(|| -> Result<()> {
         for (k, chunk) in seqs.chunks(batch.max(1)).enumerate() {
             let mut rng = step_rng(seed, k as u64);
-            let b = make_batch(
-                model.cfg.arch,
-                chunk,
-                (0..chunk.len()).collect(),
-                model.cfg.max_len,
-                model.cfg.vocab_size,
-                &mut rng,
-                device,
-            );
+            let b = model_batch(model, chunk, &mut rng, device);
             let o = model.forward_t(&b.ids, &b.mask, false, false)?;
             let (_, per_seq, counts) = token_losses(&o.logits, &b.targets);
             let l: Vec<f64> =
@@ -108,15 +100,7 @@ pub fn encode(model: &Model, seqs: &[&[u32]], batch: usize, device: Device) -> R
     tch::no_grad(|| -> Result<()> {
         for chunk in seqs.chunks(batch.max(1)) {
             let mut rng = step_rng(0, 0);
-            let b = make_batch(
-                model.cfg.arch,
-                chunk,
-                (0..chunk.len()).collect(),
-                model.cfg.max_len,
-                model.cfg.vocab_size,
-                &mut rng,
-                device,
-            );
+            let b = model_batch(model, chunk, &mut rng, device);
             let o = model.forward_t(&b.ids, &b.mask, false, true)?;
             for (slot, e) in per_layer.iter_mut().zip(&o.seq_emb) {
                 slot.push(e.to_device(Device::Cpu).to_kind(tch::Kind::Float));

@@ -54,6 +54,25 @@ pub fn make_batch(
     pad(rows, samples, device)
 }
 
+/// [`make_batch`] with the arch, length limit and vocabulary of `model`.
+pub fn model_batch(
+    model: &crate::model::Model,
+    seqs: &[&[u32]],
+    rng: &mut ChaCha8Rng,
+    device: Device,
+) -> Batch {
+    let c = &model.cfg;
+    make_batch(
+        c.arch,
+        seqs,
+        (0..seqs.len()).collect(),
+        c.max_len,
+        c.vocab_size,
+        rng,
+        device,
+    )
+}
+
 /// Like [`make_batch`], but row i's BERT mask comes from a RNG seeded by (`seed`, `keys[i]`), so a
 /// sample is masked the same way whatever batch it is in (gradient capture compares batch sizes).
 pub fn make_batch_keyed(

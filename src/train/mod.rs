@@ -53,12 +53,9 @@ pub struct TrainData {
 impl TrainData {
     pub fn load(corpus: &Path, tokenizer_path: Option<&Path>) -> Result<TrainData> {
         let c = Corpus::read(corpus)?;
-        let tok_path: PathBuf = tokenizer_path.map(Path::to_path_buf).unwrap_or_else(|| {
-            corpus
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join("tokenizer.json")
-        });
+        let tok_path: PathBuf = tokenizer_path
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| crate::corpus::tokenizer::default_path(corpus));
         let tok = tokenizer::load(&tok_path)?;
         let texts: Vec<&str> = c.samples.iter().map(|s| s.text.as_str()).collect();
         let ids = tokenizer::encode_all(&tok, &texts)?;
