@@ -27,15 +27,7 @@ demo: build
 	for run in dense switch cse; do \
 	  $(BIN) eval --model $(OUT)/train/$$run/final --corpus $(OUT)/corpus.parquet -o $(OUT)/eval/$$run || exit 1; \
 	done
-	for run in dense cse; do \
-	  $(BIN) ntk --model $(OUT)/train/$$run/final --corpus $(OUT)/corpus.parquet --samples 512 -o $(OUT)/ntk/$$run || exit 1; \
-	done
-	$(BIN) analyze --ntk $(OUT)/ntk/dense --model $(OUT)/train/dense/final --corpus $(OUT)/corpus.parquet -o $(OUT)/analysis/dense
-	$(BIN) analyze --ntk $(OUT)/ntk/cse --model $(OUT)/train/cse/final --corpus $(OUT)/corpus.parquet \
-	  --baseline $(OUT)/ntk/dense -o $(OUT)/analysis/cse
-	$(BIN) report --analysis $(OUT)/analysis/cse --ntk $(OUT)/ntk/cse --baseline $(OUT)/ntk/dense \
-	  --title "tailscope demo: Brown corpus, CSE model against the dense baseline" \
-	  -o $(OUT)/report --notebook notebooks-export/demo.ipynb
+	$(BIN) run analyses/demo.toml
 	@echo
 	@echo "demo outputs:"
 	@echo "  corpus table      $(OUT)/corpus.parquet (tokenizer: $(OUT)/tokenizer.json)"

@@ -94,6 +94,18 @@ pub fn read_parquet(path: impl AsRef<Path>) -> Result<DataFrame> {
         .map_err(|e| Error::in_file(path, format!("not a readable Parquet table ({e})")))
 }
 
+/// Read a TOML file into `T`; a syntax error, unknown key or bad value is bad input naming the
+/// file and the line where it starts.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map_or(1, |s| text[..s.start].matches('\n').count() + 1);
+        Error::at_line(path, line, e.message().replace('\n', " "))
+    })
+}
+
 /// A numeric column as f64 (nulls become NaN); a missing or non-numeric column is bad input
 /// naming the file and column.
 pub fn column_f64(df: &DataFrame, name: &str, path: &Path) -> Result<Vec<f64>> {

@@ -1005,3 +1005,57 @@ fn capture_and_ntk_from_the_cli() {
         &["--method"],
     );
 }
+
+#[test]
+fn declarative_run_and_bad_specs() {
+    let t = Tmp::new();
+    let corpus = t.s("c/corpus.parquet");
+    ok(&[
+        "corpus",
+        "synth",
+        "--samples",
+        "300",
+        "--rare-share",
+        "0.2",
+        "--vocab-size",
+        "320",
+        "-o",
+        &corpus,
+    ]);
+    let train_spec = tiny_spec(&t, &corpus);
+    let spec = t.file(
+        "run.toml",
+        format!(
+            "[data]\ncorpus = \"{corpus}\"\n[train]\nconfig = \"{train_spec}\"\nruns = [\"dense\", \"cse\"]\nout = \"{tr}\"\n\
+             [ntk]\nsamples = 16\nbatch = 8\nout = \"{nk}\"\n[analysis]\nmodel = \"cse\"\nbaseline = \"dense\"\nresamples = 50\nout = \"{an}\"\n\
+             [report]\nout = \"{rp}\"\ntitle = \"run test\"\n",
+            tr = t.s("tr"),
+            nk = t.s("nk"),
+            an = t.s("an"),
+            rp = t.s("rp")
+        )
+        .as_bytes(),
+    );
+    let printed = ok(&["run", &spec]);
+    assert!(printed.contains("HTML report: "), "{printed}");
+    for f in [
+        "tr/cse/final/model.safetensors",
+        "nk/cse/kernel.safetensors",
+        "nk/dense/gc.parquet",
+        "an/isolation.parquet",
+        "rp/report.html",
+        "rp/report.ipynb",
+    ] {
+        assert!(t.path(f).exists(), "{f}");
+    }
+    let bad_key = t.file(
+        "bad.toml",
+        format!("[data]\ncorpus = \"{corpus}\"\nextra = 1\n").as_bytes(),
+    );
+    bad(&["run", &bad_key], &["bad.toml:3", "extra"]);
+    let missing = t.file(
+        "missing.toml",
+        b"[data]\ncorpus = \"nowhere.parquet\"\n[ntk]\nout = \"x\"\n[analysis]\nmodel = \"some/model\"\nout = \"y\"\n",
+    );
+    bad(&["run", &missing], &["missing.toml", "some/model"]);
+}

@@ -10,6 +10,7 @@ mod freq;
 mod ntk;
 pub mod progress;
 mod report;
+mod run;
 mod train;
 
 use std::ffi::OsString;
@@ -107,6 +108,8 @@ pub enum Command {
     Analyze(analyze::AnalyzeArgs),
     /// A self-contained HTML report and a Jupyter notebook from an analysis.
     Report(report::ReportArgs),
+    /// Run a declarative pipeline spec (train, ntk, analyze, report).
+    Run(run::RunArgs),
 }
 
 /// Parse `args` and run the command. Usage errors exit through clap (status 2; 0 for --help).
@@ -131,6 +134,7 @@ where
         Command::Ntk(args) => ntk::run_ntk(args, &cli.global)?,
         Command::Analyze(args) => analyze::run(args, &cli.global)?,
         Command::Report(args) => report::run(args, &cli.global)?,
+        Command::Run(args) => run::run(args, &cli.global)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -129,14 +129,7 @@ pub struct RunSpec {
 impl TrainSpec {
     /// Read and check a spec; TOML errors carry the file and line, unknown keys their name.
     pub fn read(path: &Path) -> Result<TrainSpec> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let spec: TrainSpec = toml::from_str(&text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start].lines().count().max(1))
-                .unwrap_or(1);
-            Error::at_line(path, line, e.message().replace('\n', " "))
-        })?;
+        let spec: TrainSpec = crate::io::read_toml(path)?;
         spec.check()
             .map_err(|e| Error::in_file(path, e.to_string()))?;
         Ok(spec)
