@@ -5,4 +5,5 @@
 
 pub mod flags;
 pub mod isolation;
+pub mod pca;
 pub mod stats;

@@ -590,6 +590,14 @@ pub fn run_ntk(a: &NtkArgs, g: &Global) -> anyhow::Result<()> {
     extra2.push(("freq_bin".into(), bins.iter().map(|&b| b as i64).collect()));
     let mut df = samples_frame(&p, Some(&diag), Some(&align), &extra2)?;
     let sc = Column::new("freq_score".into(), scores.clone());
+    if let Some(last) = enc.layers.last() {
+        // Two principal components of the last block's sequence embeddings, for plotting.
+        let (pc1, pc2) = crate::analysis::pca::pca2(last)?;
+        df.with_column(Column::new("pc1".into(), pc1))
+            .map_err(|e| Error::table("samples", e))?;
+        df.with_column(Column::new("pc2".into(), pc2))
+            .map_err(|e| Error::table("samples", e))?;
+    }
     df.with_column(sc).map_err(|e| Error::table("samples", e))?;
     crate::io::write_parquet(&mut df, out.join("samples.parquet"))?;
     println!("principal eigenvalue {:.4e}; GC (cos of the primary gradient directions) by 1-gram frequency bin (0 = rarest):", whole.lambda);

@@ -20,6 +20,9 @@ pub struct ReportArgs {
     /// The dense baseline's `ntk` folder (heatmap beside this model's).
     #[arg(long, value_name = "DIR")]
     pub baseline: Option<PathBuf>,
+    /// A training run folder (log.parquet, clusters.parquet): adds training curves and cluster dynamics.
+    #[arg(long, value_name = "DIR")]
+    pub train_run: Option<PathBuf>,
     /// Report title.
     #[arg(long, default_value = "tailscope report", value_name = "TEXT")]
     pub title: String,
@@ -32,7 +35,13 @@ pub struct ReportArgs {
 }
 
 pub fn run(a: &ReportArgs, _g: &Global) -> anyhow::Result<()> {
-    let r = crate::report::build(&a.analysis, &a.ntk, a.baseline.as_deref(), &a.title)?;
+    let r = crate::report::build(
+        &a.analysis,
+        &a.ntk,
+        a.baseline.as_deref(),
+        a.train_run.as_deref(),
+        &a.title,
+    )?;
     let nb = a
         .notebook
         .clone()

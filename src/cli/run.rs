@@ -281,6 +281,12 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         if let Some(t) = &r.title {
             args.extend(["--title".into(), t.clone()]);
         }
+        if spec.train.is_some() || an.model.contains('/') {
+            // The run folder holds log.parquet and clusters.parquet beside final/.
+            if let Some(run) = model_dir(&an.model).parent() {
+                args.extend(["--train-run".into(), s(run)]);
+            }
+        }
         if let Some(nb) = &r.notebook {
             args.extend(["--notebook".into(), s(nb)]);
         }

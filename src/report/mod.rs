@@ -47,7 +47,13 @@ fn fmt(v: f64) -> String {
 }
 
 /// Gather tables and draw the figures.
-pub fn build(analysis: &Path, ntk: &Path, baseline: Option<&Path>, title: &str) -> Result<Report> {
+pub fn build(
+    analysis: &Path,
+    ntk: &Path,
+    baseline: Option<&Path>,
+    train_run: Option<&Path>,
+    title: &str,
+) -> Result<Report> {
     let ap = analysis.join("analysis.parquet");
     let a = read_parquet(&ap)?;
     let freq = column_f64(&a, "freq_score", &ap)?;
@@ -135,6 +141,36 @@ pub fn build(analysis: &Path, ntk: &Path, baseline: Option<&Path>, title: &str) 
         ),
         svg: plots::ntk_heatmaps(&panels, &order, &boundaries, "Empirical NTK")?,
     });
+    if a.column("pc1").is_ok() && a.column("pc2").is_ok() {
+        let (pc1, pc2) = (column_f64(&a, "pc1", &ap)?, column_f64(&a, "pc2", &ap)?);
+        let (labels, by): (Vec<String>, &str) = match &expert_col {
+            Some(_) => (
+                experts.iter().map(|e| format!("expert {e}")).collect(),
+                "expert",
+            ),
+            None => (
+                column_f64(&a, "cluster", &ap)?
+                    .iter()
+                    .map(|c| {
+                        if *c < 0.0 {
+                            "noise".into()
+                        } else {
+                            format!("cluster {c}")
+                        }
+                    })
+                    .collect(),
+                "DBSCAN cluster",
+            ),
+        };
+        figures.push(Figure {
+            name: "embeddings_pca".into(),
+            caption: format!("Sequence embeddings after the last block, first two principal components, coloured by {by}; paper Fig. 2b/5a."),
+            svg: plots::scatter_by_group(&pc1, &pc2, &labels, "Sequence embeddings (PCA)", "PC 1", "PC 2")?,
+        });
+    }
+    if let Some(run) = train_run {
+        figures.extend(training_figures(run)?);
+    }
     let cp = analysis.join("correlations.parquet");
     let c = read_parquet(&cp)?;
     let (cx, cy, cm) = (
@@ -262,6 +298,83 @@ pub fn build(analysis: &Path, ntk: &Path, baseline: Option<&Path>, title: &str) 
         figures,
         tables,
     })
+}
+
+/// Training curves of the runs beside `run` (loss, smoothed over 10 steps) and the cluster
+/// dynamics of `run` (clusters and distance/radius ratio per block over steps; paper Fig. 3).
+fn training_figures(run: &Path) -> Result<Vec<Figure>> {
+    let mut curves = Vec::new();
+    let parent = run.parent().unwrap_or(Path::new("."));
+    let mut runs: Vec<PathBuf> = std::fs::read_dir(parent)
+        .map_err(|e| Error::io(parent, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("log.parquet").exists())
+        .collect();
+    runs.sort();
+    for r in &runs {
+        let lp = r.join("log.parquet");
+        let t = read_parquet(&lp)?;
+        let (step, loss) = (column_f64(&t, "step", &lp)?, column_f64(&t, "loss", &lp)?);
+        let pts: Vec<(f64, f64)> = (0..step.len())
+            .map(|i| {
+                let lo = i.saturating_sub(9);
+                (
+                    step[i],
+                    loss[lo..=i].iter().sum::<f64>() / (i - lo + 1) as f64,
+                )
+            })
+            .collect();
+        curves.push((
+            r.file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            pts,
+        ));
+    }
+    let mut out = vec![Figure {
+        name: "training_curves".into(),
+        caption: "Training loss per step (mean of the last 10 steps) of every run beside the analysed one.".into(),
+        svg: plots::line_series(&curves, "Training curves", "step", "training loss")?,
+    }];
+    let cp = run.join("clusters.parquet");
+    if cp.exists() {
+        let t = read_parquet(&cp)?;
+        let (step, layer, n, ratio) = (
+            column_f64(&t, "step", &cp)?,
+            column_f64(&t, "layer", &cp)?,
+            column_f64(&t, "n_clusters", &cp)?,
+            column_f64(&t, "ratio", &cp)?,
+        );
+        let mut layers: Vec<i64> = layer.iter().map(|l| *l as i64).collect();
+        layers.sort();
+        layers.dedup();
+        let series = |v: &[f64]| -> Vec<(String, Vec<(f64, f64)>)> {
+            layers
+                .iter()
+                .map(|&l| {
+                    (
+                        format!("block {}", l - 1),
+                        (0..step.len())
+                            .filter(|&i| layer[i] as i64 == l && v[i].is_finite())
+                            .map(|i| (step[i], v[i]))
+                            .collect(),
+                    )
+                })
+                .collect()
+        };
+        out.push(Figure {
+            name: "cluster_count".into(),
+            caption: "Number of DBSCAN clusters of a fixed validation probe set at each block's output over training (paper Fig. 3).".into(),
+            svg: plots::line_series(&series(&n), "Clusters over training", "step", "clusters")?,
+        });
+        out.push(Figure {
+            name: "cluster_ratio".into(),
+            caption: "Mean inter-centroid distance over mean cluster radius per block over training (paper Fig. 3); gaps where fewer than two clusters were found.".into(),
+            svg: plots::line_series(&series(&ratio), "Cluster separation over training", "step", "distance / radius")?,
+        });
+    }
+    Ok(out)
 }
 
 const SORT_JS: &str = "function sortTable(t,c){const b=t.tBodies[0];const r=[...b.rows];const asc=t.dataset.col==c&&t.dataset.dir!='asc';r.sort((x,y)=>{const a=x.cells[c].innerText,d=y.cells[c].innerText;const n=parseFloat(a)-parseFloat(d);const v=isNaN(n)?a.localeCompare(d):n;return asc?v:-v});t.dataset.col=c;t.dataset.dir=asc?'asc':'desc';r.forEach(e=>b.appendChild(e));}";

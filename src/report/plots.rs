@@ -99,33 +99,29 @@ pub fn gc_by_frequency(bins: &[(String, f64, Option<f64>, u64)], title: &str) ->
     Ok(svg)
 }
 
-/// Frequency score (x) against alignment (y), one colour per domain (the 7 largest; others grey).
-pub fn frequency_vs_alignment(
-    freq: &[f64],
-    align: &[f64],
-    domains: &[String],
+/// A scatter plot with one colour per group (the 7 largest groups; the rest grey, as "other").
+pub fn scatter_by_group(
+    x: &[f64],
+    y: &[f64],
+    groups: &[String],
     title: &str,
+    xdesc: &str,
+    ydesc: &str,
 ) -> Result<String> {
     let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
-    for d in domains {
+    for d in groups {
         *counts.entry(d.as_str()).or_default() += 1;
     }
     let mut order: Vec<(&str, usize)> = counts.into_iter().collect();
     order.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
     let named: Vec<&str> = order.iter().take(7).map(|x| x.0).collect();
-    let colour = |d: &str| {
-        named
-            .iter()
-            .position(|n| *n == d)
-            .map_or(GREY, |i| PALETTE[i])
-    };
     let fin = |v: &[f64]| {
         v.iter()
             .copied()
             .filter(|x| x.is_finite())
             .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(x), h.max(x)))
     };
-    let ((x0, x1), (y0, y1)) = (fin(freq), fin(align));
+    let ((x0, x1), (y0, y1)) = (fin(x), fin(y));
     let pad = |a: f64, b: f64| if b > a { (b - a) * 0.05 } else { 0.5 };
     let mut svg = String::new();
     {
@@ -142,27 +138,27 @@ pub fn frequency_vs_alignment(
             )
             .map_err(plot_err)?;
         c.configure_mesh()
-            .x_desc("sentence frequency score (1-gram)")
-            .y_desc("alignment cos(g(X), J_i)")
+            .x_desc(xdesc)
+            .y_desc(ydesc)
             .draw()
             .map_err(plot_err)?;
-        let mut groups: Vec<&str> = named.clone();
+        let mut shown: Vec<&str> = named.clone();
         if order.len() > 7 {
-            groups.push("other");
+            shown.push("other");
         }
-        for g in groups {
-            let pts: Vec<(f64, f64)> = (0..freq.len())
+        for (k, g) in shown.into_iter().enumerate() {
+            let pts: Vec<(f64, f64)> = (0..x.len())
                 .filter(|&i| {
                     if g == "other" {
-                        !named.contains(&domains[i].as_str())
+                        !named.contains(&groups[i].as_str())
                     } else {
-                        domains[i] == g
+                        groups[i] == g
                     }
                 })
-                .filter(|&i| freq[i].is_finite() && align[i].is_finite())
-                .map(|i| (freq[i], align[i]))
+                .filter(|&i| x[i].is_finite() && y[i].is_finite())
+                .map(|i| (x[i], y[i]))
                 .collect();
-            let col = if g == "other" { GREY } else { colour(g) };
+            let col = if g == "other" { GREY } else { PALETTE[k] };
             c.draw_series(
                 pts.into_iter()
                     .map(|p| Circle::new(p, 3, col.mix(0.7).filled())),
@@ -173,6 +169,87 @@ pub fn frequency_vs_alignment(
         }
         c.configure_series_labels()
             .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(svg)
+}
+
+/// Frequency score (x) against alignment (y), one colour per domain.
+pub fn frequency_vs_alignment(
+    freq: &[f64],
+    align: &[f64],
+    domains: &[String],
+    title: &str,
+) -> Result<String> {
+    scatter_by_group(
+        freq,
+        align,
+        domains,
+        title,
+        "sentence frequency score (1-gram)",
+        "alignment cos(g(X), J_i)",
+    )
+}
+
+/// Lines (one per named series of (x, y) points), e.g. losses over steps.
+pub fn line_series(
+    series: &[(String, Vec<(f64, f64)>)],
+    title: &str,
+    xdesc: &str,
+    ydesc: &str,
+) -> Result<String> {
+    let all: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.1.iter().copied())
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .collect();
+    let (x0, x1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), p| (l.min(p.0), h.max(p.0)));
+    let (y0, y1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), p| (l.min(p.1), h.max(p.1)));
+    let (x0, x1) = if all.is_empty() {
+        (0.0, 1.0)
+    } else {
+        (x0, x1.max(x0 + 1e-9))
+    };
+    let (y0, y1) = if all.is_empty() {
+        (0.0, 1.0)
+    } else {
+        (y0, y1.max(y0 + 1e-9))
+    };
+    let pad = (y1 - y0) * 0.05;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (720, 420)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut c = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
+            .map_err(plot_err)?;
+        c.configure_mesh()
+            .x_desc(xdesc)
+            .y_desc(ydesc)
+            .draw()
+            .map_err(plot_err)?;
+        for (k, (name, pts)) in series.iter().enumerate() {
+            let col = PALETTE[k % PALETTE.len()];
+            c.draw_series(LineSeries::new(pts.clone(), col.stroke_width(2)))
+                .map_err(plot_err)?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2))
+                });
+        }
+        c.configure_series_labels()
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()
