@@ -248,6 +248,11 @@ pub fn line_series(
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2))
                 });
+            // Markers too, so that a series with a single point still shows (long series get none).
+            if pts.len() <= 50 {
+                c.draw_series(pts.iter().map(|&p| Circle::new(p, 4, col.filled())))
+                    .map_err(plot_err)?;
+            }
         }
         c.configure_series_labels()
             .background_style(WHITE.mix(0.85))
