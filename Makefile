@@ -1,11 +1,11 @@
 # tailscope: `make demo` runs the main job on the bundled corpus, `make test` runs every test.
 # Both provision libtorch first (scripts/setup, once per machine). Set CARGO_TARGET_DIR to keep
-# build outputs outside the clone; OUT to put the demo outputs elsewhere.
+# build outputs outside the clone. The demo writes under out/demo, the paths analyses/demo.toml names.
 SHELL := bash
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 BIN := $(TARGET_DIR)/release/tailscope
-OUT ?= out/demo
+OUT := out/demo
 
 .PHONY: all setup setup-test build demo test lint bench bench-freq fixture clean
 
