@@ -13,11 +13,11 @@ use crate::error::{Error, Result};
 use crate::io::{column_f64, column_str, read_parquet};
 use crate::model::checkpoint::read_tensors;
 
-/// One figure: file stem, caption, SVG text.
+/// One figure: file stem, caption, the drawing as SVG and PNG.
 pub struct Figure {
     pub name: String,
     pub caption: String,
-    pub svg: String,
+    pub plot: plots::Rendered,
 }
 
 /// Everything a report shows.
@@ -84,12 +84,12 @@ pub fn build(
         Figure {
             name: "gc_by_frequency".into(),
             caption: "Gradient consistency of each 1-gram frequency bin with the whole sample set (top) and the samples per bin (bottom); paper Fig. 2a.".into(),
-            svg: plots::gc_by_frequency(&bins, "GC by data frequency")?,
+            plot: plots::gc_by_frequency(&bins, "GC by data frequency")?,
         },
         Figure {
             name: "frequency_vs_alignment".into(),
             caption: "Each sample's frequency score against the alignment of its gradient with the primary gradient direction, coloured by domain.".into(),
-            svg: plots::frequency_vs_alignment(&freq, &align, &domains, "Frequency against alignment")?,
+            plot: plots::frequency_vs_alignment(&freq, &align, &domains, "Frequency against alignment")?,
         },
     ];
     // Heatmaps: samples ordered by expert (last CSE block, if any), then domain.
@@ -139,7 +139,7 @@ pub fn build(
             if expert_col.is_some() { "expert, then " } else { "" },
             if kb.is_some() { ", beside the dense baseline on the same samples" } else { "" }
         ),
-        svg: plots::ntk_heatmaps(&panels, &order, &boundaries, "Empirical NTK")?,
+        plot: plots::ntk_heatmaps(&panels, &order, &boundaries, "Empirical NTK")?,
     });
     if a.column("pc1").is_ok() && a.column("pc2").is_ok() {
         let (pc1, pc2) = (column_f64(&a, "pc1", &ap)?, column_f64(&a, "pc2", &ap)?);
@@ -165,7 +165,7 @@ pub fn build(
         figures.push(Figure {
             name: "embeddings_pca".into(),
             caption: format!("Sequence embeddings after the last block, first two principal components, coloured by {by}; paper Fig. 2b/5a."),
-            svg: plots::scatter_by_group(&pc1, &pc2, &labels, "Sequence embeddings (PCA)", "PC 1", "PC 2")?,
+            plot: plots::scatter_by_group(&pc1, &pc2, &labels, "Sequence embeddings (PCA)", "PC 1", "PC 2")?,
         });
     }
     if let Some(run) = train_run {
@@ -335,7 +335,7 @@ fn training_figures(run: &Path) -> Result<Vec<Figure>> {
     let mut out = vec![Figure {
         name: "training_curves".into(),
         caption: "Training loss per step (mean of the last 10 steps) of every run beside the analysed one.".into(),
-        svg: plots::line_series(&curves, "Training curves", "step", "training loss")?,
+        plot: plots::line_series(&curves, "Training curves", "step", "training loss")?,
     }];
     let cp = run.join("clusters.parquet");
     if cp.exists() {
@@ -366,12 +366,12 @@ fn training_figures(run: &Path) -> Result<Vec<Figure>> {
         out.push(Figure {
             name: "cluster_count".into(),
             caption: "Number of DBSCAN clusters of a fixed validation probe set at each block's output over training (paper Fig. 3).".into(),
-            svg: plots::line_series(&series(&n), "Clusters over training", "step", "clusters")?,
+            plot: plots::line_series(&series(&n), "Clusters over training", "step", "clusters")?,
         });
         out.push(Figure {
             name: "cluster_ratio".into(),
             caption: "Mean inter-centroid distance over mean cluster radius per block over training (paper Fig. 3); gaps where fewer than two clusters were found.".into(),
-            svg: plots::line_series(&series(&ratio), "Cluster separation over training", "step", "distance / radius")?,
+            plot: plots::line_series(&series(&ratio), "Cluster separation over training", "step", "distance / radius")?,
         });
     }
     Ok(out)
@@ -413,7 +413,7 @@ pub fn html(r: &Report) -> String {
             format!(
                 "<figure id=\"{}\">{}<figcaption>{}</figcaption></figure>",
                 f.name,
-                f.svg,
+                f.plot.svg,
                 esc(&f.caption)
             )
         })
@@ -463,7 +463,7 @@ pub fn notebook(r: &Report, figure_dir: &Path) -> serde_json::Value {
         cells.push(json!({
             "cell_type": "code", "id": format!("fig{i}"), "execution_count": null, "metadata": {},
             "source": lines(&format!("from IPython.display import SVG\nSVG(filename={:?})\n", figure_dir.join(format!("{}.svg", f.name)).display().to_string())),
-            "outputs": [{"output_type": "display_data", "metadata": {}, "data": {"image/svg+xml": lines(&f.svg), "text/plain": [format!("<{} figure>", f.name)]}}]
+            "outputs": [{"output_type": "display_data", "metadata": {}, "data": {"image/svg+xml": lines(&f.plot.svg), "text/plain": [format!("<{} figure>", f.name)]}}]
         }));
     }
     json!({
@@ -473,12 +473,16 @@ pub fn notebook(r: &Report, figure_dir: &Path) -> serde_json::Value {
     })
 }
 
-/// Write report.html, figures/*.svg and the notebook, atomically each.
+/// Write report.html, figures/*.svg and *.png, and the notebook, atomically each.
 pub fn write(r: &Report, out: &Path, notebook_path: &Path) -> Result<()> {
     for f in &r.figures {
         crate::io::write_atomic(
             out.join("figures").join(format!("{}.svg", f.name)),
-            f.svg.as_bytes(),
+            f.plot.svg.as_bytes(),
+        )?;
+        crate::io::write_atomic(
+            out.join("figures").join(format!("{}.png", f.name)),
+            &f.plot.png,
         )?;
     }
     crate::io::write_atomic(out.join("report.html"), html(r).as_bytes())?;

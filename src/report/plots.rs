@@ -1,4 +1,5 @@
-//! Figures as SVG (plotters' SVG backend; text is left to the viewer's fonts): GC per frequency
+//! Figures as SVG and PNG (plotters' SVG and bitmap backends; the PNG text is drawn with the
+//! bundled DejaVu Sans, `assets/fonts`, so no system font is needed): GC per frequency
 //! bin over the bin sizes (paper Fig. 2a), frequency score against alignment coloured by domain,
 //! and NTK heatmaps (cosine-normalised) ordered by expert and domain, sparse model beside the
 //! baseline (paper Fig. 5b/c). Colours: the Okabe–Ito palette, safe for colour-blind readers.
@@ -7,6 +8,58 @@ use plotters::prelude::*;
 use tch::Tensor;
 
 use crate::error::{Error, Result};
+
+/// One figure drawn twice: SVG text (for the HTML report) and PNG bytes (for slides and papers).
+pub struct Rendered {
+    pub svg: String,
+    pub png: Vec<u8>,
+}
+
+static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The bundled font is valid; a failure here would only mean text-less PNGs.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+/// PNG encoding of an RGB buffer (plotters' bitmap backend draws into it).
+fn encode_png(rgb: &[u8], (w, h): (u32, u32)) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut wr = enc.write_header().map_err(plot_err)?;
+        wr.write_image_data(rgb).map_err(plot_err)?;
+    }
+    Ok(out)
+}
+
+/// Runs the drawing code `$body` (which uses `$root`, a drawing area) once on the SVG backend and
+/// once on the bitmap backend: plotters' backends are distinct types, so the body is expanded twice.
+macro_rules! render {
+    ($size:expr, |$root:ident| $body:block) => {{
+        let size: (u32, u32) = $size;
+        register_font();
+        let mut svg = String::new();
+        {
+            let $root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+            $body
+        }
+        let mut rgb = vec![0u8; size.0 as usize * size.1 as usize * 3];
+        {
+            let $root = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
+            $body
+        }
+        Ok(Rendered {
+            svg,
+            png: encode_png(&rgb, size)?,
+        })
+    }};
+}
 
 /// Okabe–Ito colours (black last), then grey for "other".
 pub const PALETTE: [RGBColor; 8] = [
@@ -26,10 +79,8 @@ fn plot_err<E: std::fmt::Debug>(e: E) -> Error {
 }
 
 /// GC per frequency bin (top) over the number of samples per bin (bottom).
-pub fn gc_by_frequency(bins: &[(String, f64, Option<f64>, u64)], title: &str) -> Result<String> {
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (720, 480)).into_drawing_area();
+pub fn gc_by_frequency(bins: &[(String, f64, Option<f64>, u64)], title: &str) -> Result<Rendered> {
+    render!((720, 480), |root| {
         root.fill(&WHITE).map_err(plot_err)?;
         let root = root.titled(title, ("sans-serif", 20)).map_err(plot_err)?;
         let (top, bottom) = root.split_vertically(300);
@@ -95,8 +146,7 @@ pub fn gc_by_frequency(bins: &[(String, f64, Option<f64>, u64)], title: &str) ->
         }))
         .map_err(plot_err)?;
         root.present().map_err(plot_err)?;
-    }
-    Ok(svg)
+    })
 }
 
 /// A scatter plot with one colour per group (the 7 largest groups; the rest grey, as "other").
@@ -107,7 +157,7 @@ pub fn scatter_by_group(
     title: &str,
     xdesc: &str,
     ydesc: &str,
-) -> Result<String> {
+) -> Result<Rendered> {
     let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
     for d in groups {
         *counts.entry(d.as_str()).or_default() += 1;
@@ -123,9 +173,7 @@ pub fn scatter_by_group(
     };
     let ((x0, x1), (y0, y1)) = (fin(x), fin(y));
     let pad = |a: f64, b: f64| if b > a { (b - a) * 0.05 } else { 0.5 };
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (720, 480)).into_drawing_area();
+    render!((720, 480), |root| {
         root.fill(&WHITE).map_err(plot_err)?;
         let mut c = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 20))
@@ -174,8 +222,7 @@ pub fn scatter_by_group(
             .draw()
             .map_err(plot_err)?;
         root.present().map_err(plot_err)?;
-    }
-    Ok(svg)
+    })
 }
 
 /// Frequency score (x) against alignment (y), one colour per domain.
@@ -184,7 +231,7 @@ pub fn frequency_vs_alignment(
     align: &[f64],
     domains: &[String],
     title: &str,
-) -> Result<String> {
+) -> Result<Rendered> {
     scatter_by_group(
         freq,
         align,
@@ -201,7 +248,7 @@ pub fn line_series(
     title: &str,
     xdesc: &str,
     ydesc: &str,
-) -> Result<String> {
+) -> Result<Rendered> {
     let all: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|s| s.1.iter().copied())
@@ -224,9 +271,7 @@ pub fn line_series(
         (y0, y1.max(y0 + 1e-9))
     };
     let pad = (y1 - y0) * 0.05;
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (720, 420)).into_drawing_area();
+    render!((720, 420), |root| {
         root.fill(&WHITE).map_err(plot_err)?;
         let mut c = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 20))
@@ -260,8 +305,7 @@ pub fn line_series(
             .draw()
             .map_err(plot_err)?;
         root.present().map_err(plot_err)?;
-    }
-    Ok(svg)
+    })
 }
 
 /// Cosine-normalised kernels K_ij / √(K_ii K_jj) of the samples `order` (already ordered), one
@@ -272,25 +316,16 @@ pub fn ntk_heatmaps(
     order: &[usize],
     boundaries: &[usize],
     caption: &str,
-) -> Result<String> {
+) -> Result<Rendered> {
     let n = order.len();
-    let mut svg = String::new();
-    {
-        let w = 360 * panels.len().max(1) as u32;
-        let root = SVGBackend::with_string(&mut svg, (w, 400)).into_drawing_area();
-        root.fill(&WHITE).map_err(plot_err)?;
-        let root = root.titled(caption, ("sans-serif", 18)).map_err(plot_err)?;
-        let areas = root.split_evenly((1, panels.len().max(1)));
-        for ((title, k), area) in panels.iter().zip(areas) {
+    // Colours of every cell, computed once for both backends.
+    let colours: Vec<Vec<RGBColor>> = panels
+        .iter()
+        .map(|(_, k)| {
             let diag: Vec<f64> = order
                 .iter()
                 .map(|&i| k.double_value(&[i as i64, i as i64]).max(1e-300))
                 .collect();
-            let mut c = ChartBuilder::on(&area)
-                .caption(*title, ("sans-serif", 16))
-                .margin(8)
-                .build_cartesian_2d(0..n as i32, 0..n as i32)
-                .map_err(plot_err)?;
             let mut cells = Vec::with_capacity(n * n);
             for (a, &i) in order.iter().enumerate() {
                 for (b, &j) in order.iter().enumerate() {
@@ -310,16 +345,34 @@ pub fn ntk_heatmaps(
                             255.0 - (255.0 - 178.0) * u,
                         )
                     };
-                    let col = RGBColor(r as u8, g as u8, bl as u8);
-                    cells.push(Rectangle::new(
+                    cells.push(RGBColor(r as u8, g as u8, bl as u8));
+                }
+            }
+            cells
+        })
+        .collect();
+    let w = 360 * panels.len().max(1) as u32;
+    render!((w, 400), |root| {
+        root.fill(&WHITE).map_err(plot_err)?;
+        let root = root.titled(caption, ("sans-serif", 18)).map_err(plot_err)?;
+        let areas = root.split_evenly((1, panels.len().max(1)));
+        for (((title, _), area), cols) in panels.iter().zip(areas).zip(&colours) {
+            let mut c = ChartBuilder::on(&area)
+                .caption(*title, ("sans-serif", 16))
+                .margin(8)
+                .build_cartesian_2d(0..n as i32, 0..n as i32)
+                .map_err(plot_err)?;
+            let cells = (0..n).flat_map(|a| {
+                (0..n).map(move |b| {
+                    Rectangle::new(
                         [
                             (b as i32, (n - 1 - a) as i32),
                             (b as i32 + 1, (n - a) as i32),
                         ],
-                        col.filled(),
-                    ));
-                }
-            }
+                        cols[a * n + b].filled(),
+                    )
+                })
+            });
             c.draw_series(cells).map_err(plot_err)?;
             for &b in boundaries {
                 let (b, m) = (b as i32, n as i32);
@@ -331,6 +384,5 @@ pub fn ntk_heatmaps(
             }
         }
         root.present().map_err(plot_err)?;
-    }
-    Ok(svg)
+    })
 }
