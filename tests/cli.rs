@@ -1048,6 +1048,7 @@ fn declarative_run_and_bad_specs() {
     ] {
         assert!(t.path(f).exists(), "{f}");
     }
+    check_report(&t.path("rp"), &t.path("rp/report.ipynb"));
     let bad_key = t.file(
         "bad.toml",
         format!("[data]\ncorpus = \"{corpus}\"\nextra = 1\n").as_bytes(),
@@ -1058,4 +1059,61 @@ fn declarative_run_and_bad_specs() {
         b"[data]\ncorpus = \"nowhere.parquet\"\n[ntk]\nout = \"x\"\n[analysis]\nmodel = \"some/model\"\nout = \"y\"\n",
     );
     bad(&["run", &missing], &["missing.toml", "some/model"]);
+}
+
+/// The report holds every figure inline (SVG) and as PNG files, loads nothing from the network,
+/// and its notebook is valid nbformat 4 (checked by the `nbformat` package, see scripts/setup).
+fn check_report(dir: &Path, notebook: &Path) {
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    let mut stems: Vec<String> = std::fs::read_dir(dir.join("figures"))
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            (p.extension()? == "svg").then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
+        })
+        .collect();
+    stems.sort();
+    for want in [
+        "gc_by_frequency",
+        "frequency_vs_alignment",
+        "ntk_heatmap",
+        "training_curves",
+    ] {
+        assert!(
+            stems.iter().any(|s| s == want),
+            "figure {want} missing: {stems:?}"
+        );
+    }
+    for s in &stems {
+        assert!(
+            html.contains(&format!("<figure id=\"{s}\"><svg")),
+            "figure {s} not inline in the HTML"
+        );
+        let png = std::fs::read(dir.join("figures").join(format!("{s}.png"))).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 1000,
+            "{s}.png"
+        );
+    }
+    assert_eq!(html.matches("<figure id=").count(), stems.len());
+    for net in ["src=\"http", "href=\"http", "<link", "@import", "url(http"] {
+        assert!(!html.contains(net), "the HTML loads {net}…");
+    }
+    let python =
+        std::env::var("TAILSCOPE_PYTHON").expect("TAILSCOPE_PYTHON (written by scripts/setup)");
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import sys, nbformat\nnb = nbformat.read(sys.argv[1], as_version=4)\nnbformat.validate(nb)\nprint(len(nb.cells))",
+        ])
+        .arg(notebook)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nbformat: {}", stderr(&out));
+    let cells: usize = stdout(&out).trim().parse().unwrap();
+    assert_eq!(
+        cells,
+        2 + 2 * stems.len(),
+        "one caption and one figure cell per figure"
+    );
 }
