@@ -1023,10 +1023,19 @@ fn declarative_run_and_bad_specs() {
         &corpus,
     ]);
     let train_spec = tiny_spec(&t, &corpus);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&train_spec)
+        .unwrap();
+    std::io::Write::write_all(
+        &mut f,
+        b"[[run]]\nname = \"switch\"\nexperts = { kind = \"switch\", n_experts = 3, last_k = 1 }\n",
+    )
+    .unwrap();
     let spec = t.file(
         "run.toml",
         format!(
-            "[data]\ncorpus = \"{corpus}\"\n[train]\nconfig = \"{train_spec}\"\nruns = [\"dense\", \"cse\"]\nout = \"{tr}\"\n\
+            "[data]\ncorpus = \"{corpus}\"\n[train]\nconfig = \"{train_spec}\"\nruns = [\"dense\", \"cse\", \"switch\"]\nout = \"{tr}\"\n\
              [ntk]\nsamples = 16\nbatch = 8\nout = \"{nk}\"\n[analysis]\nmodel = \"cse\"\nbaseline = \"dense\"\nresamples = 50\nout = \"{an}\"\n\
              [report]\nout = \"{rp}\"\ntitle = \"run test\"\n",
             tr = t.s("tr"),
@@ -1049,6 +1058,60 @@ fn declarative_run_and_bad_specs() {
         assert!(t.path(f).exists(), "{f}");
     }
     check_report(&t.path("rp"), &t.path("rp/report.ipynb"));
+    // Switch-MoE isolation against the same baseline: one row per expert of the Switch block,
+    // loads summing to the samples, a distance/radius ratio when two experts are used.
+    ok(&[
+        "ntk",
+        "--model",
+        &t.s("tr/switch/final"),
+        "--corpus",
+        &corpus,
+        "--samples",
+        "16",
+        "--batch",
+        "8",
+        "--gc-resamples",
+        "20",
+        "-o",
+        &t.s("nk/switch"),
+    ]);
+    let printed = ok(&[
+        "analyze",
+        "--ntk",
+        &t.s("nk/switch"),
+        "--model",
+        &t.s("tr/switch/final"),
+        "--corpus",
+        &corpus,
+        "--baseline",
+        &t.s("nk/dense"),
+        "--resamples",
+        "50",
+        "-o",
+        &t.s("an_switch"),
+    ]);
+    assert!(printed.contains("expert isolation at h1"), "{printed}");
+    let iso = read_table(&t.path("an_switch/isolation.parquet"));
+    assert_eq!(strs(&iso, "block"), vec!["expert_h1"; 3]);
+    let load: u64 = iso
+        .column("load")
+        .unwrap()
+        .u64()
+        .unwrap()
+        .into_no_null_iter()
+        .sum();
+    assert_eq!(load, 16);
+    let gc = read_table(&t.path("nk/switch/gc.parquet"));
+    let (lo, hi) = (gc.column("gc_low").unwrap(), gc.column("gc_high").unwrap());
+    assert!(lo
+        .f64()
+        .unwrap()
+        .iter()
+        .zip(hi.f64().unwrap().iter())
+        .all(|(l, h)| match (l, h) {
+            (Some(l), Some(h)) => l <= h,
+            _ => true,
+        }));
     let bad_key = t.file(
         "bad.toml",
         format!("[data]\ncorpus = \"{corpus}\"\nextra = 1\n").as_bytes(),

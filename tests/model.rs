@@ -262,6 +262,27 @@ fn switch_aux_loss_matches_its_formula() {
             .map(|x| ((x * 15.0).round() as i64).min(4))
             .sum::<i64>()
     );
+    // A sequence's expert is the one most of its unpadded tokens chose (ties: the lower index).
+    let valid = [
+        [true; 5],
+        [true, true, true, false, false],
+        [true, false, false, false, false],
+    ];
+    let mask = Tensor::from_slice(&valid.concat()).view([3, 5]);
+    let route: Vec<i64> =
+        Vec::try_from(&moe.forward_t(&x, &mask, false, false, None).route).unwrap();
+    let want: Vec<i64> = (0..3)
+        .map(|s| {
+            let mut votes = [0usize; 4];
+            for t in (0..5).filter(|&t| valid[s][t]) {
+                let row = &p[s * 5 + t];
+                votes[(0..4).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap()] += 1;
+            }
+            let top = *votes.iter().max().unwrap();
+            votes.iter().position(|&v| v == top).unwrap() as i64
+        })
+        .collect();
+    assert_eq!(route, want);
 }
 
 #[test]

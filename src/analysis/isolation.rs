@@ -8,6 +8,9 @@
 //! and for the baseline kernel on the same samples, and GC of each long-tail domain within the
 //! expert (X = the expert's samples, X′ = its samples of that domain) for both kernels.
 //!
+//! Per block also the experts' distance/radius ratio in the embeddings that enter the block
+//! ([`separation`]).
+//!
 //! Verdict per expert: `idle` when it holds fewer than `idle_share` of the samples; `isolated`
 //! when one domain, or the long-tail domains together, make up at least `purity` of its samples
 //! and its kernel consistency exceeds the baseline's; otherwise `mixed`. Defaults: idle_share
@@ -57,6 +60,10 @@ pub struct BlockReport {
     /// (domain, purity, samples)
     pub purity: Vec<(String, f64, usize)>,
     pub nmi: f64,
+    /// Cluster distance/radius ratio of the experts in the sequence embeddings entering the
+    /// block (mean pairwise distance of the experts' centroids over their mean radius; paper
+    /// Fig. 3); `None` with fewer than two used experts, or when no embeddings were given.
+    pub separation: Option<f64>,
     pub experts: Vec<ExpertReport>,
 }
 
@@ -232,13 +239,39 @@ pub fn block_report(
         block: block.to_string(),
         purity,
         nmi: nmi(domains, routes),
+        separation: None,
         experts,
     })
+}
+
+/// Distance/radius ratio of the groups `routes` makes of the rows of `emb` ((n, d) f32, row-major):
+/// mean pairwise centroid distance over mean radius (mean member distance to its centroid).
+/// Experts no row reached are left out (they have no centroid).
+pub fn separation(emb: &[f32], d: usize, routes: &[i64]) -> Result<Option<f64>> {
+    let used: BTreeMap<i64, usize> = {
+        let mut u: Vec<i64> = routes.iter().copied().filter(|&r| r >= 0).collect();
+        u.sort_unstable();
+        u.dedup();
+        u.into_iter().enumerate().map(|(i, r)| (r, i)).collect()
+    };
+    let labels: Vec<Option<usize>> = routes.iter().map(|r| used.get(r).copied()).collect();
+    let stats = crate::cluster::ClusterStats::compute(emb, d, &labels, used.len())?;
+    Ok(stats.separation_ratio(d))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// By hand: expert 0 = {(0,0), (2,0)} → centroid (1,0), radius 1; expert 3 = {(10,0), (10,4)}
+    /// → centroid (10,2), radius 2; ratio = √85 / 1.5. Unused experts 1 and 2 do not count.
+    #[test]
+    fn separation_by_hand() {
+        let emb = [0.0f32, 0.0, 2.0, 0.0, 10.0, 0.0, 10.0, 4.0];
+        let r = separation(&emb, 2, &[0, 0, 3, 3]).unwrap().unwrap();
+        assert!((r - 85f64.sqrt() / 1.5).abs() < 1e-6, "{r}");
+        assert_eq!(separation(&emb, 2, &[1, 1, 1, 1]).unwrap(), None);
+    }
 
     #[test]
     fn nmi_extremes() {

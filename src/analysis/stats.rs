@@ -144,14 +144,23 @@ pub fn bootstrap(
             n,
         });
     }
-    stats.sort_by(f64::total_cmp);
-    let q = |p: f64| stats[((p * (stats.len() - 1) as f64).round() as usize).min(stats.len() - 1)];
+    let (low, high) = percentile_interval(&mut stats, alpha);
     Some(Estimate {
         value,
-        low: q(alpha / 2.0),
-        high: q(1.0 - alpha / 2.0),
+        low,
+        high,
         n,
     })
+}
+
+/// The (α/2, 1 − α/2) percentiles of bootstrap statistics (nearest rank); NaN for none.
+pub fn percentile_interval(stats: &mut [f64], alpha: f64) -> (f64, f64) {
+    if stats.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    stats.sort_by(f64::total_cmp);
+    let q = |p: f64| stats[((p * (stats.len() - 1) as f64).round() as usize).min(stats.len() - 1)];
+    (q(alpha / 2.0), q(1.0 - alpha / 2.0))
 }
 
 #[cfg(test)]

@@ -338,7 +338,7 @@ pub fn run(a: &AnalyzeArgs, g: &Global) -> anyhow::Result<()> {
         println!("against the corpus's ground truth (long_tail): precision {p:.3}, recall {r:.3}");
     }
     let isolation = match &a.baseline {
-        Some(b) => isolation(a, b, &samples, &ids, &domains, &lt, &model.cfg)?,
+        Some(b) => isolation(a, b, &samples, &ids, &domains, &lt, &model, &refs, device)?,
         None => Vec::new(),
     };
     let summary = serde_json::json!({
@@ -373,8 +373,11 @@ fn isolation(
     ids: &[String],
     domains: &[String],
     lt: &std::collections::HashSet<&str>,
-    model_cfg: &crate::model::ModelConfig,
+    model: &crate::model::Model,
+    seqs: &[&[u32]],
+    device: tch::Device,
 ) -> anyhow::Result<Vec<crate::analysis::isolation::BlockReport>> {
+    let model_cfg = &model.cfg;
     use crate::analysis::isolation::{block_report, Routing, VerdictRule};
     let bp = base.join("samples.parquet");
     let base_ids = column_str(&read_parquet(&bp)?, "id", &bp)?;
@@ -403,11 +406,13 @@ fn isolation(
         .collect();
     if cols.is_empty() {
         println!(
-            "expert isolation: the model of {} has no CSE block",
+            "expert isolation: the model of {} has no CSE or Switch block",
             a.ntk.display()
         );
     }
     let mut table: Vec<(String, crate::analysis::isolation::ExpertReport)> = Vec::new();
+    let mut block_stats: Vec<(f64, Option<f64>)> = Vec::new();
+    let mut enc: Option<crate::eval::Encoded> = None;
     for c in cols {
         let routes: Vec<i64> = column_f64(samples, &c, &sp)?
             .iter()
@@ -420,6 +425,7 @@ fn isolation(
                 .get((layer - (model_cfg.n_layer - cse.last_k)).max(0) as usize)
                 .copied()
                 .unwrap_or(1) as usize,
+            crate::model::ExpertConfig::Switch(sw) => sw.n_experts as usize,
             _ => 1,
         };
         let routing = Routing {
@@ -428,15 +434,29 @@ fn isolation(
             routes: &routes,
             n_experts,
         };
-        let r = block_report(&routing, &long_tail, &k, &kb, &VerdictRule::default())?;
+        let mut r = block_report(&routing, &long_tail, &k, &kb, &VerdictRule::default())?;
+        // The router sees the output of the previous block: encode's layer `layer`.
+        let enc = match &enc {
+            Some(e) => e,
+            None => enc.insert(crate::eval::encode(model, seqs, 64, device)?),
+        };
+        if let Some(emb) = enc.layers.get(layer.max(0) as usize) {
+            let d = emb.size()[1] as usize;
+            let data: Vec<f32> = Vec::try_from(emb.reshape([-1]))?;
+            r.separation = crate::analysis::isolation::separation(&data, d, &routes)?;
+        }
         println!(
-            "expert isolation at {} (NMI(domain, expert) {:.3}):",
+            "expert isolation at {} (NMI(domain, expert) {:.3}, expert distance/radius {}):",
             c.trim_start_matches("expert_"),
-            r.nmi
+            r.nmi,
+            r.separation.map_or("-".to_string(), |x| format!("{x:.2}"))
         );
         for e in &r.experts {
             let f = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.3}"));
-            println!(
+            if e.load == 0 {
+                println!("  expert {}: {} — no samples", e.expert, e.verdict);
+            } else {
+                println!(
                 "  expert {}: {} — {} samples, {:.0}% {}, {:.0}% long-tail, kernel consistency {} (baseline {})",
                 e.expert,
                 e.verdict,
@@ -446,8 +466,10 @@ fn isolation(
                 100.0 * e.long_tail_share,
                 f(e.consistency),
                 f(e.baseline_consistency)
-            );
+                );
+            }
             table.push((c.clone(), e.clone()));
+            block_stats.push((r.nmi, r.separation));
         }
         reports.push(r);
     }
@@ -491,6 +513,14 @@ fn isolation(
                     .iter()
                     .map(|(_, e)| e.baseline_consistency)
                     .collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "block_nmi".into(),
+                block_stats.iter().map(|b| b.0).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "block_separation".into(),
+                block_stats.iter().map(|b| b.1).collect::<Vec<_>>(),
             ),
             Column::new(
                 "verdict".into(),

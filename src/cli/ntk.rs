@@ -133,6 +133,10 @@ pub struct NtkArgs {
     /// Frequency bins (quantiles of the 1-gram frequency score) for GC per bin.
     #[arg(long, default_value_t = 5, value_name = "N", help_heading = "Kernel")]
     pub bins: usize,
+    /// Bootstrap resamples for the 95% intervals of every GC in gc.parquet (0: none). Each
+    /// resample recomputes the principal direction of the resampled kernel.
+    #[arg(long, default_value_t = 200, value_name = "N", help_heading = "Kernel")]
+    pub gc_resamples: usize,
     /// Also write batch.safetensors (ids, mask, targets of the samples, padded) for peer tools.
     #[arg(long, help_heading = "Output")]
     pub export_batch: bool,
@@ -553,6 +557,13 @@ pub fn run_ntk(a: &NtkArgs, g: &Global) -> anyhow::Result<()> {
     for (name, r) in &extra {
         by(name, r.iter().map(|e| e.to_string()).collect());
     }
+    let intervals = {
+        let pb = progress::spinner(&format!("GC intervals ({} resamples)", a.gc_resamples));
+        let refs: Vec<&[usize]> = groups.iter().map(|g| g.2.as_slice()).collect();
+        let iv = gc::gc_bootstrap(&k.total, &refs, a.gc_resamples, 0.05, g.seed)?;
+        pb.finish_and_clear();
+        iv
+    };
     let mut rows: Vec<(String, String, u64, Option<f64>, f64)> = Vec::new();
     for (col, label, members) in &groups {
         let v = gc::gc(&k.total, &whole, members)?;
@@ -579,6 +590,14 @@ pub fn run_ntk(a: &NtkArgs, g: &Global) -> anyhow::Result<()> {
             Column::new("n".into(), rows.iter().map(|r| r.2).collect::<Vec<_>>()),
             Column::new("gc".into(), rows.iter().map(|r| r.3).collect::<Vec<_>>()),
             Column::new(
+                "gc_low".into(),
+                intervals.iter().map(|v| v.map(|x| x.0)).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "gc_high".into(),
+                intervals.iter().map(|v| v.map(|x| x.1)).collect::<Vec<_>>(),
+            ),
+            Column::new(
                 "mean_freq_score".into(),
                 rows.iter().map(|r| r.4).collect::<Vec<_>>(),
             ),
@@ -600,27 +619,31 @@ pub fn run_ntk(a: &NtkArgs, g: &Global) -> anyhow::Result<()> {
     }
     df.with_column(sc).map_err(|e| Error::table("samples", e))?;
     crate::io::write_parquet(&mut df, out.join("samples.parquet"))?;
-    println!("principal eigenvalue {:.4e}; GC (cos of the primary gradient directions) by 1-gram frequency bin (0 = rarest):", whole.lambda);
-    for r in rows.iter().filter(|r| r.0 == "freq_bin") {
+    println!("principal eigenvalue {:.4e}; GC (cos of the primary gradient directions) [95% bootstrap interval] by 1-gram frequency bin (0 = rarest):", whole.lambda);
+    let show = |v: Option<f64>, iv: &Option<(f64, f64)>| match (v, iv) {
+        (Some(v), Some((lo, hi))) => format!("{v:.3} [{lo:.3}, {hi:.3}]"),
+        (Some(v), None) => format!("{v:.3}"),
+        _ => "-".into(),
+    };
+    for (r, iv) in rows
+        .iter()
+        .zip(&intervals)
+        .filter(|(r, _)| r.0 == "freq_bin")
+    {
         println!(
             "  bin {:<3} n {:>4}  mean score {:.4}  GC {}",
             r.1,
             r.2,
             r.4,
-            r.3.map_or("-".into(), |v| format!("{v:.3}"))
+            show(r.3, iv)
         );
     }
-    for r in rows
+    for (r, iv) in rows
         .iter()
-        .filter(|r| r.0 == "long_tail" || r.0.starts_with("expert_"))
+        .zip(&intervals)
+        .filter(|(r, _)| r.0 == "long_tail" || r.0.starts_with("expert_"))
     {
-        println!(
-            "  {} {:<8} n {:>4}  GC {}",
-            r.0,
-            r.1,
-            r.2,
-            r.3.map_or("-".into(), |v| format!("{v:.3}"))
-        );
+        println!("  {} {:<8} n {:>4}  GC {}", r.0, r.1, r.2, show(r.3, iv));
     }
     if let Some(split) = &a.cross_split {
         let yidx = pick(&p.corpus, split, a.cross_samples);

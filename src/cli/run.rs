@@ -13,7 +13,8 @@
 //! out = "out/demo/train"
 //! resume = true                        # finished runs are not trained again
 //! [ntk]
-//! samples = 512                        # also: split, method, output, params, project, batch
+//! samples = 512                        # also: split, method, output, params, project, batch,
+//!                                      # gc_resamples
 //! out = "out/demo/ntk"
 //! [analysis]
 //! model = "cse"                        # a run name under train.out (or a model folder)
@@ -92,6 +93,8 @@ struct NtkStep {
     project: Option<i64>,
     #[serde(default)]
     batch: Option<usize>,
+    #[serde(default)]
+    gc_resamples: Option<usize>,
     out: PathBuf,
 }
 
@@ -245,6 +248,9 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         }
         if let Some(b) = n.batch {
             args.extend(["--batch".into(), b.to_string()]);
+        }
+        if let Some(r) = n.gc_resamples {
+            args.extend(["--gc-resamples".into(), r.to_string()]);
         }
         args.extend(["-o".into(), s(&n.out.join(m.replace('/', "_")))]);
         step("ntk", args)?;

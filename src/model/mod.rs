@@ -143,10 +143,12 @@ impl Block {
         };
         let x = x + a;
         let h = self.ln_2.forward(&x, tape);
+        let mut switch_route = None;
         let (m, aux, load) = match (&self.mlp, &route) {
             (MlpPart::Dense(m), _) => (m.forward_t(&h, train, tape), None, None),
             (MlpPart::Switch(s), _) => {
                 let o = s.forward_t(&h, mask, train, f.capacity, tape);
+                switch_route = Some(o.route);
                 (o.y, Some(o.aux), Some(o.load))
             }
             (MlpPart::Experts(ms), Some(r)) => {
@@ -170,7 +172,7 @@ impl Block {
         BlockOut {
             x: x + m,
             aux,
-            route,
+            route: route.or(switch_route),
             load,
         }
     }
@@ -204,7 +206,8 @@ pub struct Output {
     pub aux_loss: Tensor,
     /// Sequence embeddings (batch, d) after 0..=n_layer blocks (0: the embeddings), when asked.
     pub seq_emb: Vec<Tensor>,
-    /// (layer, expert of each sequence (batch,)) for CSE blocks.
+    /// (layer, expert of each sequence (batch,)) for CSE blocks, and for Switch blocks the expert
+    /// that got most of each sequence's tokens.
     pub routes: Vec<(i64, Tensor)>,
     /// (layer, tokens or sequences per expert) for Switch and CSE blocks.
     pub loads: Vec<(i64, Tensor)>,

@@ -4,7 +4,7 @@
 //! them). The load-balancing loss is n_experts · Σ_e f_e · P_e, where f_e is the fraction of tokens
 //! whose top choice is e and P_e the mean router probability of e. Routing stays on tensors.
 
-use tch::{nn, Tensor};
+use tch::{nn, Kind, Tensor};
 
 use super::config::{ModelConfig, SwitchConfig};
 use super::layers::{Lin, Mlp};
@@ -24,6 +24,10 @@ pub struct SwitchOut {
     pub aux: Tensor,
     /// Tokens per expert after capacity (n_experts,), i64.
     pub load: Tensor,
+    /// Expert of each sequence (batch,), i64: the one its router sent most of the sequence's
+    /// tokens to (ties: the lower index). Switch routes tokens; this is for per-sample analyses
+    /// (expert isolation), not for the forward pass.
+    pub route: Tensor,
 }
 
 impl SwitchMoe {
@@ -101,10 +105,15 @@ impl SwitchMoe {
             .zeros_like()
             .index_copy(0, &valid, &out)
             .view([b, t, d]);
+        let votes = Tensor::zeros([b * t, n_exp], (Kind::Float, x.device()))
+            .index_copy(0, &valid, &choice.one_hot(n_exp).to_kind(Kind::Float))
+            .view([b, t, n_exp])
+            .sum_dim_intlist(1, false, Kind::Float);
         SwitchOut {
             y,
             aux,
             load: Tensor::from_slice(&load),
+            route: votes.argmax(-1, false),
         }
     }
 }

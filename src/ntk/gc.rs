@@ -55,6 +55,51 @@ pub fn gc(k: &Tensor, whole: &Principal, idx: &[usize]) -> Result<Option<f64>> {
     Ok(Some(num / (whole.lambda.sqrt() * p.lambda.sqrt())))
 }
 
+/// Bootstrap (1 − α) intervals of the GC of each group in `groups` (indices into the samples of
+/// `k`): each resample draws n samples with replacement, recomputes the principal direction of
+/// the whole resampled set, and the GC of each group's drawn members. Seeded per resample, so the
+/// same seed gives the same intervals. `None` for a group whose GC is undefined in every resample.
+pub fn gc_bootstrap(
+    k: &Tensor,
+    groups: &[&[usize]],
+    resamples: usize,
+    alpha: f64,
+    seed: u64,
+) -> Result<Vec<Option<(f64, f64)>>> {
+    use rand::{Rng, SeedableRng};
+    let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
+    let n = k.size()[0] as usize;
+    let mut member = vec![vec![false; n]; groups.len()];
+    for (m, g) in member.iter_mut().zip(groups) {
+        for &i in g.iter() {
+            m[i] = true;
+        }
+    }
+    let mut stats: Vec<Vec<f64>> = vec![Vec::with_capacity(resamples); groups.len()];
+    for b in 0..resamples {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(crate::corpus::stable_hash(
+            seed,
+            &(b as u64).to_le_bytes(),
+        ));
+        let pick: Vec<usize> = (0..n).map(|_| rng.random_range(0..n)).collect();
+        let sel = Tensor::from_slice(&pick.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        let kb = k.index_select(0, &sel).index_select(1, &sel);
+        let whole = principal(&kb)?;
+        for (g, m) in member.iter().enumerate() {
+            let idx: Vec<usize> = (0..n).filter(|&j| m[pick[j]]).collect();
+            if let Some(v) = gc(&kb, &whole, &idx)? {
+                stats[g].push(v);
+            }
+        }
+    }
+    Ok(stats
+        .into_iter()
+        .map(|mut s| {
+            (!s.is_empty()).then(|| crate::analysis::stats::percentile_interval(&mut s, alpha))
+        })
+        .collect())
+}
+
 /// cos(g(X), J_i) for every sample.
 pub fn alignment(k: &Tensor, whole: &Principal) -> Vec<f64> {
     let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
@@ -108,5 +153,39 @@ mod tests {
                 / (g.norm().double_value(&[]) * ji.norm().double_value(&[]));
             assert!((ai - want).abs() < 1e-10);
         }
+    }
+
+    /// 20 samples share one gradient direction, 5 point elsewhere: the bootstrap interval of
+    /// the first group lies near 1 and above the second's; the whole set's is exactly (1, 1).
+    #[test]
+    fn gc_bootstrap_separates_consistent_from_inconsistent_groups() {
+        tch::manual_seed(1);
+        let v = Tensor::randn([1, 30], (Kind::Double, Device::Cpu));
+        let w = Tensor::randn([1, 30], (Kind::Double, Device::Cpu));
+        let j = Tensor::cat(
+            &[
+                v.repeat([20, 1]) + Tensor::randn([20, 30], (Kind::Double, Device::Cpu)) * 0.1,
+                w.repeat([5, 1]) + Tensor::randn([5, 30], (Kind::Double, Device::Cpu)) * 0.1,
+            ],
+            0,
+        );
+        let k = j.matmul(&j.tr());
+        let a: Vec<usize> = (0..20).collect();
+        let b: Vec<usize> = (20..25).collect();
+        let all: Vec<usize> = (0..25).collect();
+        let groups = [a.as_slice(), b.as_slice(), all.as_slice()];
+        let iv = gc_bootstrap(&k, &groups, 100, 0.05, 3).unwrap();
+        let (a_lo, a_hi) = iv[0].unwrap();
+        let (b_lo, b_hi) = iv[1].unwrap();
+        assert!(
+            0.95 < a_lo && a_lo <= a_hi && a_hi <= 1.0 + 1e-9,
+            "{:?}",
+            iv[0]
+        );
+        assert!(b_lo <= b_hi && b_hi < a_lo, "{:?} vs {:?}", iv[1], iv[0]);
+        let (w_lo, w_hi) = iv[2].unwrap();
+        assert!((w_lo - 1.0).abs() < 1e-9 && (w_hi - 1.0).abs() < 1e-9);
+        assert_eq!(iv, gc_bootstrap(&k, &groups, 100, 0.05, 3).unwrap());
+        assert_ne!(iv[1], gc_bootstrap(&k, &groups, 100, 0.05, 4).unwrap()[1]);
     }
 }

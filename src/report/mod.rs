@@ -68,22 +68,36 @@ pub fn build(
         column_f64(&g, "n", &gp)?,
         column_f64(&g, "mean_freq_score", &gp)?,
     );
-    let mut bins: Vec<(String, f64, Option<f64>, u64)> = (0..gcol.len())
+    // Intervals (gc_low, gc_high) are absent from kernels computed with --gc-resamples 0.
+    let optional = |name: &str| -> Result<Vec<f64>> {
+        if g.column(name).is_ok() {
+            column_f64(&g, name, &gp)
+        } else {
+            Ok(vec![f64::NAN; gcol.len()])
+        }
+    };
+    let (glow, ghigh) = (optional("gc_low")?, optional("gc_high")?);
+    let finite = |v: f64| v.is_finite().then_some(v);
+    let mut bins: Vec<plots::GcBin> = (0..gcol.len())
         .filter(|&i| gcol[i] == "freq_bin")
-        .map(|i| {
-            (
-                ggroup[i].clone(),
-                gscore[i],
-                gval[i].is_finite().then_some(gval[i]),
-                gn[i] as u64,
-            )
+        .map(|i| plots::GcBin {
+            label: ggroup[i].clone(),
+            mean_score: gscore[i],
+            gc: finite(gval[i]),
+            interval: finite(glow[i]).zip(finite(ghigh[i])),
+            n: gn[i] as u64,
         })
         .collect();
-    bins.sort_by_key(|b| b.0.parse::<usize>().unwrap_or(0));
+    bins.sort_by_key(|b| b.label.parse::<usize>().unwrap_or(0));
+    let with_interval = |v: Option<f64>, iv: Option<(f64, f64)>| match (v, iv) {
+        (Some(v), Some((lo, hi))) => format!("{} [{}, {}]", fmt(v), fmt(lo), fmt(hi)),
+        (Some(v), None) => fmt(v),
+        _ => "–".into(),
+    };
     let mut figures = vec![
         Figure {
             name: "gc_by_frequency".into(),
-            caption: "Gradient consistency of each 1-gram frequency bin with the whole sample set (top) and the samples per bin (bottom); paper Fig. 2a.".into(),
+            caption: "Gradient consistency of each 1-gram frequency bin with the whole sample set, with 95% bootstrap intervals (top), and the samples per bin (bottom); paper Fig. 2a.".into(),
             plot: plots::gc_by_frequency(&bins, "GC by data frequency")?,
         },
         Figure {
@@ -235,11 +249,27 @@ pub fn build(
             column_f64(&t, "consistency", &ip)?,
             column_f64(&t, "baseline_consistency", &ip)?,
         );
+        let (nm, sep) = (
+            column_f64(&t, "block_nmi", &ip)?,
+            column_f64(&t, "block_separation", &ip)?,
+        );
         for i in 0..b.len() {
-            isolation.push(format!(
-                "{} expert {}: {} — {} samples, {:.0}% {}, {:.0}% long-tail, kernel consistency {} (baseline {})",
-                b[i].trim_start_matches("expert_"), e[i], v[i], l[i], 100.0 * s[i], d[i], 100.0 * lt[i], fmt(co[i]), fmt(bc[i])
-            ));
+            if i == 0 || b[i] != b[i - 1] {
+                isolation.push(format!(
+                    "{}: NMI(domain, expert) {:.3}, expert distance/radius ratio {}",
+                    b[i].trim_start_matches("expert_"),
+                    nm[i],
+                    fmt(sep[i])
+                ));
+            }
+            isolation.push(if l[i] == 0.0 {
+                format!("{} expert {}: {} — no samples", b[i].trim_start_matches("expert_"), e[i], v[i])
+            } else {
+                format!(
+                    "{} expert {}: {} — {} samples, {:.0}% {}, {:.0}% long-tail, kernel consistency {} (baseline {})",
+                    b[i].trim_start_matches("expert_"), e[i], v[i], l[i], 100.0 * s[i], d[i], 100.0 * lt[i], fmt(co[i]), fmt(bc[i])
+                )
+            });
         }
     }
     let spearman = |y: &str| {
@@ -261,9 +291,9 @@ pub fn build(
         }
     }
     summary.push(format!(
-        "GC by frequency bin, rarest first: {}.",
+        "GC by frequency bin, rarest first [95% bootstrap interval]: {}.",
         bins.iter()
-            .map(|b| b.2.map_or("–".into(), fmt))
+            .map(|b| with_interval(b.gc, b.interval))
             .collect::<Vec<_>>()
             .join(", ")
     ));
@@ -275,7 +305,7 @@ pub fn build(
             } else {
                 "common-domain"
             },
-            fmt(gval[i])
+            with_interval(finite(gval[i]), finite(glow[i]).zip(finite(ghigh[i])))
         ));
     }
     let tables = [

@@ -78,8 +78,18 @@ fn plot_err<E: std::fmt::Debug>(e: E) -> Error {
     Error::invalid("plot", format!("{e:?}"))
 }
 
-/// GC per frequency bin (top) over the number of samples per bin (bottom).
-pub fn gc_by_frequency(bins: &[(String, f64, Option<f64>, u64)], title: &str) -> Result<Rendered> {
+/// One frequency bin of the GC figure.
+pub struct GcBin {
+    pub label: String,
+    pub mean_score: f64,
+    pub gc: Option<f64>,
+    /// 95% bootstrap interval, drawn as an error bar.
+    pub interval: Option<(f64, f64)>,
+    pub n: u64,
+}
+
+/// GC per frequency bin with its interval (top) over the number of samples per bin (bottom).
+pub fn gc_by_frequency(bins: &[GcBin], title: &str) -> Result<Rendered> {
     render!((720, 480), |root| {
         root.fill(&WHITE).map_err(plot_err)?;
         let root = root.titled(title, ("sans-serif", 20)).map_err(plot_err)?;
@@ -87,7 +97,10 @@ pub fn gc_by_frequency(bins: &[(String, f64, Option<f64>, u64)], title: &str) ->
         let n = bins.len().max(1) as f64;
         let (lo, hi) = bins
             .iter()
-            .filter_map(|b| b.2)
+            .flat_map(|b| {
+                b.gc.into_iter()
+                    .chain(b.interval.into_iter().flat_map(|i| [i.0, i.1]))
+            })
             .fold((0.0f64, 1.0f64), |(l, h), v| (l.min(v), h.max(v)));
         let mut c = ChartBuilder::on(&top)
             .margin(10)
@@ -101,7 +114,7 @@ pub fn gc_by_frequency(bins: &[(String, f64, Option<f64>, u64)], title: &str) ->
             .x_label_formatter(&|x| {
                 let i = x.round() as usize;
                 bins.get(i)
-                    .map(|b| format!("bin {} ({:.3})", b.0, b.1))
+                    .map(|b| format!("bin {} ({:.3})", b.label, b.mean_score))
                     .unwrap_or_default()
             })
             .draw()
@@ -109,8 +122,22 @@ pub fn gc_by_frequency(bins: &[(String, f64, Option<f64>, u64)], title: &str) ->
         let pts: Vec<(f64, f64)> = bins
             .iter()
             .enumerate()
-            .filter_map(|(i, b)| b.2.map(|g| (i as f64, g)))
+            .filter_map(|(i, b)| b.gc.map(|g| (i as f64, g)))
             .collect();
+        c.draw_series(bins.iter().enumerate().filter_map(|(i, b)| {
+            let (lo, hi) = b.interval?;
+            Some(ErrorBar::new_vertical(
+                i as f64,
+                lo,
+                b.gc.unwrap_or((lo + hi) / 2.0),
+                hi,
+                BLACK.stroke_width(1),
+                10,
+            ))
+        }))
+        .map_err(plot_err)?
+        .label("95% bootstrap interval")
+        .legend(|(x, y)| PathElement::new(vec![(x + 10, y - 6), (x + 10, y + 6)], BLACK));
         c.draw_series(LineSeries::new(pts.clone(), PALETTE[0].stroke_width(2)))
             .map_err(plot_err)?
             .label("GC of the bin vs all samples")
@@ -124,7 +151,7 @@ pub fn gc_by_frequency(bins: &[(String, f64, Option<f64>, u64)], title: &str) ->
             .border_style(BLACK)
             .draw()
             .map_err(plot_err)?;
-        let maxn = bins.iter().map(|b| b.3).max().unwrap_or(1) as f64;
+        let maxn = bins.iter().map(|b| b.n).max().unwrap_or(1) as f64;
         let mut h = ChartBuilder::on(&bottom)
             .margin(10)
             .x_label_area_size(35)
@@ -140,7 +167,7 @@ pub fn gc_by_frequency(bins: &[(String, f64, Option<f64>, u64)], title: &str) ->
             .map_err(plot_err)?;
         h.draw_series(bins.iter().enumerate().map(|(i, b)| {
             Rectangle::new(
-                [(i as f64 - 0.35, 0.0), (i as f64 + 0.35, b.3 as f64)],
+                [(i as f64 - 0.35, 0.0), (i as f64 + 0.35, b.n as f64)],
                 PALETTE[1].mix(0.8).filled(),
             )
         }))
