@@ -338,7 +338,7 @@ pub fn run(a: &AnalyzeArgs, g: &Global) -> anyhow::Result<()> {
         println!("against the corpus's ground truth (long_tail): precision {p:.3}, recall {r:.3}");
     }
     let isolation = match &a.baseline {
-        Some(b) => isolation(a, b, &samples, &ids, &domains, &lt, &model, &refs, device)?,
+        Some(b) => isolation(a, b, &samples, &ids, &domains, &lt, (&model, &refs, device))?,
         None => Vec::new(),
     };
     let summary = serde_json::json!({
@@ -373,9 +373,7 @@ fn isolation(
     ids: &[String],
     domains: &[String],
     lt: &std::collections::HashSet<&str>,
-    model: &crate::model::Model,
-    seqs: &[&[u32]],
-    device: tch::Device,
+    (model, seqs, device): (&crate::model::Model, &[&[u32]], tch::Device),
 ) -> anyhow::Result<Vec<crate::analysis::isolation::BlockReport>> {
     let model_cfg = &model.cfg;
     use crate::analysis::isolation::{block_report, Routing, VerdictRule};
