@@ -22,6 +22,7 @@ fn bench(c: &mut Criterion) {
         dropout: 0.0,
         tie_embeddings: true,
         experts: ExpertConfig::Dense,
+        ..ModelConfig::default()
     };
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Model::new(&vs.root(), &cfg).unwrap();

@@ -24,6 +24,7 @@ fn config(experts: ExpertConfig) -> ModelConfig {
         dropout: 0.0,
         tie_embeddings: true,
         experts,
+        ..ModelConfig::default()
     }
 }
 

@@ -13,6 +13,7 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod freq;
+pub mod import;
 pub mod io;
 pub mod model;
 pub mod ntk;

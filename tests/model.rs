@@ -23,6 +23,7 @@ fn tiny(arch: Arch, experts: ExpertConfig) -> ModelConfig {
         dropout: 0.0,
         tie_embeddings: arch == Arch::Gpt,
         experts,
+        ..ModelConfig::default()
     }
 }
 

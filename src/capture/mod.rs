@@ -212,15 +212,7 @@ pub fn capture_batch(
     device: Device,
 ) -> Batch {
     let keys: Vec<u64> = (first..first + seqs.len()).map(|k| k as u64).collect();
-    make_batch_keyed(
-        model.cfg.arch,
-        seqs,
-        &keys,
-        seed,
-        model.cfg.max_len,
-        model.cfg.vocab_size,
-        device,
-    )
+    make_batch_keyed(&model.cfg, seqs, &keys, seed, device)
 }
 
 /// Rademacher output directions of the logit-trace estimate, (probes, max_len, vocab). Drawn with
@@ -560,7 +552,10 @@ fn per_sample(
                     );
                     add(weight, PerSample::Jac(ge.view([b, -1])));
                 }
-                if index.contains_key(positions.as_str()) {
+                if let Some(positions) = positions
+                    .as_ref()
+                    .filter(|p| index.contains_key(p.as_str()))
+                {
                     let ml = model.cfg.max_len;
                     let gp = Tensor::cat(
                         &[
@@ -581,7 +576,7 @@ fn per_sample(
                         PerSample::Jac((&gg * xx).sum_dim_intlist(1, false, gg.kind())),
                     );
                 }
-                if index.contains_key(bias.as_str()) {
+                if let Some(bias) = bias.as_ref().filter(|b| index.contains_key(b.as_str())) {
                     add(
                         bias,
                         PerSample::Jac(gg.sum_dim_intlist(1, false, gg.kind())),

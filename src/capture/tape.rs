@@ -21,10 +21,17 @@ pub enum RecordKind {
         weight: String,
         bias: Option<String>,
     },
-    /// y = E[ids] + P[positions]: token embedding `weight` (vocab, d), position table `positions`.
-    Embedding { weight: String, positions: String },
-    /// y = x̂ ⊙ w + b with x̂ the normalised input.
-    LayerNorm { weight: String, bias: String },
+    /// y = E[ids] + P[positions]: token embedding `weight` (vocab, d), position table
+    /// `positions` (none with rotary positions).
+    Embedding {
+        weight: String,
+        positions: Option<String>,
+    },
+    /// y = x̂ ⊙ w + b with x̂ the normalised input (no bias: RMSNorm).
+    LayerNorm {
+        weight: String,
+        bias: Option<String>,
+    },
 }
 
 /// One layer call.
@@ -89,11 +96,17 @@ impl Tape {
     }
 
     /// Record the embedding sum `y = E[ids] + P[pos]` (ids (b, t)).
-    pub fn embedding(&self, weight: &str, positions: &str, ids: &Tensor, y: Tensor) -> Tensor {
+    pub fn embedding(
+        &self,
+        weight: &str,
+        positions: Option<&str>,
+        ids: &Tensor,
+        y: Tensor,
+    ) -> Tensor {
         self.add(
             RecordKind::Embedding {
                 weight: weight.to_string(),
-                positions: positions.to_string(),
+                positions: positions.map(str::to_string),
             },
             ids.shallow_clone(),
             y,
@@ -101,11 +114,11 @@ impl Tape {
     }
 
     /// Record a LayerNorm whose normalised input is `xhat` and output `y`.
-    pub fn layer_norm(&self, weight: &str, bias: &str, xhat: &Tensor, y: Tensor) -> Tensor {
+    pub fn layer_norm(&self, weight: &str, bias: Option<&str>, xhat: &Tensor, y: Tensor) -> Tensor {
         self.add(
             RecordKind::LayerNorm {
                 weight: weight.to_string(),
-                bias: bias.to_string(),
+                bias: bias.map(str::to_string),
             },
             xhat.shallow_clone(),
             y,

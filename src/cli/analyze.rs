@@ -116,11 +116,7 @@ pub fn run(a: &AnalyzeArgs, g: &Global) -> anyhow::Result<()> {
         })
         .collect::<Result<_, _>>()?;
     let (_, model) = checkpoint::load_model(&a.model, device)?;
-    let tok_path = a
-        .tokenizer
-        .clone()
-        .unwrap_or_else(|| crate::corpus::tokenizer::default_path(&a.corpus));
-    let tok = tokenizer::load(&tok_path)?;
+    let tok = super::tokenizer_for(a.tokenizer.as_deref(), &a.model, &model, &a.corpus)?;
     let texts: Vec<&str> = rows
         .iter()
         .map(|&i| corpus.samples[i].text.as_str())

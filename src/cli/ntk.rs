@@ -209,22 +209,7 @@ fn prepare(a: &CaptureArgs, g: &Global) -> anyhow::Result<Prepared> {
     let device = crate::device::resolve(g.device)?;
     let (vs, model) = checkpoint::load_model(&a.model, device)?;
     let corpus = Corpus::read(&a.corpus)?;
-    let tok_path = a
-        .tokenizer
-        .clone()
-        .unwrap_or_else(|| crate::corpus::tokenizer::default_path(&a.corpus));
-    let tok = tokenizer::load(&tok_path)?;
-    if tok.get_vocab_size(true) as i64 != model.cfg.vocab_size {
-        return Err(Error::in_file(
-            &tok_path,
-            format!(
-                "vocabulary of {} entries, the model has {}",
-                tok.get_vocab_size(true),
-                model.cfg.vocab_size
-            ),
-        )
-        .into());
-    }
+    let tok = super::tokenizer_for(a.tokenizer.as_deref(), &a.model, &model, &a.corpus)?;
     let sel = Selection {
         globs: a.params.clone(),
         layers: a.layers.as_deref().map(parse_range).transpose()?,

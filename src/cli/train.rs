@@ -238,22 +238,7 @@ pub fn run_eval(a: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     let device = crate::device::resolve(g.device)?;
     let (_, model) = checkpoint::load_model(&a.model, device)?;
     let corpus = Corpus::read(&a.corpus)?;
-    let tok_path = a
-        .tokenizer
-        .clone()
-        .unwrap_or_else(|| crate::corpus::tokenizer::default_path(&a.corpus));
-    let tok = tokenizer::load(&tok_path)?;
-    if tok.get_vocab_size(true) as i64 != model.cfg.vocab_size {
-        return Err(crate::Error::in_file(
-            &tok_path,
-            format!(
-                "vocabulary of {} entries, the model has {}",
-                tok.get_vocab_size(true),
-                model.cfg.vocab_size
-            ),
-        )
-        .into());
-    }
+    let tok = super::tokenizer_for(a.tokenizer.as_deref(), &a.model, &model, &a.corpus)?;
     let labels_all: Vec<String> = match a.label.as_str() {
         "domain" => corpus.samples.iter().map(|s| s.domain.clone()).collect(),
         "long_tail" => corpus

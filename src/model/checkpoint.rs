@@ -102,7 +102,11 @@ pub fn save_model(dir: &Path, cfg: &ModelConfig, vs: &nn::VarStore) -> Result<()
 }
 
 /// Load a model saved by [`save_model`] onto `device`.
+/// Hugging Face folders and GGUF files are imported on the fly (see `import`).
 pub fn load_model(dir: &Path, device: Device) -> Result<(nn::VarStore, Model)> {
+    if crate::import::detect(dir) != crate::import::Format::Tailscope {
+        return crate::import::read(dir)?.into_model(device);
+    }
     let cfg = ModelConfig::read(&dir.join(CONFIG_FILE))?;
     let vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), &cfg)?;

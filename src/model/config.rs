@@ -5,12 +5,60 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// GPT-style causal LM or BERT-style masked LM.
+/// GPT-style causal LM, BERT-style masked LM, or a Llama-family causal LM (RMSNorm, rotary
+/// positions, grouped-query attention, SwiGLU; see `model::llama`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     Gpt,
     Bert,
+    Llama,
+}
+
+impl Arch {
+    /// Causal (next-token) language model: GPT and Llama.
+    pub fn is_causal(self) -> bool {
+        self != Arch::Bert
+    }
+}
+
+/// The MLP non-linearity of GPT/BERT blocks (Llama blocks use SwiGLU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Exact GELU (BERT, tailscope's own models).
+    #[default]
+    Gelu,
+    /// The tanh approximation of GELU (GPT-2's `gelu_new`).
+    GeluTanh,
+}
+
+/// Ids of the special tokens batches are built with (see `train::data`). The defaults are those
+/// of the tokenizers `corpus ingest` trains; imported models bring their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecialTokens {
+    /// Start of a causal sequence.
+    pub bos: i64,
+    pub pad: i64,
+    pub mask: i64,
+    pub cls: i64,
+    pub sep: i64,
+    /// BERT's random replacement tokens are drawn from `first_regular..vocab_size`.
+    pub first_regular: i64,
+}
+
+impl Default for SpecialTokens {
+    fn default() -> Self {
+        SpecialTokens {
+            bos: 0,
+            pad: 1,
+            mask: 2,
+            cls: 3,
+            sep: 4,
+            first_regular: 5,
+        }
+    }
 }
 
 /// Which module of a block a CSE layer turns into experts.
@@ -120,10 +168,58 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
     #[serde(default)]
     pub experts: ExpertConfig,
+    /// GELU flavour of the MLP (GPT/BERT).
+    #[serde(default)]
+    pub activation: Activation,
+    /// Epsilon of LayerNorm / RMSNorm.
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    /// Post-LayerNorm blocks and a LayerNorm on the embeddings, as the original BERT (imported
+    /// BERT checkpoints); tailscope's own models are pre-LayerNorm.
+    #[serde(default)]
+    pub post_norm: bool,
+    /// Key/value heads (grouped-query attention, Llama); `None`: as many as query heads.
+    #[serde(default)]
+    pub n_kv_head: Option<i64>,
+    /// Base of the rotary position frequencies (Llama).
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub special: SpecialTokens,
+}
+
+/// A tiny GPT with tailscope's defaults; build real configs with `..ModelConfig::default()`.
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            arch: Arch::Gpt,
+            vocab_size: 256,
+            max_len: 64,
+            n_layer: 2,
+            d_model: 64,
+            n_head: 4,
+            d_ffn: 256,
+            dropout: 0.0,
+            tie_embeddings: true,
+            experts: ExpertConfig::Dense,
+            activation: Activation::Gelu,
+            norm_eps: default_norm_eps(),
+            post_norm: false,
+            n_kv_head: None,
+            rope_theta: default_rope_theta(),
+            special: SpecialTokens::default(),
+        }
+    }
 }
 
 fn yes() -> bool {
     true
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+fn default_rope_theta() -> f64 {
+    10000.0
 }
 fn default_capacity() -> f64 {
     1.25
@@ -206,6 +302,38 @@ impl ModelConfig {
                 ),
             ));
         }
+        if let Some(kv) = self.n_kv_head {
+            if kv < 1 || self.n_head % kv != 0 {
+                return Err(Error::invalid(
+                    "model.n_kv_head",
+                    format!("must divide n_head {}, got {kv}", self.n_head),
+                ));
+            }
+        }
+        if self.norm_eps <= 0.0 {
+            return Err(Error::invalid("model.norm_eps", "must be positive"));
+        }
+        if self.post_norm && self.arch == Arch::Llama {
+            return Err(Error::invalid(
+                "model.post_norm",
+                "Llama blocks are pre-norm (RMSNorm)",
+            ));
+        }
+        let sp = self.special;
+        for (name, id) in [
+            ("bos", sp.bos),
+            ("pad", sp.pad),
+            ("mask", sp.mask),
+            ("cls", sp.cls),
+            ("sep", sp.sep),
+        ] {
+            if id < 0 || id >= self.vocab_size {
+                return Err(Error::invalid(
+                    format!("model.special.{name}"),
+                    format!("id {id} is outside the vocabulary of {}", self.vocab_size),
+                ));
+            }
+        }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(Error::invalid("model.dropout", "must be in [0, 1)"));
         }
@@ -276,6 +404,10 @@ impl ModelConfig {
 
     pub fn head_dim(&self) -> i64 {
         self.d_model / self.n_head
+    }
+
+    pub fn kv_heads(&self) -> i64 {
+        self.n_kv_head.unwrap_or(self.n_head)
     }
 
     /// Read `config.json`; unknown or malformed fields are bad input naming the file and field.

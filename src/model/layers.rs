@@ -1,9 +1,10 @@
-//! The dense building blocks: multi-head self-attention and the GELU MLP. Weight names follow
-//! GPT-2's (`c_attn`, `c_proj`, `c_fc`); Linear weights are stored (out, in) as in PyTorch.
+//! The dense building blocks: LayerNorm/RMSNorm, multi-head self-attention and the GELU MLP
+//! (Llama's attention and SwiGLU live in `llama.rs`). GPT/BERT weight names follow GPT-2's
+//! (`c_attn`, `c_proj`, `c_fc`); Linear weights are stored (out, in) as in PyTorch.
 
 use tch::{nn, Tensor};
 
-use super::config::{Arch, ModelConfig};
+use super::config::{Activation, Arch, ModelConfig};
 use crate::capture::tape::Tape;
 
 /// A Linear layer that knows its tensor name, so a capture [`Tape`] can attribute gradients.
@@ -41,45 +42,119 @@ impl Lin {
     }
 }
 
-/// A LayerNorm that knows its tensor name (see [`Lin`]).
+/// A LayerNorm (or, for Llama, an RMSNorm: no centring, no bias) that knows its tensor name
+/// (see [`Lin`]).
 #[derive(Debug)]
 pub struct Norm {
-    pub ln: nn::LayerNorm,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
     pub name: String,
     d: i64,
+    eps: f64,
 }
 
 impl Norm {
-    pub fn new(p: nn::Path, d: i64) -> Norm {
+    /// The norm `cfg` calls for: RMSNorm for Llama, LayerNorm otherwise.
+    pub fn new(p: nn::Path, cfg: &ModelConfig) -> Norm {
+        let rms = cfg.arch == Arch::Llama;
         let name = p.path("weight");
         let name = name.strip_suffix(".weight").unwrap_or(&name).to_string();
+        let d = cfg.d_model;
         Norm {
-            ln: nn::layer_norm(p, vec![d], Default::default()),
+            weight: p.var("weight", &[d], nn::Init::Const(1.0)),
+            bias: (!rms).then(|| p.var("bias", &[d], nn::Init::Const(0.0))),
             name,
             d,
+            eps: cfg.norm_eps,
+        }
+    }
+
+    /// The normalised input x̂ (before the gain and bias).
+    fn normalise(&self, x: &Tensor) -> Tensor {
+        match self.bias {
+            Some(_) => x.layer_norm([self.d], None::<Tensor>, None::<Tensor>, self.eps, false),
+            None => {
+                let ms = x.square().mean_dim(-1, true, x.kind());
+                x * (ms + self.eps).rsqrt()
+            }
         }
     }
 
     pub fn forward(&self, x: &Tensor, tape: Option<&Tape>) -> Tensor {
-        match (tape, &self.ln.ws, &self.ln.bs) {
-            (Some(t), Some(w), Some(b)) => {
-                let xhat = x.layer_norm([self.d], None::<Tensor>, None::<Tensor>, 1e-5, false);
-                let y = &xhat * w + b;
-                t.layer_norm(
-                    &format!("{}.weight", self.name),
-                    &format!("{}.bias", self.name),
-                    &xhat,
-                    y,
-                )
+        if let (None, Some(b)) = (tape, &self.bias) {
+            // The fused kernel when nothing is recorded.
+            return x.layer_norm([self.d], Some(&self.weight), Some(b), self.eps, false);
+        }
+        let xhat = self.normalise(x);
+        let y = match &self.bias {
+            Some(b) => &xhat * &self.weight + b,
+            None => &xhat * &self.weight,
+        };
+        match tape {
+            Some(t) => {
+                let b = self.bias.as_ref().map(|_| format!("{}.bias", self.name));
+                t.layer_norm(&format!("{}.weight", self.name), b.as_deref(), &xhat, y)
             }
-            _ => x.apply(&self.ln),
+            None => y,
+        }
+    }
+}
+
+/// Scaled dot-product attention of (b, h, t, hd) heads; `mask` (b, t) marks real keys, `causal`
+/// hides later positions. Returns (b, t, h·hd).
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    causal: bool,
+    dropout: f64,
+    train: bool,
+) -> Tensor {
+    let (b, h, t, hd) = q.size4().expect("heads are (batch, heads, seq, head_dim)");
+    let mut allowed = mask.view([b, 1, 1, t]); // keys that exist
+    if causal {
+        let tril = Tensor::ones([t, t], (tch::Kind::Bool, q.device())).tril(0);
+        allowed = allowed.logical_and(&tril.view([1, 1, t, t]));
+    }
+    let att = q.matmul(&k.transpose(-2, -1)) / (hd as f64).sqrt(); // (b, h, t, t)
+    let att = att
+        .masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)
+        .softmax(-1, q.kind())
+        .dropout(dropout, train);
+    att.matmul(v)
+        .transpose(1, 2)
+        .contiguous()
+        .view([b, t, h * hd])
+}
+
+/// Self-attention: GPT/BERT's fused-QKV heads, or Llama's (rotary, grouped-query).
+#[derive(Debug)]
+pub enum Attention {
+    Fused(FusedAttention),
+    Llama(super::llama::LlamaAttention),
+}
+
+impl Attention {
+    pub fn new(p: nn::Path, cfg: &ModelConfig) -> Attention {
+        match cfg.arch {
+            Arch::Llama => Attention::Llama(super::llama::LlamaAttention::new(p, cfg)),
+            _ => Attention::Fused(FusedAttention::new(p, cfg)),
+        }
+    }
+
+    /// `x`: (batch, seq, d_model); `mask`: (batch, seq) bool, true for real tokens.
+    pub fn forward_t(&self, x: &Tensor, mask: &Tensor, train: bool, tape: Option<&Tape>) -> Tensor {
+        match self {
+            Attention::Fused(a) => a.forward_t(x, mask, train, tape),
+            Attention::Llama(a) => a.forward_t(x, mask, tape),
         }
     }
 }
 
 /// Multi-head self-attention, causal for GPT, bidirectional for BERT; padded keys are masked.
 #[derive(Debug)]
-pub struct Attention {
+pub struct FusedAttention {
     c_attn: Lin,
     c_proj: Lin,
     n_head: i64,
@@ -87,19 +162,18 @@ pub struct Attention {
     causal: bool,
 }
 
-impl Attention {
-    pub fn new(p: nn::Path, cfg: &ModelConfig) -> Attention {
+impl FusedAttention {
+    pub fn new(p: nn::Path, cfg: &ModelConfig) -> FusedAttention {
         let d = cfg.d_model;
-        Attention {
+        FusedAttention {
             c_attn: Lin::new(&p / "c_attn", d, 3 * d, true),
             c_proj: Lin::new(&p / "c_proj", d, d, true),
             n_head: cfg.n_head,
             dropout: cfg.dropout,
-            causal: cfg.arch == Arch::Gpt,
+            causal: cfg.arch.is_causal(),
         }
     }
 
-    /// `x`: (batch, seq, d_model); `mask`: (batch, seq) bool, true for real tokens.
     pub fn forward_t(&self, x: &Tensor, mask: &Tensor, train: bool, tape: Option<&Tape>) -> Tensor {
         let (b, t, d) = x.size3().expect("attention input is (batch, seq, d_model)");
         let hd = d / self.n_head;
@@ -108,41 +182,64 @@ impl Attention {
         // (b, h, t, hd)
         let heads = |z: &Tensor| z.view([b, t, self.n_head, hd]).transpose(1, 2);
         let (q, k, v) = (heads(&split[0]), heads(&split[1]), heads(&split[2]));
-        let mut allowed = mask.view([b, 1, 1, t]); // keys that exist
-        if self.causal {
-            let tril = Tensor::ones([t, t], (tch::Kind::Bool, x.device())).tril(0);
-            allowed = allowed.logical_and(&tril.view([1, 1, t, t]));
-        }
-        let att = q.matmul(&k.transpose(-2, -1)) / (hd as f64).sqrt(); // (b, h, t, t)
-        let att = att
-            .masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)
-            .softmax(-1, x.kind())
-            .dropout(self.dropout, train);
-        let y = att.matmul(&v).transpose(1, 2).contiguous().view([b, t, d]);
+        let y = attend(&q, &k, &v, mask, self.causal, self.dropout, train);
         self.c_proj.forward(&y, tape).dropout(self.dropout, train)
     }
 }
 
-/// The position-wise feed-forward network: Linear → GELU → Linear.
+/// The position-wise feed-forward network: GELU MLP (GPT/BERT) or SwiGLU (Llama).
 #[derive(Debug)]
-pub struct Mlp {
-    c_fc: Lin,
-    c_proj: Lin,
-    dropout: f64,
+pub enum Mlp {
+    Gelu(GeluMlp),
+    SwiGlu(super::llama::SwiGlu),
 }
 
 impl Mlp {
     pub fn new(p: nn::Path, cfg: &ModelConfig) -> Mlp {
-        Mlp {
-            c_fc: Lin::new(&p / "c_fc", cfg.d_model, cfg.d_ffn, true),
-            c_proj: Lin::new(&p / "c_proj", cfg.d_ffn, cfg.d_model, true),
-            dropout: cfg.dropout,
+        match cfg.arch {
+            Arch::Llama => Mlp::SwiGlu(super::llama::SwiGlu::new(p, cfg)),
+            _ => Mlp::Gelu(GeluMlp::new(p, cfg)),
         }
     }
 
     /// `x`: (..., d_model) → (..., d_model).
     pub fn forward_t(&self, x: &Tensor, train: bool, tape: Option<&Tape>) -> Tensor {
-        let h = self.c_fc.forward(x, tape).gelu("none");
+        match self {
+            Mlp::Gelu(m) => m.forward_t(x, train, tape),
+            Mlp::SwiGlu(m) => m.forward(x, tape),
+        }
+    }
+}
+
+/// Linear → GELU → Linear.
+#[derive(Debug)]
+pub struct GeluMlp {
+    c_fc: Lin,
+    c_proj: Lin,
+    dropout: f64,
+    approximate: &'static str,
+}
+
+/// libtorch's name of the GELU flavour.
+pub fn gelu_mode(a: Activation) -> &'static str {
+    match a {
+        Activation::Gelu => "none",
+        Activation::GeluTanh => "tanh",
+    }
+}
+
+impl GeluMlp {
+    pub fn new(p: nn::Path, cfg: &ModelConfig) -> GeluMlp {
+        GeluMlp {
+            c_fc: Lin::new(&p / "c_fc", cfg.d_model, cfg.d_ffn, true),
+            c_proj: Lin::new(&p / "c_proj", cfg.d_ffn, cfg.d_model, true),
+            dropout: cfg.dropout,
+            approximate: gelu_mode(cfg.activation),
+        }
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool, tape: Option<&Tape>) -> Tensor {
+        let h = self.c_fc.forward(x, tape).gelu(self.approximate);
         self.c_proj.forward(&h, tape).dropout(self.dropout, train)
     }
 }

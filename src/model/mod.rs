@@ -20,11 +20,15 @@ pub mod checkpoint;
 pub mod config;
 pub mod cse;
 pub mod layers;
+pub mod llama;
 pub mod moe;
 
 use tch::{nn, Kind, Tensor};
 
-pub use config::{Arch, CseConfig, CseVariant, EpsRule, ExpertConfig, ModelConfig, SwitchConfig};
+pub use config::{
+    Activation, Arch, CseConfig, CseVariant, EpsRule, ExpertConfig, ModelConfig, SpecialTokens,
+    SwitchConfig,
+};
 use cse::{route_sequences, CseRouter};
 use layers::{masked_mean, Attention, Lin, Mlp, Norm};
 use moe::SwitchMoe;
@@ -69,6 +73,8 @@ struct Block {
     ln_2: Norm,
     mlp: MlpPart,
     router: Option<CseRouter>,
+    /// Normalise after each residual add (original BERT) instead of before each sublayer.
+    post_norm: bool,
 }
 
 struct BlockOut {
@@ -80,7 +86,7 @@ struct BlockOut {
 
 impl Block {
     fn new(p: nn::Path, cfg: &ModelConfig, layer: i64) -> Block {
-        let ln = |name: &str| Norm::new(&p / name, cfg.d_model);
+        let ln = |name: &str| Norm::new(&p / name, cfg);
         let sparse = cfg.is_sparse_layer(layer);
         let (attn, mlp, router) = match (&cfg.experts, sparse) {
             (ExpertConfig::Switch(s), true) => (
@@ -125,13 +131,18 @@ impl Block {
             ln_2: ln("ln_2"),
             mlp,
             router,
+            post_norm: cfg.post_norm,
         }
     }
 
     fn forward_t(&self, x: &Tensor, mask: &Tensor, f: &Forward) -> BlockOut {
         let (train, tape) = (f.train, f.tape);
         let route = self.router.as_ref().map(|r| r.route(x, mask, train));
-        let h = self.ln_1.forward(x, tape);
+        let h = if self.post_norm {
+            x.shallow_clone()
+        } else {
+            self.ln_1.forward(x, tape)
+        };
         let a = match (&self.attn, &route) {
             (AttnPart::Dense(m), _) => m.forward_t(&h, mask, train, tape),
             (AttnPart::Experts(ms), Some(r)) => {
@@ -141,8 +152,16 @@ impl Block {
             }
             (AttnPart::Experts(ms), None) => ms[0].forward_t(&h, mask, train, tape),
         };
-        let x = x + a;
-        let h = self.ln_2.forward(&x, tape);
+        let x = if self.post_norm {
+            self.ln_1.forward(&(x + a), tape)
+        } else {
+            x + a
+        };
+        let h = if self.post_norm {
+            x.shallow_clone()
+        } else {
+            self.ln_2.forward(&x, tape)
+        };
         let mut switch_route = None;
         let (m, aux, load) = match (&self.mlp, &route) {
             (MlpPart::Dense(m), _) => (m.forward_t(&h, train, tape), None, None),
@@ -170,7 +189,11 @@ impl Block {
             })
         });
         BlockOut {
-            x: x + m,
+            x: if self.post_norm {
+                self.ln_2.forward(&(x + m), tape)
+            } else {
+                x + m
+            },
             aux,
             route: route.or(switch_route),
             load,
@@ -183,6 +206,7 @@ struct MlmHead {
     dense: Lin,
     ln: Norm,
     bias: Tensor,
+    gelu: &'static str,
 }
 
 /// A transformer LM; see the module docs for its tensor names.
@@ -190,9 +214,13 @@ struct MlmHead {
 pub struct Model {
     pub cfg: ModelConfig,
     wte: nn::Embedding,
-    wpe: nn::Embedding,
+    /// Learned positions (none for Llama: rotary positions inside attention).
+    wpe: Option<nn::Embedding>,
+    /// LayerNorm of the embeddings (post-norm BERT only).
+    ln_emb: Option<Norm>,
     blocks: Vec<Block>,
-    ln_f: Norm,
+    /// Final norm (absent in post-norm BERT, whose blocks end normalised).
+    ln_f: Option<Norm>,
     lm_head: Option<Lin>,
     mlm: Option<MlmHead>,
 }
@@ -226,22 +254,26 @@ impl Model {
             ..Default::default()
         };
         let wte = nn::embedding(p / "wte", cfg.vocab_size, d, emb_init);
-        let wpe = nn::embedding(p / "wpe", cfg.max_len, d, emb_init);
+        let wpe =
+            (cfg.arch != Arch::Llama).then(|| nn::embedding(p / "wpe", cfg.max_len, d, emb_init));
+        let ln_emb = cfg.post_norm.then(|| Norm::new(p / "ln_emb", cfg));
         let blocks = (0..cfg.n_layer)
             .map(|i| Block::new(p / "h" / i, cfg, i))
             .collect();
-        let ln_f = Norm::new(p / "ln_f", d);
+        let ln_f = (!cfg.post_norm).then(|| Norm::new(p / "ln_f", cfg));
         let lm_head =
             (!cfg.tie_embeddings).then(|| Lin::new(p / "lm_head", d, cfg.vocab_size, false));
         let mlm = (cfg.arch == Arch::Bert).then(|| MlmHead {
             dense: Lin::new(p / "mlm" / "dense", d, d, true),
-            ln: Norm::new(p / "mlm" / "ln", d),
+            ln: Norm::new(p / "mlm" / "ln", cfg),
             bias: (p / "mlm").zeros("bias", &[cfg.vocab_size]),
+            gelu: layers::gelu_mode(cfg.activation),
         });
         Ok(Model {
             cfg: cfg.clone(),
             wte,
             wpe,
+            ln_emb,
             blocks,
             ln_f,
             lm_head,
@@ -290,10 +322,17 @@ impl Model {
                 format!("expected {:?}, got {:?}", [b, t], mask.size()),
             ));
         }
-        let pos = Tensor::arange(t, (Kind::Int64, ids.device())).unsqueeze(0);
-        let mut x = ids.apply(&self.wte) + pos.apply(&self.wpe);
+        let mut x = ids.apply(&self.wte);
+        if let Some(wpe) = &self.wpe {
+            let pos = Tensor::arange(t, (Kind::Int64, ids.device())).unsqueeze(0);
+            x += pos.apply(wpe);
+        }
         if let Some(tape) = f.tape {
-            x = tape.embedding("wte.weight", "wpe.weight", ids, x);
+            let positions = self.wpe.as_ref().map(|_| "wpe.weight");
+            x = tape.embedding("wte.weight", positions, ids, x);
+        }
+        if let Some(ln) = &self.ln_emb {
+            x = ln.forward(&x, f.tape);
         }
         let mut x = x.dropout(self.cfg.dropout, f.train);
         let mut aux_loss = Tensor::zeros([], (x.kind(), x.device()));
@@ -319,10 +358,13 @@ impl Model {
         if f.capture {
             seq_emb.push(masked_mean(&x, mask));
         }
-        let h = self.ln_f.forward(&x, f.tape);
+        let h = match &self.ln_f {
+            Some(ln) => ln.forward(&x, f.tape),
+            None => x,
+        };
         let (z, bias) = match &self.mlm {
             Some(head) => {
-                let z = head.dense.forward(&h, f.tape).gelu("none");
+                let z = head.dense.forward(&h, f.tape).gelu(head.gelu);
                 (head.ln.forward(&z, f.tape), Some(&head.bias))
             }
             None => (h, None),

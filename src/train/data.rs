@@ -13,14 +13,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
-use crate::model::{Arch, IGNORE};
+use crate::model::{ModelConfig, IGNORE};
 
-/// Special-token ids of tokenizers trained by `corpus ingest` (see `corpus::tokenizer`).
-pub const BOS: i64 = 0;
-pub const PAD: i64 = 1;
-pub const MASK: i64 = 2;
-pub const CLS: i64 = 3;
-pub const SEP: i64 = 4;
+// Special-token ids come from the model config (`ModelConfig::special`); their defaults are those
+// of the tokenizers `corpus ingest` trains (see `corpus::tokenizer`).
 
 /// One batch on a device.
 #[derive(Debug)]
@@ -37,107 +33,83 @@ pub struct Batch {
     pub n_targets: i64,
 }
 
-/// Build a batch from token-id lists. `rng` drives BERT masking (unused for GPT), row after row.
+/// Build a batch from token-id lists for a model of config `cfg` (arch, length limit,
+/// vocabulary, special tokens). `rng` drives BERT masking (unused for causal models), row after row.
 pub fn make_batch(
-    arch: Arch,
+    cfg: &ModelConfig,
     seqs: &[&[u32]],
     samples: Vec<usize>,
-    max_len: i64,
-    vocab: i64,
     rng: &mut ChaCha8Rng,
     device: Device,
 ) -> Batch {
-    let rows = seqs
-        .iter()
-        .map(|s| encode_row(arch, s, max_len, vocab, rng))
-        .collect();
-    pad(rows, samples, device)
+    let rows = seqs.iter().map(|s| encode_row(cfg, s, rng)).collect();
+    pad(rows, samples, cfg.special.pad, device)
 }
 
-/// [`make_batch`] with the arch, length limit and vocabulary of `model`.
+/// [`make_batch`] for `model`, samples numbered 0..n.
 pub fn model_batch(
     model: &crate::model::Model,
     seqs: &[&[u32]],
     rng: &mut ChaCha8Rng,
     device: Device,
 ) -> Batch {
-    let c = &model.cfg;
-    make_batch(
-        c.arch,
-        seqs,
-        (0..seqs.len()).collect(),
-        c.max_len,
-        c.vocab_size,
-        rng,
-        device,
-    )
+    make_batch(&model.cfg, seqs, (0..seqs.len()).collect(), rng, device)
 }
 
 /// Like [`make_batch`], but row i's BERT mask comes from a RNG seeded by (`seed`, `keys[i]`), so a
 /// sample is masked the same way whatever batch it is in (gradient capture compares batch sizes).
 pub fn make_batch_keyed(
-    arch: Arch,
+    cfg: &ModelConfig,
     seqs: &[&[u32]],
     keys: &[u64],
     seed: u64,
-    max_len: i64,
-    vocab: i64,
     device: Device,
 ) -> Batch {
     let rows = seqs
         .iter()
         .zip(keys)
-        .map(|(s, &k)| encode_row(arch, s, max_len, vocab, &mut step_rng(seed, k)))
+        .map(|(s, &k)| encode_row(cfg, s, &mut step_rng(seed, k)))
         .collect();
-    pad(rows, (0..seqs.len()).collect(), device)
+    pad(rows, (0..seqs.len()).collect(), cfg.special.pad, device)
 }
 
 /// Input ids and targets of one sample (see the module docs).
-fn encode_row(
-    arch: Arch,
-    s: &[u32],
-    max_len: i64,
-    vocab: i64,
-    rng: &mut ChaCha8Rng,
-) -> (Vec<i64>, Vec<i64>) {
-    let max_len = max_len as usize;
+fn encode_row(cfg: &ModelConfig, s: &[u32], rng: &mut ChaCha8Rng) -> (Vec<i64>, Vec<i64>) {
+    let max_len = cfg.max_len as usize;
+    let sp = cfg.special;
     let toks: Vec<i64> = s.iter().map(|&x| i64::from(x)).collect();
-    match arch {
-        Arch::Gpt => {
-            let n = toks.len().min(max_len);
-            let mut input = vec![BOS];
-            input.extend_from_slice(&toks[..n.saturating_sub(1)]);
-            (input, toks[..n].to_vec())
-        }
-        Arch::Bert => {
-            let n = toks.len().min(max_len.saturating_sub(2));
-            let mut input = vec![CLS];
-            input.extend_from_slice(&toks[..n]);
-            input.push(SEP);
-            let mut target = vec![IGNORE; input.len()];
-            let mut chosen: Vec<usize> = (1..=n).filter(|_| rng.random::<f64>() < 0.15).collect();
-            if chosen.is_empty() && n > 0 {
-                chosen.push(rng.random_range(1..=n));
-            }
-            for &i in &chosen {
-                target[i] = input[i];
-                let u = rng.random::<f64>();
-                if u < 0.8 {
-                    input[i] = MASK;
-                } else if u < 0.9 {
-                    input[i] = rng.random_range(5..vocab.max(6));
-                }
-            }
-            (input, target)
+    if cfg.arch.is_causal() {
+        let n = toks.len().min(max_len);
+        let mut input = vec![sp.bos];
+        input.extend_from_slice(&toks[..n.saturating_sub(1)]);
+        return (input, toks[..n].to_vec());
+    }
+    let n = toks.len().min(max_len.saturating_sub(2));
+    let mut input = vec![sp.cls];
+    input.extend_from_slice(&toks[..n]);
+    input.push(sp.sep);
+    let mut target = vec![IGNORE; input.len()];
+    let mut chosen: Vec<usize> = (1..=n).filter(|_| rng.random::<f64>() < 0.15).collect();
+    if chosen.is_empty() && n > 0 {
+        chosen.push(rng.random_range(1..=n));
+    }
+    for &i in &chosen {
+        target[i] = input[i];
+        let u = rng.random::<f64>();
+        if u < 0.8 {
+            input[i] = sp.mask;
+        } else if u < 0.9 {
+            input[i] = rng.random_range(sp.first_regular..cfg.vocab_size.max(sp.first_regular + 1));
         }
     }
+    (input, target)
 }
 
 /// Right-pad rows into tensors.
-fn pad(rows: Vec<(Vec<i64>, Vec<i64>)>, samples: Vec<usize>, device: Device) -> Batch {
+fn pad(rows: Vec<(Vec<i64>, Vec<i64>)>, samples: Vec<usize>, pad_id: i64, device: Device) -> Batch {
     let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(1).max(1);
     let b = rows.len();
-    let mut ids = vec![PAD; b * t];
+    let mut ids = vec![pad_id; b * t];
     let mut mask = vec![false; b * t];
     let mut targets = vec![IGNORE; b * t];
     let mut n_targets = 0;
@@ -212,6 +184,18 @@ pub fn step_rng(seed: u64, step: u64) -> ChaCha8Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Arch;
+
+    fn cfg(arch: Arch, max_len: i64) -> ModelConfig {
+        ModelConfig {
+            arch,
+            max_len,
+            vocab_size: 100,
+            ..ModelConfig::default()
+        }
+    }
+    const BOS: i64 = 0;
+    const PAD: i64 = 1;
 
     #[test]
     fn gpt_batch_shifts_targets_and_pads() {
@@ -219,11 +203,9 @@ mod tests {
         let b = [20u32];
         let mut rng = step_rng(0, 0);
         let batch = make_batch(
-            Arch::Gpt,
+            &cfg(Arch::Gpt, 8),
             &[&a, &b],
             vec![0, 1],
-            8,
-            100,
             &mut rng,
             Device::Cpu,
         );
@@ -234,7 +216,7 @@ mod tests {
         assert_eq!(batch.n_targets, 4);
         // truncation to max_len
         let long: Vec<u32> = (0..20).collect();
-        let batch = make_batch(Arch::Gpt, &[&long], vec![0], 5, 100, &mut rng, Device::Cpu);
+        let batch = make_batch(&cfg(Arch::Gpt, 5), &[&long], vec![0], &mut rng, Device::Cpu);
         assert_eq!(batch.ids.size(), vec![1, 5]);
     }
 
@@ -242,10 +224,11 @@ mod tests {
     fn bert_batch_masks_some_tokens() {
         let a: Vec<u32> = (10..40).collect();
         let mut rng = step_rng(1, 3);
-        let batch = make_batch(Arch::Bert, &[&a], vec![0], 64, 100, &mut rng, Device::Cpu);
+        let c = cfg(Arch::Bert, 64);
+        let batch = make_batch(&c, &[&a], vec![0], &mut rng, Device::Cpu);
         let ids: Vec<i64> = Vec::try_from(batch.ids.view([-1])).unwrap();
         let tg: Vec<i64> = Vec::try_from(batch.targets.view([-1])).unwrap();
-        assert_eq!((ids[0], ids[31]), (CLS, SEP));
+        assert_eq!((ids[0], ids[31]), (c.special.cls, c.special.sep));
         assert!(batch.n_targets >= 1);
         for (i, &t) in tg.iter().enumerate() {
             if t != IGNORE {

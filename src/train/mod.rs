@@ -452,15 +452,7 @@ pub fn train_run(
         let picks = sampler.batch(step, t.batch_size);
         let idx: Vec<usize> = picks.iter().map(|&k| data.train[k]).collect();
         let mut rng = step_rng(seed, step);
-        let batch = make_batch(
-            cfg.arch,
-            &data.seqs(&idx),
-            idx.clone(),
-            cfg.max_len,
-            cfg.vocab_size,
-            &mut rng,
-            device,
-        );
+        let batch = make_batch(&cfg, &data.seqs(&idx), idx.clone(), &mut rng, device);
         tch::manual_seed(seed.wrapping_add(step) as i64);
         let out = live.model.forward_t(&batch.ids, &batch.mask, true, false)?;
         let (loss, _, _) = token_losses(&out.logits, &batch.targets);

@@ -182,6 +182,7 @@ impl TrainSpec {
             dropout: m.dropout,
             tie_embeddings: m.tie_embeddings,
             experts: run.experts.clone(),
+            ..ModelConfig::default()
         };
         cfg.validate()?;
         Ok(cfg)

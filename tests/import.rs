@@ -1,0 +1,149 @@
+//! Imports checked against the libraries the models come from: `scripts/make-hf-fixtures` builds
+//! tiny random GPT-2, Llama (grouped-query) and BERT models with `transformers` and records their
+//! logits; tailscope loads the folders and must match to 1e-4. Damaged or mismatched files must
+//! give errors naming the tensor or field.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use tch::{Device, Kind, Tensor};
+
+use tailscope::model::checkpoint::load_model;
+
+/// The fixtures, built once per test run into a temporary folder.
+fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("tailscope-hf-{}", std::process::id()));
+        let python =
+            std::env::var("TAILSCOPE_PYTHON").expect("TAILSCOPE_PYTHON (written by scripts/setup)");
+        let out = Command::new(python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/make-hf-fixtures"
+            ))
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "make-hf-fixtures (needs transformers: scripts/setup --test-deps): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+fn reference(dir: &Path) -> (Tensor, Tensor) {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let ids: Vec<Vec<i64>> = serde_json::from_value(v["input_ids"].clone()).unwrap();
+    let logits: Vec<Vec<Vec<f32>>> = serde_json::from_value(v["logits"].clone()).unwrap();
+    let (b, t, k) = (
+        ids.len() as i64,
+        ids[0].len() as i64,
+        logits[0][0].len() as i64,
+    );
+    let ids = Tensor::from_slice(&ids.concat()).view([b, t]);
+    let flat: Vec<f32> = logits.into_iter().flatten().flatten().collect();
+    (ids, Tensor::from_slice(&flat).view([b, t, k]))
+}
+
+/// Max |ours − transformers| over the positions `mask` marks real.
+fn max_diff(name: &str, mask: &[[bool; 8]; 2]) -> f64 {
+    let dir = fixtures().join(name);
+    let (ids, want) = reference(&dir);
+    let (_, model) = load_model(&dir, Device::Cpu).unwrap();
+    let m = Tensor::from_slice(&mask.concat()).view([2, 8]);
+    let got = tch::no_grad(|| model.forward_t(&ids, &m, false, false).unwrap().logits);
+    let diff = (got.to_kind(Kind::Float) - want).abs() * m.unsqueeze(-1).to_kind(Kind::Float);
+    diff.max().double_value(&[])
+}
+
+#[test]
+fn gpt2_llama_and_bert_match_transformers() {
+    let all = [[true; 8]; 2];
+    for name in ["gpt2", "llama"] {
+        let d = max_diff(name, &all);
+        assert!(d < 1e-4, "{name}: max |Δlogit| {d}");
+    }
+    let bert = [
+        [true; 8],
+        [true, true, true, true, true, true, false, false],
+    ];
+    let d = max_diff("bert", &bert);
+    assert!(d < 1e-4, "bert: max |Δlogit| {d}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+fn load_err(dir: &Path) -> String {
+    match load_model(dir, Device::Cpu) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => {
+            assert!(e.is_bad_input(), "{e}");
+            e.to_string()
+        }
+    }
+}
+
+#[test]
+fn damaged_or_mismatched_imports_name_the_tensor_or_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Truncated weights.
+    let d = tmp.path().join("trunc");
+    copy_dir(&fixtures().join("llama"), &d);
+    let w = std::fs::read(d.join("model.safetensors")).unwrap();
+    std::fs::write(d.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("model.safetensors") && e.contains("safetensors"),
+        "{e}"
+    );
+    // Config and weights disagree: one more layer than the file holds.
+    let d = tmp.path().join("layers");
+    copy_dir(&fixtures().join("gpt2"), &d);
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"n_layer\": 2", "\"n_layer\": 3"),
+    )
+    .unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("h.2.ln_1.weight"), "{e}");
+    // A width the tensors do not have.
+    let d = tmp.path().join("width");
+    copy_dir(&fixtures().join("bert"), &d);
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"intermediate_size\": 40", "\"intermediate_size\": 44"),
+    )
+    .unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("c_fc") && e.contains("44"), "{e}");
+    // Options tailscope cannot reproduce, and a missing field.
+    let d = tmp.path().join("scaling");
+    copy_dir(&fixtures().join("llama"), &d);
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"attention_bias\": false", "\"attention_bias\": true"),
+    )
+    .unwrap();
+    assert!(load_err(&d).contains("attention_bias"));
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"hidden_size\"", "\"hidden\""),
+    )
+    .unwrap();
+    assert!(load_err(&d).contains("hidden_size"));
+}
