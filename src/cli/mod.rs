@@ -7,6 +7,7 @@
 mod analyze;
 mod corpus;
 mod freq;
+mod import;
 mod ntk;
 pub mod progress;
 mod report;
@@ -143,6 +144,8 @@ pub enum Command {
     Report(report::ReportArgs),
     /// Run a declarative pipeline spec (train, ntk, analyze, report).
     Run(run::RunArgs),
+    /// Save a pretrained model (Hugging Face folder or GGUF file) as a tailscope checkpoint.
+    Import(import::ImportArgs),
 }
 
 /// Parse `args` and run the command. Usage errors exit through clap (status 2; 0 for --help).
@@ -168,6 +171,7 @@ where
         Command::Analyze(args) => analyze::run(args, &cli.global)?,
         Command::Report(args) => report::run(args, &cli.global)?,
         Command::Run(args) => run::run(args, &cli.global)?,
+        Command::Import(args) => import::run(args, &cli.global)?,
     }
     Ok(ExitCode::SUCCESS)
 }
