@@ -108,11 +108,25 @@ fn double_model(cfg: &ModelConfig) -> (nn::VarStore, Model) {
 }
 
 #[test]
-fn gradients_of_dense_gpt_and_bert() {
-    for arch in [Arch::Gpt, Arch::Bert] {
-        let (vs, model) = double_model(&tiny(arch, ExpertConfig::Dense));
+fn gradients_of_dense_gpt_bert_and_llama() {
+    let mut post = tiny(Arch::Bert, ExpertConfig::Dense);
+    post.post_norm = true;
+    let mut llama = tiny(Arch::Llama, ExpertConfig::Dense);
+    llama.n_kv_head = Some(1);
+    for cfg in [
+        tiny(Arch::Gpt, ExpertConfig::Dense),
+        tiny(Arch::Bert, ExpertConfig::Dense),
+        post,
+        llama,
+    ] {
+        let (vs, model) = double_model(&cfg);
         let n = grad_check(&vs, &model, 0.0, 4);
-        assert!(n > 40, "{arch:?}: {n} entries checked");
+        assert!(
+            n > 40,
+            "{:?} post-norm {}: {n} entries checked",
+            cfg.arch,
+            cfg.post_norm
+        );
     }
 }
 

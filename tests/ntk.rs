@@ -124,11 +124,30 @@ fn check_all_methods(vs: &nn::VarStore, model: &Model, what: &str) {
 }
 
 #[test]
-fn dense_gpt_and_bert_kernels_match_the_oracle() {
-    for arch in [Arch::Gpt, Arch::Bert] {
-        let (vs, model) = build(&tiny(arch, ExpertConfig::Dense));
-        check_all_methods(&vs, &model, &format!("{arch:?}"));
+fn dense_gpt_bert_and_llama_kernels_match_the_oracle() {
+    for cfg in dense_variants() {
+        let (vs, model) = build(&cfg);
+        check_all_methods(
+            &vs,
+            &model,
+            &format!("{:?} post-norm {}", cfg.arch, cfg.post_norm),
+        );
     }
+}
+
+/// GPT, pre- and post-norm BERT (the imported layout), and Llama with grouped-query attention.
+fn dense_variants() -> Vec<ModelConfig> {
+    let mut post = tiny(Arch::Bert, ExpertConfig::Dense);
+    post.post_norm = true;
+    let mut llama = tiny(Arch::Llama, ExpertConfig::Dense);
+    llama.n_kv_head = Some(1);
+    llama.tie_embeddings = false;
+    vec![
+        tiny(Arch::Gpt, ExpertConfig::Dense),
+        tiny(Arch::Bert, ExpertConfig::Dense),
+        post,
+        llama,
+    ]
 }
 
 #[test]

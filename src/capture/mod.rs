@@ -385,6 +385,17 @@ pub fn capture_from(
                 }
             }
         }
+        // Project each chunk as soon as it is complete (projection is row-wise), so memory holds
+        // batch × P gradients at a time, not n × P.
+        if let Some(pr) = &opts.projection {
+            for (k, parts) in jac_parts.iter_mut().enumerate() {
+                if use_ghost[k] || parts.len() < n_out {
+                    continue;
+                }
+                let tail = parts.split_off(parts.len() - n_out);
+                parts.push(project(&Tensor::cat(&tail, 1), &names[k], pr, n_out)?);
+            }
+        }
         done += chunk.len();
         on_progress(done);
     }
@@ -431,16 +442,14 @@ pub fn capture_from(
             ghost.push(Some(per_probe));
             jac.push(None);
         } else {
-            // chunk-major, probe-minor: concatenate probes along the parameter axis per chunk.
+            // chunk-major, probe-minor: concatenate probes along the parameter axis per chunk
+            // (projected chunks are already one tensor each).
+            let per_chunk = if opts.projection.is_some() { 1 } else { n_out };
             let by_chunk: Vec<Tensor> = jac_parts[k]
-                .chunks(n_out)
+                .chunks(per_chunk)
                 .map(|ps| Tensor::cat(ps, 1))
                 .collect();
-            let j = Tensor::cat(&by_chunk, 0);
-            jac.push(Some(match &opts.projection {
-                Some(p) => project(&j, &names[k], p, n_out)?,
-                None => j,
-            }));
+            jac.push(Some(Tensor::cat(&by_chunk, 0)));
             ghost.push(None);
         }
     }
