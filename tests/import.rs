@@ -55,7 +55,11 @@ fn reference(dir: &Path) -> (Tensor, Tensor) {
 fn max_diff(name: &str, mask: &[[bool; 8]; 2]) -> f64 {
     let dir = fixtures().join(name);
     let (ids, want) = reference(&dir);
-    let (_, model) = load_model(&dir, Device::Cpu).unwrap();
+    let model_path = match name {
+        "llama-gguf" => dir.join("model.gguf"),
+        _ => dir.clone(),
+    };
+    let (_, model) = load_model(&model_path, Device::Cpu).unwrap();
     let m = Tensor::from_slice(&mask.concat()).view([2, 8]);
     let got = tch::no_grad(|| model.forward_t(&ids, &m, false, false).unwrap().logits);
     let diff = (got.to_kind(Kind::Float) - want).abs() * m.unsqueeze(-1).to_kind(Kind::Float);
@@ -146,4 +150,48 @@ fn damaged_or_mismatched_imports_name_the_tensor_or_field() {
     )
     .unwrap();
     assert!(load_err(&d).contains("hidden_size"));
+}
+
+/// A GGUF file written as llama.cpp does (Q8_0, Q4_0, Q4_1, F16, F32; rotary rows permuted):
+/// tailscope's dequantised model gives the logits of transformers' own GGUF loader, and the
+/// tokenizer rebuilt from the metadata maps each character to its id.
+#[test]
+fn gguf_matches_transformers_gguf_loader() {
+    let d = max_diff("llama-gguf", &[[true; 8]; 2]);
+    assert!(d < 1e-4, "llama gguf: max |Δlogit| {d}");
+    let path = fixtures().join("llama-gguf/model.gguf");
+    let tok = tailscope::import::model_tokenizer(&path).unwrap().unwrap();
+    let enc = tok.encode("!#A", false).unwrap();
+    assert_eq!(enc.get_ids(), &[0, 2, 32]);
+    // Damage: truncated data, then an unsupported quantisation type named with its tensor.
+    let bytes = std::fs::read(&path).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cut = tmp.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    let e = load_err(&cut);
+    assert!(e.contains("cut.gguf") && e.contains("past the end"), "{e}");
+    let g = tailscope::import::gguf_format::Gguf::parse(&bytes).unwrap();
+    let info = g
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.0.attn_q.weight")
+        .unwrap();
+    // Directory entry: name (u64 length + bytes), n_dims u32, dims u64 each, type u32, offset
+    // u64. Patch the type to Q6_K (14), which tailscope does not dequantise.
+    let at = bytes
+        .windows(info.name.len())
+        .position(|w| w == info.name.as_bytes())
+        .unwrap()
+        + info.name.len()
+        + 4
+        + 8 * info.dims.len();
+    let mut bad = bytes.clone();
+    bad[at..at + 4].copy_from_slice(&14u32.to_le_bytes());
+    let q6 = tmp.path().join("q6.gguf");
+    std::fs::write(&q6, &bad).unwrap();
+    let e = load_err(&q6);
+    assert!(
+        e.contains("blk.0.attn_q.weight") && e.contains("Q6_K"),
+        "{e}"
+    );
 }

@@ -7,6 +7,8 @@
 //! ```toml
 //! [data]
 //! corpus = "out/demo/corpus.parquet"
+//! ingest = "corpus.jsonl.gz"           # optional: ingested into `corpus` when it is missing
+//! tokenizer = "tokenizer.json"         # optional: for ingest and every step
 //! [train]                              # optional: omit to use existing checkpoints
 //! config = "analyses/demo-train.toml"
 //! runs = ["dense", "cse"]
@@ -60,6 +62,10 @@ struct DataStep {
     corpus: PathBuf,
     #[serde(default)]
     tokenizer: Option<PathBuf>,
+    /// A corpus file to ingest into `corpus` when that table does not exist yet (with
+    /// `tokenizer` when given).
+    #[serde(default)]
+    ingest: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,7 +152,7 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         }
     } else {
         for m in std::iter::once(&spec.analysis.model).chain(spec.analysis.baseline.iter()) {
-            if !model_dir(m).join("config.json").exists() {
+            if !model_dir(m).exists() {
                 return Err(Error::in_file(
                     &a.spec,
                     format!(
@@ -158,7 +164,20 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
             }
         }
     }
-    if !spec.data.corpus.exists() {
+    if let Some(input) = spec
+        .data
+        .ingest
+        .as_ref()
+        .filter(|_| !spec.data.corpus.exists())
+    {
+        if !input.exists() {
+            return Err(Error::in_file(
+                &a.spec,
+                format!("data.ingest: {} not found", input.display()),
+            )
+            .into());
+        }
+    } else if !spec.data.corpus.exists() {
         return Err(Error::in_file(
             &a.spec,
             format!("data.corpus: {} not found", spec.data.corpus.display()),
@@ -197,6 +216,17 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         .iter()
         .flat_map(|t| ["--tokenizer".to_string(), s(t)])
         .collect();
+    if let Some(input) = spec
+        .data
+        .ingest
+        .as_ref()
+        .filter(|_| !spec.data.corpus.exists())
+    {
+        let mut args = vec![s(input)];
+        args.extend(tok.clone());
+        args.extend(["-o".into(), corpus.clone()]);
+        step("corpus", [vec!["ingest".to_string()], args].concat())?;
+    }
     if let Some(t) = &spec.train {
         let mut args = vec![
             "--config".into(),

@@ -6,6 +6,7 @@
 //! from the GGUF metadata).
 
 pub mod gguf;
+pub mod gguf_format;
 pub mod hf;
 pub mod safetensors;
 
