@@ -195,3 +195,45 @@ fn gguf_matches_transformers_gguf_loader() {
         "{e}"
     );
 }
+
+/// A TorchScript module outside tailscope's layer set: the exact capture's NTK equals the
+/// float64 autograd kernel of the module itself; the batched tape is refused with a reason.
+#[test]
+fn torchscript_ntk_matches_autograd() {
+    use tailscope::capture::{capture, CaptureOptions, Method, Selection};
+    let dir = fixtures().join("torchscript");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let seqs: Vec<Vec<u32>> = serde_json::from_value(v["seqs"].clone()).unwrap();
+    let want: Vec<Vec<f64>> = serde_json::from_value(v["kernel"].clone()).unwrap();
+    let n = want.len() as i64;
+    let want = Tensor::from_slice(&want.concat()).view([n, n]);
+    let (vs, model) = load_model(&dir.join("model.pt"), Device::Cpu).unwrap();
+    let params = Selection::default()
+        .select_from(model.capture_parameters(&vs).unwrap())
+        .unwrap();
+    assert_eq!(params.len(), 5, "emb, mix and head parameters");
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let opts = CaptureOptions {
+        method: Method::Exact,
+        ..CaptureOptions::default()
+    };
+    let c = capture(&model, &params, &refs, &opts, Device::Cpu, &|_| {}).unwrap();
+    let mut k = Tensor::zeros([n, n], (Kind::Double, Device::Cpu));
+    for j in c.jac.iter().flatten() {
+        let j = j.to_kind(Kind::Double);
+        k += j.matmul(&j.tr());
+    }
+    let rel = ((&k - &want).abs().max() / want.abs().max()).double_value(&[]);
+    assert!(rel < 1e-4, "relative error {rel}");
+    let batched = CaptureOptions {
+        method: Method::Batched,
+        ..CaptureOptions::default()
+    };
+    let e = match capture(&model, &params, &refs, &batched, Device::Cpu, &|_| {}) {
+        Ok(_) => panic!("the batched tape ran on a TorchScript module"),
+        Err(e) => e,
+    };
+    assert!(e.to_string().contains("exact"), "{e}");
+}

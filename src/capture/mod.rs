@@ -189,7 +189,12 @@ impl Selection {
 
     /// The selected trainable parameters of `vs`, sorted by name.
     pub fn select(&self, vs: &nn::VarStore) -> Result<Vec<(String, Tensor)>> {
-        let params: Vec<(String, Tensor)> = crate::model::checkpoint::named_variables(vs)
+        self.select_from(crate::model::checkpoint::named_variables(vs))
+    }
+
+    /// [`Selection::select`] over a list of named parameters (e.g. a TorchScript module's).
+    pub fn select_from(&self, named: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+        let params: Vec<(String, Tensor)> = named
             .into_iter()
             .filter(|(n, t)| t.requires_grad() && self.matches(n))
             .collect();

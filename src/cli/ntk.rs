@@ -215,7 +215,7 @@ fn prepare(a: &CaptureArgs, g: &Global) -> anyhow::Result<Prepared> {
         layers: a.layers.as_deref().map(parse_range).transpose()?,
         expert: a.expert.as_deref().map(parse_expert).transpose()?,
     };
-    let params = sel.select(&vs)?;
+    let params = sel.select_from(model.capture_parameters(&vs)?)?;
     if a.project.is_some() && a.method == Method::Ghost {
         return Err(Error::invalid(
             "--project",

@@ -129,6 +129,21 @@ struct ReportStep {
     title: Option<String>,
 }
 
+/// The folder name of a model's outputs: a run name as it is; for a path, the file stem (a GGUF
+/// file) or the folder name (a checkpoint's `final` folder: its run's name).
+fn model_label(m: &str) -> String {
+    let p = Path::new(m);
+    if !m.contains('/') {
+        return m.to_string();
+    }
+    let stem = |q: &Path| q.file_stem().map(|x| x.to_string_lossy().into_owned());
+    match stem(p) {
+        Some(x) if x == "final" => p.parent().and_then(stem).unwrap_or(x),
+        Some(x) => x,
+        None => m.replace('/', "_"),
+    }
+}
+
 fn s(p: &Path) -> String {
     p.display().to_string()
 }
@@ -282,11 +297,11 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         if let Some(r) = n.gc_resamples {
             args.extend(["--gc-resamples".into(), r.to_string()]);
         }
-        args.extend(["-o".into(), s(&n.out.join(m.replace('/', "_")))]);
+        args.extend(["-o".into(), s(&n.out.join(model_label(m)))]);
         step("ntk", args)?;
     }
     let an = &spec.analysis;
-    let ntk_dir = |m: &str| n.out.join(m.replace('/', "_"));
+    let ntk_dir = |m: &str| n.out.join(model_label(m));
     let mut args = vec![
         "--ntk".into(),
         s(&ntk_dir(&an.model)),

@@ -115,7 +115,12 @@ pub fn encode(model: &Model, seqs: &[&[u32]], batch: usize, device: Device) -> R
         Ok(())
     })?;
     Ok(Encoded {
-        layers: per_layer.iter().map(|v| Tensor::cat(v, 0)).collect(),
+        // A TorchScript model returns no hidden states: no layers.
+        layers: per_layer
+            .iter()
+            .filter(|v| !v.is_empty())
+            .map(|v| Tensor::cat(v, 0))
+            .collect(),
         routes: routes.into_iter().collect(),
     })
 }

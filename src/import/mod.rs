@@ -9,6 +9,7 @@ pub mod gguf;
 pub mod gguf_format;
 pub mod hf;
 pub mod safetensors;
+pub mod torchscript;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -37,12 +38,17 @@ pub enum Format {
     Tailscope,
     HuggingFace,
     Gguf,
+    TorchScript,
 }
 
 /// Tell the format of `path` from what is there.
 pub fn detect(path: &Path) -> Format {
     if path.is_file() {
-        return Format::Gguf;
+        return if torchscript::is_torchscript(path) {
+            Format::TorchScript
+        } else {
+            Format::Gguf
+        };
     }
     let cfg = std::fs::read_to_string(path.join(checkpoint::CONFIG_FILE)).unwrap_or_default();
     match serde_json::from_str::<serde_json::Value>(&cfg) {
@@ -59,6 +65,10 @@ pub fn read(path: &Path) -> Result<Imported> {
         Format::Tailscope => Err(Error::in_file(
             path,
             "a tailscope checkpoint, not a model to import",
+        )),
+        Format::TorchScript => Err(Error::in_file(
+            path,
+            "a TorchScript module runs as it is (--model); it cannot be converted",
         )),
     }
 }
@@ -96,6 +106,13 @@ impl Imported {
 pub fn model_tokenizer(path: &Path) -> Result<Option<tokenizers::Tokenizer>> {
     let json = match detect(path) {
         Format::Gguf => gguf::read_tokenizer_json(path)?,
+        Format::TorchScript => {
+            let p = path.with_file_name("tokenizer.json");
+            if !p.exists() {
+                return Ok(None);
+            }
+            std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?
+        }
         _ => {
             let p = path.join("tokenizer.json");
             if !p.exists() {

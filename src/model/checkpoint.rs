@@ -102,10 +102,16 @@ pub fn save_model(dir: &Path, cfg: &ModelConfig, vs: &nn::VarStore) -> Result<()
 }
 
 /// Load a model saved by [`save_model`] onto `device`.
-/// Hugging Face folders and GGUF files are imported on the fly (see `import`).
+/// Hugging Face folders and GGUF files are imported on the fly, TorchScript modules wrapped
+/// (see `import`).
 pub fn load_model(dir: &Path, device: Device) -> Result<(nn::VarStore, Model)> {
-    if crate::import::detect(dir) != crate::import::Format::Tailscope {
-        return crate::import::read(dir)?.into_model(device);
+    match crate::import::detect(dir) {
+        crate::import::Format::Tailscope => {}
+        crate::import::Format::TorchScript => {
+            let (cfg, script) = crate::import::torchscript::load(dir, device)?;
+            return Ok((nn::VarStore::new(device), Model::from_script(cfg, script)));
+        }
+        _ => return crate::import::read(dir)?.into_model(device),
     }
     let cfg = ModelConfig::read(&dir.join(CONFIG_FILE))?;
     let vs = nn::VarStore::new(device);

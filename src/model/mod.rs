@@ -223,6 +223,8 @@ pub struct Model {
     ln_f: Option<Norm>,
     lm_head: Option<Lin>,
     mlm: Option<MlmHead>,
+    /// A TorchScript module standing in for the layers above (see `import::torchscript`).
+    script: Option<crate::import::torchscript::Script>,
 }
 
 /// What a forward pass returns.
@@ -278,7 +280,33 @@ impl Model {
             ln_f,
             lm_head,
             mlm,
+            script: None,
         })
+    }
+
+    /// A model whose forward pass is a TorchScript module (exact capture only).
+    pub fn from_script(cfg: ModelConfig, script: crate::import::torchscript::Script) -> Model {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        Model {
+            cfg,
+            wte: nn::embedding(vs.root() / "unused", 1, 1, Default::default()),
+            wpe: None,
+            ln_emb: None,
+            blocks: Vec::new(),
+            ln_f: None,
+            lm_head: None,
+            mlm: None,
+            script: Some(script),
+        }
+    }
+
+    /// The parameters gradients can be captured for: the store's variables, or a TorchScript
+    /// module's parameters.
+    pub fn capture_parameters(&self, vs: &nn::VarStore) -> Result<Vec<(String, Tensor)>> {
+        match &self.script {
+            Some(s) => s.parameters(),
+            None => Ok(checkpoint::named_variables(vs)),
+        }
     }
 
     /// `ids`: (batch, seq) i64 token ids; `mask`: (batch, seq) bool, true for real tokens.
@@ -321,6 +349,21 @@ impl Model {
                 "mask",
                 format!("expected {:?}, got {:?}", [b, t], mask.size()),
             ));
+        }
+        if let Some(s) = &self.script {
+            if f.tape.is_some() {
+                return Err(Error::invalid(
+                    "--method",
+                    "a TorchScript model is captured with --method exact only (the batched tape needs tailscope's own layers)",
+                ));
+            }
+            return Ok(Output {
+                logits: s.logits(ids, mask, self.cfg.vocab_size)?,
+                aux_loss: Tensor::zeros([], (Kind::Float, ids.device())),
+                seq_emb: Vec::new(),
+                routes: Vec::new(),
+                loads: Vec::new(),
+            });
         }
         let mut x = ids.apply(&self.wte);
         if let Some(wpe) = &self.wpe {
