@@ -201,7 +201,9 @@ fn gpt2(
     let p = "transformer.";
     // Attention-mask buffers of older checkpoints carry no weights.
     t.retain(|k, _| {
-        !(k.ends_with(".attn.bias") && !k.contains("c_attn")) && !k.ends_with(".attn.masked_bias")
+        let mask_buffer = (k.ends_with(".attn.bias") && !k.contains("c_attn"))
+            || k.ends_with(".attn.masked_bias");
+        !mask_buffer
     });
     let mut out = Vec::new();
     for n in ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"] {
