@@ -89,6 +89,16 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A copy of fixture `name` whose config.json has `from` replaced by `to`.
+fn edited(tmp: &Path, name: &str, from: &str, to: &str) -> PathBuf {
+    let d = tmp.join(format!("{name}-{}", to.len()));
+    copy_dir(&fixtures().join(name), &d);
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+    assert!(cfg.contains(from), "{from}");
+    std::fs::write(d.join("config.json"), cfg.replace(from, to)).unwrap();
+    d
+}
+
 fn load_err(dir: &Path) -> String {
     match load_model(dir, Device::Cpu) {
         Ok(_) => panic!("{} loaded", dir.display()),
@@ -112,43 +122,28 @@ fn damaged_or_mismatched_imports_name_the_tensor_or_field() {
         e.contains("model.safetensors") && e.contains("safetensors"),
         "{e}"
     );
-    // Config and weights disagree: one more layer than the file holds.
-    let d = tmp.path().join("layers");
-    copy_dir(&fixtures().join("gpt2"), &d);
-    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
-    std::fs::write(
-        d.join("config.json"),
-        cfg.replace("\"n_layer\": 2", "\"n_layer\": 3"),
-    )
-    .unwrap();
+    // Config and weights disagree: one more layer than the file holds; a width the tensors do
+    // not have.
+    let d = edited(tmp.path(), "gpt2", "\"n_layer\": 2", "\"n_layer\": 3");
     let e = load_err(&d);
     assert!(e.contains("h.2.ln_1.weight"), "{e}");
-    // A width the tensors do not have.
-    let d = tmp.path().join("width");
-    copy_dir(&fixtures().join("bert"), &d);
-    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
-    std::fs::write(
-        d.join("config.json"),
-        cfg.replace("\"intermediate_size\": 40", "\"intermediate_size\": 44"),
-    )
-    .unwrap();
+    let d = edited(
+        tmp.path(),
+        "bert",
+        "\"intermediate_size\": 40",
+        "\"intermediate_size\": 44",
+    );
     let e = load_err(&d);
     assert!(e.contains("c_fc") && e.contains("44"), "{e}");
     // Options tailscope cannot reproduce, and a missing field.
-    let d = tmp.path().join("scaling");
-    copy_dir(&fixtures().join("llama"), &d);
-    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
-    std::fs::write(
-        d.join("config.json"),
-        cfg.replace("\"attention_bias\": false", "\"attention_bias\": true"),
-    )
-    .unwrap();
+    let d = edited(
+        tmp.path(),
+        "llama",
+        "\"attention_bias\": false",
+        "\"attention_bias\": true",
+    );
     assert!(load_err(&d).contains("attention_bias"));
-    std::fs::write(
-        d.join("config.json"),
-        cfg.replace("\"hidden_size\"", "\"hidden\""),
-    )
-    .unwrap();
+    let d = edited(tmp.path(), "llama", "\"hidden_size\"", "\"hidden\"");
     assert!(load_err(&d).contains("hidden_size"));
 }
 

@@ -480,32 +480,18 @@ fn bert(
               ours: &str,
               theirs: &str|
      -> Result<Vec<(String, RawTensor)>> {
-        Ok(vec![
-            (
-                format!("{ours}.weight"),
-                take(
-                    t,
-                    &[
-                        spell(p, &format!("{theirs}.weight")),
-                        spell(p, &format!("{theirs}.gamma")),
-                    ]
-                    .concat(),
-                    wp,
-                )?,
-            ),
-            (
-                format!("{ours}.bias"),
-                take(
-                    t,
-                    &[
-                        spell(p, &format!("{theirs}.bias")),
-                        spell(p, &format!("{theirs}.beta")),
-                    ]
-                    .concat(),
-                    wp,
-                )?,
-            ),
-        ])
+        // Older checkpoints call the LayerNorm tensors gamma and beta.
+        [("weight", "gamma"), ("bias", "beta")]
+            .iter()
+            .map(|(name, old)| {
+                let names = [
+                    spell(p, &format!("{theirs}.{name}")),
+                    spell(p, &format!("{theirs}.{old}")),
+                ]
+                .concat();
+                Ok((format!("{ours}.{name}"), take(t, &names, wp)?))
+            })
+            .collect()
     };
     out.extend(ln(t, "ln_emb", "embeddings.LayerNorm")?);
     for i in 0..cfg.n_layer {
