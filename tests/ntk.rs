@@ -311,6 +311,24 @@ fn projected_kernels_converge_within_the_jl_bound() {
             )
             .unwrap();
             assert!(k.total.equal(&again.total));
+            // Projected in groups of one chunk of 2 samples: the same kernel (row-wise).
+            let chunked = CaptureOptions {
+                batch: 2,
+                project_group: 1,
+                ..opts.clone()
+            };
+            let kc = kernel(
+                &capture(&model, &params, &refs, &chunked, Device::Cpu, &|_| {}).unwrap(),
+                None,
+                BlockBy::None,
+                false,
+            )
+            .unwrap();
+            let rel = ((&kc.total - &k.total).abs().max() / k.total.abs().max()).double_value(&[]);
+            assert!(
+                rel < 1e-10,
+                "{kind:?} k={dim}: chunked projection differs by {rel}"
+            );
         }
         assert!(
             errs[2] < errs[0],

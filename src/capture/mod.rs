@@ -113,6 +113,10 @@ pub struct CaptureOptions {
     pub probes: usize,
     /// Seed of BERT masks and logit-trace probes.
     pub seed: u64,
+    /// With a projection: unprojected gradient values held per parameter before a group of
+    /// chunks is projected (default 2^28, 1 GiB in f32). Larger groups generate the projection
+    /// matrix fewer times; smaller ones use less memory. Results do not depend on it.
+    pub project_group: i64,
 }
 
 impl Default for CaptureOptions {
@@ -124,6 +128,7 @@ impl Default for CaptureOptions {
             batch: 32,
             probes: 8,
             seed: 0,
+            project_group: 1 << 28,
         }
     }
 }
@@ -318,6 +323,9 @@ pub fn capture_from(
         .iter()
         .map(|(n, t)| ghost_for(opts.method, n, t, model.cfg.max_len))
         .collect();
+    let mut pending: Vec<Vec<Tensor>> = (0..params.len()).map(|_| Vec::new()).collect();
+    let mut pending_rows = vec![0i64; params.len()];
+    let mut projected: Vec<Vec<Tensor>> = (0..params.len()).map(|_| Vec::new()).collect();
     let mut done = 0;
     let batch = if opts.method == Method::Exact {
         1
@@ -390,15 +398,25 @@ pub fn capture_from(
                 }
             }
         }
-        // Project each chunk as soon as it is complete (projection is row-wise), so memory holds
-        // batch × P gradients at a time, not n × P.
+        // Projection is row-wise, so gradients are projected in groups of chunks as they come:
+        // memory holds about `project_group` values per parameter unprojected, not n × P, and the
+        // projection matrix (P × k, the costly part) is generated once per group, not per chunk.
         if let Some(pr) = &opts.projection {
+            let last = done + chunk.len() == seqs.len();
             for (k, parts) in jac_parts.iter_mut().enumerate() {
                 if use_ghost[k] || parts.len() < n_out {
                     continue;
                 }
                 let tail = parts.split_off(parts.len() - n_out);
-                parts.push(project(&Tensor::cat(&tail, 1), &names[k], pr, n_out)?);
+                let j = Tensor::cat(&tail, 1);
+                pending_rows[k] += j.size()[0];
+                let width = j.size()[1];
+                pending[k].push(j);
+                if last || pending_rows[k] * width >= opts.project_group {
+                    let group = Tensor::cat(&std::mem::take(&mut pending[k]), 0);
+                    projected[k].push(project(&group, &names[k], pr, n_out)?);
+                    pending_rows[k] = 0;
+                }
             }
         }
         done += chunk.len();
@@ -447,14 +465,16 @@ pub fn capture_from(
             ghost.push(Some(per_probe));
             jac.push(None);
         } else {
-            // chunk-major, probe-minor: concatenate probes along the parameter axis per chunk
-            // (projected chunks are already one tensor each).
-            let per_chunk = if opts.projection.is_some() { 1 } else { n_out };
-            let by_chunk: Vec<Tensor> = jac_parts[k]
-                .chunks(per_chunk)
-                .map(|ps| Tensor::cat(ps, 1))
-                .collect();
-            jac.push(Some(Tensor::cat(&by_chunk, 0)));
+            if opts.projection.is_some() {
+                jac.push(Some(Tensor::cat(&projected[k], 0)));
+            } else {
+                // chunk-major, probe-minor: concatenate probes along the parameter axis per chunk.
+                let by_chunk: Vec<Tensor> = jac_parts[k]
+                    .chunks(n_out)
+                    .map(|ps| Tensor::cat(ps, 1))
+                    .collect();
+                jac.push(Some(Tensor::cat(&by_chunk, 0)));
+            }
             ghost.push(None);
         }
     }

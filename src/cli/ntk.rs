@@ -241,6 +241,7 @@ fn prepare(a: &CaptureArgs, g: &Global) -> anyhow::Result<Prepared> {
         batch: a.batch,
         probes: a.probes,
         seed: g.seed,
+        ..CaptureOptions::default()
     };
     Ok(Prepared {
         corpus,
