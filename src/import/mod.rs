@@ -59,6 +59,9 @@ pub fn detect(path: &Path) -> Format {
 
 /// Read an imported model (HF folder or GGUF file).
 pub fn read(path: &Path) -> Result<Imported> {
+    if !path.exists() {
+        return Err(Error::in_file(path, "not found"));
+    }
     match detect(path) {
         Format::HuggingFace => hf::read_dir(path),
         Format::Gguf => gguf::read_file(path),
