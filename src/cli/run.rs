@@ -334,7 +334,10 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         }
         if spec.train.is_some() || an.model.contains('/') {
             // The run folder holds log.parquet and clusters.parquet beside final/.
-            if let Some(run) = model_dir(&an.model).parent() {
+            if let Some(run) = model_dir(&an.model)
+                .parent()
+                .filter(|r| r.join("log.parquet").exists())
+            {
                 args.extend(["--train-run".into(), s(run)]);
             }
         }

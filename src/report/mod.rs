@@ -362,11 +362,15 @@ fn training_figures(run: &Path) -> Result<Vec<Figure>> {
             pts,
         ));
     }
-    let mut out = vec![Figure {
-        name: "training_curves".into(),
-        caption: "Training loss per step (mean of the last 10 steps) of every run beside the analysed one.".into(),
-        plot: plots::line_series(&curves, "Training curves", "step", "training loss")?,
-    }];
+    // No training logs (e.g. a pretrained model's folder): no training figures.
+    let mut out = Vec::new();
+    if !curves.is_empty() {
+        out.push(Figure {
+            name: "training_curves".into(),
+            caption: "Training loss per step (mean of the last 10 steps) of every run beside the analysed one.".into(),
+            plot: plots::line_series(&curves, "Training curves", "step", "training loss")?,
+        });
+    }
     let cp = run.join("clusters.parquet");
     if cp.exists() {
         let t = read_parquet(&cp)?;
