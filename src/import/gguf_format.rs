@@ -265,6 +265,12 @@ impl<'a> Gguf<'a> {
                 type_name(info.type_id)
             )
         })?;
+        if info.dims.contains(&0) {
+            return Err(format!(
+                "tensor `{name}`: shape {:?} has a zero dimension",
+                info.dims
+            ));
+        }
         let numel = info
             .dims
             .iter()
@@ -340,6 +346,14 @@ pub fn unpermute_rows(w: &RawTensor, heads: usize) -> Result<RawTensor, String> 
             ))
         }
     };
+    if rows == 0 || cols == 0 || rows.checked_mul(cols) != Some(w.data.len()) {
+        return Err(format!(
+            "tensor `{}`: shape {:?} does not match its {} values",
+            w.name,
+            w.shape,
+            w.data.len()
+        ));
+    }
     if heads == 0 || rows % (2 * heads) != 0 {
         return Err(format!(
             "tensor `{}`: {rows} rows do not split into {heads} rotary heads",
@@ -481,6 +495,33 @@ mod tests {
             data: perm,
         };
         assert_eq!(unpermute_rows(&w, heads).unwrap().data, orig);
+    }
+
+    /// Found by the fuzzer: a zero dimension beside a huge one gave an empty tensor with 2^40
+    /// rows, and un-permuting it looped over every (empty) row.
+    #[test]
+    fn zero_dimensions_and_shape_mismatches_are_errors() {
+        let info = TensorInfo {
+            name: "t".into(),
+            dims: vec![0, 1 << 40],
+            type_id: 0,
+            offset: 0,
+        };
+        let g = Gguf {
+            version: 3,
+            metadata: BTreeMap::new(),
+            tensors: vec![info.clone()],
+            data: &[],
+        };
+        assert!(g.tensor(&info).unwrap_err().contains("zero dimension"));
+        let w = RawTensor {
+            name: "q".into(),
+            shape: vec![1 << 40, 0],
+            data: vec![],
+        };
+        assert!(unpermute_rows(&w, 1)
+            .unwrap_err()
+            .contains("does not match"));
     }
 
     #[test]
