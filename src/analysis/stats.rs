@@ -153,82 +153,6 @@ pub fn bootstrap(
     })
 }
 
-/// The bias-corrected (BC) percentile interval of bootstrap statistics around the estimate
-/// `est`: with z₀ = Φ⁻¹(share of statistics below `est`, ties counting half), the percentiles
-/// Φ(2z₀ ± z_{α/2}) instead of α/2 and 1 − α/2. Corrects a statistic whose resampled values sit
-/// on one side of the estimate (z₀ is clamped to ±3 when all do).
-pub fn bias_corrected_interval(stats: &mut [f64], est: f64, alpha: f64) -> (f64, f64) {
-    if stats.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    let b = stats.len() as f64;
-    let below = stats.iter().filter(|&&x| x < est).count() as f64;
-    let ties = stats.iter().filter(|&&x| x == est).count() as f64;
-    let z0 = norm_ppf(((below + 0.5 * ties) / b).clamp(0.5 / b, 1.0 - 0.5 / b)).clamp(-3.0, 3.0);
-    let z = norm_ppf(1.0 - alpha / 2.0);
-    let (lo, hi) = (norm_cdf(2.0 * z0 - z), norm_cdf(2.0 * z0 + z));
-    stats.sort_by(f64::total_cmp);
-    let q = |p: f64| stats[((p * (b - 1.0)).round() as usize).min(stats.len() - 1)];
-    (q(lo), q(hi))
-}
-
-/// Standard normal CDF (Abramowitz & Stegun 7.1.26 for erf; |error| < 1.5e-7).
-pub fn norm_cdf(x: f64) -> f64 {
-    let t = 1.0 / (1.0 + 0.3275911 * x.abs() / std::f64::consts::SQRT_2);
-    let poly = t
-        * (0.254829592
-            + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
-    let erf = 1.0 - poly * (-(x * x) / 2.0).exp();
-    0.5 * (1.0 + erf.copysign(x))
-}
-
-/// Standard normal quantile (Acklam's rational approximation; relative error < 1.2e-9).
-pub fn norm_ppf(p: f64) -> f64 {
-    const A: [f64; 6] = [
-        -3.969683028665376e1,
-        2.209460984245205e2,
-        -2.759285104469687e2,
-        1.383577518672690e2,
-        -3.066479806614716e1,
-        2.506628277459239,
-    ];
-    const B: [f64; 5] = [
-        -5.447609879822406e1,
-        1.615858368580409e2,
-        -1.556989798598866e2,
-        6.680131188771972e1,
-        -1.328068155288572e1,
-    ];
-    const C: [f64; 6] = [
-        -7.784894002430293e-3,
-        -3.223964580411365e-1,
-        -2.400758277161838,
-        -2.549732539343734,
-        4.374664141464968,
-        2.938163982698783,
-    ];
-    const D: [f64; 4] = [
-        7.784695709041462e-3,
-        3.224671290700398e-1,
-        2.445134137142996,
-        3.754408661907416,
-    ];
-    let tail = |q: f64| {
-        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
-            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
-    };
-    if p < 0.02425 {
-        tail((-2.0 * p.ln()).sqrt())
-    } else if p > 1.0 - 0.02425 {
-        -tail((-2.0 * (1.0 - p).ln()).sqrt())
-    } else {
-        let q = p - 0.5;
-        let r = q * q;
-        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
-            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
-    }
-}
-
 /// The (α/2, 1 − α/2) percentiles of bootstrap statistics (nearest rank); NaN for none.
 pub fn percentile_interval(stats: &mut [f64], alpha: f64) -> (f64, f64) {
     if stats.is_empty() {
@@ -254,26 +178,6 @@ mod tests {
         assert!((kendall(&X, &Y).unwrap() - 0.6744186046511628).abs() < 1e-12);
         assert_eq!(ranks(&[3.0, 1.0, 3.0, 2.0]), vec![3.5, 1.0, 3.5, 2.0]);
         assert_eq!(pearson(&[1.0, 1.0], &[2.0, 3.0]), None);
-    }
-
-    /// Reference values: scipy.stats.norm.cdf / ppf.
-    #[test]
-    fn normal_cdf_and_quantile_and_bias_correction() {
-        assert!((norm_cdf(1.959963984540054) - 0.975).abs() < 2e-7);
-        assert!((norm_cdf(-1.0) - 0.15865525393145707).abs() < 2e-7);
-        assert!((norm_ppf(0.975) - 1.959963984540054).abs() < 1e-8);
-        assert!((norm_ppf(0.001) - (-3.090232306167813)).abs() < 1e-8);
-        // Statistics symmetric around the estimate: BC equals the percentile interval.
-        let mut s: Vec<f64> = (0..=100).map(|i| i as f64 / 100.0).collect();
-        let mut t = s.clone();
-        assert_eq!(
-            bias_corrected_interval(&mut s, 0.5, 0.1),
-            percentile_interval(&mut t, 0.1)
-        );
-        // All statistics below the estimate: the interval moves up to the top of them.
-        let mut s: Vec<f64> = (0..100).map(|i| i as f64 / 100.0).collect();
-        let (lo, hi) = bias_corrected_interval(&mut s, 2.0, 0.05);
-        assert!(lo > 0.9 && hi == 0.99, "({lo}, {hi})");
     }
 
     #[test]
