@@ -133,7 +133,7 @@ pub struct NtkArgs {
     /// Frequency bins (quantiles of the 1-gram frequency score) for GC per bin.
     #[arg(long, default_value_t = 5, value_name = "N", help_heading = "Kernel")]
     pub bins: usize,
-    /// Bootstrap resamples for the 95% intervals of every GC in gc.parquet (0: none). Each
+    /// Half-samples for the 95% intervals of every GC in gc.parquet (0: none). Each
     /// resample recomputes the principal direction of the resampled kernel.
     #[arg(long, default_value_t = 200, value_name = "N", help_heading = "Kernel")]
     pub gc_resamples: usize,
@@ -605,7 +605,7 @@ pub fn run_ntk(a: &NtkArgs, g: &Global) -> anyhow::Result<()> {
     }
     df.with_column(sc).map_err(|e| Error::table("samples", e))?;
     crate::io::write_parquet(&mut df, out.join("samples.parquet"))?;
-    println!("principal eigenvalue {:.4e}; GC (cos of the primary gradient directions) [95% bootstrap interval] by 1-gram frequency bin (0 = rarest):", whole.lambda);
+    println!("principal eigenvalue {:.4e}; GC (cos of the primary gradient directions) [95% half-sampling interval] by 1-gram frequency bin (0 = rarest):", whole.lambda);
     let show = |v: Option<f64>, iv: &Option<(f64, f64)>| match (v, iv) {
         (Some(v), Some((lo, hi))) => format!("{v:.3} [{lo:.3}, {hi:.3}]"),
         (Some(v), None) => format!("{v:.3}"),

@@ -55,9 +55,11 @@ pub fn gc(k: &Tensor, whole: &Principal, idx: &[usize]) -> Result<Option<f64>> {
     Ok(Some(num / (whole.lambda.sqrt() * p.lambda.sqrt())))
 }
 
-/// Bootstrap (1 − α) intervals of the GC of each group in `groups` (indices into the samples of
-/// `k`): each resample draws n samples with replacement, recomputes the principal direction of
-/// the whole resampled set, and the GC of each group's drawn members. Seeded per resample, so the
+/// Resampling (1 − α) intervals of the GC of each group in `groups` (indices into the samples of
+/// `k`): each resample draws half of the samples without replacement (half-sampling; with
+/// replacement, duplicated gradient rows bias GC down), recomputes the principal direction of
+/// the drawn set, and the GC of each group's drawn members; the interval is the percentile range.
+/// It describes GC's variability at half the sample size, so it errs on the wide side. Seeded per resample, so the
 /// same seed gives the same intervals. `None` for a group whose GC is undefined in every resample.
 pub fn gc_bootstrap(
     k: &Tensor,
@@ -66,7 +68,8 @@ pub fn gc_bootstrap(
     alpha: f64,
     seed: u64,
 ) -> Result<Vec<Option<(f64, f64)>>> {
-    use rand::{Rng, SeedableRng};
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
     let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
     let n = k.size()[0] as usize;
     let mut member = vec![vec![false; n]; groups.len()];
@@ -81,12 +84,16 @@ pub fn gc_bootstrap(
             seed,
             &(b as u64).to_le_bytes(),
         ));
-        let pick: Vec<usize> = (0..n).map(|_| rng.random_range(0..n)).collect();
+        // Half-sampling without replacement: drawn duplicates would add identical gradient
+        // rows and pull GC down (a with-replacement interval can miss its estimate).
+        let mut pick: Vec<usize> = (0..n).collect();
+        pick.shuffle(&mut rng);
+        pick.truncate(n.div_ceil(2));
         let sel = Tensor::from_slice(&pick.iter().map(|&i| i as i64).collect::<Vec<_>>());
         let kb = k.index_select(0, &sel).index_select(1, &sel);
         let whole = principal(&kb)?;
         for (g, m) in member.iter().enumerate() {
-            let idx: Vec<usize> = (0..n).filter(|&j| m[pick[j]]).collect();
+            let idx: Vec<usize> = (0..pick.len()).filter(|&j| m[pick[j]]).collect();
             if let Some(v) = gc(&kb, &whole, &idx)? {
                 stats[g].push(v);
             }
@@ -183,6 +190,16 @@ mod tests {
             iv[0]
         );
         assert!(b_lo <= b_hi && b_hi < a_lo, "{:?} vs {:?}", iv[1], iv[0]);
+        // Half-samples have no duplicates: each interval holds its group's estimate.
+        let whole = principal(&k).unwrap();
+        for (g, v) in groups.iter().zip(&iv) {
+            let est = gc(&k, &whole, g).unwrap().unwrap();
+            let (lo, hi) = v.unwrap();
+            assert!(
+                lo <= est + 1e-12 && est <= hi + 1e-12,
+                "{est} outside ({lo}, {hi})"
+            );
+        }
         let (w_lo, w_hi) = iv[2].unwrap();
         assert!((w_lo - 1.0).abs() < 1e-9 && (w_hi - 1.0).abs() < 1e-9);
         assert_eq!(iv, gc_bootstrap(&k, &groups, 100, 0.05, 3).unwrap());

@@ -97,7 +97,7 @@ pub fn build(
     let mut figures = vec![
         Figure {
             name: "gc_by_frequency".into(),
-            caption: "Gradient consistency of each 1-gram frequency bin with the whole sample set, with 95% bootstrap intervals (top), and the samples per bin (bottom); paper Fig. 2a.".into(),
+            caption: "Gradient consistency of each 1-gram frequency bin with the whole sample set, with 95% half-sampling intervals (top), and the samples per bin (bottom); paper Fig. 2a.".into(),
             plot: plots::gc_by_frequency(&bins, "GC by data frequency")?,
         },
         Figure {
@@ -291,7 +291,7 @@ pub fn build(
         }
     }
     summary.push(format!(
-        "GC by frequency bin, rarest first [95% bootstrap interval]: {}.",
+        "GC by frequency bin, rarest first [95% half-sampling interval]: {}.",
         bins.iter()
             .map(|b| with_interval(b.gc, b.interval))
             .collect::<Vec<_>>()

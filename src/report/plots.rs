@@ -83,7 +83,7 @@ pub struct GcBin {
     pub label: String,
     pub mean_score: f64,
     pub gc: Option<f64>,
-    /// 95% bootstrap interval, drawn as an error bar.
+    /// 95% half-sampling interval (`ntk::gc::gc_bootstrap`), drawn as an error bar.
     pub interval: Option<(f64, f64)>,
     pub n: u64,
 }
@@ -136,7 +136,7 @@ pub fn gc_by_frequency(bins: &[GcBin], title: &str) -> Result<Rendered> {
             ))
         }))
         .map_err(plot_err)?
-        .label("95% bootstrap interval")
+        .label("95% half-sampling interval")
         .legend(|(x, y)| PathElement::new(vec![(x + 10, y - 6), (x + 10, y + 6)], BLACK));
         c.draw_series(LineSeries::new(pts.clone(), PALETTE[0].stroke_width(2)))
             .map_err(plot_err)?
