@@ -59,7 +59,8 @@ pub fn gc(k: &Tensor, whole: &Principal, idx: &[usize]) -> Result<Option<f64>> {
 /// `k`): each resample draws half of the samples without replacement (half-sampling; with
 /// replacement, duplicated gradient rows bias GC down), recomputes the principal direction of
 /// the drawn set, and the GC of each group's drawn members; the interval is the percentile range.
-/// It describes GC's variability at half the sample size, so it errs on the wide side. Seeded per resample, so the
+/// It describes GC at half the sample size: it errs on the wide side and, as GC grows with the
+/// size of a set, sits slightly low. Seeded per resample, so the
 /// same seed gives the same intervals. `None` for a group whose GC is undefined in every resample.
 pub fn gc_bootstrap(
     k: &Tensor,
