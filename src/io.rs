@@ -19,6 +19,7 @@ pub struct AtomicFile {
 }
 
 impl AtomicFile {
+    /// Start writing `dest` (its folder is created).
     pub fn create(dest: impl AsRef<Path>) -> Result<Self> {
         let dest = dest.as_ref().to_path_buf();
         if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -38,12 +39,14 @@ impl AtomicFile {
         })
     }
 
+    /// The buffered writer.
     pub fn writer(&mut self) -> &mut BufWriter<File> {
         self.writer
             .as_mut()
             .expect("AtomicFile writer is present until commit")
     }
 
+    /// Flush, sync and rename into place.
     pub fn commit(mut self) -> Result<()> {
         let writer = self
             .writer
@@ -201,6 +204,37 @@ pub fn lines(path: &Path) -> Result<impl Iterator<Item = Result<(usize, String)>
             ))),
         }
     }))
+}
+
+/// Read every tensor of a safetensors file; a malformed file is bad input naming it.
+pub fn read_tensors(path: &Path) -> Result<std::collections::HashMap<String, tch::Tensor>> {
+    if !path.exists() {
+        return Err(Error::in_file(path, "file not found"));
+    }
+    let list = tch::Tensor::read_safetensors(path)
+        .map_err(|e| Error::in_file(path, format!("not a readable safetensors file ({e})")))?;
+    Ok(list.into_iter().collect())
+}
+
+/// Write named tensors as safetensors, atomically.
+pub fn write_tensors(named: &[(String, tch::Tensor)], path: &Path) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    // tch picks the format from the extension, so the temporary name keeps `.safetensors`.
+    let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), file_name(path)));
+    let refs: Vec<(&str, &tch::Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let result = tch::Tensor::write_safetensors(&refs, &tmp).map_err(Error::from);
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

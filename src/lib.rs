@@ -2,10 +2,22 @@
 //!
 //! Modules follow the data flow: [`corpus`] (ingest, synthesise, tokenize) → [`freq`] (n-gram
 //! frequency scores, long-tail domains) → model → train → capture → ntk → analysis → report,
-//! with [`cli`] at the edge. The method is described in `shared/paper-notes.md` and the README.
+//! with [`cli`] at the edge. The method is described in `shared/paper-notes.md` and the README;
+//! `ARCHITECTURE.md` maps the modules, what each owns and what it may use.
+//!
+//! Every command of the binary is a library function: [`source::load_model`] (a model from any
+//! source), [`capture::job::Job::prepare`] (model, samples and parameters),
+//! [`ntk::pipeline::compute`] (kernel, GC, sample tables), [`analysis::analyze::analyze`],
+//! [`eval::evaluate::evaluate`], [`train::runs::train_runs`], [`report::build`] and
+//! [`pipeline::run`] (a declarative spec).
+
+#![warn(missing_docs)]
 
 pub mod analysis;
+pub mod array;
+pub mod batch;
 pub mod capture;
+pub mod checkpoint;
 pub mod cli;
 pub mod cluster;
 pub mod corpus;
@@ -17,7 +29,12 @@ pub mod import;
 pub mod io;
 pub mod model;
 pub mod ntk;
+pub mod pipeline;
+pub mod progress;
 pub mod report;
+pub mod seed;
+pub mod source;
+pub mod stats;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use tch::{Device, Kind, Tensor};
 
-use tailscope::model::checkpoint::load_model;
+use tailscope::source::load_model;
 
 /// The fixtures, built once per test run into a temporary folder.
 fn fixtures() -> &'static Path {
@@ -155,7 +155,7 @@ fn gguf_matches_transformers_gguf_loader() {
     let d = max_diff("llama-gguf", &[[true; 8]; 2]);
     assert!(d < 1e-4, "llama gguf: max |Δlogit| {d}");
     let path = fixtures().join("llama-gguf/model.gguf");
-    let tok = tailscope::import::model_tokenizer(&path).unwrap().unwrap();
+    let tok = tailscope::source::model_tokenizer(&path).unwrap().unwrap();
     let enc = tok.encode("!#A", false).unwrap();
     assert_eq!(enc.get_ids(), &[0, 2, 32]);
     // Damage: truncated data, then an unsupported quantisation type named with its tensor.

@@ -4,11 +4,11 @@
 
 use tch::{nn, Device, Kind, Tensor};
 
+use tailscope::checkpoint;
 use tailscope::model::cse::{expand_experts, CseInit};
 use tailscope::model::moe::SwitchMoe;
 use tailscope::model::{
-    checkpoint, token_losses, Arch, CseConfig, CseVariant, ExpertConfig, Model, ModelConfig,
-    SwitchConfig,
+    token_losses, Arch, CseConfig, CseVariant, ExpertConfig, Model, ModelConfig, SwitchConfig,
 };
 
 fn tiny(arch: Arch, experts: ExpertConfig) -> ModelConfig {
@@ -62,7 +62,7 @@ fn grad_check(vs: &nn::VarStore, model: &Model, aux_weight: f64, per_tensor: i64
     // the embeddings), rounding error O(ε·|L|/h) ≈ 3e-10 at h = 1e-6; hence the 1e-9 floor.
     let h = 1e-6;
     let mut checked = 0;
-    for (name, var) in checkpoint::named_variables(vs) {
+    for (name, var) in tailscope::model::named_variables(vs) {
         if !var.requires_grad() {
             continue;
         }
@@ -202,7 +202,7 @@ fn gradients_of_cse_mof_moa_and_both() {
         grad_check(&vs2, &model2, 0.0, 3);
         // An expert's gradient is zero when no sequence was routed to it: route everything to
         // expert 0 (a huge radius makes its scaled distance tiny; expert 1's centroid moves away).
-        let names = checkpoint::named_variables(&vs2);
+        let names = tailscope::model::named_variables(&vs2);
         tch::no_grad(|| {
             for (n, t) in &names {
                 if n.ends_with("cse.radii") {
@@ -316,8 +316,8 @@ fn checkpoint_round_trip_is_bit_exact_and_mismatches_name_the_tensor() {
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Model::new(&vs.root(), &cfg).unwrap();
     checkpoint::save_model(dir.path(), &cfg, &vs).unwrap();
-    let (vs2, model2) = checkpoint::load_model(dir.path(), Device::Cpu).unwrap();
-    for (name, t) in checkpoint::named_variables(&vs) {
+    let (vs2, model2) = tailscope::source::load_model(dir.path(), Device::Cpu).unwrap();
+    for (name, t) in tailscope::model::named_variables(&vs) {
         let u = &vs2.variables()[&name];
         assert!(t.equal(u), "{name} differs after the round trip");
     }
@@ -333,7 +333,7 @@ fn checkpoint_round_trip_is_bit_exact_and_mismatches_name_the_tensor() {
         serde_json::to_string(&wrong).unwrap(),
     )
     .unwrap();
-    let err = checkpoint::load_model(dir.path(), Device::Cpu).unwrap_err();
+    let err = tailscope::source::load_model(dir.path(), Device::Cpu).unwrap_err();
     assert!(err.is_bad_input());
     let msg = err.to_string();
     assert!(
@@ -345,7 +345,7 @@ fn checkpoint_round_trip_is_bit_exact_and_mismatches_name_the_tensor() {
     );
     // An invalid config field.
     std::fs::write(dir.path().join("config.json"), r#"{"arch":"gpt","vocab_size":13,"max_len":8,"n_layer":2,"d_model":8,"n_head":3,"d_ffn":12}"#).unwrap();
-    let msg = checkpoint::load_model(dir.path(), Device::Cpu)
+    let msg = tailscope::source::load_model(dir.path(), Device::Cpu)
         .unwrap_err()
         .to_string();
     assert!(
@@ -357,7 +357,7 @@ fn checkpoint_round_trip_is_bit_exact_and_mismatches_name_the_tensor() {
     let w = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&w).unwrap();
     std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
-    let err = checkpoint::load_model(dir.path(), Device::Cpu).unwrap_err();
+    let err = tailscope::source::load_model(dir.path(), Device::Cpu).unwrap_err();
     assert!(
         err.is_bad_input() && err.to_string().contains("model.safetensors"),
         "{err}"

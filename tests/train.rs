@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use tch::Device;
 
-use tailscope::model::{checkpoint, ExpertConfig};
+use tailscope::model::{named_variables, ExpertConfig};
 use tailscope::train::{self, RunSpec, StepRow, TrainData, TrainSpec};
 
 static TORCH: Mutex<()> = Mutex::new(());
@@ -148,10 +148,12 @@ fn resume_equals_uninterrupted_and_checkpoints_are_pruned() {
         );
         assert_eq!(a.state.val, b.state.val);
         let (va, _) =
-            checkpoint::load_model(&straight.join(&run.name).join("final"), Device::Cpu).unwrap();
+            tailscope::source::load_model(&straight.join(&run.name).join("final"), Device::Cpu)
+                .unwrap();
         let (vb, _) =
-            checkpoint::load_model(&split.join(&run.name).join("final"), Device::Cpu).unwrap();
-        for (name, t) in checkpoint::named_variables(&va) {
+            tailscope::source::load_model(&split.join(&run.name).join("final"), Device::Cpu)
+                .unwrap();
+        for (name, t) in named_variables(&va) {
             assert!(
                 t.equal(&vb.variables()[&name]),
                 "{}: {name} differs",

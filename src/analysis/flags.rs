@@ -11,11 +11,16 @@
 
 use serde::Serialize;
 
+/// The flag rule's thresholds (module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct FlagOptions {
+    /// Rare: frequency score below this quantile.
     pub rare_quantile: f64,
+    /// Also count samples of long-tail domains as rare.
     pub long_tail_domains: bool,
+    /// Poorly aligned: alignment below this quantile.
     pub align_quantile: f64,
+    /// Poorly fitted: loss this many robust sd above its frequency bin's median.
     pub loss_z: f64,
 }
 
@@ -33,27 +38,38 @@ impl Default for FlagOptions {
 /// What the flags need per sample.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampleMetrics {
+    /// 1-gram frequency score.
     pub freq_score: f64,
+    /// Whether the sample's domain is long-tail.
     pub long_tail_domain: bool,
+    /// Alignment with the principal gradient direction.
     pub alignment: f64,
+    /// Mean token loss.
     pub loss: f64,
     /// Frequency bin (peers for the loss comparison).
     pub bin: usize,
 }
 
+/// A flagged sample, with why.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Flag {
+    /// Index of the sample in the analysed set.
     pub index: usize,
+    /// Ranking score (higher: more neglected).
     pub rank_score: f64,
+    /// Percentile of its frequency score.
     pub freq_percentile: f64,
+    /// Percentile of its alignment.
     pub align_percentile: f64,
+    /// Robust z-score of its loss within its frequency bin.
     pub loss_z: f64,
+    /// Which conditions hold, in words.
     pub reasons: Vec<String>,
 }
 
 /// Fraction of values strictly below each value (0 = lowest).
 fn percentiles(v: &[f64]) -> Vec<f64> {
-    let r = super::stats::ranks(v);
+    let r = crate::stats::ranks(v);
     let n = v.len().max(2) as f64;
     r.iter().map(|x| (x - 1.0) / (n - 1.0)).collect()
 }

@@ -1,9 +1,8 @@
 //! Analysis of per-sample metrics (`tailscope analyze`): correlations of data frequency with
-//! alignment, self-kernel and loss, with bootstrap intervals ([`stats`]), and the ranked
+//! alignment, self-kernel and loss, with bootstrap intervals ([`crate::stats`]), and the ranked
 //! under-memorised long-tail flags ([`flags`]), and expert isolation against a dense baseline
-//! ([`isolation`]).
+//! ([`isolation`]); [`analyze`] runs them all on an NTK run.
 
+pub mod analyze;
 pub mod flags;
 pub mod isolation;
-pub mod pca;
-pub mod stats;

@@ -2,7 +2,7 @@
 //! set of parameters, by three methods that give the same kernel:
 //!
 //! - [`Method::Exact`]: one backward pass per sample, the trusted oracle (slow).
-//! - [`Method::Batched`]: one forward/backward per batch; a [`tape::Tape`] records every Linear,
+//! - [`Method::Batched`]: one forward/backward per batch; a [`crate::model::tape::Tape`] records every Linear,
 //!   Embedding and LayerNorm input and output gradient, and per-sample gradients are formed layer
 //!   by layer (Σ_t g_t x_tᵀ for a Linear weight, scatter-adds for embeddings, Σ_t g_t ⊙ x̂_t for a
 //!   LayerNorm gain).
@@ -23,7 +23,7 @@
 //! sample's output does not depend on the other samples of its batch; BERT masks are seeded per
 //! sample for the same reason.
 
-pub mod tape;
+pub mod job;
 
 use std::collections::BTreeMap;
 
@@ -31,10 +31,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::batch::{make_batch_keyed, Batch};
 use crate::error::{Error, Result};
+use crate::model::tape::{Record, RecordKind, Tape};
 use crate::model::{token_losses, Forward, Model};
-use crate::train::data::{make_batch_keyed, Batch};
-use tape::{Record, RecordKind, Tape};
 
 /// The scalar output per sample.
 #[derive(
@@ -90,22 +90,31 @@ pub enum Method {
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum ProjectionKind {
+    /// Entries N(0, 1/k).
     Gaussian,
+    /// Entries ±1/√k.
     Rademacher,
 }
 
+/// A seeded random projection of per-sample gradients.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Projection {
+    /// Gaussian or Rademacher entries.
     pub kind: ProjectionKind,
+    /// Target dimension per parameter tensor.
     pub dim: i64,
+    /// Seed of the matrices (the same in every process).
     pub seed: u64,
 }
 
 /// Capture settings.
 #[derive(Debug, Clone)]
 pub struct CaptureOptions {
+    /// The scalar output per sample.
     pub output: OutputKind,
+    /// How per-sample gradients are computed.
     pub method: Method,
+    /// Project gradients to fewer dimensions.
     pub projection: Option<Projection>,
     /// Samples per forward/backward pass.
     pub batch: usize,
@@ -137,6 +146,7 @@ impl Default for CaptureOptions {
 /// combined with OR; empty means every trainable parameter.
 #[derive(Debug, Clone, Default)]
 pub struct Selection {
+    /// Parameter name globs.
     pub globs: Vec<String>,
     /// Inclusive block range: every parameter under `h.{i}.` for i in the range.
     pub layers: Option<(i64, i64)>,
@@ -171,10 +181,12 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 impl Selection {
+    /// Whether nothing narrows the selection.
     pub fn is_all(&self) -> bool {
         self.globs.is_empty() && self.layers.is_none() && self.expert.is_none()
     }
 
+    /// Whether the parameter `name` is selected.
     pub fn matches(&self, name: &str) -> bool {
         if self.is_all() {
             return true;
@@ -194,7 +206,7 @@ impl Selection {
 
     /// The selected trainable parameters of `vs`, sorted by name.
     pub fn select(&self, vs: &nn::VarStore) -> Result<Vec<(String, Tensor)>> {
-        self.select_from(crate::model::checkpoint::named_variables(vs))
+        self.select_from(crate::model::named_variables(vs))
     }
 
     /// [`Selection::select`] over a list of named parameters (e.g. a TorchScript module's).
@@ -231,7 +243,7 @@ pub fn capture_batch(
 fn trace_probes(model: &Model, probes: usize, seed: u64, kind: Kind, device: Device) -> Tensor {
     let shape = [probes as i64, model.cfg.max_len, model.cfg.vocab_size];
     let n = (shape[0] * shape[1] * shape[2]) as usize;
-    let mut rng = ChaCha8Rng::seed_from_u64(crate::corpus::stable_hash(seed, b"logit-trace"));
+    let mut rng = ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(seed, b"logit-trace"));
     let signs: Vec<f32> = (0..n)
         .map(|_| if rng.random::<bool>() { 1.0 } else { -1.0 })
         .collect();
@@ -273,11 +285,14 @@ fn outputs(
 /// Per-sample information a set of samples yields, per selected parameter:
 /// a Jacobian block (n, P_p) (or (n, k) projected), or ghost factors for a Linear weight.
 pub struct Captured {
+    /// Parameter names, in selection order.
     pub names: Vec<String>,
+    /// Per parameter: the (n, P_p) Jacobian (or (n, k) projected); `None` for ghost.
     pub jac: Vec<Option<Tensor>>,
     /// Per output direction (one, or one per logit-trace probe): (x (n, T, in), g (n, T, out)) in
     /// padded sample × position layout, for ghost kernels; the kernel is the sum over directions.
     pub ghost: Vec<Option<Vec<(Tensor, Tensor)>>>,
+    /// Number of samples.
     pub n: usize,
 }
 
@@ -315,17 +330,7 @@ pub fn capture_from(
     } else {
         1
     };
-    let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
-    let mut jac_parts: Vec<Vec<Tensor>> = (0..params.len()).map(|_| Vec::new()).collect();
-    let mut ghost_parts: Vec<Vec<(Tensor, Tensor)>> =
-        (0..params.len()).map(|_| Vec::new()).collect();
-    let use_ghost: Vec<bool> = params
-        .iter()
-        .map(|(n, t)| ghost_for(opts.method, n, t, model.cfg.max_len))
-        .collect();
-    let mut pending: Vec<Vec<Tensor>> = (0..params.len()).map(|_| Vec::new()).collect();
-    let mut pending_rows = vec![0i64; params.len()];
-    let mut projected: Vec<Vec<Tensor>> = (0..params.len()).map(|_| Vec::new()).collect();
+    let mut parts = Parts::new(model, params, opts, n_out, device);
     let mut done = 0;
     let batch = if opts.method == Method::Exact {
         1
@@ -338,152 +343,234 @@ pub fn capture_from(
             let probe = probes.as_ref().map(|v| v.get(p as i64));
             let probe = probe.as_ref().map(|v| (v, 1.0 / (n_out as f64).sqrt()));
             if opts.method == Method::Exact {
-                let out = model.forward_with(
-                    &b.ids,
-                    &b.mask,
-                    &Forward {
-                        train: false,
-                        capture: false,
-                        capacity: false,
-                        tape: None,
-                    },
-                )?;
-                let f = outputs(opts.output, &out.logits, &b, probe).sum(kind);
-                let refs: Vec<&Tensor> = params.iter().map(|(_, t)| t).collect();
-                let grads = Tensor::f_run_backward(&[&f], &refs, false, false)?;
-                for (k, g) in grads.into_iter().enumerate() {
-                    // Undefined: the parameter took no part (an expert this sample did not use).
-                    let g = if g.defined() {
-                        g
-                    } else {
-                        params[k].1.zeros_like()
-                    };
-                    jac_parts[k].push(g.reshape([1, -1]));
-                }
+                parts.exact(model, &b, opts.output, probe)?;
             } else {
-                let tape = Tape::new();
-                let out = model.forward_with(
-                    &b.ids,
-                    &b.mask,
-                    &Forward {
-                        train: false,
-                        capture: false,
-                        capacity: false,
-                        tape: Some(&tape),
-                    },
-                )?;
-                let f = outputs(opts.output, &out.logits, &b, probe).sum(kind);
-                let records = tape.take();
-                let zs: Vec<&Tensor> = records.iter().map(|r| &r.z).collect();
-                let gs = Tensor::f_run_backward(&[&f], &zs, false, false)?;
-                let (bsz, t) = b.ids.size2()?;
-                let per = per_sample(&records, &gs, bsz, t, model, &names, &use_ghost)?;
-                for (k, item) in per.into_iter().enumerate() {
-                    match item {
-                        Some(PerSample::Jac(j)) => jac_parts[k].push(j),
-                        Some(PerSample::Ghost(x, g)) => ghost_parts[k].push((x, g)),
-                        // The parameter took no part (an expert no sample of this batch used).
-                        None if use_ghost[k] => {
-                            let s = params[k].1.size();
-                            ghost_parts[k].push((
-                                Tensor::zeros([bsz, 1, s[1]], (kind, device)),
-                                Tensor::zeros([bsz, 1, s[0]], (kind, device)),
-                            ));
-                        }
-                        None => {
-                            let numel = params[k].1.numel() as i64;
-                            jac_parts[k].push(Tensor::zeros([bsz, numel], (kind, device)));
-                        }
-                    }
-                }
+                parts.batched(model, &b, opts.output, probe)?;
             }
         }
-        // Projection is row-wise, so gradients are projected in groups of chunks as they come:
-        // memory holds about `project_group` values per parameter unprojected, not n × P, and the
-        // projection matrix (P × k, the costly part) is generated once per group, not per chunk.
         if let Some(pr) = &opts.projection {
             let last = done + chunk.len() == seqs.len();
-            for (k, parts) in jac_parts.iter_mut().enumerate() {
-                if use_ghost[k] || parts.len() < n_out {
-                    continue;
-                }
-                let tail = parts.split_off(parts.len() - n_out);
-                let j = Tensor::cat(&tail, 1);
-                pending_rows[k] += j.size()[0];
-                let width = j.size()[1];
-                pending[k].push(j);
-                if last || pending_rows[k] * width >= opts.project_group {
-                    let group = Tensor::cat(&std::mem::take(&mut pending[k]), 0);
-                    projected[k].push(project(&group, &names[k], pr, n_out)?);
-                    pending_rows[k] = 0;
-                }
-            }
+            parts.project_ready(pr, last, opts.project_group)?;
         }
         done += chunk.len();
         on_progress(done);
     }
-    let n = seqs.len();
-    let mut jac = Vec::with_capacity(params.len());
-    let mut ghost = Vec::with_capacity(params.len());
-    for k in 0..params.len() {
-        if !ghost_parts[k].is_empty() {
-            // Pad positions to max_len (twice that for a weight called twice) so chunks stack.
-            let width = ghost_parts[k]
+    Ok(parts.finish(model.cfg.max_len, opts.projection.is_some(), seqs.len()))
+}
+
+/// Σ_i f(x_i) over a batch, from an evaluation-mode forward pass without the Switch capacity
+/// limit (so samples do not interact), recorded on `tape` when given.
+fn scalar_output(
+    model: &Model,
+    b: &Batch,
+    output: OutputKind,
+    probe: Option<(&Tensor, f64)>,
+    tape: Option<&Tape>,
+    kind: Kind,
+) -> Result<Tensor> {
+    let fwd = Forward {
+        train: false,
+        capture: false,
+        capacity: false,
+        tape,
+    };
+    let out = model.forward_with(&b.ids, &b.mask, &fwd)?;
+    Ok(outputs(output, &out.logits, b, probe).sum(kind))
+}
+
+/// Per-parameter pieces of a capture, collected chunk by chunk (chunk-major, probe-minor).
+struct Parts<'a> {
+    params: &'a [(String, Tensor)],
+    names: Vec<String>,
+    use_ghost: Vec<bool>,
+    n_out: usize,
+    kind: Kind,
+    device: Device,
+    jac: Vec<Vec<Tensor>>,
+    ghost: Vec<Vec<(Tensor, Tensor)>>,
+    /// Rows waiting to be projected as one group, and their count.
+    pending: Vec<Vec<Tensor>>,
+    pending_rows: Vec<i64>,
+    projected: Vec<Vec<Tensor>>,
+}
+
+impl<'a> Parts<'a> {
+    fn new(
+        model: &Model,
+        params: &'a [(String, Tensor)],
+        opts: &CaptureOptions,
+        n_out: usize,
+        device: Device,
+    ) -> Parts<'a> {
+        let empty = || (0..params.len()).map(|_| Vec::new()).collect::<Vec<_>>();
+        Parts {
+            params,
+            names: params.iter().map(|(n, _)| n.clone()).collect(),
+            use_ghost: params
                 .iter()
-                .map(|(x, _)| x.size()[1])
-                .max()
-                .unwrap_or(0)
-                .max(model.cfg.max_len);
-            let pad = |t: &Tensor| {
-                let (b, tt, f) = t.size3().expect("(n, T, features)");
-                Tensor::cat(
-                    &[
-                        t.shallow_clone(),
-                        Tensor::zeros([b, width - tt, f], (t.kind(), t.device())),
-                    ],
-                    1,
-                )
+                .map(|(n, t)| ghost_for(opts.method, n, t, model.cfg.max_len))
+                .collect(),
+            n_out,
+            kind: params[0].1.kind(),
+            device,
+            jac: empty(),
+            ghost: (0..params.len()).map(|_| Vec::new()).collect(),
+            pending: empty(),
+            pending_rows: vec![0; params.len()],
+            projected: empty(),
+        }
+    }
+
+    /// One backward pass for one sample (the oracle).
+    fn exact(
+        &mut self,
+        model: &Model,
+        b: &Batch,
+        output: OutputKind,
+        probe: Option<(&Tensor, f64)>,
+    ) -> Result<()> {
+        let f = scalar_output(model, b, output, probe, None, self.kind)?;
+        let refs: Vec<&Tensor> = self.params.iter().map(|(_, t)| t).collect();
+        let grads = Tensor::f_run_backward(&[&f], &refs, false, false)?;
+        for (k, g) in grads.into_iter().enumerate() {
+            // Undefined: the parameter took no part (an expert this sample did not use).
+            let g = if g.defined() {
+                g
+            } else {
+                self.params[k].1.zeros_like()
             };
-            // parts are ordered chunk-major, probe-minor: regroup per probe, stacking chunks.
-            let per_probe: Vec<(Tensor, Tensor)> = (0..n_out)
-                .map(|p| {
-                    let xs: Vec<Tensor> = ghost_parts[k]
-                        .iter()
-                        .skip(p)
-                        .step_by(n_out)
-                        .map(|(x, _)| pad(x))
-                        .collect();
-                    let gs: Vec<Tensor> = ghost_parts[k]
-                        .iter()
-                        .skip(p)
-                        .step_by(n_out)
-                        .map(|(_, g)| pad(g))
-                        .collect();
-                    (Tensor::cat(&xs, 0), Tensor::cat(&gs, 0))
-                })
-                .collect();
-            ghost.push(Some(per_probe));
-            jac.push(None);
-        } else {
-            if opts.projection.is_some() {
-                jac.push(Some(Tensor::cat(&projected[k], 0)));
+            self.jac[k].push(g.reshape([1, -1]));
+        }
+        Ok(())
+    }
+
+    /// One batched backward pass; per-sample pieces from the tape.
+    fn batched(
+        &mut self,
+        model: &Model,
+        b: &Batch,
+        output: OutputKind,
+        probe: Option<(&Tensor, f64)>,
+    ) -> Result<()> {
+        let tape = Tape::new();
+        let f = scalar_output(model, b, output, probe, Some(&tape), self.kind)?;
+        let records = tape.take();
+        let zs: Vec<&Tensor> = records.iter().map(|r| &r.z).collect();
+        let gs = Tensor::f_run_backward(&[&f], &zs, false, false)?;
+        let (bsz, t) = b.ids.size2()?;
+        let per = per_sample(&records, &gs, bsz, t, model, &self.names, &self.use_ghost)?;
+        let (kind, device) = (self.kind, self.device);
+        for (k, item) in per.into_iter().enumerate() {
+            match item {
+                Some(PerSample::Jac(j)) => self.jac[k].push(j),
+                Some(PerSample::Ghost(x, g)) => self.ghost[k].push((x, g)),
+                // The parameter took no part (an expert no sample of this batch used).
+                None if self.use_ghost[k] => {
+                    let s = self.params[k].1.size();
+                    self.ghost[k].push((
+                        Tensor::zeros([bsz, 1, s[1]], (kind, device)),
+                        Tensor::zeros([bsz, 1, s[0]], (kind, device)),
+                    ));
+                }
+                None => {
+                    let numel = self.params[k].1.numel() as i64;
+                    self.jac[k].push(Tensor::zeros([bsz, numel], (kind, device)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Projection is row-wise, so gradients are projected in groups of chunks as they come:
+    /// memory holds about `group` values per parameter unprojected, not n × P, and the
+    /// projection matrix (P × k, the costly part) is generated once per group, not per chunk.
+    fn project_ready(&mut self, pr: &Projection, last: bool, group: i64) -> Result<()> {
+        let n_out = self.n_out;
+        for (k, parts) in self.jac.iter_mut().enumerate() {
+            if self.use_ghost[k] || parts.len() < n_out {
+                continue;
+            }
+            let tail = parts.split_off(parts.len() - n_out);
+            let j = Tensor::cat(&tail, 1);
+            self.pending_rows[k] += j.size()[0];
+            let width = j.size()[1];
+            self.pending[k].push(j);
+            if last || self.pending_rows[k] * width >= group {
+                let rows = Tensor::cat(&std::mem::take(&mut self.pending[k]), 0);
+                self.projected[k].push(project(&rows, &self.names[k], pr, n_out)?);
+                self.pending_rows[k] = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stack the pieces: a Jacobian (n, P) (or (n, k) projected) or ghost factors per parameter.
+    fn finish(self, max_len: i64, projected: bool, n: usize) -> Captured {
+        let mut jac = Vec::with_capacity(self.params.len());
+        let mut ghost = Vec::with_capacity(self.params.len());
+        for k in 0..self.params.len() {
+            if !self.ghost[k].is_empty() {
+                ghost.push(Some(stack_ghost(&self.ghost[k], self.n_out, max_len)));
+                jac.push(None);
+            } else if projected {
+                jac.push(Some(Tensor::cat(&self.projected[k], 0)));
+                ghost.push(None);
             } else {
                 // chunk-major, probe-minor: concatenate probes along the parameter axis per chunk.
-                let by_chunk: Vec<Tensor> = jac_parts[k]
-                    .chunks(n_out)
+                let by_chunk: Vec<Tensor> = self.jac[k]
+                    .chunks(self.n_out)
                     .map(|ps| Tensor::cat(ps, 1))
                     .collect();
                 jac.push(Some(Tensor::cat(&by_chunk, 0)));
+                ghost.push(None);
             }
-            ghost.push(None);
+        }
+        Captured {
+            names: self.names,
+            jac,
+            ghost,
+            n,
         }
     }
-    Ok(Captured {
-        names,
-        jac,
-        ghost,
-        n,
-    })
+}
+
+/// Ghost factors of one parameter per output direction, chunks stacked: positions padded to
+/// max_len (twice that for a weight called twice) so chunks stack.
+fn stack_ghost(parts: &[(Tensor, Tensor)], n_out: usize, max_len: i64) -> Vec<(Tensor, Tensor)> {
+    let width = parts
+        .iter()
+        .map(|(x, _)| x.size()[1])
+        .max()
+        .unwrap_or(0)
+        .max(max_len);
+    let pad = |t: &Tensor| {
+        let (b, tt, f) = t.size3().expect("(n, T, features)");
+        Tensor::cat(
+            &[
+                t.shallow_clone(),
+                Tensor::zeros([b, width - tt, f], (t.kind(), t.device())),
+            ],
+            1,
+        )
+    };
+    // parts are ordered chunk-major, probe-minor: regroup per probe, stacking chunks.
+    (0..n_out)
+        .map(|p| {
+            let xs: Vec<Tensor> = parts
+                .iter()
+                .skip(p)
+                .step_by(n_out)
+                .map(|(x, _)| pad(x))
+                .collect();
+            let gs: Vec<Tensor> = parts
+                .iter()
+                .skip(p)
+                .step_by(n_out)
+                .map(|(_, g)| pad(g))
+                .collect();
+            (Tensor::cat(&xs, 0), Tensor::cat(&gs, 0))
+        })
+        .collect()
 }
 
 fn ghost_for(method: Method, name: &str, t: &Tensor, max_len: i64) -> bool {
@@ -527,25 +614,7 @@ fn per_sample(
     names: &[String],
     use_ghost: &[bool],
 ) -> Result<Vec<Option<PerSample>>> {
-    let index: BTreeMap<&str, usize> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.as_str(), i))
-        .collect();
-    let mut acc: Vec<Option<PerSample>> = (0..names.len()).map(|_| None).collect();
-    let mut add = |name: &str, value: PerSample| {
-        if let Some(&k) = index.get(name) {
-            acc[k] = Some(match (acc[k].take(), value) {
-                (None, v) => v,
-                (Some(PerSample::Jac(a)), PerSample::Jac(v)) => PerSample::Jac(a + v),
-                (Some(PerSample::Ghost(xa, ga)), PerSample::Ghost(x, g)) => {
-                    // Two calls of one weight: their rows are both part of the sum over positions.
-                    PerSample::Ghost(Tensor::cat(&[xa, x], 1), Tensor::cat(&[ga, g], 1))
-                }
-                (Some(a), _) => a,
-            });
-        }
-    };
+    let mut acc = Acc::new(names);
     for (rec, g) in records.iter().zip(gs) {
         let g = if g.defined() {
             g.shallow_clone()
@@ -554,64 +623,36 @@ fn per_sample(
         };
         match &rec.kind {
             RecordKind::Linear { weight, bias } => {
-                let gg = grid(&g, &rec.rows, b, t); // (b, t, out)
-                let want_w = index.get(weight.as_str()).copied();
-                if let Some(k) = want_w {
-                    let xx = grid(&rec.x, &rec.rows, b, t); // (b, t, in)
-                    if use_ghost[k] {
-                        add(weight, PerSample::Ghost(xx, gg.shallow_clone()));
-                    } else {
-                        let gw = Tensor::einsum("bto,bti->boi", &[&gg, &xx], None::<i64>);
-                        add(weight, PerSample::Jac(gw.reshape([b, -1])));
-                    }
-                }
-                if let Some(bn) = bias {
-                    if index.contains_key(bn.as_str()) {
-                        add(bn, PerSample::Jac(gg.sum_dim_intlist(1, false, gg.kind())));
-                    }
-                }
+                let grid_g = grid(&g, &rec.rows, b, t); // (b, t, out)
+                linear_pieces(
+                    &mut acc,
+                    rec,
+                    grid_g,
+                    (weight, bias.as_deref()),
+                    use_ghost,
+                    (b, t),
+                );
             }
             RecordKind::Embedding { weight, positions } => {
                 let gg = g.view([b, t, -1]); // (b, t, d)
-                let d = gg.size()[2];
-                if index.contains_key(weight.as_str()) {
-                    let v = model.cfg.vocab_size;
-                    let ids = rec.x.view([b, t]);
-                    let offs = Tensor::arange(b, (tch::Kind::Int64, ids.device())).unsqueeze(1) * v;
-                    let flat = (ids + offs).reshape([-1]);
-                    let ge = Tensor::zeros([b * v, d], (gg.kind(), gg.device())).index_add(
-                        0,
-                        &flat,
-                        &gg.reshape([-1, d]),
-                    );
-                    add(weight, PerSample::Jac(ge.view([b, -1])));
-                }
-                if let Some(positions) = positions
-                    .as_ref()
-                    .filter(|p| index.contains_key(p.as_str()))
-                {
-                    let ml = model.cfg.max_len;
-                    let gp = Tensor::cat(
-                        &[
-                            gg.shallow_clone(),
-                            Tensor::zeros([b, ml - t, d], (gg.kind(), gg.device())),
-                        ],
-                        1,
-                    );
-                    add(positions, PerSample::Jac(gp.view([b, -1])));
-                }
+                embedding_pieces(
+                    &mut acc,
+                    rec,
+                    &gg,
+                    (weight, positions.as_deref()),
+                    model,
+                    (b, t),
+                );
             }
             RecordKind::LayerNorm { weight, bias } => {
                 let gg = grid(&g, &rec.rows, b, t);
-                if index.contains_key(weight.as_str()) {
+                if acc.wants(weight).is_some() {
                     let xx = grid(&rec.x, &rec.rows, b, t);
-                    add(
-                        weight,
-                        PerSample::Jac((&gg * xx).sum_dim_intlist(1, false, gg.kind())),
-                    );
+                    let v = (&gg * xx).sum_dim_intlist(1, false, gg.kind());
+                    acc.add(weight, PerSample::Jac(v));
                 }
-                if let Some(bias) = bias.as_ref().filter(|b| index.contains_key(b.as_str())) {
-                    add(
+                if let Some(bias) = bias.as_ref().filter(|b| acc.wants(b).is_some()) {
+                    acc.add(
                         bias,
                         PerSample::Jac(gg.sum_dim_intlist(1, false, gg.kind())),
                     );
@@ -619,7 +660,105 @@ fn per_sample(
             }
         }
     }
-    Ok(acc)
+    Ok(acc.acc)
+}
+
+/// Per-sample pieces of the selected parameters, summed over the records of one pass.
+struct Acc<'n> {
+    index: BTreeMap<&'n str, usize>,
+    acc: Vec<Option<PerSample>>,
+}
+
+impl<'n> Acc<'n> {
+    fn new(names: &'n [String]) -> Acc<'n> {
+        Acc {
+            index: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.as_str(), i))
+                .collect(),
+            acc: (0..names.len()).map(|_| None).collect(),
+        }
+    }
+
+    /// The position of `name` among the selected parameters.
+    fn wants(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    fn add(&mut self, name: &str, value: PerSample) {
+        let Some(k) = self.wants(name) else {
+            return;
+        };
+        self.acc[k] = Some(match (self.acc[k].take(), value) {
+            (None, v) => v,
+            (Some(PerSample::Jac(a)), PerSample::Jac(v)) => PerSample::Jac(a + v),
+            (Some(PerSample::Ghost(xa, ga)), PerSample::Ghost(x, g)) => {
+                // Two calls of one weight: their rows are both part of the sum over positions.
+                PerSample::Ghost(Tensor::cat(&[xa, x], 1), Tensor::cat(&[ga, g], 1))
+            }
+            (Some(a), _) => a,
+        });
+    }
+}
+
+/// A Linear call: weight gradients Σ_t g_t x_tᵀ per sample (or ghost factors), bias Σ_t g_t.
+fn linear_pieces(
+    acc: &mut Acc,
+    rec: &Record,
+    gg: Tensor,
+    (weight, bias): (&str, Option<&str>),
+    use_ghost: &[bool],
+    (b, t): (i64, i64),
+) {
+    if let Some(k) = acc.wants(weight) {
+        let xx = grid(&rec.x, &rec.rows, b, t); // (b, t, in)
+        if use_ghost[k] {
+            acc.add(weight, PerSample::Ghost(xx, gg.shallow_clone()));
+        } else {
+            let gw = Tensor::einsum("bto,bti->boi", &[&gg, &xx], None::<i64>);
+            acc.add(weight, PerSample::Jac(gw.reshape([b, -1])));
+        }
+    }
+    if let Some(bn) = bias.filter(|bn| acc.wants(bn).is_some()) {
+        acc.add(bn, PerSample::Jac(gg.sum_dim_intlist(1, false, gg.kind())));
+    }
+}
+
+/// An embedding call: token-embedding rows scattered by id per sample, position rows padded
+/// to max_len.
+fn embedding_pieces(
+    acc: &mut Acc,
+    rec: &Record,
+    gg: &Tensor,
+    (weight, positions): (&str, Option<&str>),
+    model: &Model,
+    (b, t): (i64, i64),
+) {
+    let d = gg.size()[2];
+    if acc.wants(weight).is_some() {
+        let v = model.cfg.vocab_size;
+        let ids = rec.x.view([b, t]);
+        let offs = Tensor::arange(b, (tch::Kind::Int64, ids.device())).unsqueeze(1) * v;
+        let flat = (ids + offs).reshape([-1]);
+        let ge = Tensor::zeros([b * v, d], (gg.kind(), gg.device())).index_add(
+            0,
+            &flat,
+            &gg.reshape([-1, d]),
+        );
+        acc.add(weight, PerSample::Jac(ge.view([b, -1])));
+    }
+    if let Some(positions) = positions.filter(|p| acc.wants(p).is_some()) {
+        let ml = model.cfg.max_len;
+        let gp = Tensor::cat(
+            &[
+                gg.shallow_clone(),
+                Tensor::zeros([b, ml - t, d], (gg.kind(), gg.device())),
+            ],
+            1,
+        );
+        acc.add(positions, PerSample::Jac(gp.view([b, -1])));
+    }
 }
 
 /// Rows of projection matrices are generated in blocks of this many parameters.
@@ -665,7 +804,7 @@ fn projection_block(p: &Projection, key: &str, len: i64) -> Tensor {
         .into_par_iter()
         .map(|c| {
             let rows = ROWS.min(len - c * ROWS);
-            let mut rng = ChaCha8Rng::seed_from_u64(crate::corpus::stable_hash(
+            let mut rng = ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(
                 p.seed,
                 format!("{key}/{c}").as_bytes(),
             ));

@@ -2,15 +2,14 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
-use tokenizers::Tokenizer;
 
-use super::progress;
+use super::progress::{self, Bars};
 use super::Global;
 use crate::corpus::ingest::{self, Format, IngestOptions, Unit};
 use crate::corpus::synth::{self, SynthOptions};
-use crate::corpus::{self as corpus_mod, tokenizer, BuildOptions, BuildStats, Corpus, Split};
+use crate::corpus::tokenizer::{self, TokenizerSource};
+use crate::corpus::{self as corpus_mod, BuildOptions, BuildStats, Corpus, Split};
 
 #[derive(Debug, Subcommand)]
 pub enum CorpusCommand {
@@ -265,36 +264,14 @@ fn finish(mut corpus: Corpus, stats: &BuildStats, b: &BuildArgs) -> anyhow::Resu
         .tokenizer_out
         .clone()
         .unwrap_or_else(|| sibling(&b.out, "tokenizer.json"));
-    let tok: Tokenizer = match &b.tokenizer {
-        Some(path) => tokenizer::load(path)?,
-        None => {
-            let pb =
-                progress::spinner(&format!("training a {}-token byte-level BPE", b.vocab_size));
-            let train_texts: Vec<String> = corpus
-                .samples
-                .iter()
-                .filter(|s| s.split == Split::Train)
-                .map(|s| s.text.clone())
-                .collect();
-            let tok = tokenizer::train_bpe(&train_texts, b.vocab_size, b.min_frequency)?;
-            pb.finish_and_clear();
-            tok
-        }
+    let source = match &b.tokenizer {
+        Some(path) => TokenizerSource::Load(path.clone()),
+        None => TokenizerSource::Train {
+            vocab_size: b.vocab_size,
+            min_frequency: b.min_frequency,
+        },
     };
-    let texts: Vec<&str> = corpus.samples.iter().map(|s| s.text.as_str()).collect();
-    let pb = progress::bar(texts.len() as u64, "tokenizing");
-    let ids = tokenizer::encode_with_progress(&tok, &texts, &|done| pb.set_position(done as u64))?;
-    pb.finish_and_clear();
-    for (s, v) in corpus.samples.iter_mut().zip(&ids) {
-        s.n_tokens = v.len() as u32;
-    }
-    if b.tokenizer.as_deref() != Some(tok_out.as_path()) {
-        tokenizer::save(&tok, &tok_out)
-            .with_context(|| format!("writing the tokenizer to {}", tok_out.display()))?;
-    }
-    corpus
-        .write(&b.out)
-        .with_context(|| format!("writing the corpus table to {}", b.out.display()))?;
+    let tok = tokenizer::finish_corpus(&mut corpus, &source, &b.out, &tok_out, &Bars::default())?;
     print_summary(&corpus, stats, &b.out, &tok_out, tok.get_vocab_size(true));
     Ok(())
 }
@@ -306,7 +283,7 @@ fn sibling(path: &Path, name: &str) -> PathBuf {
     }
 }
 
-fn print_summary(c: &Corpus, stats: &BuildStats, out: &Path, tok: &Path, vocab: usize) {
+pub fn print_summary(c: &Corpus, stats: &BuildStats, out: &Path, tok: &Path, vocab: usize) {
     let train = c.samples.iter().filter(|s| s.split == Split::Train).count();
     let tokens: u64 = c.samples.iter().map(|s| u64::from(s.n_tokens)).sum();
     println!(

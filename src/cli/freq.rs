@@ -4,10 +4,11 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::progress;
+use super::progress::Bars;
 use super::Global;
-use crate::corpus::{tokenizer, Corpus};
+use crate::corpus::Corpus;
 use crate::freq::{self, CountOn, FreqOptions, FreqReport, Norm, ShareBy};
+use crate::progress::Progress;
 
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "Example:\n  \
@@ -75,31 +76,20 @@ pub struct FreqArgs {
     pub out: PathBuf,
 }
 
+/// `tailscope freq`.
 pub fn run(a: &FreqArgs, _g: &Global) -> anyhow::Result<()> {
-    let corpus = Corpus::read(&a.corpus)?;
-    let tok_path = a
-        .tokenizer
-        .clone()
-        .unwrap_or_else(|| crate::corpus::tokenizer::default_path(&a.corpus));
-    let tok = tokenizer::load(&tok_path)?;
-    let texts: Vec<&str> = corpus.samples.iter().map(|s| s.text.as_str()).collect();
-    let pb = progress::bar(texts.len() as u64, "tokenizing");
-    let ids = tokenizer::encode_with_progress(&tok, &texts, &|d| pb.set_position(d as u64))?;
-    pb.finish_and_clear();
-    let pb = progress::spinner("counting n-grams");
-    let report = freq::compute(
-        &corpus,
-        &ids,
-        FreqOptions {
-            orders: a.orders.clone(),
-            norm: a.norm,
-            count_on: a.count_on,
-            share_by: a.share_by,
-        },
-    )?;
-    pb.set_message("writing tables");
+    let options = FreqOptions {
+        orders: a.orders.clone(),
+        norm: a.norm,
+        count_on: a.count_on,
+        share_by: a.share_by,
+    };
+    let progress = Bars::default();
+    let (report, corpus, tok) =
+        freq::compute_file(&a.corpus, a.tokenizer.as_deref(), options, &progress)?;
+    progress.start("writing tables", None);
     report.write(&a.out, &corpus, &tok)?;
-    pb.finish_and_clear();
+    progress.finish();
     print_summary(&report, &corpus);
     println!(
         "wrote {}/{{scores,ngrams,domains}}.parquet and summary.json",

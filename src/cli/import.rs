@@ -3,10 +3,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use tch::{Kind, Tensor};
 
 use super::Global;
-use crate::model::checkpoint::write_tensors;
+use crate::io::write_tensors;
 
 #[derive(Debug, Clone, Args)]
 #[command(
@@ -36,7 +35,7 @@ pub struct ImportArgs {
 }
 
 pub fn run(a: &ImportArgs, _g: &Global) -> anyhow::Result<()> {
-    let imp = crate::import::read(&a.source)?;
+    let imp = crate::source::read_imported(&a.source)?;
     let n_tensors = imp.tensors.len();
     let cfg = imp.save(&a.out)?;
     println!(
@@ -50,20 +49,7 @@ pub fn run(a: &ImportArgs, _g: &Global) -> anyhow::Result<()> {
         cfg.vocab_size
     );
     if !a.check.is_empty() {
-        let (_, model) = crate::model::checkpoint::load_model(&a.out, tch::Device::Cpu)?;
-        let tok = super::tokenizer_for(None, &a.out, &model, &a.out)?;
-        let mut named = Vec::new();
-        for (k, text) in a.check.iter().enumerate() {
-            let enc = tok
-                .encode(text.as_str(), false)
-                .map_err(|e| crate::Error::Tokenizer(e.to_string()))?;
-            let ids: Vec<i64> = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
-            let ids = Tensor::from_slice(&ids).view([1, -1]);
-            let mask = ids.ones_like().to_kind(Kind::Bool);
-            let logits = tch::no_grad(|| model.forward_t(&ids, &mask, false, false))?.logits;
-            named.push((format!("ids.{k}"), ids));
-            named.push((format!("logits.{k}"), logits));
-        }
+        let named = crate::source::check_logits(&a.out, &a.check)?;
         write_tensors(&named, &a.out.join("check.safetensors"))?;
         println!("wrote {}", a.out.join("check.safetensors").display());
     }

@@ -21,39 +21,6 @@ use clap::{Parser, Subcommand};
 
 use crate::device::DeviceArg;
 
-/// The tokenizer to encode a corpus for `model` with: `--tokenizer` when given, else the model's
-/// own (an imported model's `tokenizer.json` or GGUF metadata), else the corpus's (`corpus ingest`
-/// wrote it beside the corpus table). Its vocabulary must fit the model's.
-pub fn tokenizer_for(
-    explicit: Option<&std::path::Path>,
-    model_path: &std::path::Path,
-    model: &crate::model::Model,
-    corpus: &std::path::Path,
-) -> anyhow::Result<tokenizers::Tokenizer> {
-    let (tok, from) = match explicit {
-        Some(p) => (crate::corpus::tokenizer::load(p)?, p.to_path_buf()),
-        None => match crate::import::model_tokenizer(model_path)? {
-            Some(t) => (t, model_path.to_path_buf()),
-            None => {
-                let p = crate::corpus::tokenizer::default_path(corpus);
-                (crate::corpus::tokenizer::load(&p)?, p)
-            }
-        },
-    };
-    let n = tok.get_vocab_size(true) as i64;
-    if n > model.cfg.vocab_size {
-        return Err(crate::Error::in_file(
-            &from,
-            format!(
-                "tokenizer of {n} entries, the model's vocabulary has {}",
-                model.cfg.vocab_size
-            ),
-        )
-        .into());
-    }
-    Ok(tok)
-}
-
 /// tailscope: find the long-tail training data a language model fails to learn.
 #[derive(Debug, Parser)]
 #[command(
@@ -66,9 +33,12 @@ pub fn tokenizer_for(
     after_help = "Example:\n  tailscope corpus ingest fixtures/brown/brown.jsonl.gz -o out/brown/corpus.parquet\n  \
         tailscope freq --corpus out/brown/corpus.parquet -o out/brown/freq"
 )]
+/// tailscope's command line.
 pub struct Cli {
+    /// Options every command takes.
     #[command(flatten)]
     pub global: Global,
+    /// The command.
     #[command(subcommand)]
     pub command: Command,
 }
@@ -123,6 +93,7 @@ pub struct Global {
     pub quiet: bool,
 }
 
+/// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Build corpus tables: ingest your data or generate a synthetic long-tail corpus.

@@ -7,6 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 static QUIET: AtomicBool = AtomicBool::new(false);
 
+/// Hide every bar and spinner from now on (`-q`).
 pub fn set_quiet(quiet: bool) {
     QUIET.store(quiet, Ordering::Relaxed);
 }
@@ -41,4 +42,48 @@ pub fn spinner(msg: &str) -> ProgressBar {
     pb.set_message(msg.to_owned());
     pb.enable_steady_tick(Duration::from_millis(120));
     pb
+}
+
+/// The library's [`crate::progress::Progress`] drawn as indicatif bars (a bar when the total is
+/// known, a spinner otherwise), one per phase.
+#[derive(Default)]
+pub struct Bars {
+    current: std::sync::Mutex<Option<ProgressBar>>,
+}
+
+impl Bars {
+    fn with(&self, f: impl FnOnce(&ProgressBar)) {
+        if let Ok(guard) = self.current.lock() {
+            if let Some(pb) = guard.as_ref() {
+                f(pb);
+            }
+        }
+    }
+}
+
+impl crate::progress::Progress for Bars {
+    fn start(&self, label: &str, total: Option<u64>) {
+        let pb = match total {
+            Some(n) => bar(n, label),
+            None => spinner(label),
+        };
+        if let Ok(mut guard) = self.current.lock() {
+            if let Some(old) = guard.replace(pb) {
+                old.finish_and_clear();
+            }
+        }
+    }
+    fn advance_to(&self, done: u64) {
+        self.with(|pb| pb.set_position(done));
+    }
+    fn set_total(&self, total: u64) {
+        self.with(|pb| pb.set_length(total));
+    }
+    fn finish(&self) {
+        if let Ok(mut guard) = self.current.lock() {
+            if let Some(pb) = guard.take() {
+                pb.finish_and_clear();
+            }
+        }
+    }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::Global;
+use crate::report::ReportSpec;
 
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "Example:\n  \
@@ -34,26 +35,30 @@ pub struct ReportArgs {
     pub notebook: Option<PathBuf>,
 }
 
+/// `tailscope report`.
 pub fn run(a: &ReportArgs, _g: &Global) -> anyhow::Result<()> {
-    let r = crate::report::build(
-        &a.analysis,
-        &a.ntk,
-        a.baseline.as_deref(),
-        a.train_run.as_deref(),
-        &a.title,
-    )?;
-    let nb = a
-        .notebook
-        .clone()
-        .unwrap_or_else(|| a.out.join("report.ipynb"));
-    crate::report::write(&r, &a.out, &nb)?;
+    let spec = ReportSpec {
+        analysis: a.analysis.clone(),
+        ntk: a.ntk.clone(),
+        baseline: a.baseline.clone(),
+        train_run: a.train_run.clone(),
+        title: a.title.clone(),
+        out: a.out.clone(),
+        notebook: a.notebook.clone(),
+    };
+    let r = crate::report::render(&spec)?;
+    print_report(&r, &a.out.join("report.html"), &spec.notebook_path());
+    Ok(())
+}
+
+/// What `tailscope report` prints: the summary and isolation lines, and where the files are.
+pub fn print_report(r: &crate::report::Report, html: &std::path::Path, notebook: &std::path::Path) {
     for s in &r.summary {
         println!("{s}");
     }
     for s in &r.isolation {
         println!("{s}");
     }
-    println!("report: {}", a.out.join("report.html").display());
-    println!("notebook: {}", nb.display());
-    Ok(())
+    println!("report: {}", html.display());
+    println!("notebook: {}", notebook.display());
 }

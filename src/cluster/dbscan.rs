@@ -1,6 +1,6 @@
 //! DBSCAN (Ester et al., 1996) over rows of a dense f32 matrix, Euclidean distance.
 //!
-//! Written here rather than taken from linfa-clustering: that crate brings the ndarray/linfa stack
+//! Written here rather than taken from linfa-clustering: that crate brings the linfa stack
 //! for one algorithm, while we need only brute-force neighbourhoods (n is a few thousand sampled
 //! sequences) computed in parallel with rayon, plus the k-distance knee for `eps`.
 //!
@@ -8,6 +8,7 @@
 //! order of their first core point, so the result is deterministic. A border point reachable from
 //! several clusters joins the first that reaches it (the classic, order-dependent rule).
 
+use ndarray::ArrayView2;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -22,6 +23,7 @@ pub struct DbscanParams {
 }
 
 impl DbscanParams {
+    /// Parameters with a positive `eps` and `min_pts` ≥ 1.
     pub fn new(eps: f64, min_pts: usize) -> Result<Self> {
         if !(eps.is_finite() && eps > 0.0) {
             return Err(Error::invalid(
@@ -39,12 +41,16 @@ impl DbscanParams {
 /// The result of one clustering.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Clustering {
+    /// Cluster of each point; `None` for noise.
     pub labels: Vec<Option<usize>>,
+    /// Number of clusters.
     pub n_clusters: usize,
+    /// The radius used.
     pub eps: f64,
 }
 
 impl Clustering {
+    /// Points left as noise.
     pub fn noise(&self) -> usize {
         self.labels.iter().filter(|l| l.is_none()).count()
     }
@@ -60,6 +66,31 @@ pub(crate) fn dist2(a: &[f32], b: &[f32]) -> f64 {
         .sum()
 }
 
+/// The values of an (n, d) matrix in row-major order (borrowed when `x` is already laid out so,
+/// copied otherwise) and d.
+pub(crate) fn flat<'a>(x: &'a ArrayView2<f32>) -> Result<(std::borrow::Cow<'a, [f32]>, usize)> {
+    let d = x.ncols();
+    if d == 0 {
+        return Err(Error::invalid("points", "points of dimension 0"));
+    }
+    Ok(match x.as_slice() {
+        Some(s) => (std::borrow::Cow::Borrowed(s), d),
+        None => (std::borrow::Cow::Owned(x.iter().copied().collect()), d),
+    })
+}
+
+/// View `n × d` row-major values as an (n, d) matrix of points.
+pub fn points(data: &[f32], d: usize) -> Result<ArrayView2<'_, f32>> {
+    if d == 0 || data.len() % d != 0 {
+        return Err(Error::invalid(
+            "points",
+            format!("{} values do not form rows of dimension {d}", data.len()),
+        ));
+    }
+    ArrayView2::from_shape((data.len() / d, d), data)
+        .map_err(|e| Error::invalid("points", e.to_string()))
+}
+
 /// Rows of a row-major `n × d` matrix.
 pub(crate) fn rows(data: &[f32], d: usize) -> Result<Vec<&[f32]>> {
     if d == 0 || data.len() % d != 0 {
@@ -71,8 +102,13 @@ pub(crate) fn rows(data: &[f32], d: usize) -> Result<Vec<&[f32]>> {
     Ok(data.chunks(d).collect())
 }
 
-/// Run DBSCAN on the `n × d` row-major matrix `data`.
-pub fn dbscan(data: &[f32], d: usize, params: DbscanParams) -> Result<Clustering> {
+/// Run DBSCAN on the rows of `x` (n points × d).
+pub fn dbscan(x: ArrayView2<f32>, params: DbscanParams) -> Result<Clustering> {
+    let (data, d) = flat(&x)?;
+    dbscan_flat(&data, d, params)
+}
+
+fn dbscan_flat(data: &[f32], d: usize, params: DbscanParams) -> Result<Clustering> {
     let pts = rows(data, d)?;
     let eps2 = params.eps * params.eps;
     let neighbours: Vec<Vec<usize>> = (0..pts.len())
@@ -142,7 +178,12 @@ fn k_distances(data: &[f32], d: usize, min_pts: usize) -> Result<Vec<f64>> {
 /// `min_pts` − 1 neighbours besides the point): the distances sorted in decreasing order are
 /// convex-decreasing, and the elbow of that curve (the Kneedle rule of [`crate::freq::elbow`]) is
 /// where density drops. Falls back to the median k-distance when the curve has no elbow.
-pub fn eps_from_knee(data: &[f32], d: usize, min_pts: usize) -> Result<f64> {
+pub fn eps_from_knee(x: ArrayView2<f32>, min_pts: usize) -> Result<f64> {
+    let (data, d) = flat(&x)?;
+    eps_from_knee_flat(&data, d, min_pts)
+}
+
+fn eps_from_knee_flat(data: &[f32], d: usize, min_pts: usize) -> Result<f64> {
     let mut kdist = k_distances(data, d, min_pts)?;
     kdist.sort_by(|a, b| b.total_cmp(a));
     let eps = match crate::freq::elbow(&kdist) {
@@ -162,7 +203,9 @@ pub fn eps_from_knee(data: &[f32], d: usize, min_pts: usize) -> Result<f64> {
 /// clusters wins (ties: the larger radius, which leaves less noise). Suited to CSE initialisation,
 /// where the clusters become experts; the knee rule ([`eps_from_knee`]) tends to find the single
 /// dense bulk of an early-training embedding cloud.
-pub fn eps_max_clusters(data: &[f32], d: usize, min_pts: usize, min_size: usize) -> Result<f64> {
+pub fn eps_max_clusters(x: ArrayView2<f32>, min_pts: usize, min_size: usize) -> Result<f64> {
+    let (data, d) = flat(&x)?;
+    let data = &data[..];
     let mut kdist = k_distances(data, d, min_pts)?;
     kdist.sort_by(f64::total_cmp);
     let mut best: Option<(usize, f64)> = None;
@@ -171,7 +214,7 @@ pub fn eps_max_clusters(data: &[f32], d: usize, min_pts: usize, min_size: usize)
         if eps <= 0.0 {
             continue;
         }
-        let c = dbscan(data, d, DbscanParams::new(eps, min_pts)?)?;
+        let c = dbscan_flat(data, d, DbscanParams::new(eps, min_pts)?)?;
         let mut sizes = vec![0usize; c.n_clusters];
         for l in c.labels.iter().flatten() {
             sizes[*l] += 1;
@@ -183,7 +226,7 @@ pub fn eps_max_clusters(data: &[f32], d: usize, min_pts: usize, min_size: usize)
     }
     match best {
         Some((_, eps)) => Ok(eps),
-        None => eps_from_knee(data, d, min_pts),
+        None => eps_from_knee_flat(data, d, min_pts),
     }
 }
 
@@ -241,7 +284,7 @@ mod tests {
                 })
                 .collect();
             let p = DbscanParams::new(0.6 + 0.2 * trial as f64, 4).unwrap();
-            let got = dbscan(&data, d, p).unwrap();
+            let got = dbscan(points(&data, d).unwrap(), p).unwrap();
             check_against_definition(&data, d, p, &got);
         }
     }
@@ -252,17 +295,29 @@ mod tests {
         let data = [
             0.0f32, 0.0, 0.1, 0.0, 0.0, 0.1, 10.0, 10.0, 10.1, 10.0, 10.0, 10.1, 50.0, 50.0,
         ];
-        let c = dbscan(&data, 2, DbscanParams::new(0.5, 3).unwrap()).unwrap();
+        let c = dbscan(
+            points(&data, 2).unwrap(),
+            DbscanParams::new(0.5, 3).unwrap(),
+        )
+        .unwrap();
         assert_eq!(c.n_clusters, 2);
         assert_eq!(
             c.labels,
             vec![Some(0), Some(0), Some(0), Some(1), Some(1), Some(1), None]
         );
         // One cluster when eps spans everything.
-        let c = dbscan(&data, 2, DbscanParams::new(100.0, 3).unwrap()).unwrap();
+        let c = dbscan(
+            points(&data, 2).unwrap(),
+            DbscanParams::new(100.0, 3).unwrap(),
+        )
+        .unwrap();
         assert_eq!((c.n_clusters, c.noise()), (1, 0));
         // All noise when min_pts exceeds every neighbourhood.
-        let c = dbscan(&data, 2, DbscanParams::new(0.5, 5).unwrap()).unwrap();
+        let c = dbscan(
+            points(&data, 2).unwrap(),
+            DbscanParams::new(0.5, 5).unwrap(),
+        )
+        .unwrap();
         assert_eq!((c.n_clusters, c.noise()), (0, 7));
         assert!(DbscanParams::new(0.0, 3).is_err());
         assert!(DbscanParams::new(1.0, 0).is_err());
@@ -279,8 +334,12 @@ mod tests {
                 data.push(rng.random_range(-spread..spread));
             }
         }
-        let eps = eps_max_clusters(&data, 2, 5, 20).unwrap();
-        let c = dbscan(&data, 2, DbscanParams::new(eps, 5).unwrap()).unwrap();
+        let eps = eps_max_clusters(points(&data, 2).unwrap(), 5, 20).unwrap();
+        let c = dbscan(
+            points(&data, 2).unwrap(),
+            DbscanParams::new(eps, 5).unwrap(),
+        )
+        .unwrap();
         let mut sizes = vec![0; c.n_clusters];
         for l in c.labels.iter().flatten() {
             sizes[*l] += 1;
@@ -301,9 +360,13 @@ mod tests {
                 data.push(rng.random_range(-0.5f32..0.5));
             }
         }
-        let eps = eps_from_knee(&data, 2, 5).unwrap();
+        let eps = eps_from_knee(points(&data, 2).unwrap(), 5).unwrap();
         assert!(eps > 0.0 && eps < 10.0, "eps {eps}");
-        let c = dbscan(&data, 2, DbscanParams::new(eps, 5).unwrap()).unwrap();
+        let c = dbscan(
+            points(&data, 2).unwrap(),
+            DbscanParams::new(eps, 5).unwrap(),
+        )
+        .unwrap();
         assert_eq!(c.n_clusters, 3, "eps {eps}");
     }
 }

@@ -1,21 +1,24 @@
 //! k-means with k-means++ seeding (Arthur & Vassilvitskii, 2007), Lloyd iterations, seeded.
-//! Written by hand for the same reason as DBSCAN: a few dozen lines against the ndarray/linfa stack.
+//! Written by hand for the same reason as DBSCAN: a few dozen lines against the linfa stack.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::dbscan::{dist2, rows};
+use ndarray::ArrayView2;
+
+use super::dbscan::{dist2, flat, rows};
 use crate::error::{Error, Result};
 
-/// Cluster the `n × d` rows of `data` into `k` groups. Returns labels and the `k × d` centroids.
+/// Cluster the rows of `x` (n points × d) into `k` groups. Returns labels and the `k × d`
+/// centroids, row-major.
 pub fn kmeans(
-    data: &[f32],
-    d: usize,
+    x: ArrayView2<f32>,
     k: usize,
     iters: usize,
     seed: u64,
 ) -> Result<(Vec<usize>, Vec<f32>)> {
-    let pts = rows(data, d)?;
+    let (data, d) = flat(&x)?;
+    let pts = rows(&data, d)?;
     if k == 0 || k > pts.len() {
         return Err(Error::invalid(
             "k",
@@ -87,7 +90,7 @@ mod tests {
                 data.push((i / 5) as f32 * 0.1);
             }
         }
-        let (labels, cents) = kmeans(&data, 2, 3, 50, 7).unwrap();
+        let (labels, cents) = kmeans(crate::cluster::points(&data, 2).unwrap(), 3, 50, 7).unwrap();
         for g in 0..3 {
             let l = labels[g * 20];
             assert!(labels[g * 20..(g + 1) * 20].iter().all(|&x| x == l));
@@ -97,7 +100,12 @@ mod tests {
         firsts.dedup();
         assert_eq!(firsts.len(), 3);
         assert_eq!(cents.len(), 6);
-        assert_eq!(kmeans(&data, 2, 3, 50, 7).unwrap().0, labels);
-        assert!(kmeans(&data, 2, 0, 5, 0).is_err());
+        assert_eq!(
+            kmeans(crate::cluster::points(&data, 2).unwrap(), 3, 50, 7)
+                .unwrap()
+                .0,
+            labels
+        );
+        assert!(kmeans(crate::cluster::points(&data, 2).unwrap(), 0, 5, 0).is_err());
     }
 }

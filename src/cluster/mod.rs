@@ -1,34 +1,45 @@
-//! Clustering of sequence embeddings: DBSCAN (CSE initialisation, cluster dynamics) and k-means++,
+//! Clustering of sequence embeddings (points are the rows of an `ndarray` (n, d) view; see
+//! [`points`] and `crate::array` for conversions): DBSCAN (CSE initialisation, cluster dynamics) and k-means++,
 //! and the statistics the paper tracks (paper notes, "Cluster dynamics"): per-cluster centroid and
 //! radius (mean distance of members to their centroid), and the ratio of the mean pairwise
 //! distance between centroids to the mean radius.
 
 pub mod dbscan;
 pub mod kmeans;
+pub mod pca;
 
-pub use dbscan::{dbscan, eps_from_knee, eps_max_clusters, Clustering, DbscanParams};
+pub use dbscan::{dbscan, eps_from_knee, eps_max_clusters, points, Clustering, DbscanParams};
 pub use kmeans::kmeans;
 
 use crate::error::Result;
-use dbscan::{dist2, rows};
+use ndarray::ArrayView2;
+
+use dbscan::{dist2, flat, rows};
+
+/// minPts of the clusterings of sequence embeddings outside CSE initialisation: the cluster
+/// dynamics during training and the NTK run's `cluster` column.
+pub const MIN_PTS: usize = 5;
 
 /// Centroid and radius of each cluster, noise excluded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterStats {
     /// `n_clusters × d`, row-major.
     pub centroids: Vec<f32>,
+    /// Mean distance of each cluster's members to its centroid.
     pub radii: Vec<f32>,
+    /// Members of each cluster.
     pub sizes: Vec<usize>,
 }
 
 impl ClusterStats {
+    /// Statistics of the clusters `labels` makes of the rows of `x` (n points × d).
     pub fn compute(
-        data: &[f32],
-        d: usize,
+        x: ArrayView2<f32>,
         labels: &[Option<usize>],
         n_clusters: usize,
     ) -> Result<Self> {
-        let pts = rows(data, d)?;
+        let (data, d) = flat(&x)?;
+        let pts = rows(&data, d)?;
         let mut sums = vec![0f64; n_clusters * d];
         let mut sizes = vec![0usize; n_clusters];
         for (p, l) in pts.iter().zip(labels) {
@@ -96,7 +107,7 @@ mod tests {
     fn stats_by_hand() {
         let data = [0.0f32, 0.0, 2.0, 0.0, 10.0, 0.0, 10.0, 4.0, 99.0, 99.0];
         let labels = [Some(0), Some(0), Some(1), Some(1), None];
-        let s = ClusterStats::compute(&data, 2, &labels, 2).unwrap();
+        let s = ClusterStats::compute(points(&data, 2).unwrap(), &labels, 2).unwrap();
         assert_eq!(s.centroids, vec![1.0, 0.0, 10.0, 2.0]);
         assert_eq!(s.radii, vec![1.0, 2.0]);
         assert_eq!(s.sizes, vec![2, 2]);

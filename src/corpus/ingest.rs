@@ -69,6 +69,7 @@ pub enum Unit {
 pub struct IngestOptions {
     /// `None`: detect from the path.
     pub format: Option<Format>,
+    /// Line, paragraph or whole file per sample (text inputs).
     pub unit: Unit,
     /// Field/column holding the text.
     pub text_field: String,

@@ -23,11 +23,14 @@ use crate::io;
 /// Which part of the corpus a sample belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Split {
+    /// The training split.
     Train,
+    /// The validation split.
     Validation,
 }
 
 impl Split {
+    /// The split's name in tables.
     pub fn as_str(self) -> &'static str {
         match self {
             Split::Train => "train",
@@ -35,6 +38,7 @@ impl Split {
         }
     }
 
+    /// The split named `s`.
     pub fn parse(s: &str) -> Option<Split> {
         match s {
             "train" => Some(Split::Train),
@@ -47,10 +51,15 @@ impl Split {
 /// One row of the corpus table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
+    /// Unique id (the input's own, or `file:line`).
     pub id: String,
+    /// The text.
     pub text: String,
+    /// Its domain.
     pub domain: String,
+    /// Training or validation.
     pub split: Split,
+    /// Tokens under the corpus's tokenizer.
     pub n_tokens: u32,
     /// Ground truth from `corpus synth`: whether the sample belongs to a rare domain.
     pub long_tail: Option<bool>,
@@ -62,9 +71,13 @@ pub struct Sample {
 pub struct RawRecord {
     /// `file:line` (or `file:row`), used in ids and messages.
     pub origin: String,
+    /// The input's id, if it has one.
     pub id: Option<String>,
+    /// The text.
     pub text: String,
+    /// The domain.
     pub domain: String,
+    /// Ground truth of synthetic corpora: whether the record is from a rare domain.
     pub long_tail: Option<bool>,
 }
 
@@ -98,15 +111,20 @@ impl Default for BuildOptions {
 /// What [`build`] kept and dropped, for the summary line.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BuildStats {
+    /// Records read.
     pub records: usize,
+    /// Records kept.
     pub kept: usize,
+    /// Dropped below `min_words`.
     pub too_short: usize,
+    /// Dropped above `max_words`.
     pub too_long: usize,
 }
 
 /// The corpus table in memory.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Corpus {
+    /// The samples, in input order.
     pub samples: Vec<Sample>,
 }
 
@@ -135,25 +153,10 @@ pub fn sample_columns(samples: &[&Sample]) -> Vec<Column> {
     ]
 }
 
-/// A 64-bit hash that is stable across platforms, Rust versions and runs (std's `DefaultHasher`
-/// promises none of that): FNV-1a over the bytes, then the SplitMix64 finaliser to spread bits.
-pub fn stable_hash(seed: u64, bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
-}
-
 /// The split of a sample: validation when `hash(seed, id) / 2^64 < val_fraction`. Depends on the
 /// id alone, so adding or removing other samples never moves a sample between splits.
 pub fn split_of(id: &str, seed: u64, val_fraction: f64) -> Split {
-    let u = (stable_hash(seed, id.as_bytes()) >> 11) as f64 / (1u64 << 53) as f64;
+    let u = (crate::seed::stable_hash(seed, id.as_bytes()) >> 11) as f64 / (1u64 << 53) as f64;
     if u < val_fraction {
         Split::Validation
     } else {
@@ -253,11 +256,65 @@ pub fn build(
     Ok((Corpus { samples }, stats))
 }
 
+/// `n` of `items`, evenly spaced (item ⌊k·len/n⌋ for k = 0..n); all of them when there are at
+/// most `n`.
+pub fn evenly_spaced(items: &[usize], n: usize) -> Vec<usize> {
+    if items.len() <= n {
+        return items.to_vec();
+    }
+    (0..n).map(|k| items[k * items.len() / n]).collect()
+}
+
+/// Which samples a step draws from: one split or the whole corpus.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitChoice {
+    /// The training split.
+    Train,
+    /// The validation split.
+    Validation,
+    /// Every sample.
+    All,
+}
+
+impl SplitChoice {
+    /// Whether a sample of `split` is chosen.
+    pub fn admits(self, split: Split) -> bool {
+        match self {
+            SplitChoice::Train => split == Split::Train,
+            SplitChoice::Validation => split == Split::Validation,
+            SplitChoice::All => true,
+        }
+    }
+
+    /// The name used on the command line and in tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SplitChoice::Train => "train",
+            SplitChoice::Validation => "validation",
+            SplitChoice::All => "all",
+        }
+    }
+}
+
 impl Corpus {
+    /// Indices of `n` samples of `split`, evenly spaced over it in corpus order (all of them when
+    /// the split has at most `n`). Deterministic: no seed is involved.
+    pub fn pick(&self, split: SplitChoice, n: usize) -> Vec<usize> {
+        let all: Vec<usize> = (0..self.len())
+            .filter(|&i| split.admits(self.samples[i].split))
+            .collect();
+        evenly_spaced(&all, n)
+    }
+
+    /// Number of samples.
     pub fn len(&self) -> usize {
         self.samples.len()
     }
 
+    /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()
     }
@@ -272,6 +329,7 @@ impl Corpus {
             .collect()
     }
 
+    /// The corpus table as a DataFrame.
     pub fn to_dataframe(&self) -> Result<DataFrame> {
         let s: Vec<&Sample> = self.samples.iter().collect();
         let mut cols = sample_columns(&s);
@@ -291,6 +349,7 @@ impl Corpus {
         DataFrame::new(s.len(), cols).map_err(|e| Error::table("building the corpus table", e))
     }
 
+    /// Write the corpus table (Parquet), atomically.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         io::write_parquet(&mut self.to_dataframe()?, path)
     }

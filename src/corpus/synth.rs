@@ -28,6 +28,7 @@ pub struct SynthOptions {
     pub rare_share: f64,
     /// Explicit share of each rare domain (overrides `rare_share`); length must be K.
     pub shares: Option<Vec<f64>>,
+    /// Seed of the generator.
     pub seed: u64,
 }
 

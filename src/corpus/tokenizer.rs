@@ -111,6 +111,79 @@ pub fn count_tokens(tok: &Tokenizer, texts: &[&str]) -> Result<Vec<u32>> {
         .collect())
 }
 
+/// Where a corpus's tokenizer comes from.
+#[derive(Debug, Clone)]
+pub enum TokenizerSource {
+    /// A `tokenizer.json` to load.
+    Load(std::path::PathBuf),
+    /// A byte-level BPE to train on the training split.
+    Train {
+        /// Vocabulary size.
+        vocab_size: usize,
+        /// Minimum pair frequency.
+        min_frequency: u64,
+    },
+}
+
+/// Tokenize a freshly built corpus (see [`tokenize_corpus`]) and write it to `out` and its
+/// tokenizer to `tokenizer_out` (unless that is the file it was loaded from), atomically.
+pub fn finish_corpus(
+    corpus: &mut super::Corpus,
+    source: &TokenizerSource,
+    out: &Path,
+    tokenizer_out: &Path,
+    progress: &dyn crate::progress::Progress,
+) -> Result<Tokenizer> {
+    let tok = tokenize_corpus(corpus, source, progress)?;
+    let loaded_from = match source {
+        TokenizerSource::Load(p) => Some(p.as_path()),
+        TokenizerSource::Train { .. } => None,
+    };
+    if loaded_from != Some(tokenizer_out) {
+        save(&tok, tokenizer_out)?;
+    }
+    corpus.write(out)?;
+    Ok(tok)
+}
+
+/// The tokenizer of a freshly built corpus (loaded, or trained on its training split), with every
+/// sample's `n_tokens` filled in.
+pub fn tokenize_corpus(
+    corpus: &mut super::Corpus,
+    source: &TokenizerSource,
+    progress: &dyn crate::progress::Progress,
+) -> Result<Tokenizer> {
+    let tok = match source {
+        TokenizerSource::Load(path) => load(path)?,
+        TokenizerSource::Train {
+            vocab_size,
+            min_frequency,
+        } => {
+            progress.start(
+                &format!("training a {vocab_size}-token byte-level BPE"),
+                None,
+            );
+            let train_texts: Vec<String> = corpus
+                .samples
+                .iter()
+                .filter(|s| s.split == super::Split::Train)
+                .map(|s| s.text.clone())
+                .collect();
+            let tok = train_bpe(&train_texts, *vocab_size, *min_frequency)?;
+            progress.finish();
+            tok
+        }
+    };
+    let texts: Vec<&str> = corpus.samples.iter().map(|s| s.text.as_str()).collect();
+    progress.start("tokenizing", Some(texts.len() as u64));
+    let ids = encode_with_progress(&tok, &texts, &|done| progress.advance_to(done as u64))?;
+    progress.finish();
+    for (s, v) in corpus.samples.iter_mut().zip(&ids) {
+        s.n_tokens = v.len() as u32;
+    }
+    Ok(tok)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,26 +2,32 @@
 //! against common domains, sequence embeddings at any layer, CSE routing tables, and linear probing
 //! ([`probe`]) of frozen embeddings as in the paper.
 
+pub mod evaluate;
 pub mod probe;
 
 use std::collections::BTreeMap;
 
 use tch::{Device, Tensor};
 
+use crate::batch::{model_batch, step_rng};
 use crate::error::Result;
 use crate::model::{token_losses, Model};
-use crate::train::data::{model_batch, step_rng};
 
 /// Summed token loss of a group of samples.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct GroupLoss {
+    /// The group (`all`, a domain, `long-tail`, `common`).
     pub group: String,
+    /// Samples in it.
     pub samples: usize,
+    /// Predicted tokens in it.
     pub tokens: u64,
+    /// Summed token loss.
     pub loss_sum: f64,
 }
 
 impl GroupLoss {
+    /// Mean token loss.
     pub fn mean_loss(&self) -> f64 {
         self.loss_sum / self.tokens.max(1) as f64
     }
@@ -90,10 +96,13 @@ pub fn group_losses(losses: &[(f64, i64)], labels: &[&str]) -> Vec<GroupLoss> {
 /// and the CSE route of every sample at every CSE block, from one forward pass per batch.
 #[derive(Debug)]
 pub struct Encoded {
+    /// Per layer (0 = embeddings, then after each block): (n, d) mean token states, CPU f32.
     pub layers: Vec<Tensor>,
+    /// Per routed block: (block, expert of each sequence).
     pub routes: Vec<(i64, Vec<i64>)>,
 }
 
+/// Encode `seqs` in batches of `batch`: sequence embeddings per layer and CSE/Switch routes.
 pub fn encode(model: &Model, seqs: &[&[u32]], batch: usize, device: Device) -> Result<Encoded> {
     let mut per_layer: Vec<Vec<Tensor>> = (0..=model.cfg.n_layer).map(|_| Vec::new()).collect();
     let mut routes: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
@@ -123,6 +132,32 @@ pub fn encode(model: &Model, seqs: &[&[u32]], batch: usize, device: Device) -> R
             .collect(),
         routes: routes.into_iter().collect(),
     })
+}
+
+/// How the sequences of one routed block spread over its experts, per label (domain).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingTable {
+    /// The block index.
+    pub block: i64,
+    /// Row labels, sorted.
+    pub labels: Vec<String>,
+    /// Number of expert columns.
+    pub experts: usize,
+    /// Sample counts, (labels × experts).
+    pub counts: Vec<Vec<usize>>,
+}
+
+impl RoutingTable {
+    /// The table of `routes` (one expert per sequence) at `block`, by `labels`.
+    pub fn new(block: i64, labels: &[&str], routes: &[i64]) -> RoutingTable {
+        let (labels, experts, counts) = routing_table(labels, routes);
+        RoutingTable {
+            block,
+            labels,
+            experts,
+            counts,
+        }
+    }
 }
 
 /// Count of samples per (label, expert): rows are labels (sorted), columns experts.

@@ -10,19 +10,25 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 
+/// What a linear probe achieved on held-out samples.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ProbeResult {
+    /// Accuracy on the test samples.
     pub accuracy: f64,
     /// (label, test samples, accuracy)
     pub per_label: Vec<(String, usize, f64)>,
+    /// Samples the probe was fitted on.
     pub train_samples: usize,
+    /// Samples it was tested on.
     pub test_samples: usize,
 }
 
 /// Options of the probe's fit.
 #[derive(Debug, Clone, Copy)]
 pub struct ProbeOptions {
+    /// Full-batch epochs.
     pub epochs: usize,
+    /// Learning rate.
     pub lr: f64,
     /// L2 penalty on the weights.
     pub l2: f64,

@@ -26,13 +26,17 @@ pub enum ShareBy {
 /// One domain's size and share.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct DomainShare {
+    /// The domain.
     pub domain: String,
+    /// Its samples.
     pub samples: u64,
+    /// Its tokens.
     pub tokens: u64,
     /// Fraction of the corpus, by [`ShareBy`].
     pub share: f64,
     /// 1 for the largest domain.
     pub rank: usize,
+    /// At or below the elbow.
     pub long_tail: bool,
 }
 

@@ -2,7 +2,7 @@
 //! frequency scores, per-domain shares and the long-tail domains by the elbow of the share curve.
 //!
 //! Outputs (all written atomically into one directory):
-//! - `scores.parquet`: id, domain, split, n_tokens, domain_long_tail, score_<n>gram per order
+//! - `scores.parquet`: id, domain, split, n_tokens, domain_long_tail, `score_<n>gram` per order
 //!   (null for samples shorter than n tokens);
 //! - `ngrams.parquet`: order, ids (space-separated token ids), ngram (decoded text), count, freq;
 //! - `domains.parquet`: domain, samples, tokens, share, rank, long_tail;
@@ -34,12 +34,16 @@ pub enum CountOn {
     All,
 }
 
+/// How frequency scores and long-tail domains are computed.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FreqOptions {
     /// N-gram orders, each in 1..=3.
     pub orders: Vec<usize>,
+    /// How counts are normalised.
     pub norm: Norm,
+    /// Which samples the counts come from.
     pub count_on: CountOn,
+    /// Domain shares by tokens or by samples.
     pub share_by: ShareBy,
 }
 
@@ -57,12 +61,42 @@ impl Default for FreqOptions {
 /// Everything `freq` computes.
 #[derive(Debug, Clone)]
 pub struct FreqReport {
+    /// The options used.
     pub options: FreqOptions,
+    /// N-gram counts per order.
     pub counts: Vec<NgramCounts>,
     /// `scores[k][i]`: score of sample i for `options.orders[k]`.
     pub scores: Vec<Vec<Option<f64>>>,
+    /// Domains by share, with their long-tail flag.
     pub domains: Vec<DomainShare>,
+    /// The elbow's share, when the curve has one.
     pub threshold: Option<f64>,
+}
+
+/// `tailscope freq` as a function: read the corpus at `corpus_path`, encode it with its tokenizer
+/// (`tokenizer_path`, default the one beside the corpus) and compute the statistics. Returns the
+/// corpus and the tokenizer with the report ([`FreqReport::write`] needs both).
+pub fn compute_file(
+    corpus_path: &Path,
+    tokenizer_path: Option<&Path>,
+    options: FreqOptions,
+    progress: &dyn crate::progress::Progress,
+) -> Result<(FreqReport, Corpus, Tokenizer)> {
+    let corpus = Corpus::read(corpus_path)?;
+    let tok_path = tokenizer_path
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| crate::corpus::tokenizer::default_path(corpus_path));
+    let tok = crate::corpus::tokenizer::load(&tok_path)?;
+    let texts: Vec<&str> = corpus.samples.iter().map(|s| s.text.as_str()).collect();
+    progress.start("tokenizing", Some(texts.len() as u64));
+    let ids = crate::corpus::tokenizer::encode_with_progress(&tok, &texts, &|d| {
+        progress.advance_to(d as u64)
+    })?;
+    progress.finish();
+    progress.start("counting n-grams", None);
+    let report = compute(&corpus, &ids, options)?;
+    progress.finish();
+    Ok((report, corpus, tok))
 }
 
 /// Compute counts, scores and domain shares. `ids[i]` are the token ids of sample i.
@@ -107,6 +141,7 @@ pub fn compute(corpus: &Corpus, ids: &[Vec<u32>], options: FreqOptions) -> Resul
 }
 
 impl FreqReport {
+    /// The long-tail domains.
     pub fn long_tail_domains(&self) -> Vec<&str> {
         self.domains
             .iter()
@@ -261,13 +296,19 @@ impl FreqReport {
 /// Mean and quantiles of the defined values (nearest-rank quantiles).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Quantiles {
+    /// Values present.
     pub n: usize,
+    /// Their mean.
     pub mean: f64,
+    /// 10th percentile.
     pub p10: f64,
+    /// Median.
     pub p50: f64,
+    /// 90th percentile.
     pub p90: f64,
 }
 
+/// Summary of the values present (`None`: samples too short for the order).
 pub fn quantiles(values: &[Option<f64>]) -> Quantiles {
     let mut v: Vec<f64> = values.iter().flatten().copied().collect();
     if v.is_empty() {

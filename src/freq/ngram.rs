@@ -32,6 +32,7 @@ pub enum Norm {
 }
 
 impl Norm {
+    /// Normalise `count` given the order's largest count and total.
     pub fn apply(self, count: u64, max: u64, total: u64) -> f64 {
         if count == 0 {
             return 0.0;
@@ -61,7 +62,9 @@ pub fn unpack(key: u64, order: usize) -> Vec<u32> {
 /// Counts of all n-grams of one order.
 #[derive(Debug, Clone, Default)]
 pub struct NgramCounts {
+    /// n.
     pub order: usize,
+    /// Count of each packed n-gram (see [`pack`]).
     pub counts: FxHashMap<u64, u64>,
     /// Number of n-gram occurrences counted.
     pub total: u64,
@@ -116,6 +119,7 @@ impl NgramCounts {
         })
     }
 
+    /// Count of `ngram`.
     pub fn get(&self, ngram: &[u32]) -> u64 {
         self.counts.get(&pack(ngram)).copied().unwrap_or(0)
     }

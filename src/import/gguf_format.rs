@@ -15,15 +15,22 @@ use super::safetensors::RawTensor;
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// A signed integer.
     Int(i64),
+    /// An unsigned integer.
     UInt(u64),
+    /// A float.
     Float(f64),
+    /// A boolean.
     Bool(bool),
+    /// A string.
     Str(String),
+    /// An array.
     Array(Vec<Value>),
 }
 
 impl Value {
+    /// The value as an integer, if it is one.
     pub fn as_i64(&self) -> Option<i64> {
         match *self {
             Value::Int(x) => Some(x),
@@ -31,6 +38,7 @@ impl Value {
             _ => None,
         }
     }
+    /// The value as a float, if it is a number.
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
             Value::Float(x) => Some(x),
@@ -39,6 +47,7 @@ impl Value {
             _ => None,
         }
     }
+    /// The value as a string, if it is one.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::Str(s) => Some(s),
@@ -50,10 +59,15 @@ impl Value {
 /// ggml tensor types this reader dequantises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
+    /// 32-bit floats.
     F32,
+    /// 16-bit floats.
     F16,
+    /// 4-bit blocks with a scale.
     Q4_0,
+    /// 4-bit blocks with a scale and a minimum.
     Q4_1,
+    /// 8-bit blocks with a scale.
     Q8_0,
 }
 
@@ -97,18 +111,24 @@ fn type_name(id: u32) -> String {
 /// One entry of the tensor directory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorInfo {
+    /// The tensor's name in the file.
     pub name: String,
-    /// GGUF order: ne[0] (contiguous) first.
+    /// GGUF order: `ne[0]` (contiguous) first.
     pub dims: Vec<u64>,
+    /// GGML type code.
     pub type_id: u32,
+    /// Offset of the data in the tensor section.
     pub offset: u64,
 }
 
 /// A parsed GGUF file (metadata and directory; tensor data is read on demand).
 #[derive(Debug)]
 pub struct Gguf<'a> {
+    /// Format version (2 or 3).
     pub version: u32,
+    /// Key-value metadata.
     pub metadata: BTreeMap<String, Value>,
+    /// Tensor descriptors, in file order.
     pub tensors: Vec<TensorInfo>,
     data: &'a [u8],
 }
@@ -252,6 +272,7 @@ impl<'a> Gguf<'a> {
         })
     }
 
+    /// The metadata value of `key`.
     pub fn meta(&self, key: &str) -> Option<&Value> {
         self.metadata.get(key)
     }

@@ -155,11 +155,8 @@ fn transpose(r: RawTensor, wp: &Path) -> Result<RawTensor> {
     })
 }
 
-fn gpt2(
-    c: &Cfg,
-    t: &mut HashMap<String, RawTensor>,
-    wp: &Path,
-) -> Result<(ModelConfig, Vec<(String, RawTensor)>)> {
+/// The model config of a GPT-2 `config.json`.
+fn gpt2_config(c: &Cfg) -> Result<ModelConfig> {
     let d = c.int("n_embd")?;
     let act = match c.str_or("activation_function", "gelu_new")? {
         "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluTanh,
@@ -177,7 +174,7 @@ fn gpt2(
     }
     let vocab = c.int("vocab_size")?;
     let bos = c.int_or("bos_token_id", vocab - 1)?;
-    let cfg = ModelConfig {
+    Ok(ModelConfig {
         arch: Arch::Gpt,
         vocab_size: vocab,
         max_len: c.int("n_positions")?,
@@ -197,7 +194,15 @@ fn gpt2(
             first_regular: 0,
         },
         ..ModelConfig::default()
-    };
+    })
+}
+
+fn gpt2(
+    c: &Cfg,
+    t: &mut HashMap<String, RawTensor>,
+    wp: &Path,
+) -> Result<(ModelConfig, Vec<(String, RawTensor)>)> {
+    let cfg = gpt2_config(c)?;
     let p = "transformer.";
     // Attention-mask buffers of older checkpoints carry no weights.
     t.retain(|k, _| {
@@ -346,20 +351,33 @@ pub const LLAMA_LAYER: [(&str, &str); 9] = [
 
 /// The sizes of a Llama-family model (from config.json or GGUF metadata).
 pub struct LlamaDims {
+    /// Vocabulary size.
     pub vocab: i64,
+    /// Context length.
     pub max_len: i64,
+    /// Blocks.
     pub n_layer: i64,
+    /// Width.
     pub d_model: i64,
+    /// Query heads.
     pub n_head: i64,
+    /// Key/value heads.
     pub n_kv_head: i64,
+    /// SwiGLU width.
     pub d_ffn: i64,
+    /// RMSNorm epsilon.
     pub norm_eps: f64,
+    /// Rotary base.
     pub rope_theta: f64,
+    /// Output layer tied to the embedding.
     pub tied: bool,
+    /// Beginning-of-sequence id.
     pub bos: i64,
+    /// Padding id.
     pub pad: i64,
 }
 
+/// The tailscope config of a Llama-family model.
 pub fn llama_config(m: LlamaDims) -> ModelConfig {
     ModelConfig {
         arch: Arch::Llama,
@@ -385,12 +403,9 @@ pub fn llama_config(m: LlamaDims) -> ModelConfig {
     }
 }
 
-fn bert(
-    c: &Cfg,
-    t: &mut HashMap<String, RawTensor>,
-    wp: &Path,
-    dir: &Path,
-) -> Result<(ModelConfig, Vec<(String, RawTensor)>)> {
+/// The model config of a BERT `config.json`; special-token ids from the folder's
+/// `tokenizer.json` when present.
+fn bert_config(c: &Cfg, dir: &Path) -> Result<ModelConfig> {
     if c.str_or("position_embedding_type", "absolute")? != "absolute" {
         return Err(c.unsupported(
             "position_embedding_type",
@@ -415,7 +430,7 @@ fn bert(
             .unwrap_or(default)
             .min(vocab - 1)
     };
-    let cfg = ModelConfig {
+    Ok(ModelConfig {
         arch: Arch::Bert,
         vocab_size: vocab,
         max_len: c.int("max_position_embeddings")?,
@@ -436,7 +451,16 @@ fn bert(
             first_regular: 0,
         },
         ..ModelConfig::default()
-    };
+    })
+}
+
+fn bert(
+    c: &Cfg,
+    t: &mut HashMap<String, RawTensor>,
+    wp: &Path,
+    dir: &Path,
+) -> Result<(ModelConfig, Vec<(String, RawTensor)>)> {
+    let cfg = bert_config(c, dir)?;
     let p = "bert.";
     t.retain(|k, _| {
         !k.ends_with("position_ids")
@@ -447,13 +471,64 @@ fn bert(
         return Err(Error::in_file(wp, "no masked-LM head (`cls.predictions.*`): tailscope needs a BertForMaskedLM checkpoint, not an encoder alone"));
     }
     t.remove("cls.predictions.decoder.weight"); // tied to the word embeddings
+    let mut out = bert_embeddings(t, cfg.d_model as usize, wp)?;
+    for i in 0..cfg.n_layer {
+        out.extend(bert_layer(t, i, wp)?);
+    }
+    for w in ["weight", "bias"] {
+        out.push((
+            format!("mlm.dense.{w}"),
+            take(t, &[format!("cls.predictions.transform.dense.{w}")], wp)?,
+        ));
+    }
+    out.extend(bert_ln(
+        t,
+        p,
+        "mlm.ln",
+        "cls.predictions.transform.LayerNorm",
+        wp,
+    )?);
+    out.push((
+        "mlm.bias".into(),
+        take(t, &["cls.predictions.bias".to_string()], wp)?,
+    ));
+    Ok((cfg, out))
+}
+
+/// A BERT LayerNorm's weight and bias under `ours`; older checkpoints call them gamma and beta.
+fn bert_ln(
+    t: &mut HashMap<String, RawTensor>,
+    p: &str,
+    ours: &str,
+    theirs: &str,
+    wp: &Path,
+) -> Result<Vec<(String, RawTensor)>> {
+    [("weight", "gamma"), ("bias", "beta")]
+        .iter()
+        .map(|(name, old)| {
+            let names = [
+                spell(p, &format!("{theirs}.{name}")),
+                spell(p, &format!("{theirs}.{old}")),
+            ]
+            .concat();
+            Ok((format!("{ours}.{name}"), take(t, &names, wp)?))
+        })
+        .collect()
+}
+
+/// Word embeddings, positions with the token-type-0 embedding folded in, and their LayerNorm.
+fn bert_embeddings(
+    t: &mut HashMap<String, RawTensor>,
+    d: usize,
+    wp: &Path,
+) -> Result<Vec<(String, RawTensor)>> {
+    let p = "bert.";
     let mut out = vec![(
         "wte.weight".to_string(),
         take(t, &spell(p, "embeddings.word_embeddings.weight"), wp)?,
     )];
     let pos = take(t, &spell(p, "embeddings.position_embeddings.weight"), wp)?;
     let types = take(t, &spell(p, "embeddings.token_type_embeddings.weight"), wp)?;
-    let d = cfg.d_model as usize;
     if types.data.len() < d || pos.shape.len() != 2 || pos.shape[1] != d {
         return Err(Error::in_file(
             wp,
@@ -476,89 +551,68 @@ fn bert(
             ..pos
         },
     ));
-    let ln = |t: &mut HashMap<String, RawTensor>,
-              ours: &str,
-              theirs: &str|
-     -> Result<Vec<(String, RawTensor)>> {
-        // Older checkpoints call the LayerNorm tensors gamma and beta.
-        [("weight", "gamma"), ("bias", "beta")]
-            .iter()
-            .map(|(name, old)| {
-                let names = [
-                    spell(p, &format!("{theirs}.{name}")),
-                    spell(p, &format!("{theirs}.{old}")),
-                ]
-                .concat();
-                Ok((format!("{ours}.{name}"), take(t, &names, wp)?))
-            })
-            .collect()
-    };
-    out.extend(ln(t, "ln_emb", "embeddings.LayerNorm")?);
-    for i in 0..cfg.n_layer {
-        let l = format!("encoder.layer.{i}");
-        let mut qkv_w = Vec::new();
-        let mut qkv_b = Vec::new();
-        for part in ["query", "key", "value"] {
-            qkv_w.extend(
-                take(
-                    t,
-                    &spell(p, &format!("{l}.attention.self.{part}.weight")),
-                    wp,
-                )?
-                .data,
-            );
-            qkv_b.extend(take(t, &spell(p, &format!("{l}.attention.self.{part}.bias")), wp)?.data);
-        }
-        let n = qkv_b.len();
-        out.push((
+    out.extend(bert_ln(t, p, "ln_emb", "embeddings.LayerNorm", wp)?);
+    Ok(out)
+}
+
+/// Block `i`: query, key and value fused into `c_attn`, the dense layers and both LayerNorms.
+fn bert_layer(
+    t: &mut HashMap<String, RawTensor>,
+    i: i64,
+    wp: &Path,
+) -> Result<Vec<(String, RawTensor)>> {
+    let p = "bert.";
+    let l = format!("encoder.layer.{i}");
+    let mut qkv_w = Vec::new();
+    let mut qkv_b = Vec::new();
+    for part in ["query", "key", "value"] {
+        let w = take(
+            t,
+            &spell(p, &format!("{l}.attention.self.{part}.weight")),
+            wp,
+        )?;
+        qkv_w.extend(w.data);
+        qkv_b.extend(take(t, &spell(p, &format!("{l}.attention.self.{part}.bias")), wp)?.data);
+    }
+    let n = qkv_b.len();
+    let mut out = vec![
+        (
             format!("h.{i}.attn.c_attn.weight"),
             RawTensor {
                 name: format!("{l}.attention.self.*.weight"),
                 shape: vec![n, qkv_w.len() / n.max(1)],
                 data: qkv_w,
             },
-        ));
-        out.push((
+        ),
+        (
             format!("h.{i}.attn.c_attn.bias"),
             RawTensor {
                 name: format!("{l}.attention.self.*.bias"),
                 shape: vec![n],
                 data: qkv_b,
             },
-        ));
-        for (ours, theirs) in [
-            ("attn.c_proj", "attention.output.dense"),
-            ("mlp.c_fc", "intermediate.dense"),
-            ("mlp.c_proj", "output.dense"),
-        ] {
-            for w in ["weight", "bias"] {
-                out.push((
-                    format!("h.{i}.{ours}.{w}"),
-                    take(t, &spell(p, &format!("{l}.{theirs}.{w}")), wp)?,
-                ));
-            }
+        ),
+    ];
+    for (ours, theirs) in [
+        ("attn.c_proj", "attention.output.dense"),
+        ("mlp.c_fc", "intermediate.dense"),
+        ("mlp.c_proj", "output.dense"),
+    ] {
+        for w in ["weight", "bias"] {
+            out.push((
+                format!("h.{i}.{ours}.{w}"),
+                take(t, &spell(p, &format!("{l}.{theirs}.{w}")), wp)?,
+            ));
         }
-        out.extend(ln(
-            t,
-            &format!("h.{i}.ln_1"),
-            &format!("{l}.attention.output.LayerNorm"),
-        )?);
-        out.extend(ln(
-            t,
-            &format!("h.{i}.ln_2"),
-            &format!("{l}.output.LayerNorm"),
-        )?);
     }
-    for w in ["weight", "bias"] {
-        out.push((
-            format!("mlm.dense.{w}"),
-            take(t, &[format!("cls.predictions.transform.dense.{w}")], wp)?,
-        ));
-    }
-    out.extend(ln(t, "mlm.ln", "cls.predictions.transform.LayerNorm")?);
-    out.push((
-        "mlm.bias".into(),
-        take(t, &["cls.predictions.bias".to_string()], wp)?,
-    ));
-    Ok((cfg, out))
+    let ln_1 = format!("{l}.attention.output.LayerNorm");
+    out.extend(bert_ln(t, p, &format!("h.{i}.ln_1"), &ln_1, wp)?);
+    out.extend(bert_ln(
+        t,
+        p,
+        &format!("h.{i}.ln_2"),
+        &format!("{l}.output.LayerNorm"),
+        wp,
+    )?);
+    Ok(out)
 }

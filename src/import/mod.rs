@@ -2,7 +2,8 @@
 //! files ([`gguf`]: Llama-family, dequantised from Q8_0, Q4_0, Q4_1, F16, F32). An import yields
 //! a [`ModelConfig`] and tensors under tailscope's names, so every command (`eval`, `ntk`,
 //! `analyze`, ...) takes such a model with `--model`, directly or after `tailscope import`
-//! saved it as a tailscope checkpoint. The tokenizer comes along (`tokenizer.json`, or rebuilt
+//! saved it as a tailscope checkpoint. Telling the formats apart and loading a model from any of
+//! them is [`crate::source`]'s job, which sits above this module and [`crate::model`]. The tokenizer comes along (`tokenizer.json`, or rebuilt
 //! from the GGUF metadata).
 
 pub mod gguf;
@@ -16,64 +17,23 @@ use std::path::{Path, PathBuf};
 
 use tch::{nn, Device, Tensor};
 
+use crate::checkpoint;
 use crate::error::{Error, Result};
-use crate::model::{checkpoint, Model, ModelConfig};
+use crate::model::{Model, ModelConfig};
 use safetensors::RawTensor;
 
 /// A model read from another tool's files.
 pub struct Imported {
+    /// The model config.
     pub cfg: ModelConfig,
     /// (tailscope name, values); `RawTensor::name` keeps the name in the source file for errors.
     pub tensors: Vec<(String, RawTensor)>,
     /// A Hugging Face `tokenizer.json` (copied, or built from GGUF metadata).
     pub tokenizer_json: Option<String>,
+    /// Where it came from.
     pub source: PathBuf,
     /// The weights file, named in errors.
     pub weights: PathBuf,
-}
-
-/// Where a model lives: a tailscope checkpoint folder, a Hugging Face folder or a GGUF file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Tailscope,
-    HuggingFace,
-    Gguf,
-    TorchScript,
-}
-
-/// Tell the format of `path` from what is there.
-pub fn detect(path: &Path) -> Format {
-    if path.is_file() {
-        return if torchscript::is_torchscript(path) {
-            Format::TorchScript
-        } else {
-            Format::Gguf
-        };
-    }
-    let cfg = std::fs::read_to_string(path.join(checkpoint::CONFIG_FILE)).unwrap_or_default();
-    match serde_json::from_str::<serde_json::Value>(&cfg) {
-        Ok(v) if v.get("model_type").is_some() => Format::HuggingFace,
-        _ => Format::Tailscope,
-    }
-}
-
-/// Read an imported model (HF folder or GGUF file).
-pub fn read(path: &Path) -> Result<Imported> {
-    if !path.exists() {
-        return Err(Error::in_file(path, "not found"));
-    }
-    match detect(path) {
-        Format::HuggingFace => hf::read_dir(path),
-        Format::Gguf => gguf::read_file(path),
-        Format::Tailscope => Err(Error::in_file(
-            path,
-            "a tailscope checkpoint, not a model to import",
-        )),
-        Format::TorchScript => Err(Error::in_file(
-            path,
-            "a TorchScript module runs as it is (--model); it cannot be converted",
-        )),
-    }
 }
 
 impl Imported {
@@ -102,30 +62,4 @@ impl Imported {
         }
         Ok(cfg)
     }
-}
-
-/// The tokenizer that belongs to a model: `tokenizer.json` in its folder, or built from a GGUF
-/// file's metadata; `None` when the model brings none.
-pub fn model_tokenizer(path: &Path) -> Result<Option<tokenizers::Tokenizer>> {
-    let json = match detect(path) {
-        Format::Gguf => gguf::read_tokenizer_json(path)?,
-        Format::TorchScript => {
-            let p = path.with_file_name("tokenizer.json");
-            if !p.exists() {
-                return Ok(None);
-            }
-            std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?
-        }
-        _ => {
-            let p = path.join("tokenizer.json");
-            if !p.exists() {
-                return Ok(None);
-            }
-            std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?
-        }
-    };
-    let t: tokenizers::Tokenizer = json
-        .parse()
-        .map_err(|e| Error::in_file(path, format!("tokenizer: {e}")))?;
-    Ok(Some(t))
 }

@@ -5,8 +5,11 @@
 /// One tensor: name, shape (PyTorch order) and values as f32, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawTensor {
+    /// The tensor's name in its file.
     pub name: String,
+    /// Its shape.
     pub shape: Vec<usize>,
+    /// Its values, row-major, as f32.
     pub data: Vec<f32>,
 }
 

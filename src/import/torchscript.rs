@@ -16,10 +16,10 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tch::{CModule, Device, Kind, Tensor};
+use tch::{CModule, Device};
 
 use crate::error::{Error, Result};
-use crate::model::{Arch, ModelConfig, SpecialTokens};
+use crate::model::{Arch, ModelConfig, Script, SpecialTokens};
 
 /// The sidecar config of a TorchScript model.
 #[derive(Debug, Deserialize)]
@@ -30,18 +30,6 @@ struct Sidecar {
     max_len: i64,
     #[serde(default)]
     special: SpecialTokens,
-}
-
-/// A loaded TorchScript module (the `CModule` is not `Debug`).
-pub struct Script {
-    pub module: CModule,
-    pub path: PathBuf,
-}
-
-impl std::fmt::Debug for Script {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Script({})", self.path.display())
-    }
 }
 
 /// Whether `path` is a TorchScript archive (a zip file) rather than a GGUF file.
@@ -91,40 +79,4 @@ pub fn load(path: &Path, device: Device) -> Result<(ModelConfig, Script)> {
             path: path.to_path_buf(),
         },
     ))
-}
-
-impl Script {
-    /// Logits of a batch, checked against the calling convention.
-    pub fn logits(&self, ids: &Tensor, mask: &Tensor, vocab: i64) -> Result<Tensor> {
-        let m = mask.to_kind(Kind::Int64);
-        let out = self.module.forward_ts(&[ids, &m]).map_err(|e| {
-            Error::in_file(
-                &self.path,
-                format!("forward(input_ids, attention_mask) failed: {e}"),
-            )
-        })?;
-        let (b, t) = ids.size2()?;
-        if out.size() != [b, t, vocab] {
-            return Err(Error::in_file(
-                &self.path,
-                format!(
-                    "forward returned shape {:?}, expected (batch, seq, vocab) = {:?}",
-                    out.size(),
-                    [b, t, vocab]
-                ),
-            ));
-        }
-        Ok(out)
-    }
-
-    /// The module's trainable parameters.
-    pub fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut p = self
-            .module
-            .named_parameters()
-            .map_err(|e| Error::in_file(&self.path, format!("named_parameters: {e}")))?;
-        p.retain(|(_, t)| t.requires_grad());
-        p.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(p)
-    }
 }

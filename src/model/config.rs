@@ -10,8 +10,11 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
+    /// GPT-2 style causal LM.
     Gpt,
+    /// BERT style masked LM.
     Bert,
+    /// Llama style causal LM (RMSNorm, rotary, SwiGLU).
     Llama,
 }
 
@@ -33,16 +36,20 @@ pub enum Activation {
     GeluTanh,
 }
 
-/// Ids of the special tokens batches are built with (see `train::data`). The defaults are those
+/// Ids of the special tokens batches are built with (see `batch`). The defaults are those
 /// of the tokenizers `corpus ingest` trains; imported models bring their own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpecialTokens {
     /// Start of a causal sequence.
     pub bos: i64,
+    /// Padding.
     pub pad: i64,
+    /// Mask (BERT).
     pub mask: i64,
+    /// Start of a BERT sequence.
     pub cls: i64,
+    /// End of a BERT sequence.
     pub sep: i64,
     /// BERT's random replacement tokens are drawn from `first_regular..vocab_size`.
     pub first_regular: i64,
@@ -77,6 +84,7 @@ pub enum CseVariant {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SwitchConfig {
+    /// Experts per Switch block.
     pub n_experts: i64,
     /// Expert capacity = ceil(capacity_factor · tokens / n_experts); overflow tokens skip the FFN.
     #[serde(default = "default_capacity")]
@@ -93,6 +101,7 @@ pub struct SwitchConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CseConfig {
+    /// Experts in the FFN (MoF), the attention (MoA) or both.
     #[serde(default = "default_variant")]
     pub variant: CseVariant,
     /// CSE on the last `last_k` blocks (paper: 2).
@@ -143,9 +152,12 @@ pub enum EpsRule {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum ExpertConfig {
+    /// Dense FFNs everywhere.
     #[default]
     Dense,
+    /// Switch-MoE in the last blocks.
     Switch(SwitchConfig),
+    /// Cluster-guided Sparse Experts in the last blocks.
     Cse(CseConfig),
 }
 
@@ -153,19 +165,27 @@ pub enum ExpertConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
+    /// GPT, BERT or Llama style.
     pub arch: Arch,
+    /// Vocabulary size.
     pub vocab_size: i64,
     /// Longest sequence (positions), special tokens included.
     pub max_len: i64,
+    /// Transformer blocks.
     pub n_layer: i64,
+    /// Width.
     pub d_model: i64,
+    /// Attention heads.
     pub n_head: i64,
+    /// Feed-forward width.
     pub d_ffn: i64,
+    /// Dropout probability.
     #[serde(default)]
     pub dropout: f64,
     /// Share the input embedding with the output projection.
     #[serde(default = "yes")]
     pub tie_embeddings: bool,
+    /// The experts of the last blocks.
     #[serde(default)]
     pub experts: ExpertConfig,
     /// GELU flavour of the MLP (GPT/BERT).
@@ -184,6 +204,7 @@ pub struct ModelConfig {
     /// Base of the rotary position frequencies (Llama).
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
+    /// Special-token ids batches are built with.
     #[serde(default)]
     pub special: SpecialTokens,
 }
@@ -319,6 +340,19 @@ impl ModelConfig {
                 "Llama blocks are pre-norm (RMSNorm)",
             ));
         }
+        self.check_special()?;
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::invalid("model.dropout", "must be in [0, 1)"));
+        }
+        match &self.experts {
+            ExpertConfig::Dense => Ok(()),
+            ExpertConfig::Switch(s) => self.check_switch(s),
+            ExpertConfig::Cse(c) => self.check_cse(c),
+        }
+    }
+
+    /// Every special token id lies inside the vocabulary.
+    fn check_special(&self) -> Result<()> {
         let sp = self.special;
         for (name, id) in [
             ("bos", sp.bos),
@@ -334,51 +368,48 @@ impl ModelConfig {
                 ));
             }
         }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::invalid("model.dropout", "must be in [0, 1)"));
+        Ok(())
+    }
+
+    fn check_switch(&self, s: &SwitchConfig) -> Result<()> {
+        if s.n_experts < 1 {
+            return Err(Error::invalid(
+                "model.experts.n_experts",
+                "must be at least 1",
+            ));
         }
-        match &self.experts {
-            ExpertConfig::Dense => {}
-            ExpertConfig::Switch(s) => {
-                if s.n_experts < 1 {
-                    return Err(Error::invalid(
-                        "model.experts.n_experts",
-                        "must be at least 1",
-                    ));
-                }
-                if s.capacity_factor <= 0.0 {
-                    return Err(Error::invalid(
-                        "model.experts.capacity_factor",
-                        "must be positive",
-                    ));
-                }
-                self.check_last_k(s.last_k)?;
-            }
-            ExpertConfig::Cse(c) => {
-                self.check_last_k(c.last_k)?;
-                positive("experts.proj_dim", c.proj_dim)?;
-                if !(0.0..=1.0).contains(&c.alpha) {
-                    return Err(Error::invalid("model.experts.alpha", "must be in [0, 1]"));
-                }
-                if c.max_experts == 0 {
-                    return Err(Error::invalid(
-                        "model.experts.max_experts",
-                        "must be at least 1",
-                    ));
-                }
-                if !c.experts.is_empty() && c.experts.len() as i64 != c.last_k {
-                    return Err(Error::invalid(
-                        "model.experts.experts",
-                        format!("{} entries for last_k = {}", c.experts.len(), c.last_k),
-                    ));
-                }
-                if c.experts.iter().any(|&e| e < 1) {
-                    return Err(Error::invalid(
-                        "model.experts.experts",
-                        "every entry must be ≥ 1",
-                    ));
-                }
-            }
+        if s.capacity_factor <= 0.0 {
+            return Err(Error::invalid(
+                "model.experts.capacity_factor",
+                "must be positive",
+            ));
+        }
+        self.check_last_k(s.last_k)
+    }
+
+    fn check_cse(&self, c: &CseConfig) -> Result<()> {
+        self.check_last_k(c.last_k)?;
+        positive("experts.proj_dim", c.proj_dim)?;
+        if !(0.0..=1.0).contains(&c.alpha) {
+            return Err(Error::invalid("model.experts.alpha", "must be in [0, 1]"));
+        }
+        if c.max_experts == 0 {
+            return Err(Error::invalid(
+                "model.experts.max_experts",
+                "must be at least 1",
+            ));
+        }
+        if !c.experts.is_empty() && c.experts.len() as i64 != c.last_k {
+            return Err(Error::invalid(
+                "model.experts.experts",
+                format!("{} entries for last_k = {}", c.experts.len(), c.last_k),
+            ));
+        }
+        if c.experts.iter().any(|&e| e < 1) {
+            return Err(Error::invalid(
+                "model.experts.experts",
+                "every entry must be ≥ 1",
+            ));
         }
         Ok(())
     }
@@ -402,21 +433,13 @@ impl ModelConfig {
         }
     }
 
+    /// Width of one attention head.
     pub fn head_dim(&self) -> i64 {
         self.d_model / self.n_head
     }
 
+    /// Key/value heads (grouped-query attention), n_head unless set.
     pub fn kv_heads(&self) -> i64 {
         self.n_kv_head.unwrap_or(self.n_head)
-    }
-
-    /// Read `config.json`; unknown or malformed fields are bad input naming the file and field.
-    pub fn read(path: &std::path::Path) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: ModelConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::at_line(path, e.line(), format!("bad model config: {e}")))?;
-        cfg.validate()
-            .map_err(|e| Error::in_file(path, e.to_string()))?;
-        Ok(cfg)
     }
 }

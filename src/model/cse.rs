@@ -21,11 +21,13 @@ pub struct CseRouter {
     pub proj: Tensor,
     /// (k, d′) and (k,), present once initialised.
     pub centroids: Option<Tensor>,
+    /// Each expert's radius (k,), present once initialised.
     pub radii: Option<Tensor>,
     alpha: f64,
 }
 
 impl CseRouter {
+    /// A router with `experts` experts for block `p` (centroids set later by initialisation).
     pub fn new(p: nn::Path, cfg: &ModelConfig, cse: &CseConfig, experts: i64) -> CseRouter {
         let d2 = cse.proj_dim;
         // A buffer, not a parameter: drawn from libtorch's seeded generator, never trained.
@@ -97,7 +99,7 @@ pub fn route_sequences(
     mask: &Tensor,
     route: &Tensor,
     n_experts: usize,
-    tape: Option<&crate::capture::tape::Tape>,
+    tape: Option<&crate::model::tape::Tape>,
     forward: impl Fn(usize, &Tensor, &Tensor) -> Tensor,
 ) -> Tensor {
     if n_experts == 1 {
@@ -146,6 +148,7 @@ mod tests {
 /// The result of clustering one CSE block's sequence embeddings.
 #[derive(Debug)]
 pub struct CseInit {
+    /// The block.
     pub layer: i64,
     /// (k, d′)
     pub centroids: Tensor,

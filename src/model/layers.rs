@@ -1,21 +1,23 @@
 //! The dense building blocks: LayerNorm/RMSNorm, multi-head self-attention and the GELU MLP
-//! (Llama's attention and SwiGLU live in `llama.rs`). GPT/BERT weight names follow GPT-2's
+//! (Llama's attention and SwiGLU live in `llama.rs`, the per-architecture choice in `sublayers.rs`). GPT/BERT weight names follow GPT-2's
 //! (`c_attn`, `c_proj`, `c_fc`); Linear weights are stored (out, in) as in PyTorch.
 
 use tch::{nn, Tensor};
 
 use super::config::{Activation, Arch, ModelConfig};
-use crate::capture::tape::Tape;
+use crate::model::tape::Tape;
 
 /// A Linear layer that knows its tensor name, so a capture [`Tape`] can attribute gradients.
 #[derive(Debug)]
 pub struct Lin {
+    /// The tch layer.
     pub l: nn::Linear,
     /// Path of the layer, e.g. `h.0.attn.c_attn` (tensors `<name>.weight`, `<name>.bias`).
     pub name: String,
 }
 
 impl Lin {
+    /// A Linear layer `i` → `o` under `p` (its name is `p`'s path).
     pub fn new(p: nn::Path, i: i64, o: i64, bias: bool) -> Lin {
         let name = p.path("weight");
         let name = name.strip_suffix(".weight").unwrap_or(&name).to_string();
@@ -29,6 +31,7 @@ impl Lin {
         }
     }
 
+    /// y = x Wᵀ + b, recorded on the tape when there is one.
     pub fn forward(&self, x: &Tensor, tape: Option<&Tape>) -> Tensor {
         let y = x.apply(&self.l);
         match tape {
@@ -46,8 +49,11 @@ impl Lin {
 /// (see [`Lin`]).
 #[derive(Debug)]
 pub struct Norm {
+    /// Scale.
     pub weight: Tensor,
+    /// Shift (none for RMSNorm).
     pub bias: Option<Tensor>,
+    /// Its tensor-name prefix.
     pub name: String,
     d: i64,
     eps: f64,
@@ -80,6 +86,7 @@ impl Norm {
         }
     }
 
+    /// Normalise the last dimension, recorded on the tape when there is one.
     pub fn forward(&self, x: &Tensor, tape: Option<&Tape>) -> Tensor {
         if let (None, Some(b)) = (tape, &self.bias) {
             // The fused kernel when nothing is recorded.
@@ -128,30 +135,6 @@ pub fn attend(
         .view([b, t, h * hd])
 }
 
-/// Self-attention: GPT/BERT's fused-QKV heads, or Llama's (rotary, grouped-query).
-#[derive(Debug)]
-pub enum Attention {
-    Fused(FusedAttention),
-    Llama(super::llama::LlamaAttention),
-}
-
-impl Attention {
-    pub fn new(p: nn::Path, cfg: &ModelConfig) -> Attention {
-        match cfg.arch {
-            Arch::Llama => Attention::Llama(super::llama::LlamaAttention::new(p, cfg)),
-            _ => Attention::Fused(FusedAttention::new(p, cfg)),
-        }
-    }
-
-    /// `x`: (batch, seq, d_model); `mask`: (batch, seq) bool, true for real tokens.
-    pub fn forward_t(&self, x: &Tensor, mask: &Tensor, train: bool, tape: Option<&Tape>) -> Tensor {
-        match self {
-            Attention::Fused(a) => a.forward_t(x, mask, train, tape),
-            Attention::Llama(a) => a.forward_t(x, mask, tape),
-        }
-    }
-}
-
 /// Multi-head self-attention, causal for GPT, bidirectional for BERT; padded keys are masked.
 #[derive(Debug)]
 pub struct FusedAttention {
@@ -163,6 +146,7 @@ pub struct FusedAttention {
 }
 
 impl FusedAttention {
+    /// Attention of block `p` for `cfg`.
     pub fn new(p: nn::Path, cfg: &ModelConfig) -> FusedAttention {
         let d = cfg.d_model;
         FusedAttention {
@@ -174,6 +158,7 @@ impl FusedAttention {
         }
     }
 
+    /// `x`: (batch, seq, d_model); `mask`: (batch, seq), true for real tokens.
     pub fn forward_t(&self, x: &Tensor, mask: &Tensor, train: bool, tape: Option<&Tape>) -> Tensor {
         let (b, t, d) = x.size3().expect("attention input is (batch, seq, d_model)");
         let hd = d / self.n_head;
@@ -184,30 +169,6 @@ impl FusedAttention {
         let (q, k, v) = (heads(&split[0]), heads(&split[1]), heads(&split[2]));
         let y = attend(&q, &k, &v, mask, self.causal, self.dropout, train);
         self.c_proj.forward(&y, tape).dropout(self.dropout, train)
-    }
-}
-
-/// The position-wise feed-forward network: GELU MLP (GPT/BERT) or SwiGLU (Llama).
-#[derive(Debug)]
-pub enum Mlp {
-    Gelu(GeluMlp),
-    SwiGlu(super::llama::SwiGlu),
-}
-
-impl Mlp {
-    pub fn new(p: nn::Path, cfg: &ModelConfig) -> Mlp {
-        match cfg.arch {
-            Arch::Llama => Mlp::SwiGlu(super::llama::SwiGlu::new(p, cfg)),
-            _ => Mlp::Gelu(GeluMlp::new(p, cfg)),
-        }
-    }
-
-    /// `x`: (..., d_model) → (..., d_model).
-    pub fn forward_t(&self, x: &Tensor, train: bool, tape: Option<&Tape>) -> Tensor {
-        match self {
-            Mlp::Gelu(m) => m.forward_t(x, train, tape),
-            Mlp::SwiGlu(m) => m.forward(x, tape),
-        }
     }
 }
 
@@ -229,6 +190,7 @@ pub fn gelu_mode(a: Activation) -> &'static str {
 }
 
 impl GeluMlp {
+    /// The MLP of block `p` for `cfg`.
     pub fn new(p: nn::Path, cfg: &ModelConfig) -> GeluMlp {
         GeluMlp {
             c_fc: Lin::new(&p / "c_fc", cfg.d_model, cfg.d_ffn, true),
@@ -238,6 +200,7 @@ impl GeluMlp {
         }
     }
 
+    /// `x`: (..., d_model) → (..., d_model).
     pub fn forward_t(&self, x: &Tensor, train: bool, tape: Option<&Tape>) -> Tensor {
         let h = self.c_fc.forward(x, tape).gelu(self.approximate);
         self.c_proj.forward(&h, tape).dropout(self.dropout, train)

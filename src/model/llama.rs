@@ -11,7 +11,7 @@ use tch::{nn, Kind, Tensor};
 
 use super::config::ModelConfig;
 use super::layers::{attend, Lin};
-use crate::capture::tape::Tape;
+use crate::model::tape::Tape;
 
 /// Causal self-attention with rotary positions and grouped-query heads.
 #[derive(Debug)]
@@ -27,6 +27,7 @@ pub struct LlamaAttention {
 }
 
 impl LlamaAttention {
+    /// Attention of block `p` for `cfg`.
     pub fn new(p: nn::Path, cfg: &ModelConfig) -> LlamaAttention {
         let (d, hd, kv) = (cfg.d_model, cfg.head_dim(), cfg.kv_heads());
         LlamaAttention {
@@ -95,6 +96,7 @@ pub struct SwiGlu {
 }
 
 impl SwiGlu {
+    /// The SwiGLU of block `p` for `cfg`.
     pub fn new(p: nn::Path, cfg: &ModelConfig) -> SwiGlu {
         SwiGlu {
             gate_proj: Lin::new(&p / "gate_proj", cfg.d_model, cfg.d_ffn, false),
@@ -103,6 +105,7 @@ impl SwiGlu {
         }
     }
 
+    /// `x`: (..., d_model) → (..., d_model).
     pub fn forward(&self, x: &Tensor, tape: Option<&Tape>) -> Tensor {
         let h = self.gate_proj.forward(x, tape).silu() * self.up_proj.forward(x, tape);
         self.down_proj.forward(&h, tape)

@@ -16,12 +16,14 @@
 //! Linear weights are (out, in), as `torch.nn.Linear` stores them, so a PyTorch user can load the
 //! safetensors file into the same layout.
 
-pub mod checkpoint;
 pub mod config;
 pub mod cse;
 pub mod layers;
 pub mod llama;
 pub mod moe;
+pub mod script;
+pub mod sublayers;
+pub mod tape;
 
 use tch::{nn, Kind, Tensor};
 
@@ -30,11 +32,13 @@ pub use config::{
     SwitchConfig,
 };
 use cse::{route_sequences, CseRouter};
-use layers::{masked_mean, Attention, Lin, Mlp, Norm};
+use layers::{masked_mean, Lin, Norm};
 use moe::SwitchMoe;
+pub use script::Script;
+use sublayers::{Attention, Mlp};
 
-use crate::capture::tape::Tape;
 use crate::error::{Error, Result};
+use crate::model::tape::Tape;
 
 /// How a forward pass runs.
 #[derive(Clone, Copy)]
@@ -212,6 +216,7 @@ struct MlmHead {
 /// A transformer LM; see the module docs for its tensor names.
 #[derive(Debug)]
 pub struct Model {
+    /// The model's config.
     pub cfg: ModelConfig,
     wte: nn::Embedding,
     /// Learned positions (none for Llama: rotary positions inside attention).
@@ -223,8 +228,8 @@ pub struct Model {
     ln_f: Option<Norm>,
     lm_head: Option<Lin>,
     mlm: Option<MlmHead>,
-    /// A TorchScript module standing in for the layers above (see `import::torchscript`).
-    script: Option<crate::import::torchscript::Script>,
+    /// A TorchScript module standing in for the layers above (loaded by `import::torchscript`).
+    script: Option<Script>,
 }
 
 /// What a forward pass returns.
@@ -285,7 +290,7 @@ impl Model {
     }
 
     /// A model whose forward pass is a TorchScript module (exact capture only).
-    pub fn from_script(cfg: ModelConfig, script: crate::import::torchscript::Script) -> Model {
+    pub fn from_script(cfg: ModelConfig, script: Script) -> Model {
         let vs = nn::VarStore::new(tch::Device::Cpu);
         Model {
             cfg,
@@ -305,7 +310,7 @@ impl Model {
     pub fn capture_parameters(&self, vs: &nn::VarStore) -> Result<Vec<(String, Tensor)>> {
         match &self.script {
             Some(s) => s.parameters(),
-            None => Ok(checkpoint::named_variables(vs)),
+            None => Ok(named_variables(vs)),
         }
     }
 
@@ -351,20 +356,42 @@ impl Model {
             ));
         }
         if let Some(s) = &self.script {
-            if f.tape.is_some() {
-                return Err(Error::invalid(
-                    "--method",
-                    "a TorchScript model is captured with --method exact only (the batched tape needs tailscope's own layers)",
-                ));
-            }
-            return Ok(Output {
-                logits: s.logits(ids, mask, self.cfg.vocab_size)?,
-                aux_loss: Tensor::zeros([], (Kind::Float, ids.device())),
-                seq_emb: Vec::new(),
-                routes: Vec::new(),
-                loads: Vec::new(),
-            });
+            return script_forward(s, ids, mask, self.cfg.vocab_size, f);
         }
+        let x = self.embed(ids, t, f);
+        let mut out = Output {
+            logits: Tensor::zeros([], (x.kind(), x.device())),
+            aux_loss: Tensor::zeros([], (x.kind(), x.device())),
+            seq_emb: Vec::new(),
+            routes: Vec::new(),
+            loads: Vec::new(),
+        };
+        let mut x = x;
+        for (i, block) in self.blocks.iter().enumerate() {
+            if f.capture {
+                out.seq_emb.push(masked_mean(&x, mask));
+            }
+            let o = block.forward_t(&x, mask, f);
+            x = o.x;
+            if let Some(a) = o.aux {
+                out.aux_loss += a;
+            }
+            if let Some(r) = o.route {
+                out.routes.push((i as i64, r));
+            }
+            if let Some(l) = o.load {
+                out.loads.push((i as i64, l));
+            }
+        }
+        if f.capture {
+            out.seq_emb.push(masked_mean(&x, mask));
+        }
+        out.logits = self.head(x, f);
+        Ok(out)
+    }
+
+    /// Token (and position) embeddings, their LayerNorm (BERT) and dropout.
+    fn embed(&self, ids: &Tensor, t: i64, f: &Forward) -> Tensor {
         let mut x = ids.apply(&self.wte);
         if let Some(wpe) = &self.wpe {
             let pos = Tensor::arange(t, (Kind::Int64, ids.device())).unsqueeze(0);
@@ -377,30 +404,11 @@ impl Model {
         if let Some(ln) = &self.ln_emb {
             x = ln.forward(&x, f.tape);
         }
-        let mut x = x.dropout(self.cfg.dropout, f.train);
-        let mut aux_loss = Tensor::zeros([], (x.kind(), x.device()));
-        let mut seq_emb = Vec::new();
-        let mut routes = Vec::new();
-        let mut loads = Vec::new();
-        for (i, block) in self.blocks.iter().enumerate() {
-            if f.capture {
-                seq_emb.push(masked_mean(&x, mask));
-            }
-            let o = block.forward_t(&x, mask, f);
-            x = o.x;
-            if let Some(a) = o.aux {
-                aux_loss += a;
-            }
-            if let Some(r) = o.route {
-                routes.push((i as i64, r));
-            }
-            if let Some(l) = o.load {
-                loads.push((i as i64, l));
-            }
-        }
-        if f.capture {
-            seq_emb.push(masked_mean(&x, mask));
-        }
+        x.dropout(self.cfg.dropout, f.train)
+    }
+
+    /// Final norm, BERT's masked-LM transform, and the output layer (tied or not): logits.
+    fn head(&self, x: Tensor, f: &Forward) -> Tensor {
         let h = match &self.ln_f {
             Some(ln) => ln.forward(&x, f.tape),
             None => x,
@@ -422,13 +430,7 @@ impl Model {
         if let Some(tape) = f.tape {
             logits = tape.linear(&weight, bias.map(|_| "mlm.bias"), &z, logits);
         }
-        Ok(Output {
-            logits,
-            aux_loss,
-            seq_emb,
-            routes,
-            loads,
-        })
+        logits
     }
 
     /// The CSE routers of the model: (layer, router).
@@ -460,4 +462,34 @@ pub fn token_losses(logits: &Tensor, targets: &Tensor) -> (Tensor, Tensor, Tenso
     let counts = valid.sum_dim_intlist(1, false, ce.kind());
     let mean = per_seq.sum(ce.kind()) / counts.sum(ce.kind()).clamp_min(1.0);
     (mean, per_seq, counts)
+}
+
+/// The forward pass of a TorchScript model: logits only (no experts, no tape).
+fn script_forward(
+    s: &Script,
+    ids: &Tensor,
+    mask: &Tensor,
+    vocab: i64,
+    f: &Forward,
+) -> Result<Output> {
+    if f.tape.is_some() {
+        return Err(Error::invalid(
+            "--method",
+            "a TorchScript model is captured with --method exact only (the batched tape needs tailscope's own layers)",
+        ));
+    }
+    Ok(Output {
+        logits: s.logits(ids, mask, vocab)?,
+        aux_loss: Tensor::zeros([], (Kind::Float, ids.device())),
+        seq_emb: Vec::new(),
+        routes: Vec::new(),
+        loads: Vec::new(),
+    })
+}
+
+/// The variables of a store, sorted by name (the order of files and of gradient keys).
+pub fn named_variables(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
 }

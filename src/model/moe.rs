@@ -7,9 +7,11 @@
 use tch::{nn, Kind, Tensor};
 
 use super::config::{ModelConfig, SwitchConfig};
-use super::layers::{Lin, Mlp};
-use crate::capture::tape::Tape;
+use super::layers::Lin;
+use super::sublayers::Mlp;
+use crate::model::tape::Tape;
 
+/// A Switch-MoE feed-forward layer: a top-1 router and its expert FFNs.
 #[derive(Debug)]
 pub struct SwitchMoe {
     router: Lin,
@@ -19,6 +21,7 @@ pub struct SwitchMoe {
 
 /// What one Switch layer produced besides its output.
 pub struct SwitchOut {
+    /// The layer's output.
     pub y: Tensor,
     /// Load-balancing loss (scalar).
     pub aux: Tensor,
@@ -31,6 +34,7 @@ pub struct SwitchOut {
 }
 
 impl SwitchMoe {
+    /// The layer of block `p`.
     pub fn new(p: nn::Path, cfg: &ModelConfig, s: &SwitchConfig) -> SwitchMoe {
         let router = Lin::new(&p / "router", cfg.d_model, s.n_experts, false);
         let experts = (0..s.n_experts)

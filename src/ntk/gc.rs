@@ -14,10 +14,13 @@ use crate::error::{Error, Result};
 /// The principal eigenpair of a symmetric kernel, sign-fixed.
 #[derive(Debug)]
 pub struct Principal {
+    /// The unit principal eigenvector (n,), sign-fixed.
     pub u: Tensor,
+    /// Its eigenvalue.
     pub lambda: f64,
 }
 
+/// The principal eigenpair of the symmetric kernel `k` (libtorch's `linalg_eigh`).
 pub fn principal(k: &Tensor) -> Result<Principal> {
     let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
     let n = k.size()[0];
@@ -81,7 +84,7 @@ pub fn gc_bootstrap(
     }
     let mut stats: Vec<Vec<f64>> = vec![Vec::with_capacity(resamples); groups.len()];
     for b in 0..resamples {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(crate::corpus::stable_hash(
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(
             seed,
             &(b as u64).to_le_bytes(),
         ));
@@ -102,9 +105,7 @@ pub fn gc_bootstrap(
     }
     Ok(stats
         .into_iter()
-        .map(|mut s| {
-            (!s.is_empty()).then(|| crate::analysis::stats::percentile_interval(&mut s, alpha))
-        })
+        .map(|mut s| (!s.is_empty()).then(|| crate::stats::percentile_interval(&mut s, alpha)))
         .collect())
 }
 

@@ -8,6 +8,7 @@
 //! Gradient consistency from kernel entries is in [`gc`].
 
 pub mod gc;
+pub mod pipeline;
 pub mod stream;
 
 use std::collections::BTreeMap;
@@ -60,9 +61,25 @@ pub fn group_of(name: &str, by: BlockBy) -> String {
 /// A kernel and its blocks (float64, CPU).
 #[derive(Debug)]
 pub struct Kernel {
+    /// The whole kernel (n, m), or the diagonal (n,).
     pub total: Tensor,
+    /// (block name, its kernel) per parameter group.
     pub blocks: Vec<(String, Tensor)>,
+    /// Whether only the diagonal was computed.
     pub diagonal: bool,
+}
+
+impl Kernel {
+    /// The kernel's tensors under their file names: `total` and `block.<name>`.
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        let mut named = vec![("total".to_string(), self.total.shallow_clone())];
+        named.extend(
+            self.blocks
+                .iter()
+                .map(|(n, t)| (format!("block.{n}"), t.shallow_clone())),
+        );
+        named
+    }
 }
 
 /// Rows per tile of ghost kernels (memory ≈ tile² · T² values per tile).

@@ -13,14 +13,17 @@ use tch::{Device, Tensor};
 
 use crate::capture::{CaptureOptions, Captured, Method};
 use crate::error::{Error, Result};
-use crate::model::checkpoint::{read_tensors, write_tensors};
+use crate::io::{read_tensors, write_tensors};
 use crate::model::Model;
 use crate::ntk::{kernel, BlockBy};
 
 /// Where a streamed kernel lives and how it is cut.
 pub struct StreamPlan<'a> {
+    /// The output folder (shards/, tiles/, tiles.parquet).
     pub dir: &'a Path,
+    /// Samples per shard and tile side.
     pub tile: usize,
+    /// How tiles are split into blocks.
     pub blocks: BlockBy,
 }
 
@@ -35,9 +38,13 @@ struct TileRow {
 /// What a streamed run did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamReport {
+    /// Shards in all.
     pub shards: usize,
+    /// Shards found complete on disk.
     pub shards_reused: usize,
+    /// Tiles in all.
     pub tiles: usize,
+    /// Tiles found complete on disk.
     pub tiles_reused: usize,
 }
 
@@ -94,10 +101,9 @@ pub fn stream_kernel(
     if plan.tile == 0 {
         return Err(Error::invalid("--tile", "must be at least 1"));
     }
-    let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
     let n_shards = seqs.len().div_ceil(plan.tile);
     let n_tiles = n_shards * (n_shards + 1) / 2;
-    let total_steps = n_shards + n_tiles;
+    let total = n_shards + n_tiles;
     let mut report = StreamReport {
         shards: n_shards,
         shards_reused: 0,
@@ -111,50 +117,78 @@ pub fn stream_kernel(
         } else {
             let start = s * plan.tile;
             let end = (start + plan.tile).min(seqs.len());
-            // Keys of BERT masks and probes continue across shards: capture the shard with the
-            // same sample indices it has in the whole set.
-            let c = capture_range(model, params, seqs, start, end, opts, device)?;
-            let named: Vec<(String, Tensor)> = c
-                .names
-                .iter()
-                .zip(&c.jac)
-                .map(|(n, j)| {
-                    (
-                        n.clone(),
-                        j.as_ref()
-                            .expect("batched capture gives Jacobians")
-                            .to_device(Device::Cpu),
-                    )
-                })
-                .collect();
-            write_tensors(&named, &path)?;
+            write_shard(model, params, seqs, (start, end), opts, device, &path)?;
         }
-        on_step(s + 1, total_steps);
+        on_step(s + 1, total);
     }
-    let mut done = n_shards;
+    let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+    let step = |done: usize| on_step(n_shards + done, total);
+    let (index, reused) = write_tiles(&names, seqs.len(), n_shards, plan, &step)?;
+    report.tiles_reused = reused;
+    crate::io::write_parquet(&mut tile_index(&index)?, plan.dir.join("tiles.parquet"))?;
+    Ok(report)
+}
+
+/// Capture one shard (samples `start..end`) and write its per-sample gradients to `path`.
+fn write_shard(
+    model: &Model,
+    params: &[(String, Tensor)],
+    seqs: &[&[u32]],
+    (start, end): (usize, usize),
+    opts: &CaptureOptions,
+    device: Device,
+    path: &Path,
+) -> Result<()> {
+    // Keys of BERT masks and probes continue across shards: capture the shard with the
+    // same sample indices it has in the whole set.
+    let c = capture_range(model, params, seqs, start, end, opts, device)?;
+    let named: Vec<(String, Tensor)> = c
+        .names
+        .iter()
+        .zip(&c.jac)
+        .map(|(n, j)| {
+            (
+                n.clone(),
+                j.as_ref()
+                    .expect("batched capture gives Jacobians")
+                    .to_device(Device::Cpu),
+            )
+        })
+        .collect();
+    write_tensors(&named, path)
+}
+
+/// Compute every missing tile (shard a × shard b, a ≤ b); the tile index and how many tiles
+/// were already there. `on_tile(k)` after the k-th tile.
+fn write_tiles(
+    names: &[String],
+    n: usize,
+    n_shards: usize,
+    plan: &StreamPlan,
+    on_tile: &dyn Fn(usize),
+) -> Result<(Vec<TileRow>, usize)> {
     let mut index: Vec<TileRow> = Vec::new();
+    let mut reused = 0;
     for a in 0..n_shards {
-        let xa = load_shard(&shard_path(plan.dir, a), &names)?;
+        let xa = load_shard(&shard_path(plan.dir, a), names)?;
         for b in a..n_shards {
             let path = tile_path(plan.dir, a, b);
             if path.exists() {
-                report.tiles_reused += 1;
+                reused += 1;
             } else {
                 let xb = if a == b {
                     None
                 } else {
-                    Some(load_shard(&shard_path(plan.dir, b), &names)?)
+                    Some(load_shard(&shard_path(plan.dir, b), names)?)
                 };
                 let k = kernel(&xa, xb.as_ref(), plan.blocks, false)?;
-                let mut named = vec![("total".to_string(), k.total)];
-                named.extend(k.blocks.into_iter().map(|(n, t)| (format!("block.{n}"), t)));
-                write_tensors(&named, &path)?;
+                write_tensors(&k.named(), &path)?;
             }
             let (ra, rb) = (a * plan.tile, b * plan.tile);
             index.push(TileRow {
                 tile: [a as u64, b as u64],
-                rows: [ra as u64, (ra + plan.tile).min(seqs.len()) as u64],
-                cols: [rb as u64, (rb + plan.tile).min(seqs.len()) as u64],
+                rows: [ra as u64, (ra + plan.tile).min(n) as u64],
+                cols: [rb as u64, (rb + plan.tile).min(n) as u64],
                 file: format!(
                     "tiles/{}",
                     path.file_name()
@@ -162,14 +196,18 @@ pub fn stream_kernel(
                         .unwrap_or_default()
                 ),
             });
-            done += 1;
-            on_step(done, total_steps);
+            on_tile(index.len());
         }
     }
+    Ok((index, reused))
+}
+
+/// `tiles.parquet`.
+fn tile_index(index: &[TileRow]) -> Result<DataFrame> {
     let col = |f: fn(&TileRow) -> u64, name: &str| {
         Column::new(name.into(), index.iter().map(f).collect::<Vec<_>>())
     };
-    let mut df = DataFrame::new(
+    DataFrame::new(
         index.len(),
         vec![
             col(|r| r.tile[0], "tile_row"),
@@ -184,9 +222,7 @@ pub fn stream_kernel(
             ),
         ],
     )
-    .map_err(|e| Error::table("tile index", e))?;
-    crate::io::write_parquet(&mut df, plan.dir.join("tiles.parquet"))?;
-    Ok(report)
+    .map_err(|e| Error::table("tile index", e))
 }
 
 /// Capture samples `start..end` of `seqs` with their global indices as mask/probe keys.

@@ -10,24 +10,34 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use crate::error::{Error, Result};
+use crate::io::read_tensors;
 use crate::io::{column_f64, column_str, read_parquet};
-use crate::model::checkpoint::read_tensors;
 
 /// One figure: file stem, caption, the drawing as SVG and PNG.
 pub struct Figure {
+    /// File stem under figures/.
     pub name: String,
+    /// Caption in the page and the notebook.
     pub caption: String,
+    /// The drawing.
     pub plot: plots::Rendered,
 }
 
 /// Everything a report shows.
 pub struct Report {
+    /// Title of the page.
     pub title: String,
+    /// Summary sentences.
     pub summary: Vec<String>,
+    /// Correlation rows: x, y, method, value, low, high.
     pub correlations: Vec<[String; 6]>,
+    /// Flag rows: rank, id, domain, score, reasons, text.
     pub flags: Vec<[String; 6]>,
+    /// Expert isolation lines.
     pub isolation: Vec<String>,
+    /// The figures.
     pub figures: Vec<Figure>,
+    /// The Parquet tables the notebook reloads.
     pub tables: Vec<PathBuf>,
 }
 
@@ -46,6 +56,154 @@ fn fmt(v: f64) -> String {
     }
 }
 
+/// The GC table of an NTK run (`gc.parquet`), intervals NaN where absent.
+struct GcTable {
+    column: Vec<String>,
+    group: Vec<String>,
+    gc: Vec<f64>,
+    n: Vec<f64>,
+    score: Vec<f64>,
+    low: Vec<f64>,
+    high: Vec<f64>,
+}
+
+fn finite(v: f64) -> Option<f64> {
+    v.is_finite().then_some(v)
+}
+
+fn with_interval(v: Option<f64>, iv: Option<(f64, f64)>) -> String {
+    match (v, iv) {
+        (Some(v), Some((lo, hi))) => format!("{} [{}, {}]", fmt(v), fmt(lo), fmt(hi)),
+        (Some(v), None) => fmt(v),
+        _ => "–".into(),
+    }
+}
+
+impl GcTable {
+    fn read(ntk: &Path) -> Result<GcTable> {
+        let gp = ntk.join("gc.parquet");
+        let g = read_parquet(&gp)?;
+        let column = column_str(&g, "column", &gp)?;
+        // Intervals (gc_low, gc_high) are absent from kernels computed with --gc-resamples 0.
+        let optional = |name: &str| -> Result<Vec<f64>> {
+            if g.column(name).is_ok() {
+                column_f64(&g, name, &gp)
+            } else {
+                Ok(vec![f64::NAN; column.len()])
+            }
+        };
+        Ok(GcTable {
+            group: column_str(&g, "group", &gp)?,
+            gc: column_f64(&g, "gc", &gp)?,
+            n: column_f64(&g, "n", &gp)?,
+            score: column_f64(&g, "mean_freq_score", &gp)?,
+            low: optional("gc_low")?,
+            high: optional("gc_high")?,
+            column,
+        })
+    }
+
+    fn interval(&self, i: usize) -> Option<(f64, f64)> {
+        finite(self.low[i]).zip(finite(self.high[i]))
+    }
+
+    /// The frequency bins, rarest first.
+    fn bins(&self) -> Vec<plots::GcBin> {
+        let mut bins: Vec<plots::GcBin> = (0..self.column.len())
+            .filter(|&i| self.column[i] == "freq_bin")
+            .map(|i| plots::GcBin {
+                label: self.group[i].clone(),
+                mean_score: self.score[i],
+                gc: finite(self.gc[i]),
+                interval: self.interval(i),
+                n: self.n[i] as u64,
+            })
+            .collect();
+        bins.sort_by_key(|b| b.label.parse::<usize>().unwrap_or(0));
+        bins
+    }
+}
+
+/// The per-sample columns of `analysis.parquet` the figures use.
+struct Samples {
+    path: PathBuf,
+    frame: polars::prelude::DataFrame,
+    freq: Vec<f64>,
+    align: Vec<f64>,
+    domains: Vec<String>,
+    /// The route column of the last CSE/Switch block, if any, and its values (0 without).
+    expert_col: Option<String>,
+    experts: Vec<f64>,
+}
+
+impl Samples {
+    fn read(analysis: &Path) -> Result<Samples> {
+        let path = analysis.join("analysis.parquet");
+        let frame = read_parquet(&path)?;
+        let domains = column_str(&frame, "domain", &path)?;
+        let expert_col = frame
+            .get_column_names()
+            .iter()
+            .map(|c| c.to_string())
+            .filter(|c| c.starts_with("expert_h"))
+            .max();
+        let experts: Vec<f64> = match &expert_col {
+            Some(c) => column_f64(&frame, c, &path)?,
+            None => vec![0.0; domains.len()],
+        };
+        Ok(Samples {
+            freq: column_f64(&frame, "freq_score", &path)?,
+            align: column_f64(&frame, "alignment", &path)?,
+            domains,
+            expert_col,
+            experts,
+            frame,
+            path,
+        })
+    }
+}
+
+/// What a report shows and where it goes.
+#[derive(Debug, Clone)]
+pub struct ReportSpec {
+    /// An `analyze` output folder.
+    pub analysis: PathBuf,
+    /// The `ntk` folder the analysis was computed from.
+    pub ntk: PathBuf,
+    /// The dense baseline's `ntk` folder (heatmap beside this model's).
+    pub baseline: Option<PathBuf>,
+    /// A training run folder: adds training curves and cluster dynamics.
+    pub train_run: Option<PathBuf>,
+    /// The page's title.
+    pub title: String,
+    /// Output folder (report.html, figures/).
+    pub out: PathBuf,
+    /// Where the notebook goes (default: report.ipynb in `out`).
+    pub notebook: Option<PathBuf>,
+}
+
+impl ReportSpec {
+    /// Where the notebook goes.
+    pub fn notebook_path(&self) -> PathBuf {
+        self.notebook
+            .clone()
+            .unwrap_or_else(|| self.out.join("report.ipynb"))
+    }
+}
+
+/// Build the report of `spec` and write the page, figures and notebook.
+pub fn render(spec: &ReportSpec) -> Result<Report> {
+    let r = build(
+        &spec.analysis,
+        &spec.ntk,
+        spec.baseline.as_deref(),
+        spec.train_run.as_deref(),
+        &spec.title,
+    )?;
+    write(&r, &spec.out, &spec.notebook_path())?;
+    Ok(r)
+}
+
 /// Gather tables and draw the figures.
 pub fn build(
     analysis: &Path,
@@ -54,46 +212,9 @@ pub fn build(
     train_run: Option<&Path>,
     title: &str,
 ) -> Result<Report> {
-    let ap = analysis.join("analysis.parquet");
-    let a = read_parquet(&ap)?;
-    let freq = column_f64(&a, "freq_score", &ap)?;
-    let align = column_f64(&a, "alignment", &ap)?;
-    let domains = column_str(&a, "domain", &ap)?;
-    let gp = ntk.join("gc.parquet");
-    let g = read_parquet(&gp)?;
-    let (gcol, ggroup, gval, gn, gscore) = (
-        column_str(&g, "column", &gp)?,
-        column_str(&g, "group", &gp)?,
-        column_f64(&g, "gc", &gp)?,
-        column_f64(&g, "n", &gp)?,
-        column_f64(&g, "mean_freq_score", &gp)?,
-    );
-    // Intervals (gc_low, gc_high) are absent from kernels computed with --gc-resamples 0.
-    let optional = |name: &str| -> Result<Vec<f64>> {
-        if g.column(name).is_ok() {
-            column_f64(&g, name, &gp)
-        } else {
-            Ok(vec![f64::NAN; gcol.len()])
-        }
-    };
-    let (glow, ghigh) = (optional("gc_low")?, optional("gc_high")?);
-    let finite = |v: f64| v.is_finite().then_some(v);
-    let mut bins: Vec<plots::GcBin> = (0..gcol.len())
-        .filter(|&i| gcol[i] == "freq_bin")
-        .map(|i| plots::GcBin {
-            label: ggroup[i].clone(),
-            mean_score: gscore[i],
-            gc: finite(gval[i]),
-            interval: finite(glow[i]).zip(finite(ghigh[i])),
-            n: gn[i] as u64,
-        })
-        .collect();
-    bins.sort_by_key(|b| b.label.parse::<usize>().unwrap_or(0));
-    let with_interval = |v: Option<f64>, iv: Option<(f64, f64)>| match (v, iv) {
-        (Some(v), Some((lo, hi))) => format!("{} [{}, {}]", fmt(v), fmt(lo), fmt(hi)),
-        (Some(v), None) => fmt(v),
-        _ => "–".into(),
-    };
+    let a = Samples::read(analysis)?;
+    let g = GcTable::read(ntk)?;
+    let bins = g.bins();
     let mut figures = vec![
         Figure {
             name: "gc_by_frequency".into(),
@@ -103,211 +224,18 @@ pub fn build(
         Figure {
             name: "frequency_vs_alignment".into(),
             caption: "Each sample's frequency score against the alignment of its gradient with the primary gradient direction, coloured by domain.".into(),
-            plot: plots::frequency_vs_alignment(&freq, &align, &domains, "Frequency against alignment")?,
+            plot: plots::frequency_vs_alignment(&a.freq, &a.align, &a.domains, "Frequency against alignment")?,
         },
+        heatmap_figure(&a, ntk, baseline)?,
     ];
-    // Heatmaps: samples ordered by expert (last CSE block, if any), then domain.
-    let total = |dir: &Path| -> Result<tch::Tensor> {
-        let p = dir.join("kernel.safetensors");
-        Ok(read_tensors(&p)?
-            .remove("total")
-            .ok_or_else(|| Error::in_file(&p, "missing tensor `total`"))?
-            .to_kind(tch::Kind::Double))
-    };
-    let k = total(ntk)?;
-    let expert_col = a
-        .get_column_names()
-        .iter()
-        .map(|c| c.to_string())
-        .filter(|c| c.starts_with("expert_h"))
-        .max();
-    let experts: Vec<f64> = match &expert_col {
-        Some(c) => column_f64(&a, c, &ap)?,
-        None => vec![0.0; domains.len()],
-    };
-    let mut order: Vec<usize> = (0..domains.len()).collect();
-    order.sort_by(|&i, &j| {
-        experts[i]
-            .total_cmp(&experts[j])
-            .then(domains[i].cmp(&domains[j]))
-            .then(i.cmp(&j))
-    });
-    let step = order.len().div_ceil(96).max(1);
-    let order: Vec<usize> = order.into_iter().step_by(step).collect();
-    let boundaries: Vec<usize> = (1..order.len())
-        .filter(|&p| {
-            let (i, j) = (order[p - 1], order[p]);
-            experts[i] != experts[j] || (expert_col.is_none() && domains[i] != domains[j])
-        })
-        .collect();
-    let kb = baseline.map(total).transpose()?;
-    let mut panels: Vec<(&str, &tch::Tensor)> = vec![("this model", &k)];
-    if let Some(kb) = &kb {
-        panels.push(("dense baseline", kb));
-    }
-    figures.push(Figure {
-        name: "ntk_heatmap".into(),
-        caption: format!(
-            "Cosine-normalised NTK of {} samples ordered by {}domain (orange +1, white 0, blue −1; lines separate experts, or domains for a model without experts){}; paper Fig. 5b/c.",
-            order.len(),
-            if expert_col.is_some() { "expert, then " } else { "" },
-            if kb.is_some() { ", beside the dense baseline on the same samples" } else { "" }
-        ),
-        plot: plots::ntk_heatmaps(&panels, &order, &boundaries, "Empirical NTK")?,
-    });
-    if a.column("pc1").is_ok() && a.column("pc2").is_ok() {
-        let (pc1, pc2) = (column_f64(&a, "pc1", &ap)?, column_f64(&a, "pc2", &ap)?);
-        let (labels, by): (Vec<String>, &str) = match &expert_col {
-            Some(_) => (
-                experts.iter().map(|e| format!("expert {e}")).collect(),
-                "expert",
-            ),
-            None => (
-                column_f64(&a, "cluster", &ap)?
-                    .iter()
-                    .map(|c| {
-                        if *c < 0.0 {
-                            "noise".into()
-                        } else {
-                            format!("cluster {c}")
-                        }
-                    })
-                    .collect(),
-                "DBSCAN cluster",
-            ),
-        };
-        figures.push(Figure {
-            name: "embeddings_pca".into(),
-            caption: format!("Sequence embeddings after the last block, first two principal components, coloured by {by}; paper Fig. 2b/5a."),
-            plot: plots::scatter_by_group(&pc1, &pc2, &labels, "Sequence embeddings (PCA)", "PC 1", "PC 2")?,
-        });
-    }
+    figures.extend(pca_figure(&a)?);
     if let Some(run) = train_run {
         figures.extend(training_figures(run)?);
     }
-    let cp = analysis.join("correlations.parquet");
-    let c = read_parquet(&cp)?;
-    let (cx, cy, cm) = (
-        column_str(&c, "x", &cp)?,
-        column_str(&c, "y", &cp)?,
-        column_str(&c, "method", &cp)?,
-    );
-    let (cv, cl, ch) = (
-        column_f64(&c, "value", &cp)?,
-        column_f64(&c, "low", &cp)?,
-        column_f64(&c, "high", &cp)?,
-    );
-    let correlations = (0..cx.len())
-        .map(|i| {
-            [
-                cx[i].clone(),
-                cy[i].clone(),
-                cm[i].clone(),
-                fmt(cv[i]),
-                fmt(cl[i]),
-                fmt(ch[i]),
-            ]
-        })
-        .collect();
-    let fp = analysis.join("flags.parquet");
-    let f = read_parquet(&fp)?;
-    let (fid, fdom, ftext, freason) = (
-        column_str(&f, "id", &fp)?,
-        column_str(&f, "domain", &fp)?,
-        column_str(&f, "text", &fp)?,
-        column_str(&f, "reasons", &fp)?,
-    );
-    let fscore = column_f64(&f, "score", &fp)?;
-    let flags = (0..fid.len())
-        .map(|i| {
-            [
-                (i + 1).to_string(),
-                fid[i].clone(),
-                fdom[i].clone(),
-                fmt(fscore[i]),
-                freason[i].clone(),
-                ftext[i].clone(),
-            ]
-        })
-        .collect();
-    let mut isolation = Vec::new();
-    let ip = analysis.join("isolation.parquet");
-    if ip.exists() {
-        let t = read_parquet(&ip)?;
-        let (b, d, v) = (
-            column_str(&t, "block", &ip)?,
-            column_str(&t, "dominant_domain", &ip)?,
-            column_str(&t, "verdict", &ip)?,
-        );
-        let (e, l, s, lt) = (
-            column_f64(&t, "expert", &ip)?,
-            column_f64(&t, "load", &ip)?,
-            column_f64(&t, "dominant_share", &ip)?,
-            column_f64(&t, "long_tail_share", &ip)?,
-        );
-        let (co, bc) = (
-            column_f64(&t, "consistency", &ip)?,
-            column_f64(&t, "baseline_consistency", &ip)?,
-        );
-        let (nm, sep) = (
-            column_f64(&t, "block_nmi", &ip)?,
-            column_f64(&t, "block_separation", &ip)?,
-        );
-        for i in 0..b.len() {
-            if i == 0 || b[i] != b[i - 1] {
-                isolation.push(format!(
-                    "{}: NMI(domain, expert) {:.3}, expert distance/radius ratio {}",
-                    b[i].trim_start_matches("expert_"),
-                    nm[i],
-                    fmt(sep[i])
-                ));
-            }
-            isolation.push(if l[i] == 0.0 {
-                format!("{} expert {}: {} — no samples", b[i].trim_start_matches("expert_"), e[i], v[i])
-            } else {
-                format!(
-                    "{} expert {}: {} — {} samples, {:.0}% {}, {:.0}% long-tail, kernel consistency {} (baseline {})",
-                    b[i].trim_start_matches("expert_"), e[i], v[i], l[i], 100.0 * s[i], d[i], 100.0 * lt[i], fmt(co[i]), fmt(bc[i])
-                )
-            });
-        }
-    }
-    let spearman = |y: &str| {
-        (0..cx.len()).find(|&i| cx[i] == "freq_score" && cy[i] == y && cm[i] == "spearman")
-    };
-    let mut summary = vec![format!(
-        "{} samples; {} flagged as under-memorised.",
-        domains.len(),
-        fid.len()
-    )];
-    for y in ["alignment", "loss"] {
-        if let Some(i) = spearman(y) {
-            summary.push(format!(
-                "Frequency score vs {y}: Spearman {} (95% interval {} to {}).",
-                fmt(cv[i]),
-                fmt(cl[i]),
-                fmt(ch[i])
-            ));
-        }
-    }
-    summary.push(format!(
-        "GC by frequency bin, rarest first [95% half-sampling interval]: {}.",
-        bins.iter()
-            .map(|b| with_interval(b.gc, b.interval))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-    for i in (0..gcol.len()).filter(|&i| gcol[i] == "long_tail") {
-        summary.push(format!(
-            "GC of {} samples: {}.",
-            if ggroup[i] == "true" {
-                "long-tail-domain"
-            } else {
-                "common-domain"
-            },
-            with_interval(finite(gval[i]), finite(glow[i]).zip(finite(ghigh[i])))
-        ));
-    }
+    let corr = Correlations::read(analysis)?;
+    let flags = flag_rows(analysis)?;
+    let isolation = isolation_lines(analysis)?;
+    let summary = summary_lines(&a, &g, &bins, &corr, flags.len());
     let tables = [
         "analysis.parquet",
         "correlations.parquet",
@@ -322,12 +250,251 @@ pub fn build(
     Ok(Report {
         title: title.to_string(),
         summary,
-        correlations,
+        correlations: corr.rows(),
         flags,
         isolation,
         figures,
         tables,
     })
+}
+
+/// The `total` kernel of an NTK folder, float64.
+fn total_kernel(dir: &Path) -> Result<tch::Tensor> {
+    let p = dir.join("kernel.safetensors");
+    Ok(read_tensors(&p)?
+        .remove("total")
+        .ok_or_else(|| Error::in_file(&p, "missing tensor `total`"))?
+        .to_kind(tch::Kind::Double))
+}
+
+/// Heatmaps of the kernel (and the baseline's): at most 96 samples, ordered by expert of the
+/// last CSE block (if any), then domain.
+fn heatmap_figure(a: &Samples, ntk: &Path, baseline: Option<&Path>) -> Result<Figure> {
+    let k = total_kernel(ntk)?;
+    let (experts, domains) = (&a.experts, &a.domains);
+    let mut order: Vec<usize> = (0..domains.len()).collect();
+    order.sort_by(|&i, &j| {
+        experts[i]
+            .total_cmp(&experts[j])
+            .then(domains[i].cmp(&domains[j]))
+            .then(i.cmp(&j))
+    });
+    let step = order.len().div_ceil(96).max(1);
+    let order: Vec<usize> = order.into_iter().step_by(step).collect();
+    let boundaries: Vec<usize> = (1..order.len())
+        .filter(|&p| {
+            let (i, j) = (order[p - 1], order[p]);
+            experts[i] != experts[j] || (a.expert_col.is_none() && domains[i] != domains[j])
+        })
+        .collect();
+    let kb = baseline.map(total_kernel).transpose()?;
+    let mut panels: Vec<(&str, &tch::Tensor)> = vec![("this model", &k)];
+    if let Some(kb) = &kb {
+        panels.push(("dense baseline", kb));
+    }
+    Ok(Figure {
+        name: "ntk_heatmap".into(),
+        caption: format!(
+            "Cosine-normalised NTK of {} samples ordered by {}domain (orange +1, white 0, blue −1; lines separate experts, or domains for a model without experts){}; paper Fig. 5b/c.",
+            order.len(),
+            if a.expert_col.is_some() { "expert, then " } else { "" },
+            if kb.is_some() { ", beside the dense baseline on the same samples" } else { "" }
+        ),
+        plot: plots::ntk_heatmaps(&panels, &order, &boundaries, "Empirical NTK")?,
+    })
+}
+
+/// Two principal components of the sequence embeddings, by expert or DBSCAN cluster; none when
+/// the NTK run wrote no components.
+fn pca_figure(a: &Samples) -> Result<Option<Figure>> {
+    let (f, ap) = (&a.frame, &a.path);
+    if f.column("pc1").is_err() || f.column("pc2").is_err() {
+        return Ok(None);
+    }
+    let (pc1, pc2) = (column_f64(f, "pc1", ap)?, column_f64(f, "pc2", ap)?);
+    let (labels, by): (Vec<String>, &str) = match &a.expert_col {
+        Some(_) => (
+            a.experts.iter().map(|e| format!("expert {e}")).collect(),
+            "expert",
+        ),
+        None => (
+            column_f64(f, "cluster", ap)?
+                .iter()
+                .map(|c| match *c < 0.0 {
+                    true => "noise".into(),
+                    false => format!("cluster {c}"),
+                })
+                .collect(),
+            "DBSCAN cluster",
+        ),
+    };
+    Ok(Some(Figure {
+        name: "embeddings_pca".into(),
+        caption: format!("Sequence embeddings after the last block, first two principal components, coloured by {by}; paper Fig. 2b/5a."),
+        plot: plots::scatter_by_group(&pc1, &pc2, &labels, "Sequence embeddings (PCA)", "PC 1", "PC 2")?,
+    }))
+}
+
+/// `correlations.parquet`.
+struct Correlations {
+    x: Vec<String>,
+    y: Vec<String>,
+    method: Vec<String>,
+    value: Vec<f64>,
+    low: Vec<f64>,
+    high: Vec<f64>,
+}
+
+impl Correlations {
+    fn read(analysis: &Path) -> Result<Correlations> {
+        let cp = analysis.join("correlations.parquet");
+        let c = read_parquet(&cp)?;
+        Ok(Correlations {
+            x: column_str(&c, "x", &cp)?,
+            y: column_str(&c, "y", &cp)?,
+            method: column_str(&c, "method", &cp)?,
+            value: column_f64(&c, "value", &cp)?,
+            low: column_f64(&c, "low", &cp)?,
+            high: column_f64(&c, "high", &cp)?,
+        })
+    }
+
+    fn rows(&self) -> Vec<[String; 6]> {
+        (0..self.x.len())
+            .map(|i| {
+                [
+                    self.x[i].clone(),
+                    self.y[i].clone(),
+                    self.method[i].clone(),
+                    fmt(self.value[i]),
+                    fmt(self.low[i]),
+                    fmt(self.high[i]),
+                ]
+            })
+            .collect()
+    }
+
+    /// The row of Spearman's correlation of the frequency score with `y`.
+    fn spearman(&self, y: &str) -> Option<usize> {
+        (0..self.x.len())
+            .find(|&i| self.x[i] == "freq_score" && self.y[i] == y && self.method[i] == "spearman")
+    }
+}
+
+/// The flagged samples: rank, id, domain, score, reasons, text.
+fn flag_rows(analysis: &Path) -> Result<Vec<[String; 6]>> {
+    let fp = analysis.join("flags.parquet");
+    let f = read_parquet(&fp)?;
+    let (fid, fdom, ftext, freason) = (
+        column_str(&f, "id", &fp)?,
+        column_str(&f, "domain", &fp)?,
+        column_str(&f, "text", &fp)?,
+        column_str(&f, "reasons", &fp)?,
+    );
+    let fscore = column_f64(&f, "score", &fp)?;
+    Ok((0..fid.len())
+        .map(|i| {
+            [
+                (i + 1).to_string(),
+                fid[i].clone(),
+                fdom[i].clone(),
+                fmt(fscore[i]),
+                freason[i].clone(),
+                ftext[i].clone(),
+            ]
+        })
+        .collect())
+}
+
+/// One line per block and per expert of `isolation.parquet` (none when it does not exist).
+fn isolation_lines(analysis: &Path) -> Result<Vec<String>> {
+    let ip = analysis.join("isolation.parquet");
+    if !ip.exists() {
+        return Ok(Vec::new());
+    }
+    let t = read_parquet(&ip)?;
+    let (b, d, v) = (
+        column_str(&t, "block", &ip)?,
+        column_str(&t, "dominant_domain", &ip)?,
+        column_str(&t, "verdict", &ip)?,
+    );
+    let (e, l, s, lt) = (
+        column_f64(&t, "expert", &ip)?,
+        column_f64(&t, "load", &ip)?,
+        column_f64(&t, "dominant_share", &ip)?,
+        column_f64(&t, "long_tail_share", &ip)?,
+    );
+    let (co, bc) = (
+        column_f64(&t, "consistency", &ip)?,
+        column_f64(&t, "baseline_consistency", &ip)?,
+    );
+    let (nm, sep) = (
+        column_f64(&t, "block_nmi", &ip)?,
+        column_f64(&t, "block_separation", &ip)?,
+    );
+    let mut lines = Vec::new();
+    for i in 0..b.len() {
+        let block = b[i].trim_start_matches("expert_");
+        if i == 0 || b[i] != b[i - 1] {
+            lines.push(format!(
+                "{block}: NMI(domain, expert) {:.3}, expert distance/radius ratio {}",
+                nm[i],
+                fmt(sep[i])
+            ));
+        }
+        lines.push(if l[i] == 0.0 {
+            format!("{block} expert {}: {} — no samples", e[i], v[i])
+        } else {
+            format!(
+                "{block} expert {}: {} — {} samples, {:.0}% {}, {:.0}% long-tail, kernel consistency {} (baseline {})",
+                e[i], v[i], l[i], 100.0 * s[i], d[i], 100.0 * lt[i], fmt(co[i]), fmt(bc[i])
+            )
+        });
+    }
+    Ok(lines)
+}
+
+/// The report's summary sentences.
+fn summary_lines(
+    a: &Samples,
+    g: &GcTable,
+    bins: &[plots::GcBin],
+    corr: &Correlations,
+    flagged: usize,
+) -> Vec<String> {
+    let mut summary = vec![format!(
+        "{} samples; {} flagged as under-memorised.",
+        a.domains.len(),
+        flagged
+    )];
+    for y in ["alignment", "loss"] {
+        if let Some(i) = corr.spearman(y) {
+            summary.push(format!(
+                "Frequency score vs {y}: Spearman {} (95% interval {} to {}).",
+                fmt(corr.value[i]),
+                fmt(corr.low[i]),
+                fmt(corr.high[i])
+            ));
+        }
+    }
+    summary.push(format!(
+        "GC by frequency bin, rarest first [95% half-sampling interval]: {}.",
+        bins.iter()
+            .map(|b| with_interval(b.gc, b.interval))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    for i in (0..g.column.len()).filter(|&i| g.column[i] == "long_tail") {
+        summary.push(format!(
+            "GC of {} samples: {}.",
+            match g.group[i] == "true" {
+                true => "long-tail-domain",
+                false => "common-domain",
+            },
+            with_interval(finite(g.gc[i]), g.interval(i))
+        ));
+    }
+    summary
 }
 
 /// Training curves of the runs beside `run` (loss, smoothed over 10 steps) and the cluster

@@ -11,7 +11,9 @@ use crate::error::{Error, Result};
 
 /// One figure drawn twice: SVG text (for the HTML report) and PNG bytes (for slides and papers).
 pub struct Rendered {
+    /// The SVG document.
     pub svg: String,
+    /// The PNG file.
     pub png: Vec<u8>,
 }
 
@@ -80,11 +82,15 @@ fn plot_err<E: std::fmt::Debug>(e: E) -> Error {
 
 /// One frequency bin of the GC figure.
 pub struct GcBin {
+    /// The bin's label.
     pub label: String,
+    /// Mean frequency score of its samples.
     pub mean_score: f64,
+    /// Its GC.
     pub gc: Option<f64>,
     /// 95% half-sampling interval (`ntk::gc::gc_bootstrap`), drawn as an error bar.
     pub interval: Option<(f64, f64)>,
+    /// Its samples.
     pub n: u64,
 }
 
@@ -151,29 +157,39 @@ pub fn gc_by_frequency(bins: &[GcBin], title: &str) -> Result<Rendered> {
             .border_style(BLACK)
             .draw()
             .map_err(plot_err)?;
-        let maxn = bins.iter().map(|b| b.n).max().unwrap_or(1) as f64;
-        let mut h = ChartBuilder::on(&bottom)
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(55)
-            .build_cartesian_2d(-0.5..n - 0.5, 0.0..maxn * 1.1)
-            .map_err(plot_err)?;
-        h.configure_mesh()
-            .y_desc("samples")
-            .x_desc("1-gram frequency bin (mean score), rarest first")
-            .x_labels(bins.len().max(2))
-            .x_label_formatter(&|x| format!("{}", x.round() as i64))
-            .draw()
-            .map_err(plot_err)?;
-        h.draw_series(bins.iter().enumerate().map(|(i, b)| {
-            Rectangle::new(
-                [(i as f64 - 0.35, 0.0), (i as f64 + 0.35, b.n as f64)],
-                PALETTE[1].mix(0.8).filled(),
-            )
-        }))
-        .map_err(plot_err)?;
+        bin_counts(&bottom, bins)?;
         root.present().map_err(plot_err)?;
     })
+}
+
+/// The samples per frequency bin, as bars under the GC panel.
+fn bin_counts<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    bins: &[GcBin],
+) -> Result<()> {
+    let n = bins.len().max(1) as f64;
+    let maxn = bins.iter().map(|b| b.n).max().unwrap_or(1) as f64;
+    let mut h = ChartBuilder::on(area)
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(55)
+        .build_cartesian_2d(-0.5..n - 0.5, 0.0..maxn * 1.1)
+        .map_err(plot_err)?;
+    h.configure_mesh()
+        .y_desc("samples")
+        .x_desc("1-gram frequency bin (mean score), rarest first")
+        .x_labels(bins.len().max(2))
+        .x_label_formatter(&|x| format!("{}", x.round() as i64))
+        .draw()
+        .map_err(plot_err)?;
+    h.draw_series(bins.iter().enumerate().map(|(i, b)| {
+        Rectangle::new(
+            [(i as f64 - 0.35, 0.0), (i as f64 + 0.35, b.n as f64)],
+            PALETTE[1].mix(0.8).filled(),
+        )
+    }))
+    .map_err(plot_err)?;
+    Ok(())
 }
 
 /// A scatter plot with one colour per group (the 7 largest groups; the rest grey, as "other").

@@ -18,11 +18,17 @@ use crate::model::{CseConfig, EpsRule, Model};
 /// One CSE block's clustering, for the printed summary.
 #[derive(Debug, Clone)]
 pub struct InitReport {
+    /// The block.
     pub layer: i64,
+    /// DBSCAN's radius.
     pub eps: f64,
+    /// Clusters DBSCAN found.
     pub raw_clusters: usize,
+    /// Samples per expert kept.
     pub sizes: Vec<usize>,
+    /// Sequences left as noise.
     pub noise: usize,
+    /// Radius of each expert.
     pub radii: Vec<f32>,
 }
 
@@ -46,19 +52,19 @@ pub fn cluster_blocks(
             .to_device(Device::Cpu)
             .to_kind(Kind::Float);
         let v = enc.layers[layer].matmul(&proj);
-        let d = v.size()[1] as usize;
-        let data: Vec<f32> = Vec::try_from(v.reshape([-1]))?;
+        let x = crate::array::matrix_f32(&v)?;
+        let d = x.ncols();
         let eps = match (cse.eps, cse.eps_rule) {
             (Some(e), _) => e,
-            (None, EpsRule::Knee) => eps_from_knee(&data, d, cse.min_pts)?,
+            (None, EpsRule::Knee) => eps_from_knee(x.view(), cse.min_pts)?,
             (None, EpsRule::MaxClusters) => {
-                eps_max_clusters(&data, d, cse.min_pts, cse.min_cluster_size)?
+                eps_max_clusters(x.view(), cse.min_pts, cse.min_cluster_size)?
             }
         };
         let params = DbscanParams::new(eps, cse.min_pts)
             .map_err(|e| Error::invalid("model.experts.eps", e.to_string()))?;
-        let c = dbscan(&data, d, params)?;
-        let stats = ClusterStats::compute(&data, d, &c.labels, c.n_clusters)?;
+        let c = dbscan(x.view(), params)?;
+        let stats = ClusterStats::compute(x.view(), &c.labels, c.n_clusters)?;
         // Guard rails: drop small clusters, keep the largest max_experts (ties by cluster order).
         let mut order: Vec<usize> = (0..c.n_clusters)
             .filter(|&j| stats.sizes[j] >= cse.min_cluster_size)

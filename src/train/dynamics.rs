@@ -9,20 +9,26 @@ use crate::cluster::{dbscan, eps_from_knee, ClusterStats, DbscanParams};
 use crate::error::Result;
 use crate::model::Model;
 
-/// minPts of the dynamics clustering.
-pub const MIN_PTS: usize = 5;
+use crate::cluster::MIN_PTS;
 
+/// DBSCAN over one layer's probe embeddings at one step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DynamicsRow {
+    /// The step.
     pub step: u64,
     /// Block index + 1 (the output of block `layer − 1`); 0 is the embedding layer.
     pub layer: i64,
+    /// Clusters found.
     pub n_clusters: usize,
+    /// Probe sequences left as noise.
     pub noise: usize,
+    /// The radius (knee rule).
     pub eps: f64,
+    /// Distance/radius ratio of the clusters.
     pub ratio: Option<f64>,
 }
 
+/// Cluster every layer's embeddings of the probe sequences at `step`.
 pub fn measure(
     model: &Model,
     probe: &[&[u32]],
@@ -35,11 +41,11 @@ pub fn measure(
     }
     let enc = crate::eval::encode(model, probe, 64, device)?;
     for (layer, emb) in enc.layers.iter().enumerate().skip(1) {
-        let d = emb.size()[1] as usize;
-        let data: Vec<f32> = Vec::try_from(emb.reshape([-1]))?;
-        let eps = eps_from_knee(&data, d, MIN_PTS)?;
-        let c = dbscan(&data, d, DbscanParams::new(eps, MIN_PTS)?)?;
-        let stats = ClusterStats::compute(&data, d, &c.labels, c.n_clusters)?;
+        let x = crate::array::matrix_f32(emb)?;
+        let d = x.ncols();
+        let eps = eps_from_knee(x.view(), MIN_PTS)?;
+        let c = dbscan(x.view(), DbscanParams::new(eps, MIN_PTS)?)?;
+        let stats = ClusterStats::compute(x.view(), &c.labels, c.n_clusters)?;
         rows.push(DynamicsRow {
             step,
             layer: layer as i64,

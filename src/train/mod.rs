@@ -18,9 +18,9 @@
 //! initialisation, so a run resumed from a checkpoint takes the same steps as one never stopped.
 
 pub mod cse_init;
-pub mod data;
 pub mod dynamics;
 pub mod optim;
+pub mod runs;
 pub mod spec;
 
 use std::collections::HashMap;
@@ -32,25 +32,33 @@ use polars::prelude::{Column, DataFrame};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device};
 
+use crate::batch::{make_batch, step_rng, Sampler};
+use crate::checkpoint::save_model;
 use crate::corpus::{tokenizer, Corpus, Split};
 use crate::error::{Error, Result};
-use crate::model::checkpoint::{self, named_variables, read_tensors, save_model, write_tensors};
+use crate::io::{read_tensors, write_tensors};
 use crate::model::cse::expand_experts;
-use crate::model::{token_losses, ExpertConfig, Model, ModelConfig};
-use data::{make_batch, step_rng, Sampler};
+use crate::model::named_variables;
+use crate::model::{token_losses, CseConfig, ExpertConfig, Model, ModelConfig};
 use optim::{lr_at, AdamW};
 pub use spec::{RunSpec, TrainOptions, TrainSpec};
 
 /// The tokenised corpus shared by all runs of a spec.
 pub struct TrainData {
+    /// The corpus table.
     pub corpus: Corpus,
+    /// Token ids of every sample.
     pub ids: Vec<Vec<u32>>,
+    /// Indices of the training split.
     pub train: Vec<usize>,
+    /// Indices of the validation split.
     pub val: Vec<usize>,
+    /// Vocabulary size of the tokenizer.
     pub vocab: i64,
 }
 
 impl TrainData {
+    /// Read the corpus and encode it with its tokenizer (beside it, or `tokenizer_path`).
     pub fn load(corpus: &Path, tokenizer_path: Option<&Path>) -> Result<TrainData> {
         let c = Corpus::read(corpus)?;
         let tok_path: PathBuf = tokenizer_path
@@ -73,68 +81,97 @@ impl TrainData {
         })
     }
 
+    /// Token ids of the samples `idx`.
     pub fn seqs(&self, idx: &[usize]) -> Vec<&[u32]> {
         idx.iter().map(|&i| self.ids[i].as_slice()).collect()
     }
 
     /// Up to `n` evenly spaced validation samples (all of them when fewer).
     pub fn val_subset(&self, n: usize) -> Vec<usize> {
-        if self.val.len() <= n {
-            return self.val.clone();
-        }
-        (0..n).map(|k| self.val[k * self.val.len() / n]).collect()
+        crate::corpus::evenly_spaced(&self.val, n)
     }
 }
 
+/// One optimiser step of `log.parquet`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StepRow {
+    /// Steps done after this one (1-based).
     pub step: u64,
+    /// Mean token loss of the batch.
     pub loss: f64,
+    /// Switch load-balancing loss (0 otherwise).
     pub aux_loss: f64,
+    /// Learning rate of the step.
     pub lr: f64,
+    /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Real tokens in the batch.
     pub tokens: i64,
+    /// Throughput of the step (wall clock).
     pub tokens_per_s: f64,
     /// Per sparse block `layer:n0/n1/...` (tokens for Switch, sequences for CSE), `;`-separated.
     pub expert_load: String,
 }
 
+/// Validation perplexity of one group at one step (`val.parquet`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ValRow {
+    /// The step.
     pub step: u64,
+    /// `all` or a domain.
     pub group: String,
+    /// Samples in the group.
     pub samples: usize,
+    /// Predicted tokens in the group.
     pub tokens: u64,
+    /// Mean token loss.
     pub loss: f64,
+    /// Perplexity, exp(loss).
     pub ppl: f64,
 }
 
+/// DBSCAN over one layer's sequence embeddings at one step (`clusters.parquet`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ClusterRow {
+    /// The step.
     pub step: u64,
+    /// The layer (0 = embeddings).
     pub layer: i64,
+    /// Clusters found.
     pub n_clusters: usize,
+    /// Probe sequences left as noise.
     pub noise: usize,
+    /// The radius (knee rule).
     pub eps: f64,
+    /// Distance/radius ratio of the clusters.
     pub ratio: Option<f64>,
 }
 
 /// Everything a checkpoint stores besides tensors.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunState {
+    /// The run's name.
     pub run: String,
+    /// The seed it was started with.
     pub seed: u64,
+    /// Steps done.
     pub step: u64,
+    /// AdamW's step counter (bias correction).
     pub adam_t: i64,
+    /// Whether the CSE experts exist yet.
     pub cse_initialized: bool,
+    /// Every step so far.
     pub log: Vec<StepRow>,
+    /// Every validation so far.
     pub val: Vec<ValRow>,
+    /// Every cluster-dynamics measurement so far.
     pub clusters: Vec<ClusterRow>,
 }
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// Trained every step.
     Finished,
     /// Stopped by Ctrl-C after saving a checkpoint at this step.
     Interrupted(u64),
@@ -142,19 +179,29 @@ pub enum Outcome {
 
 /// What the CLI prints after a run.
 pub struct RunResult {
+    /// How it ended.
     pub outcome: Outcome,
+    /// The run's folder.
     pub dir: PathBuf,
+    /// The final state.
     pub state: RunState,
+    /// What CSE initialisation found (this session only).
     pub cse_init: Vec<cse_init::InitReport>,
+    /// Trainable parameters.
     pub params: i64,
+    /// Wall time of this session's training.
     pub seconds: f64,
 }
 
 /// Callbacks for progress reporting.
 pub trait Progress {
+    /// A run starts: `total` steps, `done` of them already (resumed).
     fn start(&self, _run: &str, _total: u64, _done: u64) {}
+    /// A step finished.
     fn step(&self, _row: &StepRow) {}
+    /// Something worth a log line.
     fn message(&self, _msg: &str) {}
+    /// The run ended.
     fn finish(&self) {}
 }
 
@@ -261,7 +308,7 @@ fn load_checkpoint(dir: &Path, device: Device, t: &TrainOptions) -> Result<(Live
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
     let state: RunState = serde_json::from_str(&text)
         .map_err(|e| Error::at_line(&state_path, e.line(), format!("bad checkpoint state: {e}")))?;
-    let (vs, model) = checkpoint::load_model(dir, device)?;
+    let (vs, model) = crate::source::load_model(dir, device)?;
     let cfg = model.cfg.clone();
     let mut opt = AdamW::new(&vs, t.adamw);
     let opt_path = dir.join("optimizer.safetensors");
@@ -325,6 +372,197 @@ fn load_string(loads: &[(i64, tch::Tensor)]) -> String {
         .join(";")
 }
 
+/// A fresh run state for `run`.
+fn fresh_state(run: &RunSpec, seed: u64) -> RunState {
+    RunState {
+        run: run.name.clone(),
+        seed,
+        step: 0,
+        adam_t: 0,
+        cse_initialized: false,
+        log: vec![],
+        val: vec![],
+        clusters: vec![],
+    }
+}
+
+/// The model, optimiser and state a run starts from: its latest checkpoint (with `resume`, when
+/// there is one and it matches the spec's model), else a fresh initialisation.
+fn start_or_resume(
+    run: &RunSpec,
+    cfg: &ModelConfig,
+    run_dir: &Path,
+    ctx: &RunCtx,
+    resume: bool,
+    progress: &dyn Progress,
+) -> Result<(Live, RunState)> {
+    let Some(dir) = latest_checkpoint(run_dir).filter(|_| resume) else {
+        return Ok((
+            build_live(cfg, ctx.device, ctx.seed, ctx.t)?,
+            fresh_state(run, ctx.seed),
+        ));
+    };
+    progress.message(&format!("resuming {} from {}", run.name, dir.display()));
+    let (live, state) = load_checkpoint(&dir, ctx.device, ctx.t)?;
+    if live.cfg.vocab_size != cfg.vocab_size
+        || live.cfg.d_model != cfg.d_model
+        || live.cfg.n_layer != cfg.n_layer
+    {
+        return Err(Error::in_file(
+            dir.join("config.json"),
+            "the checkpoint's model does not match the spec",
+        ));
+    }
+    Ok((live, state))
+}
+
+/// What every step of a run shares.
+struct RunCtx<'a> {
+    /// The spec's model config, which batches are built for.
+    cfg: &'a ModelConfig,
+    t: &'a TrainOptions,
+    data: &'a TrainData,
+    device: Device,
+    seed: u64,
+    run_dir: PathBuf,
+}
+
+/// Replace the dense FFNs (or attention) of the CSE blocks by experts initialised from DBSCAN
+/// clusters of sampled training sequences (`cse_init.json` records the clusters).
+fn cse_initialise(
+    live: &mut Live,
+    c: &CseConfig,
+    step: u64,
+    ctx: &RunCtx,
+) -> Result<Vec<cse_init::InitReport>> {
+    let data = ctx.data;
+    let pick = cse_init::sample_indices(data.train.len(), c.sample, ctx.seed ^ 0xc5e);
+    let idx: Vec<usize> = pick.iter().map(|&k| data.train[k]).collect();
+    let (inits, reports) = cse_init::cluster_blocks(&live.model, c, &data.seqs(&idx), ctx.device)?;
+    let (vs, model, new_cfg) = expand_experts(&live.vs, &live.cfg, &inits)?;
+    let mut opt = AdamW::new(&vs, ctx.t.adamw);
+    let old: HashMap<String, tch::Tensor> = live.opt.state().into_iter().collect();
+    opt.load_state(&old, live.opt.t, expert_zero)?;
+    *live = Live {
+        cfg: new_cfg,
+        vs,
+        model,
+        opt,
+    };
+    let json = serde_json::to_string_pretty(&reports.iter().map(|r| serde_json::json!({
+        "layer": r.layer, "eps": r.eps, "dbscan_clusters": r.raw_clusters, "expert_sizes": r.sizes,
+        "noise": r.noise, "radii": r.radii, "sampled": idx.len(), "step": step,
+    })).collect::<Vec<_>>()).map_err(|e| Error::invalid("cse_init", e.to_string()))?;
+    crate::io::write_atomic(ctx.run_dir.join("cse_init.json"), json.as_bytes())?;
+    Ok(reports)
+}
+
+/// Cluster dynamics of the probe sequences at `step`, appended to the state.
+fn record_dynamics(
+    live: &Live,
+    probe: &[&[u32]],
+    step: u64,
+    device: Device,
+    state: &mut RunState,
+) -> Result<()> {
+    for r in dynamics::measure(&live.model, probe, step, device)? {
+        state.clusters.push(ClusterRow {
+            step: r.step,
+            layer: r.layer,
+            n_clusters: r.n_clusters,
+            noise: r.noise,
+            eps: r.eps,
+            ratio: r.ratio,
+        });
+    }
+    Ok(())
+}
+
+/// One optimiser step on the batch of `step`; a non-finite loss stops the run.
+fn optimise_step(
+    live: &mut Live,
+    sampler: &mut Sampler,
+    step: u64,
+    aux_weight: f64,
+    ctx: &RunCtx,
+) -> Result<StepRow> {
+    let (t, data, seed) = (ctx.t, ctx.data, ctx.seed);
+    let t0 = Instant::now();
+    let picks = sampler.batch(step, t.batch_size);
+    let idx: Vec<usize> = picks.iter().map(|&k| data.train[k]).collect();
+    let mut rng = step_rng(seed, step);
+    let batch = make_batch(ctx.cfg, &data.seqs(&idx), idx.clone(), &mut rng, ctx.device);
+    tch::manual_seed(seed.wrapping_add(step) as i64);
+    let out = live.model.forward_t(&batch.ids, &batch.mask, true, false)?;
+    let (loss, _, _) = token_losses(&out.logits, &batch.targets);
+    let total = &loss + &out.aux_loss * aux_weight;
+    live.opt.zero_grad();
+    total.backward();
+    let grad_norm = live.opt.clip_grad_norm(t.grad_clip);
+    let lr = lr_at(step, t.steps, t.warmup_steps, t.lr, t.min_lr_ratio);
+    live.opt.step(lr);
+    let tokens = i64::try_from(batch.mask.sum(tch::Kind::Int64)).unwrap_or(0);
+    let row = StepRow {
+        step: step + 1,
+        loss: loss.double_value(&[]),
+        aux_loss: out.aux_loss.double_value(&[]),
+        lr,
+        grad_norm,
+        tokens,
+        tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+        expert_load: load_string(&out.loads),
+    };
+    if !row.loss.is_finite() {
+        return Err(Error::invalid(
+            "train.lr",
+            format!(
+                "the loss diverged ({}) at step {}; lower the learning rate",
+                row.loss,
+                step + 1
+            ),
+        ));
+    }
+    Ok(row)
+}
+
+/// What a run's experts need: the CSE config and the step of its initialisation (after the dense
+/// warm-up, at least one step), and the weight of the Switch load-balancing loss.
+fn expert_settings(cfg: &ModelConfig, t: &TrainOptions) -> (Option<CseConfig>, u64, f64) {
+    let cse_step = ((t.cse_warmup_fraction * t.steps as f64).floor() as u64)
+        .max(1)
+        .min(t.steps);
+    match &cfg.experts {
+        ExpertConfig::Cse(c) => (Some(c.clone()), cse_step, 0.0),
+        ExpertConfig::Switch(s) => (None, cse_step, s.aux_weight),
+        ExpertConfig::Dense => (None, cse_step, 0.0),
+    }
+}
+
+/// Validation perplexity at the current step, the final cluster dynamics (when `probe` is
+/// given), then a checkpoint.
+fn validate_and_checkpoint(
+    live: &Live,
+    state: &mut RunState,
+    ctx: &RunCtx,
+    val_idx: &[usize],
+    probe: Option<&[&[u32]]>,
+) -> Result<()> {
+    let s = state.step;
+    let val = validation(live, ctx.data, val_idx, s, ctx.seed, ctx.device)?;
+    state.val.extend(val);
+    if let Some(probe) = probe {
+        record_dynamics(live, probe, s, ctx.device, state)?;
+    }
+    checkpoint(live, state, ctx)
+}
+
+/// Save a checkpoint of the run as it stands, and its tables.
+fn checkpoint(live: &Live, state: &mut RunState, ctx: &RunCtx) -> Result<()> {
+    state.adam_t = live.opt.t;
+    save_checkpoint(&ctx.run_dir, live, state, ctx.t)?;
+    write_tables(&ctx.run_dir, state)
+}
+
 /// Train one run of a spec into `out/<run.name>`. With `resume`, continue from the latest
 /// checkpoint there (a fresh start when there is none).
 #[allow(clippy::too_many_arguments)]
@@ -341,189 +579,73 @@ pub fn train_run(
 ) -> Result<RunResult> {
     let t = &spec.train;
     let started = Instant::now();
-    let run_dir = out.join(&run.name);
-    std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
     let cfg = spec.model_config(run, data.vocab)?;
-    let (mut live, mut state) = match latest_checkpoint(&run_dir).filter(|_| resume) {
-        Some(dir) => {
-            progress.message(&format!("resuming {} from {}", run.name, dir.display()));
-            let (live, state) = load_checkpoint(&dir, device, t)?;
-            if live.cfg.vocab_size != cfg.vocab_size
-                || live.cfg.d_model != cfg.d_model
-                || live.cfg.n_layer != cfg.n_layer
-            {
-                return Err(Error::in_file(
-                    dir.join("config.json"),
-                    "the checkpoint's model does not match the spec",
-                ));
-            }
-            (live, state)
-        }
-        None => (
-            build_live(&cfg, device, seed, t)?,
-            RunState {
-                run: run.name.clone(),
-                seed,
-                step: 0,
-                adam_t: 0,
-                cse_initialized: false,
-                log: vec![],
-                val: vec![],
-                clusters: vec![],
-            },
-        ),
+    let ctx = RunCtx {
+        cfg: &cfg,
+        t,
+        data,
+        device,
+        seed,
+        run_dir: out.join(&run.name),
     };
-    let cse_cfg = match &cfg.experts {
-        ExpertConfig::Cse(c) => Some(c.clone()),
-        _ => None,
-    };
-    let aux_weight = match &cfg.experts {
-        ExpertConfig::Switch(s) => s.aux_weight,
-        _ => 0.0,
-    };
-    let cse_step = ((t.cse_warmup_fraction * t.steps as f64).floor() as u64)
-        .max(1)
-        .min(t.steps);
+    let run_dir = &ctx.run_dir;
+    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    let (mut live, mut state) = start_or_resume(run, &cfg, run_dir, &ctx, resume, progress)?;
+    let (cse_cfg, cse_step, aux_weight) = expert_settings(&cfg, t);
     let mut cse_reports = Vec::new();
     let val_idx = data.val_subset(spec.data.eval_samples);
-    let probe_idx = data.val_subset(t.probe_samples);
-    let probe = data.seqs(&probe_idx);
+    let probe = data.seqs(&data.val_subset(t.probe_samples));
     let mut sampler = Sampler::new(data.train.len(), seed);
     progress.start(&run.name, t.steps, state.step);
     let dynamics_due = |step: u64| {
         step == 0 || step == t.steps || (t.dynamics_every > 0 && step % t.dynamics_every == 0)
     };
+    let result = |outcome, live: &Live, state: RunState, cse_init| RunResult {
+        outcome,
+        dir: run_dir.clone(),
+        params: count_params(live),
+        state,
+        cse_init,
+        seconds: started.elapsed().as_secs_f64(),
+    };
     while state.step < t.steps {
         let step = state.step;
         if stop.load(Ordering::SeqCst) {
-            state.adam_t = live.opt.t;
-            save_checkpoint(&run_dir, &live, &state, t)?;
-            write_tables(&run_dir, &state)?;
+            checkpoint(&live, &mut state, &ctx)?;
             progress.finish();
-            return Ok(RunResult {
-                outcome: Outcome::Interrupted(step),
-                dir: run_dir,
+            return Ok(result(
+                Outcome::Interrupted(step),
+                &live,
                 state,
-                cse_init: cse_reports,
-                params: count_params(&live),
-                seconds: started.elapsed().as_secs_f64(),
-            });
+                cse_reports,
+            ));
         }
         if let (Some(c), false, true) = (&cse_cfg, state.cse_initialized, step == cse_step) {
-            progress.message(&format!(
+            let msg = format!(
                 "{}: CSE initialisation after {step} dense warm-up steps",
                 run.name
-            ));
-            let pick = cse_init::sample_indices(data.train.len(), c.sample, seed ^ 0xc5e);
-            let idx: Vec<usize> = pick.iter().map(|&k| data.train[k]).collect();
-            let (inits, reports) =
-                cse_init::cluster_blocks(&live.model, c, &data.seqs(&idx), device)?;
-            let (vs, model, new_cfg) = expand_experts(&live.vs, &live.cfg, &inits)?;
-            let mut opt = AdamW::new(&vs, t.adamw);
-            let old: HashMap<String, tch::Tensor> = live.opt.state().into_iter().collect();
-            opt.load_state(&old, live.opt.t, expert_zero)?;
-            live = Live {
-                cfg: new_cfg,
-                vs,
-                model,
-                opt,
-            };
+            );
+            progress.message(&msg);
+            cse_reports = cse_initialise(&mut live, c, step, &ctx)?;
             state.cse_initialized = true;
-            let json = serde_json::to_string_pretty(&reports.iter().map(|r| serde_json::json!({
-                "layer": r.layer, "eps": r.eps, "dbscan_clusters": r.raw_clusters, "expert_sizes": r.sizes,
-                "noise": r.noise, "radii": r.radii, "sampled": idx.len(), "step": step,
-            })).collect::<Vec<_>>()).map_err(|e| Error::invalid("cse_init", e.to_string()))?;
-            crate::io::write_atomic(run_dir.join("cse_init.json"), json.as_bytes())?;
-            cse_reports = reports;
         }
         if dynamics_due(step) && !state.clusters.iter().any(|r| r.step == step) {
-            for r in dynamics::measure(&live.model, &probe, step, device)? {
-                state.clusters.push(ClusterRow {
-                    step: r.step,
-                    layer: r.layer,
-                    n_clusters: r.n_clusters,
-                    noise: r.noise,
-                    eps: r.eps,
-                    ratio: r.ratio,
-                });
-            }
+            record_dynamics(&live, &probe, step, device, &mut state)?;
         }
-        let t0 = Instant::now();
-        let picks = sampler.batch(step, t.batch_size);
-        let idx: Vec<usize> = picks.iter().map(|&k| data.train[k]).collect();
-        let mut rng = step_rng(seed, step);
-        let batch = make_batch(&cfg, &data.seqs(&idx), idx.clone(), &mut rng, device);
-        tch::manual_seed(seed.wrapping_add(step) as i64);
-        let out = live.model.forward_t(&batch.ids, &batch.mask, true, false)?;
-        let (loss, _, _) = token_losses(&out.logits, &batch.targets);
-        let total = &loss + &out.aux_loss * aux_weight;
-        live.opt.zero_grad();
-        total.backward();
-        let grad_norm = live.opt.clip_grad_norm(t.grad_clip);
-        let lr = lr_at(step, t.steps, t.warmup_steps, t.lr, t.min_lr_ratio);
-        live.opt.step(lr);
-        let tokens = i64::try_from(batch.mask.sum(tch::Kind::Int64)).unwrap_or(0);
-        let row = StepRow {
-            step: step + 1,
-            loss: loss.double_value(&[]),
-            aux_loss: out.aux_loss.double_value(&[]),
-            lr,
-            grad_norm,
-            tokens,
-            tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-            expert_load: load_string(&out.loads),
-        };
-        if !row.loss.is_finite() {
-            return Err(Error::invalid(
-                "train.lr",
-                format!(
-                    "the loss diverged ({}) at step {}; lower the learning rate",
-                    row.loss,
-                    step + 1
-                ),
-            ));
-        }
+        let row = optimise_step(&mut live, &mut sampler, step, aux_weight, &ctx)?;
         progress.step(&row);
         state.log.push(row);
         state.step += 1;
         let s = state.step;
         if s == t.steps || (t.checkpoint_every > 0 && s % t.checkpoint_every == 0) {
-            state
-                .val
-                .extend(validation(&live, data, &val_idx, s, seed, device)?);
-            if s == t.steps && dynamics_due(s) {
-                for r in dynamics::measure(&live.model, &probe, s, device)? {
-                    state.clusters.push(ClusterRow {
-                        step: r.step,
-                        layer: r.layer,
-                        n_clusters: r.n_clusters,
-                        noise: r.noise,
-                        eps: r.eps,
-                        ratio: r.ratio,
-                    });
-                }
-            }
-            state.adam_t = live.opt.t;
-            save_checkpoint(&run_dir, &live, &state, t)?;
-            write_tables(&run_dir, &state)?;
+            let probe = (s == t.steps && dynamics_due(s)).then_some(probe.as_slice());
+            validate_and_checkpoint(&live, &mut state, &ctx, &val_idx, probe)?;
         }
     }
     save_model(&run_dir.join("final"), &live.cfg, &live.vs)?;
-    write_tables(&run_dir, &state)?;
+    write_tables(run_dir, &state)?;
     progress.finish();
-    if cse_reports.is_empty() && state.cse_initialized {
-        if let Ok(text) = std::fs::read_to_string(run_dir.join("cse_init.json")) {
-            tracing::debug!("cse init (from an earlier session): {text}");
-        }
-    }
-    Ok(RunResult {
-        outcome: Outcome::Finished,
-        dir: run_dir,
-        params: count_params(&live),
-        state,
-        cse_init: cse_reports,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    Ok(result(Outcome::Finished, &live, state, cse_reports))
 }
 
 /// `h.3.mlp.experts.2.c_fc.weight` → `h.3.mlp.experts.0.c_fc.weight`: new experts take the
@@ -546,9 +668,18 @@ fn count_params(live: &Live) -> i64 {
         .sum()
 }
 
+/// `log.parquet`, `val.parquet` and `clusters.parquet` of a run.
 fn write_tables(run_dir: &Path, s: &RunState) -> Result<()> {
-    let l = &s.log;
-    let mut log = DataFrame::new(
+    crate::io::write_parquet(&mut log_frame(&s.log)?, run_dir.join("log.parquet"))?;
+    crate::io::write_parquet(&mut val_frame(&s.val)?, run_dir.join("val.parquet"))?;
+    crate::io::write_parquet(
+        &mut cluster_frame(&s.clusters)?,
+        run_dir.join("clusters.parquet"),
+    )
+}
+
+fn log_frame(l: &[StepRow]) -> Result<DataFrame> {
+    DataFrame::new(
         l.len(),
         vec![
             Column::new("step".into(), l.iter().map(|r| r.step).collect::<Vec<_>>()),
@@ -576,10 +707,11 @@ fn write_tables(run_dir: &Path, s: &RunState) -> Result<()> {
             ),
         ],
     )
-    .map_err(|e| Error::table("step log", e))?;
-    crate::io::write_parquet(&mut log, run_dir.join("log.parquet"))?;
-    let v = &s.val;
-    let mut val = DataFrame::new(
+    .map_err(|e| Error::table("step log", e))
+}
+
+fn val_frame(v: &[ValRow]) -> Result<DataFrame> {
+    DataFrame::new(
         v.len(),
         vec![
             Column::new("step".into(), v.iter().map(|r| r.step).collect::<Vec<_>>()),
@@ -599,10 +731,11 @@ fn write_tables(run_dir: &Path, s: &RunState) -> Result<()> {
             Column::new("ppl".into(), v.iter().map(|r| r.ppl).collect::<Vec<_>>()),
         ],
     )
-    .map_err(|e| Error::table("validation log", e))?;
-    crate::io::write_parquet(&mut val, run_dir.join("val.parquet"))?;
-    let c = &s.clusters;
-    let mut cl = DataFrame::new(
+    .map_err(|e| Error::table("validation log", e))
+}
+
+fn cluster_frame(c: &[ClusterRow]) -> Result<DataFrame> {
+    DataFrame::new(
         c.len(),
         vec![
             Column::new("step".into(), c.iter().map(|r| r.step).collect::<Vec<_>>()),
@@ -625,6 +758,5 @@ fn write_tables(run_dir: &Path, s: &RunState) -> Result<()> {
             ),
         ],
     )
-    .map_err(|e| Error::table("cluster dynamics", e))?;
-    crate::io::write_parquet(&mut cl, run_dir.join("clusters.parquet"))
+    .map_err(|e| Error::table("cluster dynamics", e))
 }

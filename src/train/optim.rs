@@ -10,8 +10,11 @@ use tch::{nn, Tensor};
 /// Optimiser hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {
+    /// First-moment decay.
     pub beta1: f64,
+    /// Second-moment decay.
     pub beta2: f64,
+    /// Denominator epsilon.
     pub eps: f64,
     /// Decoupled weight decay, applied to matrices only (not to biases, LayerNorm gains, or
     /// 1-D parameters), as is usual for transformers.
@@ -29,6 +32,7 @@ impl Default for AdamWConfig {
     }
 }
 
+/// AdamW over the variables of a store, with moments that checkpoint.
 pub struct AdamW {
     cfg: AdamWConfig,
     params: Vec<(String, Tensor)>,
@@ -41,7 +45,7 @@ pub struct AdamW {
 impl AdamW {
     /// Over every trainable variable of `vs`, sorted by name.
     pub fn new(vs: &nn::VarStore, cfg: AdamWConfig) -> AdamW {
-        let params: Vec<(String, Tensor)> = crate::model::checkpoint::named_variables(vs)
+        let params: Vec<(String, Tensor)> = crate::model::named_variables(vs)
             .into_iter()
             .filter(|(_, t)| t.requires_grad())
             .collect();
@@ -56,6 +60,7 @@ impl AdamW {
         }
     }
 
+    /// Clear every parameter's gradient.
     pub fn zero_grad(&mut self) {
         for (_, p) in &mut self.params {
             p.zero_grad();

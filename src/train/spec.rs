@@ -28,21 +28,29 @@ use crate::error::{Error, Result};
 use crate::model::{Arch, ExpertConfig, ModelConfig};
 use crate::train::optim::AdamWConfig;
 
+/// A training spec (TOML): data, model shape, training options and the runs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSpec {
+    /// `[data]`.
     pub data: DataSpec,
+    /// `[model]`.
     pub model: ModelSpec,
+    /// `[train]`.
     #[serde(default)]
     pub train: TrainOptions,
+    /// `[[run]]`: one model per run.
     #[serde(rename = "run")]
     pub runs: Vec<RunSpec>,
 }
 
+/// `[data]`: the corpus and its tokenizer.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
+    /// The corpus table.
     pub corpus: PathBuf,
+    /// The tokenizer (default: beside the corpus).
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
     /// Validation samples used for perplexity during training (evenly spaced), default 2000.
@@ -54,30 +62,45 @@ pub struct DataSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
+    /// GPT, BERT or Llama style.
     pub arch: Arch,
+    /// Transformer blocks.
     pub n_layer: i64,
+    /// Width.
     pub d_model: i64,
+    /// Attention heads.
     pub n_head: i64,
+    /// Width of the feed-forward layer.
     pub d_ffn: i64,
+    /// Longest sequence (positions).
     pub max_len: i64,
+    /// Dropout probability.
     #[serde(default)]
     pub dropout: f64,
+    /// Output layer tied to the token embedding.
     #[serde(default = "yes")]
     pub tie_embeddings: bool,
 }
 
+/// `[train]`: optimisation, checkpoints, cluster dynamics and CSE warm-up.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainOptions {
+    /// Optimiser steps.
     pub steps: u64,
+    /// Sequences per step.
     pub batch_size: usize,
+    /// Peak learning rate.
     pub lr: f64,
     /// Final learning rate as a fraction of `lr` (cosine decay).
     pub min_lr_ratio: f64,
+    /// Linear warm-up steps.
     pub warmup_steps: u64,
     /// Global gradient-norm clip (0: none).
     pub grad_clip: f64,
+    /// AdamW's betas, epsilon and weight decay.
     pub adamw: AdamWConfig,
+    /// Checkpoint (and validate) every N steps (0: only at the end).
     pub checkpoint_every: u64,
     /// Keep the last k periodic checkpoints ...
     pub keep_last: usize,
@@ -118,10 +141,13 @@ impl Default for TrainOptions {
     }
 }
 
+/// `[[run]]`: a named model, which differs from the others only in its experts.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunSpec {
+    /// The run's name (its output folder).
     pub name: String,
+    /// Dense, Switch or CSE.
     #[serde(default)]
     pub experts: ExpertConfig,
 }
@@ -135,6 +161,7 @@ impl TrainSpec {
         Ok(spec)
     }
 
+    /// Check the options and every run's model config.
     pub fn check(&self) -> Result<()> {
         let t = &self.train;
         if t.steps == 0 {

@@ -1,5 +1,5 @@
-//! Batches for training and evaluation. A sample is one corpus row; sequences are truncated to the
-//! model's `max_len` and right-padded with `<pad>`.
+//! Batches for training, evaluation and capture (all three sit above this module). A sample is
+//! one corpus row; sequences are truncated to the model's `max_len` and right-padded with `<pad>`.
 //!
 //! GPT: input `<|endoftext|> t1 … t(n−1)`, targets `t1 … tn`: every real token is predicted.
 //! BERT: input `<cls> t1 … tn <sep>`; 15% of the real tokens are chosen (at least one per sample),
@@ -145,6 +145,7 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// A sampler over `n` training samples.
     pub fn new(n: usize, seed: u64) -> Sampler {
         Sampler {
             n,
@@ -178,7 +179,7 @@ impl Sampler {
 
 /// A RNG for step `step` of a run seeded `seed` (BERT masking).
 pub fn step_rng(seed: u64, step: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(crate::corpus::stable_hash(seed, &step.to_le_bytes()))
+    ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(seed, &step.to_le_bytes()))
 }
 
 #[cfg(test)]

@@ -18,18 +18,24 @@ use tch::{Kind, Tensor};
 pub enum RecordKind {
     /// y = x Wᵀ (+ b): `weight` (out, in), optional `bias` (out).
     Linear {
+        /// The weight's name.
         weight: String,
+        /// The bias's name, if any.
         bias: Option<String>,
     },
-    /// y = E[ids] + P[positions]: token embedding `weight` (vocab, d), position table
+    /// `y = E[ids] + P[positions]`: token embedding `weight` (vocab, d), position table
     /// `positions` (none with rotary positions).
     Embedding {
+        /// The token embedding's name.
         weight: String,
+        /// The position table's name, if any.
         positions: Option<String>,
     },
     /// y = x̂ ⊙ w + b with x̂ the normalised input (no bias: RMSNorm).
     LayerNorm {
+        /// The scale's name.
         weight: String,
+        /// The shift's name, if any.
         bias: Option<String>,
     },
 }
@@ -37,6 +43,7 @@ pub enum RecordKind {
 /// One layer call.
 #[derive(Debug)]
 pub struct Record {
+    /// What the layer is and which parameters it has.
     pub kind: RecordKind,
     /// Linear: the input (rows, in); LayerNorm: x̂ (rows, d); Embedding: token ids (rows,) i64.
     pub x: Tensor,
@@ -54,6 +61,7 @@ pub struct Tape {
 }
 
 impl Tape {
+    /// An empty tape.
     pub fn new() -> Tape {
         Tape::default()
     }
@@ -141,6 +149,7 @@ impl Tape {
         }
     }
 
+    /// The records of the pass, in call order.
     pub fn take(&self) -> Vec<Record> {
         std::mem::take(&mut *self.records.borrow_mut())
     }

@@ -11,8 +11,11 @@ use rayon::prelude::*;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Corr {
+    /// Pearson's r.
     Pearson,
+    /// Spearman's rho.
     Spearman,
+    /// Kendall's tau-b.
     Kendall,
 }
 
@@ -56,6 +59,7 @@ pub fn ranks(v: &[f64]) -> Vec<f64> {
     r
 }
 
+/// Spearman's ρ: Pearson on average ranks.
 pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
     pearson(&ranks(x), &ranks(y))
 }
@@ -95,6 +99,7 @@ pub fn kendall(x: &[f64], y: &[f64]) -> Option<f64> {
     (denom > 0.0).then(|| (c - d) as f64 / denom)
 }
 
+/// The correlation `kind` of the pairs (x, y).
 pub fn correlation(kind: Corr, x: &[f64], y: &[f64]) -> Option<f64> {
     match kind {
         Corr::Pearson => pearson(x, y),
@@ -106,9 +111,13 @@ pub fn correlation(kind: Corr, x: &[f64], y: &[f64]) -> Option<f64> {
 /// A statistic with its percentile bootstrap interval.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Estimate {
+    /// The estimate.
     pub value: f64,
+    /// Lower end of the interval.
     pub low: f64,
+    /// Upper end of the interval.
     pub high: f64,
+    /// Pairs.
     pub n: usize,
 }
 
@@ -126,7 +135,7 @@ pub fn bootstrap(
     let mut stats: Vec<f64> = (0..resamples)
         .into_par_iter()
         .filter_map(|b| {
-            let mut rng = ChaCha8Rng::seed_from_u64(crate::corpus::stable_hash(
+            let mut rng = ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(
                 seed,
                 &(b as u64).to_le_bytes(),
             ));

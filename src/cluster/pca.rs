@@ -1,14 +1,15 @@
 //! Two-component PCA of row vectors (libtorch's `linalg_eigh` of the covariance, the project's
 //! one dense linear-algebra path), for plotting sequence embeddings (paper Fig. 2b/5a).
 
-use tch::{Device, Kind, Tensor};
+use ndarray::ArrayView2;
+use tch::Kind;
 
 use crate::error::Result;
 
 /// Scores of the rows of `x` (n, d) on the first two principal components; each component's
 /// sign is fixed so that its largest-magnitude loading is positive.
-pub fn pca2(x: &Tensor) -> Result<(Vec<f64>, Vec<f64>)> {
-    let x = x.to_kind(Kind::Double).to_device(Device::Cpu);
+pub fn pca2<T: Copy + Into<f64>>(x: ArrayView2<T>) -> Result<(Vec<f64>, Vec<f64>)> {
+    let x = crate::array::tensor_f64(x);
     let n = x.size()[0];
     let centred = &x - x.mean_dim(0, true, Kind::Double);
     let cov = centred.tr().matmul(&centred) / (n.max(2) - 1) as f64;
@@ -47,8 +48,8 @@ mod tests {
                 [t - 2.0 * w, 2.0 * t + w]
             })
             .collect();
-        let x = Tensor::from_slice(&pts).view([20, 2]);
-        let (a, b) = pca2(&x).unwrap();
+        let x = ndarray::Array2::from_shape_vec((20, 2), pts).unwrap();
+        let (a, b) = pca2(x.view()).unwrap();
         let var = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64;
         assert!(var(&a) > 1000.0 * var(&b), "{} vs {}", var(&a), var(&b));
         assert!(

@@ -1,0 +1,518 @@
+//! The NTK pipeline as one call, `tailscope ntk` without the printing: the kernel of a prepared
+//! [`Job`] (in memory, or streamed to disk in resumable tiles), the principal direction, each
+//! sample's alignment and Θ_ii, GC with intervals by frequency bin, domain, long-tail flag, CSE
+//! or Switch expert and DBSCAN cluster, and the per-sample and GC tables. [`compute`] returns
+//! values; [`NtkOutput::write`] writes them where asked.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::Instant;
+
+use ndarray::Array2;
+use polars::prelude::{Column, DataFrame};
+use tch::{Device, Tensor};
+
+use super::gc::{self, Principal};
+use super::stream::{self, StreamPlan, StreamReport};
+use super::{kernel, BlockBy, Kernel};
+use crate::capture::job::Job;
+use crate::capture::{Captured, Method, OutputKind};
+use crate::corpus::SplitChoice;
+use crate::error::{Error, Result};
+use crate::freq::{domain_shares, FreqOptions, ShareBy};
+use crate::progress::Progress;
+
+/// Kernel settings of an NTK run (the capture settings are the [`Job`]'s).
+#[derive(Debug, Clone)]
+pub struct NtkOptions {
+    /// How the kernel is split into blocks.
+    pub blocks: BlockBy,
+    /// Only the diagonal Θ_ii.
+    pub diagonal: bool,
+    /// Also the cross-kernel against this many samples of a split.
+    pub cross: Option<(SplitChoice, usize)>,
+    /// Quantile bins of the 1-gram frequency score for GC per bin.
+    pub bins: usize,
+    /// Half-samples for the GC intervals (0: none).
+    pub gc_resamples: usize,
+    /// Also keep the padded batch (ids, mask, targets) for peer tools.
+    pub export_batch: bool,
+    /// Stream to disk in tiles of this many samples (needs an output folder).
+    pub tile: Option<usize>,
+    /// Largest streamed kernel assembled in memory.
+    pub assemble_max: usize,
+    /// Seed of the intervals and of BERT masks in the exported batch.
+    pub seed: u64,
+}
+
+impl Default for NtkOptions {
+    fn default() -> Self {
+        NtkOptions {
+            blocks: BlockBy::Module,
+            diagonal: false,
+            cross: None,
+            bins: 5,
+            gc_resamples: 200,
+            export_batch: false,
+            tile: None,
+            assemble_max: 16384,
+            seed: 0,
+        }
+    }
+}
+
+/// What `ntk.json` records. Fields in alphabetical order: the file's key order.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NtkSummary {
+    /// Block names of the kernel.
+    pub blocks: Vec<String>,
+    /// Capture method.
+    pub method: Method,
+    /// Scalar output per sample.
+    pub output: OutputKind,
+    /// Number of selected parameter values.
+    pub parameters: i64,
+    /// Projection dimension, if projected.
+    pub projection: Option<i64>,
+    /// Number of samples.
+    pub samples: usize,
+    /// Wall time of capture and kernel.
+    pub seconds: f64,
+    /// Number of selected parameter tensors.
+    pub tensors: usize,
+}
+
+/// One row of `gc.parquet`: the GC of one group of samples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GcRow {
+    /// The grouping column (`freq_bin`, `domain`, `long_tail`, `expert_h{i}`, `cluster`).
+    pub column: String,
+    /// The group's label in that column.
+    pub group: String,
+    /// Members.
+    pub n: u64,
+    /// GC of the group (`None` when undefined).
+    pub gc: Option<f64>,
+    /// The group's 95% half-sampling interval.
+    pub interval: Option<(f64, f64)>,
+    /// Mean 1-gram frequency score of the members.
+    pub mean_freq_score: f64,
+}
+
+/// The cross-kernel Θ(X, Y) against samples of another split.
+#[derive(Debug)]
+pub struct Cross {
+    /// The split Y was drawn from.
+    pub split: SplitChoice,
+    /// Number of samples of Y.
+    pub n: usize,
+    /// Θ(X, Y) and its blocks.
+    pub kernel: Kernel,
+}
+
+/// Everything an NTK run yields.
+pub struct NtkOutput {
+    /// `ntk.json`; `None` when a streamed kernel was too large to assemble.
+    pub summary: Option<NtkSummary>,
+    /// The kernel; `None` when a streamed kernel stays in its tiles.
+    pub kernel: Option<Kernel>,
+    /// The principal eigenpair of the total kernel (not for diagonal kernels).
+    pub principal: Option<Principal>,
+    /// The per-sample table (`samples.parquet`).
+    pub samples: DataFrame,
+    /// GC per group (not for diagonal kernels).
+    pub gc: Vec<GcRow>,
+    /// The cross-kernel, when asked for.
+    pub cross: Option<Cross>,
+    /// The padded batch, when asked for.
+    pub batch: Option<Vec<(String, Tensor)>>,
+    /// What streaming did, when streamed.
+    pub stream: Option<StreamReport>,
+}
+
+/// Compute the NTK of a prepared job. `dir` is where a streamed kernel (`opts.tile`) keeps its
+/// shards and tiles; other outputs are written only by [`NtkOutput::write`].
+pub fn compute(
+    job: &Job,
+    opts: &NtkOptions,
+    device: Device,
+    dir: Option<&Path>,
+    progress: &dyn Progress,
+) -> Result<NtkOutput> {
+    let t0 = Instant::now();
+    let (k, cx, stream) = match opts.tile {
+        Some(tile) => {
+            let dir = dir.ok_or_else(|| {
+                Error::invalid("--tile", "a streamed kernel needs an output folder")
+            })?;
+            let (k, rep) = streamed(job, opts, tile, dir, device, progress)?;
+            match k {
+                Some(k) => (k, None, Some(rep)),
+                None => return too_large_to_assemble(job, rep),
+            }
+        }
+        None => {
+            let cx = job.capture(&job.ids, "capturing", device, progress)?;
+            (
+                kernel(&cx, None, opts.blocks, opts.diagonal)?,
+                Some(cx),
+                None,
+            )
+        }
+    };
+    let summary = NtkSummary {
+        blocks: k.blocks.iter().map(|(name, _)| name.clone()).collect(),
+        method: job.opts.method,
+        output: job.opts.output,
+        parameters: job.parameter_count(),
+        projection: job.opts.projection.map(|pr| pr.dim),
+        samples: job.ids.len(),
+        seconds: t0.elapsed().as_secs_f64(),
+        tensors: job.params.len(),
+    };
+    let batch = opts.export_batch.then(|| export_batch(job, opts.seed));
+    let (extra, last) = annotations(job, device)?;
+    let mut out = NtkOutput {
+        summary: Some(summary),
+        kernel: None,
+        principal: None,
+        samples: DataFrame::empty(),
+        gc: Vec::new(),
+        cross: None,
+        batch,
+        stream,
+    };
+    if opts.diagonal {
+        let d: Vec<f64> = Vec::try_from(&k.total)?;
+        out.samples = job.samples_frame(Some(&d), None, &extra)?;
+        out.kernel = Some(k);
+        return Ok(out);
+    }
+    let whole = gc::principal(&k.total)?;
+    let scores = freq_scores(job)?;
+    let bins = quantile_bins(&scores, opts.bins.max(1));
+    let groups = groups(job, &bins, &extra);
+    out.gc = gc_rows(&k.total, &whole, &groups, &scores, opts, progress)?;
+    out.samples = samples_table(job, &k.total, &whole, &extra, &bins, &scores, last.as_ref())?;
+    if let Some((split, n)) = opts.cross {
+        let cx = cx.as_ref().ok_or_else(|| {
+            Error::invalid("--cross-split", "needs an in-memory kernel; drop --tile")
+        })?;
+        out.cross = Some(cross(job, cx, split, n, opts.blocks, device, progress)?);
+    }
+    out.kernel = Some(k);
+    out.principal = Some(whole);
+    Ok(out)
+}
+
+/// Capture in shards and compute the kernel in tiles under `dir`; the assembled kernel when it
+/// has at most `opts.assemble_max` samples.
+fn streamed(
+    job: &Job,
+    opts: &NtkOptions,
+    tile: usize,
+    dir: &Path,
+    device: Device,
+    progress: &dyn Progress,
+) -> Result<(Option<Kernel>, StreamReport)> {
+    if opts.diagonal || opts.cross.is_some() {
+        return Err(Error::invalid(
+            "--tile",
+            "streamed kernels are full square kernels; drop --diagonal and --cross-split",
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let refs = job.seqs();
+    progress.start("streaming", Some(1));
+    let plan = StreamPlan {
+        dir,
+        tile,
+        blocks: opts.blocks,
+    };
+    let rep = stream::stream_kernel(
+        &job.model,
+        &job.params,
+        &refs,
+        &job.opts,
+        &plan,
+        device,
+        &|d, t| {
+            progress.set_total(t as u64);
+            progress.advance_to(d as u64);
+        },
+    )?;
+    progress.finish();
+    if refs.len() > opts.assemble_max {
+        return Ok((None, rep));
+    }
+    let mut parts = stream::assemble(dir, refs.len(), tile)?;
+    let total = parts.remove(0).1;
+    let blocks = parts
+        .into_iter()
+        .map(|(n, t)| (n.trim_start_matches("block.").to_string(), t))
+        .collect();
+    let k = Kernel {
+        total,
+        blocks,
+        diagonal: false,
+    };
+    Ok((Some(k), rep))
+}
+
+/// A streamed kernel too large to assemble: only the sample table (the kernel stays in tiles/).
+fn too_large_to_assemble(job: &Job, rep: StreamReport) -> Result<NtkOutput> {
+    Ok(NtkOutput {
+        summary: None,
+        kernel: None,
+        principal: None,
+        samples: job.samples_frame(None, None, &[])?,
+        gc: Vec::new(),
+        cross: None,
+        batch: None,
+        stream: Some(rep),
+    })
+}
+
+/// The padded batch of the job's samples (ids, mask, targets), masks seeded as in capture.
+fn export_batch(job: &Job, seed: u64) -> Vec<(String, Tensor)> {
+    let b = crate::capture::capture_batch(&job.model, &job.seqs(), 0, seed, Device::Cpu);
+    vec![
+        ("ids".to_string(), b.ids),
+        ("mask".to_string(), b.mask.to_kind(tch::Kind::Int64)),
+        ("targets".to_string(), b.targets),
+    ]
+}
+
+/// Named integer columns of the sample table: `(column, value per sample)`.
+type Annotations = Vec<(String, Vec<i64>)>;
+
+/// Integer columns per sample: the route of every CSE/Switch block (`expert_h{i}`) and the
+/// DBSCAN cluster of the last block's sequence embeddings (knee eps, minPts 5; -1 = noise); and
+/// those embeddings, for the sample table's principal components.
+fn annotations(job: &Job, device: Device) -> Result<(Annotations, Option<Array2<f32>>)> {
+    let enc = crate::eval::encode(&job.model, &job.seqs(), 64, device)?;
+    let mut extra: Vec<(String, Vec<i64>)> = enc
+        .routes
+        .iter()
+        .map(|(l, r)| (format!("expert_h{l}"), r.clone()))
+        .collect();
+    let last = enc
+        .layers
+        .last()
+        .map(crate::array::matrix_f32)
+        .transpose()?;
+    if let Some(x) = &last {
+        let min_pts = crate::cluster::MIN_PTS;
+        if job.ids.len() > min_pts {
+            let eps = crate::cluster::eps_from_knee(x.view(), min_pts)?;
+            let params = crate::cluster::DbscanParams::new(eps, min_pts)?;
+            let c = crate::cluster::dbscan(x.view(), params)?;
+            let labels = c.labels.iter().map(|l| l.map_or(-1, |x| x as i64));
+            extra.push(("cluster".into(), labels.collect()));
+        }
+    }
+    Ok((extra, last))
+}
+
+/// The 1-gram frequency score of each chosen sample (counts over the corpus's training split).
+fn freq_scores(job: &Job) -> Result<Vec<f64>> {
+    let report = crate::freq::compute(
+        &job.corpus,
+        &job.all_ids,
+        FreqOptions {
+            orders: vec![1],
+            ..FreqOptions::default()
+        },
+    )?;
+    Ok(job
+        .idx
+        .iter()
+        .map(|&i| report.scores[0][i].unwrap_or(0.0))
+        .collect())
+}
+
+/// A group of samples GC is computed for: (column, label, member indices).
+type Group = (String, String, Vec<usize>);
+
+/// The groups: frequency bins, domains, long-tail flag, and every integer annotation.
+fn groups(job: &Job, bins: &[usize], extra: &[(String, Vec<i64>)]) -> Vec<Group> {
+    let (shares, _) = domain_shares(&job.corpus, ShareBy::Tokens);
+    let lt: HashSet<&str> = shares
+        .iter()
+        .filter(|d| d.long_tail)
+        .map(|d| d.domain.as_str())
+        .collect();
+    let samples = job.samples();
+    let mut groups: Vec<Group> = Vec::new();
+    let mut by = |column: &str, labels: Vec<String>| {
+        let mut m: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, l) in labels.into_iter().enumerate() {
+            m.entry(l).or_default().push(i);
+        }
+        for (l, v) in m {
+            groups.push((column.to_string(), l, v));
+        }
+    };
+    by("freq_bin", bins.iter().map(|b| format!("{b}")).collect());
+    by("domain", samples.iter().map(|s| s.domain.clone()).collect());
+    by(
+        "long_tail",
+        samples
+            .iter()
+            .map(|s| lt.contains(s.domain.as_str()).to_string())
+            .collect(),
+    );
+    for (name, r) in extra {
+        by(name, r.iter().map(|e| e.to_string()).collect());
+    }
+    groups
+}
+
+/// GC and its interval for every group.
+fn gc_rows(
+    k: &Tensor,
+    whole: &Principal,
+    groups: &[Group],
+    scores: &[f64],
+    opts: &NtkOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<GcRow>> {
+    progress.start(
+        &format!("GC intervals ({} resamples)", opts.gc_resamples),
+        None,
+    );
+    let refs: Vec<&[usize]> = groups.iter().map(|g| g.2.as_slice()).collect();
+    let intervals = gc::gc_bootstrap(k, &refs, opts.gc_resamples, 0.05, opts.seed)?;
+    progress.finish();
+    let mut rows = Vec::with_capacity(groups.len());
+    for ((column, group, members), interval) in groups.iter().zip(intervals) {
+        let mean = members.iter().map(|&i| scores[i]).sum::<f64>() / members.len() as f64;
+        rows.push(GcRow {
+            column: column.clone(),
+            group: group.clone(),
+            n: members.len() as u64,
+            gc: gc::gc(k, whole, members)?,
+            interval,
+            mean_freq_score: mean,
+        });
+    }
+    Ok(rows)
+}
+
+/// The per-sample table of a full kernel: Θ_ii, alignment, annotations, frequency bin, two
+/// principal components of the last block's embeddings and the frequency score.
+fn samples_table(
+    job: &Job,
+    k: &Tensor,
+    whole: &Principal,
+    extra: &[(String, Vec<i64>)],
+    bins: &[usize],
+    scores: &[f64],
+    last: Option<&Array2<f32>>,
+) -> Result<DataFrame> {
+    let align = gc::alignment(k, whole);
+    let diag: Vec<f64> = Vec::try_from(k.diagonal(0, 0, 1))?;
+    let mut extra2 = extra.to_vec();
+    extra2.push(("freq_bin".into(), bins.iter().map(|&b| b as i64).collect()));
+    let mut df = job.samples_frame(Some(&diag), Some(&align), &extra2)?;
+    let table = |e| Error::table("samples", e);
+    if let Some(last) = last {
+        let (pc1, pc2) = crate::cluster::pca::pca2(last.view())?;
+        df.with_column(Column::new("pc1".into(), pc1))
+            .map_err(table)?;
+        df.with_column(Column::new("pc2".into(), pc2))
+            .map_err(table)?;
+    }
+    df.with_column(Column::new("freq_score".into(), scores.to_vec()))
+        .map_err(table)?;
+    Ok(df)
+}
+
+/// Θ(X, Y) against `n` samples of `split`.
+fn cross(
+    job: &Job,
+    cx: &Captured,
+    split: SplitChoice,
+    n: usize,
+    blocks: BlockBy,
+    device: Device,
+    progress: &dyn Progress,
+) -> Result<Cross> {
+    let yidx = job.corpus.pick(split, n);
+    let yids: Vec<Vec<u32>> = yidx.iter().map(|&i| job.all_ids[i].clone()).collect();
+    let cy = job.capture(&yids, "cross set", device, progress)?;
+    Ok(Cross {
+        split,
+        n: yidx.len(),
+        kernel: kernel(cx, Some(&cy), blocks, false)?,
+    })
+}
+
+/// Quantile bin (0 = lowest) of each value, `bins` bins of near-equal size.
+pub fn quantile_bins(values: &[f64], bins: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]).then(a.cmp(&b)));
+    let mut out = vec![0; values.len()];
+    for (rank, &i) in order.iter().enumerate() {
+        out[i] = rank * bins / values.len().max(1);
+    }
+    out
+}
+
+/// The GC table as `gc.parquet` holds it.
+pub fn gc_frame(rows: &[GcRow]) -> Result<DataFrame> {
+    let col = |name: &str, f: &dyn Fn(&GcRow) -> Option<f64>| {
+        Column::new(name.into(), rows.iter().map(f).collect::<Vec<_>>())
+    };
+    DataFrame::new(
+        rows.len(),
+        vec![
+            Column::new(
+                "column".into(),
+                rows.iter().map(|r| r.column.as_str()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "group".into(),
+                rows.iter().map(|r| r.group.as_str()).collect::<Vec<_>>(),
+            ),
+            Column::new("n".into(), rows.iter().map(|r| r.n).collect::<Vec<_>>()),
+            col("gc", &|r| r.gc),
+            col("gc_low", &|r| r.interval.map(|x| x.0)),
+            col("gc_high", &|r| r.interval.map(|x| x.1)),
+            Column::new(
+                "mean_freq_score".into(),
+                rows.iter().map(|r| r.mean_freq_score).collect::<Vec<_>>(),
+            ),
+        ],
+    )
+    .map_err(|e| Error::table("gc", e))
+}
+
+impl NtkOutput {
+    /// Write the outputs into `dir`: `kernel.safetensors`, `ntk.json`, `samples.parquet`,
+    /// `gc.parquet` (full kernels), `batch.safetensors` and `cross_kernel.safetensors` when
+    /// computed. A streamed kernel's shards and tiles are already there.
+    pub fn write(&mut self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        if let Some(k) = &self.kernel {
+            crate::io::write_tensors(&k.named(), &dir.join("kernel.safetensors"))?;
+        }
+        if let Some(s) = &self.summary {
+            let json = serde_json::to_string_pretty(s)
+                .map_err(|e| Error::invalid("ntk summary", e.to_string()))?;
+            crate::io::write_atomic(dir.join("ntk.json"), json.as_bytes())?;
+        }
+        if let Some(b) = &self.batch {
+            crate::io::write_tensors(b, &dir.join("batch.safetensors"))?;
+        }
+        if self.principal.is_some() {
+            crate::io::write_parquet(&mut gc_frame(&self.gc)?, dir.join("gc.parquet"))?;
+        }
+        crate::io::write_parquet(&mut self.samples, dir.join("samples.parquet"))?;
+        if let Some(c) = &self.cross {
+            let path = dir.join("cross_kernel.safetensors");
+            crate::io::write_tensors(&c.kernel.named(), &path)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,458 @@
+//! Declarative pipelines (`tailscope run SPEC.toml`): a spec names the data, the training spec
+//! and the runs to train, the capture and NTK settings, the analysis and the report, and
+//! [`run`] carries them out through the library functions the single commands use, so a step
+//! gives what the command of the same name gives (and its outputs can be rerun by hand). Unknown
+//! keys are errors naming the key and line; missing files are named before anything runs.
+//!
+//! ```toml
+//! [data]
+//! corpus = "out/demo/corpus.parquet"
+//! ingest = "corpus.jsonl.gz"           # optional: ingested into `corpus` when it is missing
+//! tokenizer = "tokenizer.json"         # optional: for ingest and every step
+//! [train]                              # optional: omit to use existing checkpoints
+//! config = "analyses/demo-train.toml"
+//! runs = ["dense", "cse"]
+//! out = "out/demo/train"
+//! resume = true                        # finished runs are not trained again
+//! [ntk]
+//! samples = 512                        # also: split, method, output, params, project, batch,
+//!                                      # gc_resamples
+//! out = "out/demo/ntk"
+//! [analysis]
+//! model = "cse"                        # a run name under train.out (or a model folder)
+//! baseline = "dense"                   # optional: expert isolation against this run
+//! out = "out/demo/analysis"
+//! [report]
+//! out = "out/demo/report"
+//! notebook = "notebooks-export/demo.ipynb"
+//! title = "..."
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use serde::Deserialize;
+use tch::Device;
+
+use crate::analysis::analyze::{self, Analysis, AnalyzeSpec};
+use crate::analysis::flags::FlagOptions;
+use crate::capture::job::{Job, JobSpec};
+use crate::capture::{CaptureOptions, Method, OutputKind, Selection};
+use crate::corpus::ingest::{self, IngestOptions};
+use crate::corpus::tokenizer::{self, TokenizerSource};
+use crate::corpus::{BuildOptions, BuildStats, Corpus, SplitChoice};
+use crate::error::{Error, Result};
+use crate::ntk::pipeline::{self as ntk_pipeline, NtkOptions, NtkOutput};
+use crate::progress::Progress;
+use crate::report::ReportSpec;
+use crate::train::runs::{self, TrainPlan, TrainedRun};
+use crate::train::TrainSpec;
+
+/// A pipeline spec.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// The corpus.
+    pub data: DataStep,
+    /// Models to train (omit to use existing ones).
+    #[serde(default)]
+    pub train: Option<TrainStep>,
+    /// NTK settings, applied to the analysed model and its baseline.
+    pub ntk: NtkStep,
+    /// The analysis.
+    pub analysis: AnalysisStep,
+    /// The report.
+    #[serde(default)]
+    pub report: Option<ReportStep>,
+}
+
+/// `[data]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataStep {
+    /// The corpus table.
+    pub corpus: PathBuf,
+    /// A tokenizer for ingest and every step.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// A corpus file ingested into `corpus` when that table does not exist yet.
+    #[serde(default)]
+    pub ingest: Option<PathBuf>,
+}
+
+/// `[train]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainStep {
+    /// The training spec.
+    pub config: PathBuf,
+    /// Runs to train (default: all).
+    #[serde(default)]
+    pub runs: Vec<String>,
+    /// Output folder.
+    pub out: PathBuf,
+    /// Override of `train.steps`.
+    #[serde(default)]
+    pub steps: Option<u64>,
+    /// Continue runs from their checkpoints (finished runs are not trained again).
+    #[serde(default)]
+    pub resume: bool,
+}
+
+/// `[ntk]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NtkStep {
+    /// Number of samples.
+    #[serde(default = "default_samples")]
+    pub samples: usize,
+    /// Split of the samples (default validation).
+    #[serde(default)]
+    pub split: Option<SplitChoice>,
+    /// Capture method (default batched).
+    #[serde(default)]
+    pub method: Option<Method>,
+    /// Scalar output (default mean-loss).
+    #[serde(default)]
+    pub output: Option<OutputKind>,
+    /// Parameter name globs (default: all).
+    #[serde(default)]
+    pub params: Vec<String>,
+    /// Projection dimension.
+    #[serde(default)]
+    pub project: Option<i64>,
+    /// Samples per pass (default 16).
+    #[serde(default)]
+    pub batch: Option<usize>,
+    /// Half-samples of the GC intervals (default 200).
+    #[serde(default)]
+    pub gc_resamples: Option<usize>,
+    /// Output folder; each model writes into a subfolder named after it.
+    pub out: PathBuf,
+}
+
+fn default_samples() -> usize {
+    512
+}
+
+/// `[analysis]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisStep {
+    /// A run name under `train.out`, or a model path.
+    pub model: String,
+    /// The dense baseline (run name or path): adds expert isolation.
+    #[serde(default)]
+    pub baseline: Option<String>,
+    /// Output folder.
+    pub out: PathBuf,
+    /// Bootstrap resamples of each correlation (default 1000).
+    #[serde(default)]
+    pub resamples: Option<usize>,
+}
+
+/// `[report]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportStep {
+    /// Output folder.
+    pub out: PathBuf,
+    /// Where the notebook goes (default: report.ipynb in `out`).
+    #[serde(default)]
+    pub notebook: Option<PathBuf>,
+    /// Report title.
+    #[serde(default)]
+    pub title: Option<String>,
+}
+
+/// Sees each step's result as the pipeline runs (the CLI prints them).
+pub trait Observer {
+    /// A step begins.
+    fn step(&mut self, _name: &str) {}
+    /// The corpus was ingested.
+    fn ingested(
+        &mut self,
+        _corpus: &Corpus,
+        _stats: &BuildStats,
+        _out: &Path,
+        _tok: &Path,
+        _vocab: usize,
+    ) {
+    }
+    /// A training run ended.
+    fn trained(&mut self, _run: &TrainedRun) {}
+    /// An NTK was computed and written into `dir`.
+    fn ntk(&mut self, _job: &Job, _opts: &NtkOptions, _out: &NtkOutput, _dir: &Path) {}
+    /// The analysis was computed and written.
+    fn analysed(&mut self, _spec: &AnalyzeSpec, _analysis: &Analysis) {}
+    /// The report was written.
+    fn reported(&mut self, _report: &crate::report::Report, _html: &Path, _notebook: &Path) {}
+}
+
+/// An observer that ignores everything.
+impl Observer for () {}
+
+/// How a pipeline reports: step results and progress.
+pub struct Reporting<'a> {
+    /// Step results.
+    pub observer: &'a mut dyn Observer,
+    /// Progress of long loops.
+    pub progress: &'a dyn Progress,
+    /// Progress of training runs.
+    pub train: &'a dyn crate::train::Progress,
+    /// Set to stop training early (Ctrl-C), with a checkpoint.
+    pub stop: &'a AtomicBool,
+}
+
+/// The folder name of a model's outputs: a run name as it is; for a path, the file stem (a GGUF
+/// file) or the folder name (a checkpoint's `final` folder: its run's name).
+pub fn model_label(m: &str) -> String {
+    let p = Path::new(m);
+    if !m.contains('/') {
+        return m.to_string();
+    }
+    let stem = |q: &Path| q.file_stem().map(|x| x.to_string_lossy().into_owned());
+    match stem(p) {
+        Some(x) if x == "final" => p.parent().and_then(stem).unwrap_or(x),
+        Some(x) => x,
+        None => m.replace('/', "_"),
+    }
+}
+
+impl Spec {
+    /// Read a spec; TOML errors carry the file and line.
+    pub fn read(path: &Path) -> Result<Spec> {
+        crate::io::read_toml(path)
+    }
+
+    /// A model: a run name under `train.out`, or a model path.
+    pub fn model_dir(&self, name: &str) -> PathBuf {
+        match &self.train {
+            Some(t) if !name.contains('/') => t.out.join(name).join("final"),
+            _ => PathBuf::from(name),
+        }
+    }
+
+    /// The NTK folder of a model.
+    pub fn ntk_dir(&self, name: &str) -> PathBuf {
+        self.ntk.out.join(model_label(name))
+    }
+
+    /// The analysed model and its baseline.
+    fn models(&self) -> Vec<&String> {
+        std::iter::once(&self.analysis.model)
+            .chain(self.analysis.baseline.iter())
+            .collect()
+    }
+
+    /// Whether the corpus is to be ingested first.
+    fn ingest_input(&self) -> Option<&PathBuf> {
+        self.data
+            .ingest
+            .as_ref()
+            .filter(|_| !self.data.corpus.exists())
+    }
+
+    /// Name what is missing before anything runs.
+    pub fn check_inputs(&self, path: &Path) -> Result<()> {
+        let missing = |what: String| Err(Error::in_file(path, what));
+        match &self.train {
+            Some(t) if !t.config.exists() => {
+                return missing(format!("train.config: {} not found", t.config.display()))
+            }
+            Some(_) => {}
+            None => {
+                for m in self.models() {
+                    if !self.model_dir(m).exists() {
+                        return missing(format!(
+                            "analysis: model {m:?} not found (no [train] step to make it)"
+                        ));
+                    }
+                }
+            }
+        }
+        match self.ingest_input() {
+            Some(input) if !input.exists() => {
+                missing(format!("data.ingest: {} not found", input.display()))
+            }
+            Some(_) => Ok(()),
+            None if !self.data.corpus.exists() => missing(format!(
+                "data.corpus: {} not found",
+                self.data.corpus.display()
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Run the spec at `path`: ingest, train, NTK of the model and its baseline, analysis, report.
+pub fn run(path: &Path, seed: u64, device: Device, rep: &mut Reporting) -> Result<()> {
+    let spec = Spec::read(path)?;
+    spec.check_inputs(path)?;
+    let ctx = |step: &str, e: Error| Error::Step {
+        step: step.to_string(),
+        spec: path.to_path_buf(),
+        source: Box::new(e),
+    };
+    if let Some(input) = spec.ingest_input() {
+        rep.observer.step("corpus ingest");
+        ingest_step(&spec, input, seed, rep).map_err(|e| ctx("corpus", e))?;
+    }
+    if let Some(t) = &spec.train {
+        rep.observer.step("train");
+        train_step(&spec, t, seed, device, rep).map_err(|e| ctx("train", e))?;
+    }
+    for m in spec.models() {
+        rep.observer.step("ntk");
+        ntk_step(&spec, m, seed, device, rep).map_err(|e| ctx("ntk", e))?;
+    }
+    rep.observer.step("analyze");
+    analysis_step(&spec, seed, device, rep).map_err(|e| ctx("analyze", e))?;
+    if let Some(r) = &spec.report {
+        rep.observer.step("report");
+        report_step(&spec, r, rep).map_err(|e| ctx("report", e))?;
+    }
+    Ok(())
+}
+
+/// Ingest `input` into the spec's corpus table with `corpus ingest`'s defaults.
+fn ingest_step(spec: &Spec, input: &Path, seed: u64, rep: &mut Reporting) -> Result<()> {
+    let records = ingest::read_records(input, &IngestOptions::default())?;
+    let build = BuildOptions {
+        min_words: 3,
+        seed,
+        ..BuildOptions::default()
+    };
+    let (mut corpus, stats) = crate::corpus::build(&input.display().to_string(), records, &build)?;
+    let out = &spec.data.corpus;
+    let tok_out = tokenizer::default_path(out);
+    let source = match &spec.data.tokenizer {
+        Some(p) => TokenizerSource::Load(p.clone()),
+        None => TokenizerSource::Train {
+            vocab_size: 8192,
+            min_frequency: 2,
+        },
+    };
+    let tok = tokenizer::finish_corpus(&mut corpus, &source, out, &tok_out, rep.progress)?;
+    rep.observer
+        .ingested(&corpus, &stats, out, &tok_out, tok.get_vocab_size(true));
+    Ok(())
+}
+
+/// Train the spec's runs.
+fn train_step(
+    spec: &Spec,
+    t: &TrainStep,
+    seed: u64,
+    device: Device,
+    rep: &mut Reporting,
+) -> Result<()> {
+    let mut ts = TrainSpec::read(&t.config)?;
+    ts.apply(&crate::train::runs::Overrides {
+        steps: t.steps,
+        corpus: Some(spec.data.corpus.clone()),
+        ..Default::default()
+    })?;
+    ts.check_run_names(&t.runs, &t.config)?;
+    let plan = TrainPlan {
+        spec: &ts,
+        runs: &t.runs,
+        out: &t.out,
+        resume: t.resume,
+        seed,
+    };
+    let observer = &mut *rep.observer;
+    runs::train_runs(&plan, device, rep.stop, rep.train, &mut |r| {
+        observer.trained(r)
+    })?;
+    Ok(())
+}
+
+/// The NTK of one model with the spec's settings, written into its NTK folder.
+fn ntk_step(spec: &Spec, m: &str, seed: u64, device: Device, rep: &mut Reporting) -> Result<()> {
+    let n = &spec.ntk;
+    let job_spec = JobSpec {
+        model: spec.model_dir(m),
+        corpus: spec.data.corpus.clone(),
+        tokenizer: spec.data.tokenizer.clone(),
+        split: n.split.unwrap_or(SplitChoice::Validation),
+        samples: n.samples,
+        selection: Selection {
+            globs: n.params.clone(),
+            ..Selection::default()
+        },
+        options: CaptureOptions {
+            output: n.output.unwrap_or_default(),
+            method: n.method.unwrap_or_default(),
+            projection: n.project.map(|dim| crate::capture::Projection {
+                kind: crate::capture::ProjectionKind::Gaussian,
+                dim,
+                seed,
+            }),
+            batch: n.batch.unwrap_or(16),
+            probes: 8,
+            seed,
+            ..CaptureOptions::default()
+        },
+    };
+    let opts = NtkOptions {
+        gc_resamples: n.gc_resamples.unwrap_or(200),
+        seed,
+        ..NtkOptions::default()
+    };
+    let dir = spec.ntk_dir(m);
+    let job = Job::prepare(&job_spec, device)?;
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let mut out = ntk_pipeline::compute(&job, &opts, device, Some(&dir), rep.progress)?;
+    out.write(&dir)?;
+    rep.observer.ntk(&job, &opts, &out, &dir);
+    Ok(())
+}
+
+/// The analysis of the model (with isolation against the baseline).
+fn analysis_step(spec: &Spec, seed: u64, device: Device, rep: &mut Reporting) -> Result<()> {
+    let an = &spec.analysis;
+    let aspec = AnalyzeSpec {
+        ntk: spec.ntk_dir(&an.model),
+        model: spec.model_dir(&an.model),
+        corpus: spec.data.corpus.clone(),
+        tokenizer: spec.data.tokenizer.clone(),
+        resamples: an.resamples.unwrap_or(1000),
+        alpha: 0.05,
+        flags: FlagOptions::default(),
+        baseline: an.baseline.as_deref().map(|b| spec.ntk_dir(b)),
+        seed,
+    };
+    let mut a = analyze::analyze(&aspec, device, rep.progress)?;
+    a.write(&an.out)?;
+    rep.observer.analysed(&aspec, &a);
+    Ok(())
+}
+
+/// The HTML report and notebook.
+fn report_step(spec: &Spec, r: &ReportStep, rep: &mut Reporting) -> Result<()> {
+    let an = &spec.analysis;
+    // A run folder holds log.parquet and clusters.parquet beside final/.
+    let run_dir = if spec.train.is_some() || an.model.contains('/') {
+        spec.model_dir(&an.model)
+            .parent()
+            .filter(|d| d.join("log.parquet").exists())
+            .map(Path::to_path_buf)
+    } else {
+        None
+    };
+    let rs = ReportSpec {
+        analysis: an.out.clone(),
+        ntk: spec.ntk_dir(&an.model),
+        baseline: an.baseline.as_deref().map(|b| spec.ntk_dir(b)),
+        train_run: run_dir,
+        title: r.title.clone().unwrap_or_else(|| "tailscope report".into()),
+        out: r.out.clone(),
+        notebook: r.notebook.clone(),
+    };
+    let report = crate::report::render(&rs)?;
+    let nb = rs.notebook_path();
+    rep.observer
+        .reported(&report, &r.out.join("report.html"), &nb);
+    Ok(())
+}
