@@ -132,7 +132,7 @@ pub struct NtkStep {
 }
 
 fn default_samples() -> usize {
-    512
+    crate::capture::job::DEFAULT_SAMPLES
 }
 
 /// `[analysis]`.
@@ -319,7 +319,7 @@ pub fn run(path: &Path, seed: u64, device: Device, rep: &mut Reporting) -> Resul
 fn ingest_step(spec: &Spec, input: &Path, seed: u64, rep: &mut Reporting) -> Result<()> {
     let records = ingest::read_records(input, &IngestOptions::default())?;
     let build = BuildOptions {
-        min_words: 3,
+        min_words: crate::corpus::DEFAULT_MIN_WORDS,
         seed,
         ..BuildOptions::default()
     };
@@ -329,8 +329,8 @@ fn ingest_step(spec: &Spec, input: &Path, seed: u64, rep: &mut Reporting) -> Res
     let source = match &spec.data.tokenizer {
         Some(p) => TokenizerSource::Load(p.clone()),
         None => TokenizerSource::Train {
-            vocab_size: 8192,
-            min_frequency: 2,
+            vocab_size: tokenizer::DEFAULT_VOCAB_SIZE,
+            min_frequency: tokenizer::DEFAULT_MIN_FREQUENCY,
         },
     };
     let tok = tokenizer::finish_corpus(&mut corpus, &source, out, &tok_out, rep.progress)?;
@@ -389,14 +389,14 @@ fn ntk_step(spec: &Spec, m: &str, seed: u64, device: Device, rep: &mut Reporting
                 dim,
                 seed,
             }),
-            batch: n.batch.unwrap_or(16),
-            probes: 8,
+            batch: n.batch.unwrap_or(crate::capture::job::DEFAULT_BATCH),
+            probes: crate::capture::job::DEFAULT_PROBES,
             seed,
             ..CaptureOptions::default()
         },
     };
     let opts = NtkOptions {
-        gc_resamples: n.gc_resamples.unwrap_or(200),
+        gc_resamples: n.gc_resamples.unwrap_or(ntk_pipeline::DEFAULT_GC_RESAMPLES),
         seed,
         ..NtkOptions::default()
     };
@@ -417,8 +417,8 @@ fn analysis_step(spec: &Spec, seed: u64, device: Device, rep: &mut Reporting) ->
         model: spec.model_dir(&an.model),
         corpus: spec.data.corpus.clone(),
         tokenizer: spec.data.tokenizer.clone(),
-        resamples: an.resamples.unwrap_or(1000),
-        alpha: 0.05,
+        resamples: an.resamples.unwrap_or(analyze::DEFAULT_RESAMPLES),
+        alpha: analyze::DEFAULT_ALPHA,
         flags: FlagOptions::default(),
         baseline: an.baseline.as_deref().map(|b| spec.ntk_dir(b)),
         seed,

@@ -19,6 +19,11 @@ use crate::io::{column_f64, column_str, read_parquet};
 use crate::progress::Progress;
 use crate::stats::{bootstrap, Corr, Estimate};
 
+/// Bootstrap resamples of each correlation by default.
+pub const DEFAULT_RESAMPLES: usize = 1000;
+/// 1 − confidence of the intervals by default.
+pub const DEFAULT_ALPHA: f64 = 0.05;
+
 /// What to analyse and how.
 #[derive(Debug, Clone)]
 pub struct AnalyzeSpec {

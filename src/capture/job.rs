@@ -14,6 +14,13 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::progress::Progress;
 
+/// Samples captured by default (`--samples`, `[ntk] samples`).
+pub const DEFAULT_SAMPLES: usize = 512;
+/// Samples per forward/backward pass by default (`--batch`, `[ntk] batch`).
+pub const DEFAULT_BATCH: usize = 16;
+/// Output directions of the logit-trace estimate by default (`--probes`).
+pub const DEFAULT_PROBES: usize = 8;
+
 /// What to capture: the model, the corpus and its samples, and which gradients.
 #[derive(Debug, Clone)]
 pub struct JobSpec {

@@ -30,7 +30,7 @@ pub struct AnalyzeArgs {
     /// Bootstrap resamples of each correlation.
     #[arg(
         long,
-        default_value_t = 1000,
+        default_value_t = analyze::DEFAULT_RESAMPLES,
         value_name = "N",
         help_heading = "Statistics"
     )]
@@ -38,22 +38,22 @@ pub struct AnalyzeArgs {
     /// 1 − confidence of the intervals.
     #[arg(
         long,
-        default_value_t = 0.05,
+        default_value_t = analyze::DEFAULT_ALPHA,
         value_name = "ALPHA",
         help_heading = "Statistics"
     )]
     pub alpha: f64,
     /// Rare: frequency score below this quantile.
-    #[arg(long, default_value_t = 0.2, value_name = "Q", help_heading = "Flags")]
+    #[arg(long, default_value_t = FlagOptions::default().rare_quantile, value_name = "Q", help_heading = "Flags")]
     pub rare_quantile: f64,
     /// Do not count long-tail domains as rare.
     #[arg(long, help_heading = "Flags")]
     pub no_long_tail_domains: bool,
     /// Poorly aligned: alignment below this quantile.
-    #[arg(long, default_value_t = 0.5, value_name = "Q", help_heading = "Flags")]
+    #[arg(long, default_value_t = FlagOptions::default().align_quantile, value_name = "Q", help_heading = "Flags")]
     pub align_quantile: f64,
     /// Poorly fitted: loss this many robust sd above its frequency bin's median.
-    #[arg(long, default_value_t = 0.5, value_name = "Z", help_heading = "Flags")]
+    #[arg(long, default_value_t = FlagOptions::default().loss_z, value_name = "Z", help_heading = "Flags")]
     pub loss_z: f64,
     /// An `ntk` folder of the dense baseline on the same samples: adds expert isolation.
     #[arg(

@@ -31,7 +31,7 @@ pub struct BuildArgs {
     /// Fraction of samples in the validation split.
     #[arg(
         long,
-        default_value_t = 0.1,
+        default_value_t = BuildOptions::default().val_fraction,
         value_name = "FRACTION",
         help_heading = "Split",
         long_help = "Fraction of samples put in the validation split, in [0, 1). A sample's split \
@@ -51,7 +51,7 @@ pub struct BuildArgs {
     /// Vocabulary size of the trained byte-level BPE.
     #[arg(
         long,
-        default_value_t = 8192,
+        default_value_t = tokenizer::DEFAULT_VOCAB_SIZE,
         value_name = "N",
         help_heading = "Tokenizer",
         long_help = "Vocabulary size of the byte-level BPE trained on the corpus (256 byte symbols \
@@ -61,7 +61,7 @@ pub struct BuildArgs {
     /// Minimum pair count for a BPE merge.
     #[arg(
         long,
-        default_value_t = 2,
+        default_value_t = tokenizer::DEFAULT_MIN_FREQUENCY,
         value_name = "N",
         help_heading = "Tokenizer"
     )]
@@ -153,7 +153,7 @@ pub struct IngestArgs {
     /// Drop samples with fewer words.
     #[arg(
         long,
-        default_value_t = 3,
+        default_value_t = corpus_mod::DEFAULT_MIN_WORDS,
         value_name = "N",
         help_heading = "Filtering"
     )]

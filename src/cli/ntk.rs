@@ -30,7 +30,7 @@ pub struct CaptureArgs {
     /// Number of samples (evenly spaced over the split).
     #[arg(
         long,
-        default_value_t = 512,
+        default_value_t = job::DEFAULT_SAMPLES,
         value_name = "N",
         help_heading = "Samples"
     )]
@@ -50,7 +50,7 @@ pub struct CaptureArgs {
     /// Random output directions of the logit-trace estimate.
     #[arg(
         long,
-        default_value_t = 8,
+        default_value_t = job::DEFAULT_PROBES,
         value_name = "K",
         help_heading = "Gradients"
     )]
@@ -96,7 +96,7 @@ pub struct CaptureArgs {
     /// Samples per forward/backward pass.
     #[arg(
         long,
-        default_value_t = 16,
+        default_value_t = job::DEFAULT_BATCH,
         value_name = "N",
         help_heading = "Gradients"
     )]
@@ -125,11 +125,11 @@ pub struct NtkArgs {
     #[arg(long, default_value_t = 256, value_name = "N", help_heading = "Kernel")]
     pub cross_samples: usize,
     /// Frequency bins (quantiles of the 1-gram frequency score) for GC per bin.
-    #[arg(long, default_value_t = 5, value_name = "N", help_heading = "Kernel")]
+    #[arg(long, default_value_t = pipeline::DEFAULT_BINS, value_name = "N", help_heading = "Kernel")]
     pub bins: usize,
     /// Half-samples for the 95% intervals of every GC in gc.parquet (0: none). Each
     /// resample recomputes the principal direction of the resampled kernel.
-    #[arg(long, default_value_t = 200, value_name = "N", help_heading = "Kernel")]
+    #[arg(long, default_value_t = pipeline::DEFAULT_GC_RESAMPLES, value_name = "N", help_heading = "Kernel")]
     pub gc_resamples: usize,
     /// Also write batch.safetensors (ids, mask, targets of the samples, padded) for peer tools.
     #[arg(long, help_heading = "Output")]
@@ -149,7 +149,7 @@ pub struct NtkArgs {
     /// Largest streamed kernel assembled in memory.
     #[arg(
         long,
-        default_value_t = 16384,
+        default_value_t = pipeline::DEFAULT_ASSEMBLE_MAX,
         value_name = "N",
         help_heading = "Kernel"
     )]

@@ -256,6 +256,10 @@ pub fn build(
     Ok((Corpus { samples }, stats))
 }
 
+/// Records with fewer words are dropped by `tailscope corpus ingest` (and `run`'s ingest) by
+/// default.
+pub const DEFAULT_MIN_WORDS: usize = 3;
+
 /// `n` of `items`, evenly spaced (item ⌊k·len/n⌋ for k = 0..n); all of them when there are at
 /// most `n`.
 pub fn evenly_spaced(items: &[usize], n: usize) -> Vec<usize> {

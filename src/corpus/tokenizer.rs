@@ -111,6 +111,11 @@ pub fn count_tokens(tok: &Tokenizer, texts: &[&str]) -> Result<Vec<u32>> {
         .collect())
 }
 
+/// Vocabulary of the byte-level BPE trained for a corpus by default.
+pub const DEFAULT_VOCAB_SIZE: usize = 8192;
+/// Minimum pair frequency of that BPE by default.
+pub const DEFAULT_MIN_FREQUENCY: u64 = 2;
+
 /// Where a corpus's tokenizer comes from.
 #[derive(Debug, Clone)]
 pub enum TokenizerSource {

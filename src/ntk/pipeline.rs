@@ -22,6 +22,13 @@ use crate::error::{Error, Result};
 use crate::freq::{domain_shares, FreqOptions, ShareBy};
 use crate::progress::Progress;
 
+/// Frequency bins of GC per bin by default.
+pub const DEFAULT_BINS: usize = 5;
+/// Half-samples of the GC intervals by default.
+pub const DEFAULT_GC_RESAMPLES: usize = 200;
+/// Largest streamed kernel assembled in memory by default.
+pub const DEFAULT_ASSEMBLE_MAX: usize = 16384;
+
 /// Kernel settings of an NTK run (the capture settings are the [`Job`]'s).
 #[derive(Debug, Clone)]
 pub struct NtkOptions {
@@ -51,11 +58,11 @@ impl Default for NtkOptions {
             blocks: BlockBy::Module,
             diagonal: false,
             cross: None,
-            bins: 5,
-            gc_resamples: 200,
+            bins: DEFAULT_BINS,
+            gc_resamples: DEFAULT_GC_RESAMPLES,
             export_batch: false,
             tile: None,
-            assemble_max: 16384,
+            assemble_max: DEFAULT_ASSEMBLE_MAX,
             seed: 0,
         }
     }
