@@ -45,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         tokenizer: None,
         split: SplitChoice::All,
         samples,
+        sample_seed: 0,
         selection: Selection::default(),
         options: CaptureOptions {
             batch: 8,

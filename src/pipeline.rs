@@ -16,7 +16,7 @@
 //! resume = true                        # finished runs are not trained again
 //! [ntk]
 //! samples = 512                        # also: split, method, output, params, project, batch,
-//!                                      # gc_resamples
+//!                                      # gc_resamples, interval, normalize
 //! out = "out/demo/ntk"
 //! [analysis]
 //! model = "cse"                        # a run name under train.out (or a model folder)
@@ -43,6 +43,7 @@ use crate::corpus::tokenizer::{self, TokenizerSource};
 use crate::corpus::{BuildOptions, BuildStats, Corpus, SplitChoice};
 use crate::error::{Error, Result};
 use crate::ntk::pipeline::{self as ntk_pipeline, NtkOptions, NtkOutput};
+use crate::ntk::{gc::IntervalMethod, Normalize};
 use crate::progress::Progress;
 use crate::report::ReportSpec;
 use crate::train::runs::{self, TrainPlan, TrainedRun};
@@ -106,6 +107,22 @@ pub struct NtkStep {
     /// Number of samples.
     #[serde(default = "default_samples")]
     pub samples: usize,
+    /// 0 (default): samples evenly spaced over the split; otherwise a seeded random draw.
+    #[serde(default)]
+    pub sample_seed: Option<u64>,
+    /// Inclusive block range of the parameters (`first..last`), OR-ed with `params`.
+    #[serde(default)]
+    pub layers: Option<String>,
+    /// The last k blocks. With no `params`, `layers`, `last_blocks` or `mlp_only`, the MLPs of
+    /// the last 2 (as `ntk`).
+    #[serde(default)]
+    pub last_blocks: Option<i64>,
+    /// Only MLP parameters of what the rest selects.
+    #[serde(default)]
+    pub mlp_only: bool,
+    /// Every parameter when no other selection is given.
+    #[serde(default)]
+    pub all_params: bool,
     /// Split of the samples (default validation).
     #[serde(default)]
     pub split: Option<SplitChoice>,
@@ -124,9 +141,15 @@ pub struct NtkStep {
     /// Samples per pass (default 16).
     #[serde(default)]
     pub batch: Option<usize>,
-    /// Half-samples of the GC intervals (default 200).
+    /// Jackknife groups (or half-samples) of the GC intervals (default 32).
     #[serde(default)]
     pub gc_resamples: Option<usize>,
+    /// How the GC intervals are computed (default jackknife).
+    #[serde(default)]
+    pub interval: Option<IntervalMethod>,
+    /// How per-sample gradients are scaled before the principal direction.
+    #[serde(default)]
+    pub normalize: Option<Normalize>,
     /// Output folder; each model writes into a subfolder named after it.
     pub out: PathBuf,
 }
@@ -377,10 +400,19 @@ fn ntk_step(spec: &Spec, m: &str, seed: u64, device: Device, rep: &mut Reporting
         tokenizer: spec.data.tokenizer.clone(),
         split: n.split.unwrap_or(SplitChoice::Validation),
         samples: n.samples,
+        sample_seed: n.sample_seed.unwrap_or(0),
         selection: Selection {
             globs: n.params.clone(),
+            layers: n
+                .layers
+                .as_deref()
+                .map(crate::capture::job::parse_block_range)
+                .transpose()?,
+            last_blocks: n.last_blocks,
+            mlp_only: n.mlp_only,
             ..Selection::default()
-        },
+        }
+        .or_recommended(n.all_params),
         options: CaptureOptions {
             output: n.output.unwrap_or_default(),
             method: n.method.unwrap_or_default(),
@@ -397,6 +429,8 @@ fn ntk_step(spec: &Spec, m: &str, seed: u64, device: Device, rep: &mut Reporting
     };
     let opts = NtkOptions {
         gc_resamples: n.gc_resamples.unwrap_or(ntk_pipeline::DEFAULT_GC_RESAMPLES),
+        interval: n.interval.unwrap_or_default(),
+        normalize: n.normalize.unwrap_or_default(),
         seed,
         ..NtkOptions::default()
     };

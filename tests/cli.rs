@@ -1060,7 +1060,7 @@ fn declarative_run_and_bad_specs() {
     check_report(&t.path("rp"), &t.path("rp/report.ipynb"));
     // Switch-MoE isolation against the same baseline: one row per expert of the Switch block,
     // loads summing to the samples, a distance/radius ratio when two experts are used.
-    ok(&[
+    let printed = ok(&[
         "ntk",
         "--model",
         &t.s("tr/switch/final"),
@@ -1075,6 +1075,58 @@ fn declarative_run_and_bad_specs() {
         "-o",
         &t.s("nk/switch"),
     ]);
+    // Diagnostics are printed and written; a warning or the all-clear line is always printed.
+    assert!(printed.contains("participation ratio"), "{printed}");
+    assert!(
+        printed.contains("WARNING: ") || printed.contains("not degenerate"),
+        "{printed}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("nk/switch/ntk.json")).unwrap())
+            .unwrap();
+    let pr = summary["diagnostics"]["participation"].as_f64().unwrap();
+    assert!((1.0..=16.0).contains(&pr), "{summary}");
+    assert_eq!(summary["interval"], "jackknife");
+    assert_eq!(summary["normalize"], "cosine");
+    // The unnormalised kernel: the same kernel file (the cosine scaling is applied after it is
+    // written), and every jackknife interval holding its estimate.
+    ok(&[
+        "ntk",
+        "--model",
+        &t.s("tr/switch/final"),
+        "--corpus",
+        &corpus,
+        "--samples",
+        "16",
+        "--batch",
+        "8",
+        "--gc-resamples",
+        "8",
+        "--normalize",
+        "none",
+        "-o",
+        &t.s("nk/switch-cos"),
+    ]);
+    let total = |dir: &str| {
+        let named = tailscope::io::read_tensors(&t.path(dir).join("kernel.safetensors")).unwrap();
+        named.into_iter().find(|(n, _)| n == "total").unwrap().1
+    };
+    let diff = (total("nk/switch") - total("nk/switch-cos")).abs().max();
+    assert_eq!(diff.double_value(&[]), 0.0);
+    let cos = read_table(&t.path("nk/switch-cos/gc.parquet"));
+    let f =
+        |c: &str| -> Vec<Option<f64>> { cos.column(c).unwrap().f64().unwrap().iter().collect() };
+    let (g, lo, hi, part) = (f("gc"), f("gc_low"), f("gc_high"), f("participation"));
+    for i in 0..g.len() {
+        if let (Some(g), Some(lo), Some(hi)) = (g[i], lo[i], hi[i]) {
+            assert!(lo <= hi, "row {i}: [{lo}, {hi}]");
+            assert!(
+                lo - 1e-9 <= g && g <= hi + 1e-9,
+                "row {i}: {g} outside [{lo}, {hi}]"
+            );
+        }
+        assert!(part[i].is_none_or(|p| p >= 1.0 - 1e-9), "{:?}", part[i]);
+    }
     let printed = ok(&[
         "analyze",
         "--ntk",

@@ -161,7 +161,8 @@ fn library_and_cli_agree() {
             tokenizer: None,
             split: SplitChoice::Validation,
             samples: 24,
-            selection: Selection::default(),
+            sample_seed: 0,
+            selection: Selection::recommended(),
             options: CaptureOptions {
                 batch: 8,
                 seed: 3,

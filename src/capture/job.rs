@@ -32,8 +32,10 @@ pub struct JobSpec {
     pub tokenizer: Option<PathBuf>,
     /// Split the samples come from.
     pub split: SplitChoice,
-    /// Number of samples, evenly spaced over the split.
+    /// Number of samples: evenly spaced over the split, or drawn at random with `sample_seed`.
     pub samples: usize,
+    /// 0: samples evenly spaced over the split; otherwise a random draw seeded by it.
+    pub sample_seed: u64,
     /// Which parameters.
     pub selection: Selection,
     /// Output, method, projection, batch size, probes and seed.
@@ -71,14 +73,15 @@ impl Job {
             &model,
             &spec.corpus,
         )?;
-        let params = spec.selection.select_from(model.capture_parameters(&vs)?)?;
+        let selection = spec.selection.resolve(model.cfg.n_layer)?;
+        let params = selection.select_from(model.capture_parameters(&vs)?)?;
         if spec.options.projection.is_some() && spec.options.method == Method::Ghost {
             return Err(Error::invalid(
                 "--project",
                 "ghost kernels form no per-sample gradients to project; use --method batched",
             ));
         }
-        let idx = corpus.pick(spec.split, spec.samples);
+        let idx = corpus.pick_seeded(spec.split, spec.samples, spec.sample_seed);
         if idx.is_empty() {
             return Err(Error::in_file(
                 &spec.corpus,

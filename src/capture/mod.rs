@@ -142,9 +142,10 @@ impl Default for CaptureOptions {
     }
 }
 
-/// Which parameters: name globs (`*` any run of characters, `?` one), block ranges and experts,
-/// combined with OR; empty means every trainable parameter.
-#[derive(Debug, Clone, Default)]
+/// Which parameters: name globs (`*` any run of characters, `?` one), block ranges, experts and
+/// the last k blocks, combined with OR, then narrowed to MLPs by `mlp_only`; empty means every
+/// trainable parameter.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Selection {
     /// Parameter name globs.
     pub globs: Vec<String>,
@@ -152,7 +153,17 @@ pub struct Selection {
     pub layers: Option<(i64, i64)>,
     /// (block, expert): the parameters of one CSE or Switch expert.
     pub expert: Option<(i64, i64)>,
+    /// The last k transformer blocks (resolved to a block range by [`Selection::resolve`]).
+    pub last_blocks: Option<i64>,
+    /// Only MLP (FFN and expert) parameters, `*.mlp.*`, of whatever the rest selects.
+    pub mlp_only: bool,
 }
+
+/// Transformer blocks of [`Selection::recommended`] (their MLPs): the kernel-options study in the
+/// README found the MLPs of the last two blocks, with cosine normalisation, the choice whose kernel
+/// was not degenerate on the demo models and SmolLM2-135M (with all parameters the embeddings'
+/// nearly orthogonal gradients dominate).
+pub const RECOMMENDED_LAST_BLOCKS: i64 = 2;
 
 /// `*` and `?` glob match.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
@@ -181,14 +192,68 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 impl Selection {
+    /// The default of `ntk`, `capture` and the specs: the MLPs of the last
+    /// [`RECOMMENDED_LAST_BLOCKS`] transformer blocks. (`Selection::default()` is every parameter.)
+    pub fn recommended() -> Selection {
+        Selection {
+            last_blocks: Some(RECOMMENDED_LAST_BLOCKS),
+            mlp_only: true,
+            ..Selection::default()
+        }
+    }
+
+    /// This selection, or [`Selection::recommended`] when it names nothing and `all` is false.
+    pub fn or_recommended(self, all: bool) -> Selection {
+        if self.is_all() && !all {
+            Selection::recommended()
+        } else {
+            self
+        }
+    }
+
+    /// `last_blocks` turned into a block range for a model of `n_layer` blocks.
+    pub fn resolve(&self, n_layer: i64) -> Result<Selection> {
+        let Some(k) = self.last_blocks else {
+            return Ok(self.clone());
+        };
+        if self.layers.is_some() {
+            return Err(Error::invalid(
+                "--last-blocks",
+                "give --layers or --last-blocks, not both",
+            ));
+        }
+        if k < 1 || k > n_layer {
+            return Err(Error::invalid(
+                "--last-blocks",
+                format!("{k} is not between 1 and the model's {n_layer} blocks"),
+            ));
+        }
+        Ok(Selection {
+            layers: Some((n_layer - k, n_layer - 1)),
+            last_blocks: None,
+            ..self.clone()
+        })
+    }
+
     /// Whether nothing narrows the selection.
     pub fn is_all(&self) -> bool {
-        self.globs.is_empty() && self.layers.is_none() && self.expert.is_none()
+        self.names_all() && !self.mlp_only
+    }
+
+    /// Whether no glob, range, expert or last blocks are named.
+    fn names_all(&self) -> bool {
+        self.globs.is_empty()
+            && self.layers.is_none()
+            && self.expert.is_none()
+            && self.last_blocks.is_none()
     }
 
     /// Whether the parameter `name` is selected.
     pub fn matches(&self, name: &str) -> bool {
-        if self.is_all() {
+        if self.mlp_only && !name.contains(".mlp.") {
+            return false;
+        }
+        if self.names_all() {
             return true;
         }
         let block: Option<i64> = name
@@ -842,6 +907,30 @@ mod tests {
                 && !s.matches("h.1.mlp.c_fc.bias")
                 && !s.matches("wte.weight")
         );
+        // The recommended selection is the last 2 blocks of whatever model it meets.
+        let r = Selection::recommended().resolve(12).unwrap();
+        assert_eq!(r.layers, Some((10, 11)));
+        assert!(r.matches("h.11.mlp.c_fc.weight") && r.matches("h.10.mlp.experts.1.c_proj.bias"));
+        assert!(!r.matches("h.11.attn.c_proj.weight") && !r.matches("h.9.mlp.c_fc.weight"));
+        let mlps = Selection {
+            mlp_only: true,
+            ..Default::default()
+        };
+        assert!(
+            !mlps.is_all() && mlps.matches("h.0.mlp.c_fc.weight") && !mlps.matches("wte.weight")
+        );
+        assert!(Selection::recommended().resolve(1).is_err());
+        assert!(Selection::default().or_recommended(true).is_all());
+        assert_eq!(
+            Selection::default().or_recommended(false),
+            Selection::recommended()
+        );
+        let both = Selection {
+            layers: Some((0, 1)),
+            last_blocks: Some(1),
+            ..Default::default()
+        };
+        assert!(both.resolve(4).is_err());
         let s = Selection {
             expert: Some((3, 1)),
             ..Default::default()

@@ -9,8 +9,9 @@ use super::Global;
 use crate::capture::job::{self, Job, JobSpec};
 use crate::capture::{CaptureOptions, Method, OutputKind, Projection, ProjectionKind, Selection};
 use crate::corpus::SplitChoice;
+use crate::ntk::gc::IntervalMethod;
 use crate::ntk::pipeline::{self, GcRow, NtkOptions, NtkOutput};
-use crate::ntk::BlockBy;
+use crate::ntk::{BlockBy, Normalize};
 
 /// Which samples and which gradients; shared by `capture` and `ntk`.
 #[derive(Debug, Clone, Args)]
@@ -35,6 +36,15 @@ pub struct CaptureArgs {
         help_heading = "Samples"
     )]
     pub samples: usize,
+    /// 0: samples evenly spaced over the split; otherwise a random draw seeded by this value
+    /// (a second draw to check that results do not hang on the sample choice).
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "SEED",
+        help_heading = "Samples"
+    )]
+    pub sample_seed: u64,
     /// The scalar output per sample.
     #[arg(
         long,
@@ -68,7 +78,7 @@ pub struct CaptureArgs {
             the same kernel (tested to 1e-6 in float64)."
     )]
     pub method: Method,
-    /// Parameter name globs (repeatable; default: all trainable parameters).
+    /// Parameter name globs (repeatable; default: the MLPs of the last 2 blocks, see --all-params).
     #[arg(
         long = "params",
         value_name = "GLOB",
@@ -82,6 +92,17 @@ pub struct CaptureArgs {
     /// One expert's parameters: BLOCK:EXPERT.
     #[arg(long, value_name = "L:E", help_heading = "Gradients")]
     pub expert: Option<String>,
+    /// The last K transformer blocks. With no --params, --layers, --expert, --last-blocks or
+    /// --mlp-only, the MLPs of the last 2 blocks are taken (the README's kernel-options study);
+    /// --all-params takes every parameter.
+    #[arg(long, value_name = "K", help_heading = "Gradients")]
+    pub last_blocks: Option<i64>,
+    /// Only MLP (FFN and expert) parameters of what the other options select.
+    #[arg(long, help_heading = "Gradients")]
+    pub mlp_only: bool,
+    /// Every trainable parameter, embeddings included, when no other selection is given.
+    #[arg(long, help_heading = "Gradients")]
+    pub all_params: bool,
     /// Project per-sample gradients to K dimensions.
     #[arg(
         long,
@@ -127,10 +148,18 @@ pub struct NtkArgs {
     /// Frequency bins (quantiles of the 1-gram frequency score) for GC per bin.
     #[arg(long, default_value_t = pipeline::DEFAULT_BINS, value_name = "N", help_heading = "Kernel")]
     pub bins: usize,
-    /// Half-samples for the 95% intervals of every GC in gc.parquet (0: none). Each
-    /// resample recomputes the principal direction of the resampled kernel.
+    /// Jackknife groups (or half-samples, with --interval half-sample) for the 95% intervals of
+    /// every GC in gc.parquet (0: none). Each recomputes the principal direction.
     #[arg(long, default_value_t = pipeline::DEFAULT_GC_RESAMPLES, value_name = "N", help_heading = "Kernel")]
     pub gc_resamples: usize,
+    /// How the GC intervals are computed.
+    #[arg(long, value_enum, default_value_t = IntervalMethod::default(), value_name = "METHOD", help_heading = "Kernel")]
+    pub interval: IntervalMethod,
+    /// Scale per-sample gradients before the principal direction, GC and alignment: `cosine`
+    /// makes every gradient unit-length, so no sample dominates by its norm. kernel.safetensors
+    /// and self_kernel stay unscaled.
+    #[arg(long, value_enum, default_value_t = Normalize::default(), value_name = "HOW", help_heading = "Kernel")]
+    pub normalize: Normalize,
     /// Also write batch.safetensors (ids, mask, targets of the samples, padded) for peer tools.
     #[arg(long, help_heading = "Output")]
     pub export_batch: bool,
@@ -165,6 +194,7 @@ impl CaptureArgs {
             tokenizer: self.tokenizer.clone(),
             split: self.split,
             samples: self.samples,
+            sample_seed: self.sample_seed,
             selection: Selection {
                 globs: self.params.clone(),
                 layers: self
@@ -173,7 +203,10 @@ impl CaptureArgs {
                     .map(job::parse_block_range)
                     .transpose()?,
                 expert: self.expert.as_deref().map(job::parse_expert).transpose()?,
-            },
+                last_blocks: self.last_blocks,
+                mlp_only: self.mlp_only,
+            }
+            .or_recommended(self.all_params),
             options: CaptureOptions {
                 output: self.output,
                 method: self.method,
@@ -200,6 +233,8 @@ impl NtkArgs {
             cross: self.cross_split.map(|s| (s, self.cross_samples)),
             bins: self.bins,
             gc_resamples: self.gc_resamples,
+            interval: self.interval,
+            normalize: self.normalize,
             export_batch: self.export_batch,
             tile: self.tile,
             assemble_max: self.assemble_max,
@@ -284,7 +319,11 @@ pub fn print_ntk(job: &Job, out: &std::path::Path, assemble_max: usize, r: &NtkO
         );
         return;
     };
-    println!("principal eigenvalue {:.4e}; GC (cos of the primary gradient directions) [95% half-sampling interval] by 1-gram frequency bin (0 = rarest):", whole.lambda);
+    print_diagnostics(s, whole.lambda);
+    println!(
+        "GC (cos of the primary gradient directions) [95% {} interval] by 1-gram frequency bin (0 = rarest):",
+        interval_name(s.interval)
+    );
     for row in r.gc.iter().filter(|r| r.column == "freq_bin") {
         println!(
             "  bin {:<3} n {:>4}  mean score {:.4}  GC {}",
@@ -319,6 +358,38 @@ pub fn print_ntk(job: &Job, out: &std::path::Path, assemble_max: usize, r: &NtkO
         out.display(),
         k.blocks.len()
     );
+}
+
+/// The interval method in words.
+fn interval_name(m: IntervalMethod) -> &'static str {
+    match m {
+        IntervalMethod::Jackknife => "jackknife",
+        IntervalMethod::HalfSample => "half-sampling",
+    }
+}
+
+/// The kernel diagnostics and, when the result is degenerate, the warnings in plain words.
+fn print_diagnostics(s: &pipeline::NtkSummary, lambda: f64) {
+    if let Some(d) = &s.diagnostics {
+        println!(
+            "kernel{}: principal eigenvalue {lambda:.4e} holds {:.1}% of the trace; carried by {:.1} of {} samples (participation ratio); Θ_ii max/median {:.1}; mean |cosine| {:.3}",
+            match s.normalize {
+                Normalize::Cosine => " (cosine-normalised)",
+                Normalize::None => "",
+            },
+            100.0 * d.top_share,
+            d.participation,
+            d.samples,
+            d.diag_spread,
+            d.mean_abs_cosine
+        );
+    }
+    if s.warnings.is_empty() {
+        println!("diagnostics: the kernel is not degenerate (no warning)");
+    }
+    for w in &s.warnings {
+        println!("WARNING: {} {}", w.problem, w.change);
+    }
 }
 
 /// A GC with its interval: `0.812 [0.700, 0.900]`.

@@ -51,9 +51,10 @@ pub fn run(a: &ReportArgs, _g: &Global) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `tailscope report` prints: the summary and isolation lines, and where the files are.
+/// What `tailscope report` prints: the kernel lines, the findings and isolation lines, and where
+/// the files are.
 pub fn print_report(r: &crate::report::Report, html: &std::path::Path, notebook: &std::path::Path) {
-    for s in &r.summary {
+    for s in r.kernel.iter().chain(&r.summary) {
         println!("{s}");
     }
     for s in &r.isolation {

@@ -313,6 +313,25 @@ impl Corpus {
         evenly_spaced(&all, n)
     }
 
+    /// `n` samples of `split`: evenly spaced for seed 0 (as [`Corpus::pick`]), otherwise drawn
+    /// at random without replacement by a RNG seeded with `seed`, in corpus order.
+    pub fn pick_seeded(&self, split: SplitChoice, n: usize, seed: u64) -> Vec<usize> {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        if seed == 0 {
+            return self.pick(split, n);
+        }
+        let mut all: Vec<usize> = (0..self.len())
+            .filter(|&i| split.admits(self.samples[i].split))
+            .collect();
+        let mut rng =
+            rand_chacha::ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(seed, b"samples"));
+        all.shuffle(&mut rng);
+        all.truncate(n);
+        all.sort_unstable();
+        all
+    }
+
     /// Number of samples.
     pub fn len(&self) -> usize {
         self.samples.len()

@@ -40,9 +40,39 @@ pub fn principal(k: &Tensor) -> Result<Principal> {
     Ok(Principal { u, lambda })
 }
 
+/// The GC of one subset and the shape of its own kernel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SubsetGc {
+    /// GC of the subset with the whole set.
+    pub gc: f64,
+    /// Participation ratio of the subset's principal eigenvector (see [`participation`]).
+    pub participation: f64,
+    /// The subset kernel's top eigenvalue as a share of its trace.
+    pub top_share: f64,
+}
+
+/// Participation ratio 1 / Σ u_i⁴ of a unit vector: how many samples carry it. 1 when one
+/// sample carries it all, n when all n carry it equally.
+pub fn participation(u: &Tensor) -> f64 {
+    let u = u.to_kind(Kind::Double);
+    let s2 = u.square().sum(Kind::Double).double_value(&[]);
+    let s4 = u.pow_tensor_scalar(4).sum(Kind::Double).double_value(&[]);
+    if s4 > 0.0 {
+        s2 * s2 / s4
+    } else {
+        0.0
+    }
+}
+
 /// GC of the subset `idx` of the samples of `k` (n × n); `None` for an empty subset or a zero
 /// kernel.
 pub fn gc(k: &Tensor, whole: &Principal, idx: &[usize]) -> Result<Option<f64>> {
+    Ok(subset(k, whole, idx)?.map(|s| s.gc))
+}
+
+/// GC of the subset `idx` with the participation ratio and top-eigenvalue share of its own
+/// kernel; `None` for an empty subset or a zero kernel.
+pub fn subset(k: &Tensor, whole: &Principal, idx: &[usize]) -> Result<Option<SubsetGc>> {
     if idx.is_empty() || whole.lambda <= 0.0 {
         return Ok(None);
     }
@@ -55,7 +85,143 @@ pub fn gc(k: &Tensor, whole: &Principal, idx: &[usize]) -> Result<Option<f64>> {
     }
     let cross = k.index_select(1, &sel); // Θ(X, X′)
     let num = whole.u.dot(&cross.mv(&p.u)).double_value(&[]);
-    Ok(Some(num / (whole.lambda.sqrt() * p.lambda.sqrt())))
+    let trace = sub.trace().double_value(&[]);
+    Ok(Some(SubsetGc {
+        gc: num / (whole.lambda.sqrt() * p.lambda.sqrt()),
+        participation: participation(&p.u),
+        top_share: if trace > 0.0 { p.lambda / trace } else { 0.0 },
+    }))
+}
+
+/// How the intervals of GC are computed.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum IntervalMethod {
+    /// Delete-a-group jackknife: the samples are split into G seeded groups, GC is recomputed
+    /// (principal direction included) without each group, and the interval is the
+    /// bias-corrected estimate ± t · the jackknife standard error, widened to hold the
+    /// estimate itself. Every recomputation uses (G−1)/G of the samples, so it measures GC at
+    /// nearly the sample's own size.
+    #[default]
+    Jackknife,
+    /// Percentile interval over half-samples drawn without replacement: GC at half the size,
+    /// which runs low since GC grows with the size of a set (kept for comparison).
+    HalfSample,
+}
+
+/// (1 − α) intervals of the GC of each group in `groups` (indices into the samples of `k`) by
+/// `method` with `resamples` jackknife groups or half-samples; seeded, so the same seed gives the
+/// same intervals. `None` for a group whose interval is undefined.
+pub fn gc_intervals(
+    k: &Tensor,
+    groups: &[&[usize]],
+    method: IntervalMethod,
+    resamples: usize,
+    alpha: f64,
+    seed: u64,
+) -> Result<Vec<Option<(f64, f64)>>> {
+    match method {
+        IntervalMethod::Jackknife => gc_jackknife(k, groups, resamples, alpha, seed),
+        IntervalMethod::HalfSample => gc_bootstrap(k, groups, resamples, alpha, seed),
+    }
+}
+
+/// The kernel of the samples `keep` and the GC of each group's kept members.
+fn gc_on(k: &Tensor, keep: &[usize], member: &[Vec<bool>]) -> Result<Vec<Option<f64>>> {
+    let sel = Tensor::from_slice(&keep.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    let kb = k.index_select(0, &sel).index_select(1, &sel);
+    let whole = principal(&kb)?;
+    member
+        .iter()
+        .map(|m| {
+            let idx: Vec<usize> = (0..keep.len()).filter(|&j| m[keep[j]]).collect();
+            gc(&kb, &whole, &idx)
+        })
+        .collect()
+}
+
+/// Membership masks of `groups` over `n` samples.
+fn members(n: usize, groups: &[&[usize]]) -> Vec<Vec<bool>> {
+    groups
+        .iter()
+        .map(|g| {
+            let mut m = vec![false; n];
+            for &i in g.iter() {
+                m[i] = true;
+            }
+            m
+        })
+        .collect()
+}
+
+/// Delete-a-group jackknife intervals (see [`IntervalMethod::Jackknife`]).
+pub fn gc_jackknife(
+    k: &Tensor,
+    groups: &[&[usize]],
+    folds: usize,
+    alpha: f64,
+    seed: u64,
+) -> Result<Vec<Option<(f64, f64)>>> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
+    let n = k.size()[0] as usize;
+    let member = members(n, groups);
+    let all: Vec<usize> = (0..n).collect();
+    let est = gc_on(&k, &all, &member)?;
+    let folds = folds.min(n);
+    if folds < 2 {
+        return Ok(vec![None; groups.len()]);
+    }
+    let mut order = all.clone();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(seed, b"jk"));
+    order.shuffle(&mut rng);
+    let mut fold = vec![0usize; n];
+    for (p, &i) in order.iter().enumerate() {
+        fold[i] = p % folds;
+    }
+    let mut leave: Vec<Vec<f64>> = vec![Vec::with_capacity(folds); groups.len()];
+    for f in 0..folds {
+        let keep: Vec<usize> = all.iter().copied().filter(|&i| fold[i] != f).collect();
+        for (g, v) in gc_on(&k, &keep, &member)?.into_iter().enumerate() {
+            leave[g].extend(v);
+        }
+    }
+    Ok(est
+        .iter()
+        .zip(leave)
+        .map(|(e, l)| e.and_then(|e| jackknife_interval(e, &l, alpha)))
+        .collect())
+}
+
+/// The jackknife interval of an estimate `est` from its leave-one-group-out values: the
+/// bias-corrected estimate ± t(1 − α/2, m − 1) · standard error, widened to hold `est`, within
+/// [−1, 1]. `None` for fewer than 2 values.
+pub fn jackknife_interval(est: f64, leave: &[f64], alpha: f64) -> Option<(f64, f64)> {
+    let m = leave.len();
+    if m < 2 {
+        return None;
+    }
+    let mf = m as f64;
+    let mean = leave.iter().sum::<f64>() / mf;
+    let var = (mf - 1.0) / mf * leave.iter().map(|v| (v - mean).powi(2)).sum::<f64>();
+    let centre = est - (mf - 1.0) * (mean - est);
+    let half = crate::stats::t_quantile(1.0 - alpha / 2.0, mf - 1.0) * var.sqrt();
+    // A GC of exactly ±1 can come out a rounding error beyond; the interval stays in [−1, 1].
+    let est = est.clamp(-1.0, 1.0);
+    let lo = (centre - half).min(est).max(-1.0);
+    let hi = (centre + half).max(est).min(1.0);
+    Some((lo, hi))
 }
 
 /// Resampling (1 − α) intervals of the GC of each group in `groups` (indices into the samples of
@@ -76,12 +242,7 @@ pub fn gc_bootstrap(
     use rand::SeedableRng;
     let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
     let n = k.size()[0] as usize;
-    let mut member = vec![vec![false; n]; groups.len()];
-    for (m, g) in member.iter_mut().zip(groups) {
-        for &i in g.iter() {
-            m[i] = true;
-        }
-    }
+    let member = members(n, groups);
     let mut stats: Vec<Vec<f64>> = vec![Vec::with_capacity(resamples); groups.len()];
     for b in 0..resamples {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(
@@ -206,5 +367,50 @@ mod tests {
         assert!((w_lo - 1.0).abs() < 1e-9 && (w_hi - 1.0).abs() < 1e-9);
         assert_eq!(iv, gc_bootstrap(&k, &groups, 100, 0.05, 3).unwrap());
         assert_ne!(iv[1], gc_bootstrap(&k, &groups, 100, 0.05, 4).unwrap()[1]);
+    }
+
+    /// The jackknife interval: holds its estimate, is deterministic for a seed, and is narrow
+    /// for a consistent group and wide for a scattered one.
+    #[test]
+    fn gc_jackknife_holds_estimates() {
+        tch::manual_seed(2);
+        let v = Tensor::randn([1, 30], (Kind::Double, Device::Cpu));
+        let j = Tensor::cat(
+            &[
+                v.repeat([30, 1]) + Tensor::randn([30, 30], (Kind::Double, Device::Cpu)) * 0.1,
+                Tensor::randn([10, 30], (Kind::Double, Device::Cpu)),
+            ],
+            0,
+        );
+        let k = j.matmul(&j.tr());
+        let a: Vec<usize> = (0..30).collect();
+        let b: Vec<usize> = (30..40).collect();
+        let groups = [a.as_slice(), b.as_slice()];
+        let iv = gc_jackknife(&k, &groups, 10, 0.05, 1).unwrap();
+        let whole = principal(&k).unwrap();
+        for (g, v) in groups.iter().zip(&iv) {
+            let est = gc(&k, &whole, g).unwrap().unwrap();
+            let (lo, hi) = v.unwrap();
+            assert!(
+                lo <= est && est <= hi && -1.0 <= lo && hi <= 1.0,
+                "{est} ({lo}, {hi})"
+            );
+        }
+        let (w0, w1) = (iv[0].unwrap(), iv[1].unwrap());
+        assert!(w0.1 - w0.0 < 0.05 && w1.1 - w1.0 > 0.1, "{iv:?}");
+        assert_eq!(iv, gc_jackknife(&k, &groups, 10, 0.05, 1).unwrap());
+        assert_ne!(iv, gc_jackknife(&k, &groups, 10, 0.05, 2).unwrap());
+        // The interval formula: bias-corrected centre ± t · se, widened to the estimate.
+        let (lo, hi) = jackknife_interval(0.5, &[0.4, 0.42, 0.38, 0.4], 0.05).unwrap();
+        // mean 0.4, centre 0.5 + 3 · 0.1 = 0.8, se = √(3/4 · 0.0008) ≈ 0.0245, t(3) ≈ 3.18
+        assert!((lo - 0.5).abs() < 1e-12, "{lo}");
+        assert!(
+            (hi - (0.8 + 3.182446305284263 * (0.0006f64).sqrt())).abs() < 2e-3,
+            "{hi}"
+        );
+        assert_eq!(jackknife_interval(0.5, &[0.4], 0.05), None);
+        // An estimate a rounding error above 1 still gives an ordered interval within [−1, 1].
+        let (lo, hi) = jackknife_interval(1.0 + 1e-12, &[1.0, 1.0, 1.0], 0.05).unwrap();
+        assert!(lo <= hi && hi <= 1.0, "{lo} {hi}");
     }
 }

@@ -7,6 +7,8 @@
 //! a cross kernel (Y ≠ X) is (n, m) and has no diagonal form. Kernels are float64 on the CPU.
 //! Gradient consistency from kernel entries is in [`gc`].
 
+pub mod coverage;
+pub mod diagnostics;
 pub mod gc;
 pub mod pipeline;
 pub mod stream;
@@ -58,6 +60,28 @@ pub fn group_of(name: &str, by: BlockBy) -> String {
     }
 }
 
+/// How per-sample gradients are scaled before the principal direction, GC and alignment.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Normalize {
+    /// The kernel as it is: samples with large gradients weigh more.
+    None,
+    /// Unit gradients: Θ_ij / √(Θ_ii Θ_jj), so no sample dominates by its gradient norm
+    /// (default: the README's kernel-options study).
+    #[default]
+    Cosine,
+}
+
 /// A kernel and its blocks (float64, CPU).
 #[derive(Debug)]
 pub struct Kernel {
@@ -70,6 +94,36 @@ pub struct Kernel {
 }
 
 impl Kernel {
+    /// The kernel of unit-norm gradients: the total and every block divided by √(Θ_ii Θ_jj) of
+    /// the total, so the blocks still sum to the total (a zero-norm sample stays zero).
+    pub fn cosine(&self) -> Kernel {
+        let d = self.total.diagonal(0, 0, 1);
+        let inv = d.gt(0.0).to_kind(Kind::Double) / d.clamp_min(f64::MIN_POSITIVE).sqrt();
+        let scale = inv.outer(&inv);
+        Kernel {
+            total: &self.total * &scale,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|(n, t)| (n.clone(), t * &scale))
+                .collect(),
+            diagonal: self.diagonal,
+        }
+    }
+
+    /// A second handle on the same tensors (no copy).
+    pub fn shallow_clone(&self) -> Kernel {
+        Kernel {
+            total: self.total.shallow_clone(),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+            diagonal: self.diagonal,
+        }
+    }
+
     /// The kernel's tensors under their file names: `total` and `block.<name>`.
     pub fn named(&self) -> Vec<(String, Tensor)> {
         let mut named = vec![("total".to_string(), self.total.shallow_clone())];

@@ -12,9 +12,10 @@ use ndarray::Array2;
 use polars::prelude::{Column, DataFrame};
 use tch::{Device, Tensor};
 
-use super::gc::{self, Principal};
+use super::diagnostics::{self, Diagnostics, Warning};
+use super::gc::{self, IntervalMethod, Principal};
 use super::stream::{self, StreamPlan, StreamReport};
-use super::{kernel, BlockBy, Kernel};
+use super::{kernel, BlockBy, Kernel, Normalize};
 use crate::capture::job::Job;
 use crate::capture::{Captured, Method, OutputKind};
 use crate::corpus::SplitChoice;
@@ -24,8 +25,8 @@ use crate::progress::Progress;
 
 /// Frequency bins of GC per bin by default.
 pub const DEFAULT_BINS: usize = 5;
-/// Half-samples of the GC intervals by default.
-pub const DEFAULT_GC_RESAMPLES: usize = 200;
+/// Jackknife groups (or half-samples) of the GC intervals by default.
+pub const DEFAULT_GC_RESAMPLES: usize = 32;
 /// Largest streamed kernel assembled in memory by default.
 pub const DEFAULT_ASSEMBLE_MAX: usize = 16384;
 
@@ -40,8 +41,12 @@ pub struct NtkOptions {
     pub cross: Option<(SplitChoice, usize)>,
     /// Quantile bins of the 1-gram frequency score for GC per bin.
     pub bins: usize,
-    /// Half-samples for the GC intervals (0: none).
+    /// Jackknife groups (or half-samples) for the GC intervals (0: none).
     pub gc_resamples: usize,
+    /// How the GC intervals are computed.
+    pub interval: IntervalMethod,
+    /// How per-sample gradients are scaled before the principal direction.
+    pub normalize: Normalize,
     /// Also keep the padded batch (ids, mask, targets) for peer tools.
     pub export_batch: bool,
     /// Stream to disk in tiles of this many samples (needs an output folder).
@@ -60,6 +65,8 @@ impl Default for NtkOptions {
             cross: None,
             bins: DEFAULT_BINS,
             gc_resamples: DEFAULT_GC_RESAMPLES,
+            interval: IntervalMethod::default(),
+            normalize: Normalize::default(),
             export_batch: false,
             tile: None,
             assemble_max: DEFAULT_ASSEMBLE_MAX,
@@ -73,8 +80,14 @@ impl Default for NtkOptions {
 pub struct NtkSummary {
     /// Block names of the kernel.
     pub blocks: Vec<String>,
+    /// Whether the kernel can say anything (see [`diagnostics`]); absent for diagonal kernels.
+    pub diagnostics: Option<Diagnostics>,
+    /// How the GC intervals were computed.
+    pub interval: IntervalMethod,
     /// Capture method.
     pub method: Method,
+    /// How per-sample gradients were scaled before the principal direction.
+    pub normalize: Normalize,
     /// Scalar output per sample.
     pub output: OutputKind,
     /// Number of selected parameter values.
@@ -87,6 +100,8 @@ pub struct NtkSummary {
     pub seconds: f64,
     /// Number of selected parameter tensors.
     pub tensors: usize,
+    /// What makes the result degenerate, in plain words, with what to change; empty when sound.
+    pub warnings: Vec<Warning>,
 }
 
 /// One row of `gc.parquet`: the GC of one group of samples.
@@ -100,8 +115,12 @@ pub struct GcRow {
     pub n: u64,
     /// GC of the group (`None` when undefined).
     pub gc: Option<f64>,
-    /// The group's 95% half-sampling interval.
+    /// The group's 95% interval.
     pub interval: Option<(f64, f64)>,
+    /// Participation ratio of the principal eigenvector of the group's own kernel.
+    pub participation: Option<f64>,
+    /// Top eigenvalue of the group's own kernel as a share of its trace.
+    pub top_share: Option<f64>,
     /// Mean 1-gram frequency score of the members.
     pub mean_freq_score: f64,
 }
@@ -167,46 +186,90 @@ pub fn compute(
             )
         }
     };
-    let summary = NtkSummary {
-        blocks: k.blocks.iter().map(|(name, _)| name.clone()).collect(),
-        method: job.opts.method,
-        output: job.opts.output,
-        parameters: job.parameter_count(),
-        projection: job.opts.projection.map(|pr| pr.dim),
-        samples: job.ids.len(),
-        seconds: t0.elapsed().as_secs_f64(),
-        tensors: job.params.len(),
-    };
-    let batch = opts.export_batch.then(|| export_batch(job, opts.seed));
-    let (extra, last) = annotations(job, device)?;
-    let mut out = NtkOutput {
-        summary: Some(summary),
-        kernel: None,
-        principal: None,
-        samples: DataFrame::empty(),
-        gc: Vec::new(),
-        cross: None,
-        batch,
-        stream,
-    };
-    if opts.diagonal {
-        let d: Vec<f64> = Vec::try_from(&k.total)?;
-        out.samples = job.samples_frame(Some(&d), None, &extra)?;
-        out.kernel = Some(k);
-        return Ok(out);
+    let seconds = t0.elapsed().as_secs_f64();
+    let mut out = from_kernel(job, k, opts, device, progress)?;
+    if let Some(s) = &mut out.summary {
+        s.seconds = seconds;
     }
-    let whole = gc::principal(&k.total)?;
-    let scores = freq_scores(job)?;
-    let bins = quantile_bins(&scores, opts.bins.max(1));
-    let groups = groups(job, &bins, &extra);
-    out.gc = gc_rows(&k.total, &whole, &groups, &scores, opts, progress)?;
-    out.samples = samples_table(job, &k.total, &whole, &extra, &bins, &scores, last.as_ref())?;
-    if let Some((split, n)) = opts.cross {
+    out.batch = opts.export_batch.then(|| export_batch(job, opts.seed));
+    out.stream = stream;
+    if let (Some((split, n)), false) = (opts.cross, opts.diagonal) {
         let cx = cx.as_ref().ok_or_else(|| {
             Error::invalid("--cross-split", "needs an in-memory kernel; drop --tile")
         })?;
         out.cross = Some(cross(job, cx, split, n, opts.blocks, device, progress)?);
     }
+    Ok(out)
+}
+
+/// Everything [`compute`] derives from a kernel of the job's samples, for a kernel computed
+/// already (another normalisation of the same capture, a kernel from elsewhere): the principal
+/// direction, GC with intervals, diagnostics and warnings, and the sample table. `seconds` in
+/// the summary is 0; no cross-kernel, batch or stream report.
+pub fn from_kernel(
+    job: &Job,
+    k: Kernel,
+    opts: &NtkOptions,
+    device: Device,
+    progress: &dyn Progress,
+) -> Result<NtkOutput> {
+    let mut summary = NtkSummary {
+        blocks: k.blocks.iter().map(|(name, _)| name.clone()).collect(),
+        diagnostics: None,
+        interval: opts.interval,
+        method: job.opts.method,
+        normalize: opts.normalize,
+        output: job.opts.output,
+        parameters: job.parameter_count(),
+        projection: job.opts.projection.map(|pr| pr.dim),
+        samples: job.ids.len(),
+        seconds: 0.0,
+        tensors: job.params.len(),
+        warnings: Vec::new(),
+    };
+    let (extra, last) = annotations(job, device)?;
+    let mut out = NtkOutput {
+        summary: None,
+        kernel: None,
+        principal: None,
+        samples: DataFrame::empty(),
+        gc: Vec::new(),
+        cross: None,
+        batch: None,
+        stream: None,
+    };
+    if opts.diagonal {
+        let d: Vec<f64> = Vec::try_from(&k.total)?;
+        out.samples = job.samples_frame(Some(&d), None, &extra)?;
+        out.summary = Some(summary);
+        out.kernel = Some(k);
+        return Ok(out);
+    }
+    let raw_diag = k.total.diagonal(0, 0, 1);
+    let kn = match opts.normalize {
+        Normalize::None => None,
+        Normalize::Cosine => Some(k.cosine().total),
+    };
+    let kt = kn.as_ref().unwrap_or(&k.total);
+    let whole = gc::principal(kt)?;
+    let scores = freq_scores(job)?;
+    let bins = quantile_bins(&scores, opts.bins.max(1));
+    let groups = groups(job, &bins, &extra);
+    out.gc = gc_rows(kt, &whole, &groups, &scores, opts, progress)?;
+    let diag = diagnostics::diagnose(kt, &whole, &raw_diag)?;
+    summary.warnings = diagnostics::warnings(&diag, &out.gc, opts.normalize == Normalize::Cosine);
+    summary.diagnostics = Some(diag);
+    let t = SampleInputs {
+        k: kt,
+        raw_diag: &raw_diag,
+        whole: &whole,
+        extra: &extra,
+        bins: &bins,
+        scores: &scores,
+        last: last.as_ref(),
+    };
+    out.samples = samples_table(job, &t)?;
+    out.summary = Some(summary);
     out.kernel = Some(k);
     out.principal = Some(whole);
     Ok(out)
@@ -389,38 +452,50 @@ fn gc_rows(
         None,
     );
     let refs: Vec<&[usize]> = groups.iter().map(|g| g.2.as_slice()).collect();
-    let intervals = gc::gc_bootstrap(k, &refs, opts.gc_resamples, 0.05, opts.seed)?;
+    let intervals = gc::gc_intervals(k, &refs, opts.interval, opts.gc_resamples, 0.05, opts.seed)?;
     progress.finish();
     let mut rows = Vec::with_capacity(groups.len());
     for ((column, group, members), interval) in groups.iter().zip(intervals) {
         let mean = members.iter().map(|&i| scores[i]).sum::<f64>() / members.len() as f64;
+        let sub = gc::subset(k, whole, members)?;
         rows.push(GcRow {
             column: column.clone(),
             group: group.clone(),
             n: members.len() as u64,
-            gc: gc::gc(k, whole, members)?,
+            gc: sub.map(|s| s.gc),
             interval,
+            participation: sub.map(|s| s.participation),
+            top_share: sub.map(|s| s.top_share),
             mean_freq_score: mean,
         });
     }
     Ok(rows)
 }
 
+/// What the per-sample table is made of.
+struct SampleInputs<'a> {
+    /// The kernel the direction came from (normalised or not).
+    k: &'a Tensor,
+    /// Θ_ii before normalisation.
+    raw_diag: &'a Tensor,
+    whole: &'a Principal,
+    extra: &'a [(String, Vec<i64>)],
+    bins: &'a [usize],
+    scores: &'a [f64],
+    last: Option<&'a Array2<f32>>,
+}
+
 /// The per-sample table of a full kernel: Θ_ii, alignment, annotations, frequency bin, two
 /// principal components of the last block's embeddings and the frequency score.
-fn samples_table(
-    job: &Job,
-    k: &Tensor,
-    whole: &Principal,
-    extra: &[(String, Vec<i64>)],
-    bins: &[usize],
-    scores: &[f64],
-    last: Option<&Array2<f32>>,
-) -> Result<DataFrame> {
-    let align = gc::alignment(k, whole);
-    let diag: Vec<f64> = Vec::try_from(k.diagonal(0, 0, 1))?;
-    let mut extra2 = extra.to_vec();
-    extra2.push(("freq_bin".into(), bins.iter().map(|&b| b as i64).collect()));
+fn samples_table(job: &Job, t: &SampleInputs) -> Result<DataFrame> {
+    let (scores, last) = (t.scores, t.last);
+    let align = gc::alignment(t.k, t.whole);
+    let diag: Vec<f64> = Vec::try_from(t.raw_diag)?;
+    let mut extra2 = t.extra.to_vec();
+    extra2.push((
+        "freq_bin".into(),
+        t.bins.iter().map(|&b| b as i64).collect(),
+    ));
     let mut df = job.samples_frame(Some(&diag), Some(&align), &extra2)?;
     let table = |e| Error::table("samples", e);
     if let Some(last) = last {
@@ -486,6 +561,9 @@ pub fn gc_frame(rows: &[GcRow]) -> Result<DataFrame> {
             col("gc", &|r| r.gc),
             col("gc_low", &|r| r.interval.map(|x| x.0)),
             col("gc_high", &|r| r.interval.map(|x| x.1)),
+            col("gc_width", &|r| r.interval.map(|x| x.1 - x.0)),
+            col("participation", &|r| r.participation),
+            col("top_share", &|r| r.top_share),
             Column::new(
                 "mean_freq_score".into(),
                 rows.iter().map(|r| r.mean_freq_score).collect::<Vec<_>>(),

@@ -3,6 +3,7 @@
 //! with the same figures as outputs and cells that reload the Parquet tables, so users can go on
 //! in Python. Inputs are an `analyze` folder and the `ntk` folder(s) it was computed from.
 
+mod findings;
 pub mod plots;
 
 use std::path::{Path, PathBuf};
@@ -27,7 +28,9 @@ pub struct Figure {
 pub struct Report {
     /// Title of the page.
     pub title: String,
-    /// Summary sentences.
+    /// Whether the kernel is informative: its diagnostics and warnings, in words.
+    pub kernel: Vec<String>,
+    /// The findings, in words with their intervals.
     pub summary: Vec<String>,
     /// Correlation rows: x, y, method, value, low, high.
     pub correlations: Vec<[String; 6]>,
@@ -69,14 +72,6 @@ struct GcTable {
 
 fn finite(v: f64) -> Option<f64> {
     v.is_finite().then_some(v)
-}
-
-fn with_interval(v: Option<f64>, iv: Option<(f64, f64)>) -> String {
-    match (v, iv) {
-        (Some(v), Some((lo, hi))) => format!("{} [{}, {}]", fmt(v), fmt(lo), fmt(hi)),
-        (Some(v), None) => fmt(v),
-        _ => "–".into(),
-    }
 }
 
 impl GcTable {
@@ -218,7 +213,7 @@ pub fn build(
     let mut figures = vec![
         Figure {
             name: "gc_by_frequency".into(),
-            caption: "Gradient consistency of each 1-gram frequency bin with the whole sample set, with 95% half-sampling intervals (top), and the samples per bin (bottom); paper Fig. 2a.".into(),
+            caption: "Gradient consistency of each 1-gram frequency bin with the whole sample set, with 95% intervals (top), and the samples per bin (bottom); paper Fig. 2a.".into(),
             plot: plots::gc_by_frequency(&bins, "GC by data frequency")?,
         },
         Figure {
@@ -235,7 +230,8 @@ pub fn build(
     let corr = Correlations::read(analysis)?;
     let flags = flag_rows(analysis)?;
     let isolation = isolation_lines(analysis)?;
-    let summary = summary_lines(&a, &g, &bins, &corr, flags.len());
+    let summary = findings::findings(&a, &g, &bins, &corr, analysis)?;
+    let kernel = findings::kernel_lines(ntk)?;
     let tables = [
         "analysis.parquet",
         "correlations.parquet",
@@ -249,6 +245,7 @@ pub fn build(
     .collect();
     Ok(Report {
         title: title.to_string(),
+        kernel,
         summary,
         correlations: corr.rows(),
         flags,
@@ -373,12 +370,6 @@ impl Correlations {
             })
             .collect()
     }
-
-    /// The row of Spearman's correlation of the frequency score with `y`.
-    fn spearman(&self, y: &str) -> Option<usize> {
-        (0..self.x.len())
-            .find(|&i| self.x[i] == "freq_score" && self.y[i] == y && self.method[i] == "spearman")
-    }
 }
 
 /// The flagged samples: rank, id, domain, score, reasons, text.
@@ -452,49 +443,6 @@ fn isolation_lines(analysis: &Path) -> Result<Vec<String>> {
         });
     }
     Ok(lines)
-}
-
-/// The report's summary sentences.
-fn summary_lines(
-    a: &Samples,
-    g: &GcTable,
-    bins: &[plots::GcBin],
-    corr: &Correlations,
-    flagged: usize,
-) -> Vec<String> {
-    let mut summary = vec![format!(
-        "{} samples; {} flagged as under-memorised.",
-        a.domains.len(),
-        flagged
-    )];
-    for y in ["alignment", "loss"] {
-        if let Some(i) = corr.spearman(y) {
-            summary.push(format!(
-                "Frequency score vs {y}: Spearman {} (95% interval {} to {}).",
-                fmt(corr.value[i]),
-                fmt(corr.low[i]),
-                fmt(corr.high[i])
-            ));
-        }
-    }
-    summary.push(format!(
-        "GC by frequency bin, rarest first [95% half-sampling interval]: {}.",
-        bins.iter()
-            .map(|b| with_interval(b.gc, b.interval))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-    for i in (0..g.column.len()).filter(|&i| g.column[i] == "long_tail") {
-        summary.push(format!(
-            "GC of {} samples: {}.",
-            match g.group[i] == "true" {
-                true => "long-tail-domain",
-                false => "common-domain",
-            },
-            with_interval(finite(g.gc[i]), g.interval(i))
-        ));
-    }
-    summary
 }
 
 /// Training curves of the runs beside `run` (loss, smoothed over 10 steps) and the cluster
@@ -624,6 +572,19 @@ pub fn html(r: &Report) -> String {
         .iter()
         .map(|s| format!("<li>{}</li>", esc(s)))
         .collect();
+    let kernel: String = r
+        .kernel
+        .iter()
+        .map(|s| match s.strip_prefix("Warning: ") {
+            Some(w) => format!("<li class=\"warn\"><b>Warning:</b> {}</li>", esc(w)),
+            None => format!("<li>{}</li>", esc(s)),
+        })
+        .collect();
+    let kernel = if kernel.is_empty() {
+        String::new()
+    } else {
+        format!("<h2>Is the kernel informative?</h2><ul id=\"kernel\">{kernel}</ul>")
+    };
     let iso = if r.isolation.is_empty() {
         String::new()
     } else {
@@ -633,8 +594,8 @@ pub fn html(r: &Report) -> String {
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>\
 body{{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}}table{{border-collapse:collapse;font-size:13px;margin:1em 0}}\
 td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top}}th{{background:#eee;cursor:pointer}}figure{{margin:1.5em 0}}\
-figcaption{{font-size:13px;color:#444}}svg{{max-width:100%;height:auto}}.note{{font-size:13px;color:#555}}</style>\
-<script>{js}</script></head><body><h1>{t}</h1><h2>Summary</h2><ul>{summary}</ul><h2>Figures</h2>{figs}\
+figcaption{{font-size:13px;color:#444}}svg{{max-width:100%;height:auto}}.note{{font-size:13px;color:#555}}.warn{{color:#a00}}</style>\
+<script>{js}</script></head><body><h1>{t}</h1>{kernel}<h2>Findings</h2><ul id=\"findings\">{summary}</ul><h2>Figures</h2>{figs}\
 <h2>Correlations</h2>{corr}{iso}<h2>Flagged examples</h2><p class=\"note\">Click a column to sort.</p>{flags}</body></html>",
         t = esc(&r.title),
         js = SORT_JS,
@@ -652,7 +613,7 @@ fn lines(s: &str) -> Vec<String> {
 pub fn notebook(r: &Report, figure_dir: &Path) -> serde_json::Value {
     let mut cells = vec![json!({
         "cell_type": "markdown", "id": "title", "metadata": {},
-        "source": lines(&format!("# {}\n\n{}\n", r.title, r.summary.iter().map(|s| format!("- {s}")).collect::<Vec<_>>().join("\n")))
+        "source": lines(&format!("# {}\n\n{}\n", r.title, r.kernel.iter().chain(&r.summary).map(|s| format!("- {s}")).collect::<Vec<_>>().join("\n")))
     })];
     let paths: Vec<String> = r.tables.iter().map(|p| p.display().to_string()).collect();
     let load = format!(
