@@ -51,6 +51,17 @@ fn bad(args: &[&str], needles: &[&str]) {
     }
 }
 
+/// A usage error from clap: exit 2, and its first line names everything in `needles`.
+fn usage_bad(args: &[&str], needles: &[&str]) {
+    let o = run(args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+    let first = err.lines().next().unwrap_or_default();
+    for n in needles {
+        assert!(first.contains(n), "{args:?}: {first:?} lacks {n:?}");
+    }
+}
+
 fn read_table(p: &Path) -> polars::prelude::DataFrame {
     ParquetReader::new(std::fs::File::open(p).unwrap())
         .finish()
@@ -322,6 +333,15 @@ fn ingest_errors_name_file_line_or_field() {
         &["corpus", "ingest", &utf_csv, "-o", &out],
         &["bad.csv:3", "UTF-8"],
     );
+    // A byte-order mark before the first record is not an error.
+    let bom = t.file(
+        "bom.jsonl",
+        "\u{feff}{\"text\": \"the first line comes with a byte order mark\"}\n{\"text\": \"the second line has a few more words\"}\n".as_bytes(),
+    );
+    let bom_out = t.s("bom/corpus.parquet");
+    let mut args = vec!["corpus", "ingest", &bom, "-o", &bom_out];
+    args.extend_from_slice(SMALL_VOCAB);
+    assert!(ok(&args).contains("corpus: 2 samples"));
     let json = t.file("bad.jsonl", b"{\"text\": \"ok\"}\n{\"text\": oops}\n");
     bad(
         &["corpus", "ingest", &json, "-o", &out],
@@ -997,6 +1017,33 @@ fn capture_and_ntk_from_the_cli() {
             "ntk", "--model", &model, "--corpus", &corpus, "--layers", "1-2", "-o", &out,
         ],
         &["--layers"],
+    );
+    // A range beyond the model's blocks names the range, not --params; zero counts are refused.
+    bad(
+        &[
+            "ntk", "--model", &model, "--corpus", &corpus, "--layers", "9..12", "-o", &out,
+        ],
+        &["--layers", "9..12"],
+    );
+    for flag in ["--samples", "--batch", "--bins"] {
+        usage_bad(
+            &[
+                "ntk", "--model", &model, "--corpus", &corpus, flag, "0", "-o", &out,
+            ],
+            &[flag, "at least 1"],
+        );
+    }
+    usage_bad(
+        &[
+            "eval",
+            "--model",
+            &model,
+            "--corpus",
+            &corpus,
+            "--probe-samples",
+            "0",
+        ],
+        &["--probe-samples", "at least 1"],
     );
     bad(
         &[

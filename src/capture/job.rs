@@ -74,6 +74,18 @@ impl Job {
             &spec.corpus,
         )?;
         let selection = spec.selection.resolve(model.cfg.n_layer)?;
+        if let Some((a, b)) = selection.layers {
+            if a > b || b >= model.cfg.n_layer {
+                return Err(Error::invalid(
+                    "--layers",
+                    format!(
+                        "blocks {a}..{b} are not within the model's {} blocks (0..{})",
+                        model.cfg.n_layer,
+                        model.cfg.n_layer - 1
+                    ),
+                ));
+            }
+        }
         let params = selection.select_from(model.capture_parameters(&vs)?)?;
         if spec.options.projection.is_some() && spec.options.method == Method::Ghost {
             return Err(Error::invalid(

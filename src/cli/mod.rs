@@ -147,6 +147,16 @@ where
     Ok(ExitCode::SUCCESS)
 }
 
+/// A count that must be at least 1 (`--batch`, `--bins`, `--samples`, …): clap names the flag
+/// and shows this message when it is 0 or not a number.
+pub fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("expected a whole number, got {s:?}")),
+    }
+}
+
 /// The exit status for an error: 2 when some `tailscope::Error` in its chain is bad input.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     let bad_input = err

@@ -33,6 +33,7 @@ pub struct CaptureArgs {
         long,
         default_value_t = job::DEFAULT_SAMPLES,
         value_name = "N",
+        value_parser = super::at_least_one,
         help_heading = "Samples"
     )]
     pub samples: usize,
@@ -119,6 +120,7 @@ pub struct CaptureArgs {
         long,
         default_value_t = job::DEFAULT_BATCH,
         value_name = "N",
+        value_parser = super::at_least_one,
         help_heading = "Gradients"
     )]
     pub batch: usize,
@@ -146,7 +148,7 @@ pub struct NtkArgs {
     #[arg(long, default_value_t = 256, value_name = "N", help_heading = "Kernel")]
     pub cross_samples: usize,
     /// Frequency bins (quantiles of the 1-gram frequency score) for GC per bin.
-    #[arg(long, default_value_t = pipeline::DEFAULT_BINS, value_name = "N", help_heading = "Kernel")]
+    #[arg(long, default_value_t = pipeline::DEFAULT_BINS, value_name = "N", value_parser = super::at_least_one, help_heading = "Kernel")]
     pub bins: usize,
     /// Jackknife groups (or half-samples, with --interval half-sample) for the 95% intervals of
     /// every GC in gc.parquet (0: none). Each recomputes the principal direction.

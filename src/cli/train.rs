@@ -77,7 +77,7 @@ pub struct EvalArgs {
     #[arg(long, value_name = "N")]
     pub layer: Option<usize>,
     /// Training-split samples used to fit the probe (evenly spaced).
-    #[arg(long, default_value_t = 5000, value_name = "N")]
+    #[arg(long, default_value_t = 5000, value_name = "N", value_parser = super::at_least_one)]
     pub probe_samples: usize,
     /// Validation samples evaluated (evenly spaced; default all).
     #[arg(long, value_name = "N")]

@@ -190,8 +190,10 @@ fn read_jsonl(path: &Path, label: &str, opts: &IngestOptions) -> Result<Vec<RawR
             continue;
         }
         let at = |msg: String| Error::at_line(path, line_no, msg);
+        // A UTF-8 byte-order mark (as Windows editors write) is not part of the JSON.
+        let line = line.strip_prefix('\u{feff}').unwrap_or(&line);
         let value: serde_json::Value =
-            serde_json::from_str(&line).map_err(|e| at(format!("invalid JSON: {e}")))?;
+            serde_json::from_str(line).map_err(|e| at(format!("invalid JSON: {e}")))?;
         let obj = value
             .as_object()
             .ok_or_else(|| at("expected a JSON object per line".into()))?;

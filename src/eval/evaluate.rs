@@ -101,6 +101,12 @@ pub fn evaluate(spec: &EvalSpec, device: Device, progress: &dyn Progress) -> Res
             "no validation samples to evaluate",
         ));
     }
+    if trn.is_empty() {
+        return Err(Error::invalid(
+            "--probe-samples",
+            "the linear probe needs at least one training-split sample",
+        ));
+    }
     let texts = |idx: &[usize]| {
         idx.iter()
             .map(|&i| corpus.samples[i].text.as_str())
