@@ -254,14 +254,8 @@ pub fn gc_bootstrap(
         let mut pick: Vec<usize> = (0..n).collect();
         pick.shuffle(&mut rng);
         pick.truncate(n.div_ceil(2));
-        let sel = Tensor::from_slice(&pick.iter().map(|&i| i as i64).collect::<Vec<_>>());
-        let kb = k.index_select(0, &sel).index_select(1, &sel);
-        let whole = principal(&kb)?;
-        for (g, m) in member.iter().enumerate() {
-            let idx: Vec<usize> = (0..pick.len()).filter(|&j| m[pick[j]]).collect();
-            if let Some(v) = gc(&kb, &whole, &idx)? {
-                stats[g].push(v);
-            }
+        for (g, v) in gc_on(&k, &pick, &member)?.into_iter().enumerate() {
+            stats[g].extend(v);
         }
     }
     Ok(stats

@@ -184,7 +184,7 @@ fn wilson(k: usize, n: usize) -> (f64, f64) {
 
 /// Where the flags land: their count, the domains holding most, and the long-tail share of the
 /// flags (Wilson interval) against that of all samples.
-fn flag_findings(a: &Samples) -> Result<Vec<String>> {
+fn flag_findings(a: &Samples, analysis: &Path) -> Result<Vec<String>> {
     let rank = column_f64(&a.frame, "flag_rank", &a.path)?;
     let lt = column_str(&a.frame, "long_tail_domain", &a.path)?;
     let n = rank.len();
@@ -201,13 +201,24 @@ fn flag_findings(a: &Samples) -> Result<Vec<String>> {
     let k = flagged.iter().filter(|&&i| lt[i] == "true").count();
     let all = lt.iter().filter(|v| *v == "true").count();
     let (lo, hi) = wilson(k, flagged.len());
+    // Whether the flag rule counted a long-tail domain as rarity (summary.json's flag options).
+    let by_rule = std::fs::read_to_string(analysis.join("summary.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["flag_options"]["long_tail_domains"].as_bool())
+        .unwrap_or(false);
     Ok(vec![format!(
-        "{} of {n} samples are flagged as neglected; {k} of them ({:.0}% [{:.0}%, {:.0}%]) come from long-tail domains, which hold {:.0}% of all samples. Most flags: {}.",
+        "{} of {n} samples are flagged as neglected; {k} of them ({:.0}% [{:.0}%, {:.0}%]) come from long-tail domains, which hold {:.0}% of all samples{}. Most flags: {}.",
         flagged.len(),
         100.0 * k as f64 / flagged.len() as f64,
         100.0 * lo,
         100.0 * hi,
         100.0 * all as f64 / n.max(1) as f64,
+        if by_rule {
+            " (the flag rule counts a long-tail domain as rare, so this share is partly by construction)"
+        } else {
+            ""
+        },
         top.iter()
             .take(4)
             .map(|(d, c)| format!("{d} {c}"))
@@ -263,7 +274,7 @@ pub(super) fn findings(
 ) -> Result<Vec<String>> {
     let mut out = gc_findings(g, bins);
     out.extend(correlation_findings(corr));
-    out.extend(flag_findings(a)?);
+    out.extend(flag_findings(a, analysis)?);
     out.extend(expert_findings(analysis)?);
     Ok(out)
 }

@@ -88,7 +88,7 @@ pub struct GcBin {
     pub mean_score: f64,
     /// Its GC.
     pub gc: Option<f64>,
-    /// 95% half-sampling interval (`ntk::gc::gc_bootstrap`), drawn as an error bar.
+    /// 95% interval (`ntk::gc::gc_intervals`), drawn as an error bar.
     pub interval: Option<(f64, f64)>,
     /// Its samples.
     pub n: u64,
@@ -142,7 +142,7 @@ pub fn gc_by_frequency(bins: &[GcBin], title: &str) -> Result<Rendered> {
             ))
         }))
         .map_err(plot_err)?
-        .label("95% half-sampling interval")
+        .label("95% interval")
         .legend(|(x, y)| PathElement::new(vec![(x + 10, y - 6), (x + 10, y + 6)], BLACK));
         c.draw_series(LineSeries::new(pts.clone(), PALETTE[0].stroke_width(2)))
             .map_err(plot_err)?
@@ -180,6 +180,14 @@ fn bin_counts<DB: DrawingBackend>(
         .x_desc("1-gram frequency bin (mean score), rarest first")
         .x_labels(bins.len().max(2))
         .x_label_formatter(&|x| format!("{}", x.round() as i64))
+        // Counts: integer ticks only (a tick between two integers gets no label).
+        .y_label_formatter(&|y| {
+            if (y - y.round()).abs() < 1e-9 {
+                format!("{}", y.round() as i64)
+            } else {
+                String::new()
+            }
+        })
         .draw()
         .map_err(plot_err)?;
     h.draw_series(bins.iter().enumerate().map(|(i, b)| {
