@@ -18,8 +18,11 @@ pub struct AnalyzeArgs {
     /// An `ntk` output folder (samples.parquet, gc.parquet).
     #[arg(long, value_name = "DIR", help_heading = "Input")]
     pub ntk: PathBuf,
-    /// The model the kernel was computed for (for per-sample losses).
-    #[arg(long, value_name = "DIR", help_heading = "Input")]
+    /// The model the kernel was computed for (for per-sample losses): a checkpoint folder, a Hugging Face folder, a GGUF file or a TorchScript module.
+    ///
+    /// A TorchScript file (.pt) runs code when it is loaded, as a pickle does: load only files you
+    /// trust. Safetensors and GGUF files hold data only.
+    #[arg(long, value_name = "PATH", help_heading = "Input")]
     pub model: PathBuf,
     /// The corpus table (texts, and ground truth `long_tail` if synthetic).
     #[arg(long, value_name = "FILE", help_heading = "Input")]

@@ -16,8 +16,11 @@ use crate::ntk::{BlockBy, Normalize};
 /// Which samples and which gradients; shared by `capture` and `ntk`.
 #[derive(Debug, Clone, Args)]
 pub struct CaptureArgs {
-    /// A model folder (config.json + model.safetensors).
-    #[arg(long, value_name = "DIR", help_heading = "Input")]
+    /// The model: a checkpoint folder, a Hugging Face folder, a GGUF file or a TorchScript module.
+    ///
+    /// A TorchScript file (.pt) runs code when it is loaded, as a pickle does: load only files you
+    /// trust. Safetensors and GGUF files hold data only.
+    #[arg(long, value_name = "PATH", help_heading = "Input")]
     pub model: PathBuf,
     /// The corpus table.
     #[arg(long, value_name = "FILE", help_heading = "Input")]

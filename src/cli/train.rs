@@ -61,8 +61,11 @@ pub struct TrainArgs {
 #[command(after_help = "Example:\n  \
     tailscope eval --model out/demo/train/cse/final --corpus out/demo/corpus.parquet")]
 pub struct EvalArgs {
-    /// A model folder (config.json + model.safetensors): a run's final/ or a checkpoint.
-    #[arg(long, value_name = "DIR")]
+    /// The model: a checkpoint folder, a Hugging Face folder, a GGUF file or a TorchScript module.
+    ///
+    /// A TorchScript file (.pt) runs code when it is loaded, as a pickle does: load only files you
+    /// trust. Safetensors and GGUF files hold data only.
+    #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
     /// The corpus table; validation samples are evaluated.
     #[arg(long, value_name = "FILE")]
