@@ -18,8 +18,8 @@ use tailscope::ntk::pipeline::{from_kernel, NtkOptions};
 use tailscope::ntk::{kernel, Normalize};
 use tailscope::progress::Silent;
 
-/// The parameter selection named `name` for a model of `n_layer` blocks.
-fn selection(name: &str, n_layer: i64) -> anyhow::Result<Selection> {
+/// The parameter selection named `name`.
+fn selection(name: &str) -> anyhow::Result<Selection> {
     let globs = |g: &[&str]| g.iter().map(|s| s.to_string()).collect();
     Ok(match name {
         "all" => Selection::default(),
@@ -28,18 +28,16 @@ fn selection(name: &str, n_layer: i64) -> anyhow::Result<Selection> {
             ..Selection::default()
         },
         "last-2" => Selection {
-            layers: Some((n_layer - 2, n_layer - 1)),
+            last_blocks: Some(2),
             ..Selection::default()
         },
         "mlp" => Selection {
-            globs: globs(&["h.*.mlp.*"]),
+            mlp_only: true,
             ..Selection::default()
         },
         "mlp-last-2" => Selection {
-            globs: vec![
-                format!("h.{}.mlp.*", n_layer - 2),
-                format!("h.{}.mlp.*", n_layer - 1),
-            ],
+            last_blocks: Some(2),
+            mlp_only: true,
             ..Selection::default()
         },
         other => anyhow::bail!("unknown selection {other:?}"),
@@ -77,14 +75,14 @@ fn main() -> anyhow::Result<()> {
     let mut rows: Vec<(String, u64, Normalize, Row)> = Vec::new();
     for name in &names {
         for sample_seed in [1u64, 2] {
-            let mut spec = JobSpec {
+            let spec = JobSpec {
                 model: PathBuf::from(model),
                 corpus: PathBuf::from(corpus),
                 tokenizer: None,
                 split: SplitChoice::Validation,
                 samples,
                 sample_seed,
-                selection: Selection::default(),
+                selection: selection(name)?,
                 options: CaptureOptions {
                     batch: 8,
                     projection: (project > 0).then_some(Projection {
@@ -95,10 +93,7 @@ fn main() -> anyhow::Result<()> {
                     ..CaptureOptions::default()
                 },
             };
-            let probe = Job::prepare(&spec, device).context("loading the model")?;
-            spec.selection = selection(name, probe.model.cfg.n_layer)?;
-            drop(probe);
-            let job = Job::prepare(&spec, device)?;
+            let job = Job::prepare(&spec, device).context("loading the model")?;
             let t0 = std::time::Instant::now();
             let cx = job.capture(&job.ids, "capturing", device, &Silent)?;
             let k = kernel(&cx, None, tailscope::ntk::BlockBy::None, false)?;

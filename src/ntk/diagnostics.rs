@@ -63,8 +63,7 @@ pub fn diagnose(k: &Tensor, whole: &Principal, raw_diag: &Tensor) -> Result<Diag
     } else {
         (d[d.len() / 2 - 1] + d[d.len() / 2]) / 2.0
     };
-    let kd = k.diagonal(0, 0, 1).clamp_min(f64::MIN_POSITIVE).sqrt();
-    let cos = (&k / kd.outer(&kd)).abs();
+    let cos = super::cosine(&k).abs();
     let off = cos.sum(Kind::Double).double_value(&[]) - cos.trace().double_value(&[]);
     let pr = participation(&whole.u);
     Ok(Diagnostics {
@@ -240,8 +239,7 @@ mod tests {
         );
         assert!(text.iter().any(|t| t.contains("dominates")), "{text:?}");
         // The cosine kernel of the same gradients: no dominant sample, but nothing shared.
-        let kd = k.diagonal(0, 0, 1).sqrt();
-        let c = &k / kd.outer(&kd);
+        let c = crate::ntk::cosine(&k);
         let pc = principal(&c).unwrap();
         let dc = diagnose(&c, &pc, &k.diagonal(0, 0, 1)).unwrap();
         let wc = warnings(&dc, &[], true);

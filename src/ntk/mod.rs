@@ -82,6 +82,19 @@ pub enum Normalize {
     Cosine,
 }
 
+/// 1 / √(Θ_ii Θ_jj) for every pair of the square kernel `k` (0 where a sample's Θ_ii is 0).
+fn cosine_scale(k: &Tensor) -> Tensor {
+    let d = k.diagonal(0, 0, 1);
+    let inv = d.gt(0.0).to_kind(Kind::Double) / d.clamp_min(f64::MIN_POSITIVE).sqrt();
+    inv.outer(&inv)
+}
+
+/// The cosine kernel Θ_ij / √(Θ_ii Θ_jj) of the square kernel `k`: the kernel of unit-norm
+/// gradients (a zero-norm sample stays zero).
+pub fn cosine(k: &Tensor) -> Tensor {
+    k * cosine_scale(k)
+}
+
 /// A kernel and its blocks (float64, CPU).
 #[derive(Debug)]
 pub struct Kernel {
@@ -97,9 +110,7 @@ impl Kernel {
     /// The kernel of unit-norm gradients: the total and every block divided by √(Θ_ii Θ_jj) of
     /// the total, so the blocks still sum to the total (a zero-norm sample stays zero).
     pub fn cosine(&self) -> Kernel {
-        let d = self.total.diagonal(0, 0, 1);
-        let inv = d.gt(0.0).to_kind(Kind::Double) / d.clamp_min(f64::MIN_POSITIVE).sqrt();
-        let scale = inv.outer(&inv);
+        let scale = cosine_scale(&self.total);
         Kernel {
             total: &self.total * &scale,
             blocks: self

@@ -248,7 +248,7 @@ pub fn from_kernel(
     let raw_diag = k.total.diagonal(0, 0, 1);
     let kn = match opts.normalize {
         Normalize::None => None,
-        Normalize::Cosine => Some(k.cosine().total),
+        Normalize::Cosine => Some(super::cosine(&k.total)),
     };
     let kt = kn.as_ref().unwrap_or(&k.total);
     let whole = gc::principal(kt)?;
