@@ -363,3 +363,63 @@ fn checkpoint_round_trip_is_bit_exact_and_mismatches_name_the_tensor() {
         "{err}"
     );
 }
+
+/// Upcycling a dense model: a CSE model (one expert per block) computes the base model's loss
+/// exactly, for GPT and Llama; every Switch expert starts as a copy of the dense FFN; a model
+/// with experts cannot be a base.
+#[test]
+fn upcycled_models_start_from_the_dense_weights() {
+    use tailscope::model::upcycle::upcycle;
+    for arch in [Arch::Gpt, Arch::Llama] {
+        let (vs, model) = double_model(&tiny(arch, ExpertConfig::Dense));
+        let cse = ExpertConfig::Cse(CseConfig {
+            last_k: 1,
+            proj_dim: 4,
+            ..CseConfig::default()
+        });
+        tch::manual_seed(1);
+        let (_vs_c, model_c, cfg_c) = upcycle(&vs, &model.cfg, &cse).unwrap();
+        assert!(cfg_c.is_sparse_layer(1) && !cfg_c.is_sparse_layer(0));
+        let (a, b) = (
+            loss(&model, 0.0).double_value(&[]),
+            loss(&model_c, 0.0).double_value(&[]),
+        );
+        assert!((a - b).abs() < 1e-12, "{arch:?}: {a} vs {b}");
+        let switch = ExpertConfig::Switch(SwitchConfig {
+            n_experts: 3,
+            capacity_factor: 1.0,
+            aux_weight: 0.0,
+            last_k: 1,
+        });
+        let (vs_s, _, _) = upcycle(&vs, &model.cfg, &switch).unwrap();
+        let base = vs.variables();
+        let mut copied = 0;
+        for (name, t) in vs_s.variables() {
+            if let Some(rest) = name.strip_prefix("h.1.mlp.experts.") {
+                let (_, tail) = rest.split_once('.').unwrap();
+                assert!(t.equal(&base[&format!("h.1.mlp.{tail}")]), "{name}");
+                copied += 1;
+            }
+        }
+        assert!(copied >= 6, "{arch:?}: {copied} expert tensors");
+        // The frozen trunk and the rest of the network make up the whole forward pass.
+        let (ids, mask, _) = batch();
+        let full = model.forward_t(&ids, &mask, false, false).unwrap().logits;
+        let x = model.hidden_before(&ids, &mask, 1).unwrap();
+        assert!(!x.requires_grad(), "the trunk is not recorded");
+        let f = tailscope::model::Forward {
+            train: false,
+            capture: false,
+            capacity: true,
+            tape: None,
+            head: true,
+        };
+        let split = model.forward_from(1, x, &mask, &f).unwrap().logits;
+        let gap = (full - split).abs().max().double_value(&[]);
+        assert!(gap < 1e-12, "{arch:?}: split forward differs by {gap}");
+        assert!(model.hidden_before(&ids, &mask, 3).is_err());
+        let (vs_c, model_c, _) = upcycle(&vs, &model.cfg, &cse).unwrap();
+        let err = upcycle(&vs_c, &model_c.cfg, &cse).unwrap_err().to_string();
+        assert!(err.contains("already has experts"), "{err}");
+    }
+}

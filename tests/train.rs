@@ -228,3 +228,210 @@ fn cse_initialisation_without_clusters_says_what_to_change() {
         "{msg}"
     );
 }
+
+/// A base model on disk: a fresh (seeded) model of the test spec's shape, with the corpus's
+/// tokenizer beside it, as an imported model brings its own.
+fn base_model(dir: &std::path::Path, spec: &TrainSpec, data: &TrainData) -> std::path::PathBuf {
+    let cfg = spec.model_config(&spec.runs[0], data.vocab).unwrap();
+    tch::manual_seed(3);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let _model = tailscope::model::Model::new(&vs.root(), &cfg).unwrap();
+    let base = dir.join("base");
+    tailscope::checkpoint::save_model(&base, &cfg, &vs).unwrap();
+    std::fs::copy(dir.join("tokenizer.json"), base.join("tokenizer.json")).unwrap();
+    base
+}
+
+/// The spec of `setup` with `[base]` instead of `[model]`, and dense, Switch and CSE runs that
+/// all train the FFN of the last block.
+fn upcycle_spec(dir: &std::path::Path, base: &std::path::Path) -> TrainSpec {
+    let text = std::fs::read_to_string(dir.join("spec.toml")).unwrap();
+    let (head, rest) = text.split_once("[model]").unwrap();
+    let (_, train) = rest.split_once("[train]").unwrap();
+    let train = train
+        .split("[[run]]")
+        .next()
+        .unwrap()
+        .replace("cse_warmup_fraction = 0.25", "cse_warmup_fraction = 0.0");
+    let toml = format!(
+        r#"{head}[base]
+model = "{}"
+last_k = 1
+max_len = 12
+[train]{train}
+[[run]]
+name = "dense"
+[[run]]
+name = "switch"
+experts = {{ kind = "switch", n_experts = 3, capacity_factor = 1.25, aux_weight = 0.01, last_k = 1 }}
+[[run]]
+name = "cse"
+experts = {{ kind = "cse", variant = "mof", last_k = 1, proj_dim = 4, sample = 200, min_pts = 3, min_cluster_size = 3, max_experts = 3 }}
+"#,
+        base.display()
+    );
+    std::fs::write(dir.join("upcycle.toml"), toml).unwrap();
+    TrainSpec::read(&dir.join("upcycle.toml")).unwrap()
+}
+
+#[test]
+fn upcycled_runs_train_only_the_top_ffn_and_resume_exactly() {
+    let _torch = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (fresh, _) = setup(dir.path());
+    let data0 = TrainData::load(&fresh.data.corpus, None).unwrap();
+    let base = base_model(dir.path(), &fresh, &data0);
+    let spec = upcycle_spec(dir.path(), &base);
+    let data = TrainData::for_spec(&spec).unwrap();
+    assert!(
+        data.tokenizer_json.is_some(),
+        "the base model's tokenizer is used"
+    );
+    let (base_vs, _) = tailscope::source::load_model(&base, Device::Cpu).unwrap();
+    let base_vars = base_vs.variables();
+    let mlp_params: i64 = base_vars
+        .iter()
+        .filter(|(n, _)| n.starts_with("h.1.mlp."))
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+    let mut start_val = Vec::new();
+    for run in &spec.runs {
+        let straight = dir.path().join("a");
+        let never = AtomicBool::new(false);
+        let a = train::train_run(
+            &spec,
+            run,
+            &data,
+            &straight,
+            Device::Cpu,
+            7,
+            false,
+            &never,
+            &train::Silent,
+        )
+        .unwrap();
+        let split = dir.path().join("b");
+        let stop = AtomicBool::new(false);
+        let b1 = train::train_run(
+            &spec,
+            run,
+            &data,
+            &split,
+            Device::Cpu,
+            7,
+            false,
+            &stop,
+            &StopAt(3, &stop),
+        )
+        .unwrap();
+        assert_eq!(b1.outcome, train::Outcome::Interrupted(3));
+        let stop = AtomicBool::new(false);
+        let b = train::train_run(
+            &spec,
+            run,
+            &data,
+            &split,
+            Device::Cpu,
+            7,
+            true,
+            &stop,
+            &train::Silent,
+        )
+        .unwrap();
+        let losses = |r: &train::RunResult| r.state.log.iter().map(|x| x.loss).collect::<Vec<_>>();
+        assert_eq!(losses(&a), losses(&b), "{}: resumed run differs", run.name);
+        let final_dir = straight.join(&run.name).join("final");
+        assert!(final_dir.join("tokenizer.json").exists(), "{}", run.name);
+        let (va, _) = tailscope::source::load_model(&final_dir, Device::Cpu).unwrap();
+        let (vb, _) =
+            tailscope::source::load_model(&split.join(&run.name).join("final"), Device::Cpu)
+                .unwrap();
+        let mut changed = 0;
+        for (name, t) in named_variables(&va) {
+            assert!(t.equal(&vb.variables()[&name]), "{}: {name}", run.name);
+            let top_ffn = name.starts_with("h.1.mlp.");
+            match tailscope::model::upcycle::base_name(&name) {
+                Some(src) if !top_ffn => assert!(
+                    t.equal(&base_vars[&src]),
+                    "{}: frozen `{name}` changed",
+                    run.name
+                ),
+                Some(src) => changed += usize::from(!t.equal(&base_vars[&src])),
+                None => {}
+            }
+        }
+        assert!(changed > 0, "{}: the top FFN was not trained", run.name);
+        // Trained parameters: the FFN of the last block, once per expert (+ the Switch router).
+        let per_expert = match run.name.as_str() {
+            "dense" => 1,
+            "switch" => 3,
+            _ => cse_experts(&va),
+        };
+        let router = if run.name == "switch" { 16 * 3 } else { 0 };
+        assert_eq!(a.params, per_expert * mlp_params + router, "{}", run.name);
+        start_val.push(
+            a.state
+                .val
+                .iter()
+                .find(|v| v.step == 0 && v.group == "all")
+                .cloned(),
+        );
+    }
+    // Before the first step the dense and CSE runs are the base model itself.
+    assert_eq!(start_val[0], start_val[2]);
+    assert!(start_val[0].is_some());
+    // The report's comparison of the runs, from their per-sentence validation losses.
+    let long_tail: std::collections::BTreeSet<String> = data
+        .corpus
+        .samples
+        .iter()
+        .filter(|s| s.domain != data.corpus.samples[0].domain)
+        .map(|s| s.domain.clone())
+        .collect();
+    let lines =
+        tailscope::report::runs::run_lines(&dir.path().join("a"), &long_tail, Some("dense"), 0)
+            .unwrap();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let start = start_val[0].as_ref().unwrap().ppl;
+    assert!(
+        lines[1].starts_with(&format!("dense: validation perplexity {start:.1} before")),
+        "{lines:?}"
+    );
+    assert!(
+        lines[0].contains("against dense on the same sentences"),
+        "{lines:?}"
+    );
+    assert!(!lines[1].contains("against"), "{lines:?}");
+}
+
+/// Experts of the CSE block h.1 in a saved model's variables.
+fn cse_experts(vs: &tch::nn::VarStore) -> i64 {
+    vs.variables()
+        .keys()
+        .filter(|n| n.starts_with("h.1.mlp.experts.") && n.ends_with("c_fc.weight"))
+        .count() as i64
+}
+
+#[test]
+fn upcycling_specs_name_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.toml");
+    let model =
+        "[model]\narch = \"gpt\"\nn_layer = 2\nd_model = 8\nn_head = 2\nd_ffn = 8\nmax_len = 8\n";
+    std::fs::write(
+        &p,
+        format!("[data]\ncorpus = \"x\"\n{model}[base]\nmodel = \"m\"\n[[run]]\nname = \"a\"\n"),
+    )
+    .unwrap();
+    let msg = TrainSpec::read(&p).unwrap_err().to_string();
+    assert!(msg.contains("not both"), "{msg}");
+    std::fs::write(&p, "[data]\ncorpus = \"x\"\n[[run]]\nname = \"a\"\n").unwrap();
+    let msg = TrainSpec::read(&p).unwrap_err().to_string();
+    assert!(msg.contains("[base]"), "{msg}");
+    std::fs::write(&p, "[data]\ncorpus = \"x\"\n[base]\nmodel = \"m\"\nlast_k = 2\n[[run]]\nname = \"s\"\nexperts = { kind = \"switch\", n_experts = 2, capacity_factor = 1.0, aux_weight = 0.0, last_k = 1 }\n").unwrap();
+    let msg = TrainSpec::read(&p).unwrap_err().to_string();
+    assert!(
+        msg.contains("run \"s\": experts.last_k") && msg.contains("base.last_k is 2"),
+        "{msg}"
+    );
+}

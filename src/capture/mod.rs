@@ -438,6 +438,7 @@ fn scalar_output(
         capture: false,
         capacity: false,
         tape,
+        head: true,
     };
     let out = model.forward_with(&b.ids, &b.mask, &fwd)?;
     Ok(outputs(output, &out.logits, b, probe).sum(kind))

@@ -16,15 +16,19 @@ use crate::train::{self, Outcome, StepRow, TrainSpec};
 
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "Examples:\n  \
-    tailscope train --config analyses/demo-train.toml -o out/demo/train\n  \
-    tailscope train --config analyses/demo-train.toml --run cse --steps 50 --resume")]
+    tailscope train --config analyses/demo-train.toml -o out/scratch/train\n  \
+    tailscope train --config analyses/demo-train.toml --run cse --steps 50 --resume\n  \
+    tailscope train --config analyses/upcycle-smollm2.toml -o out/demo/train   (from SmolLM2)")]
 pub struct TrainArgs {
     /// The training spec (TOML).
     #[arg(
         long,
         value_name = "FILE",
-        long_help = "The training spec: [data], [model], [train] and one or more [[run]] tables \
-            (dense, switch, cse). See analyses/demo-train.toml and the README."
+        long_help = "The training spec: [data], [model] (a fresh model) or [base] (start from \
+            an existing model: a tailscope checkpoint, a Hugging Face folder or a GGUF file, \
+            upcycling the runs' experts into its last blocks and freezing the rest), [train] and \
+            one or more [[run]] tables (dense, switch, cse). See analyses/demo-train.toml, \
+            analyses/upcycle-smollm2.toml and the README."
     )]
     pub config: PathBuf,
     /// Output directory; each run writes into a subfolder named after it.

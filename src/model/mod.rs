@@ -24,6 +24,7 @@ pub mod moe;
 pub mod script;
 pub mod sublayers;
 pub mod tape;
+pub mod upcycle;
 
 use tch::{nn, Kind, Tensor};
 
@@ -52,6 +53,10 @@ pub struct Forward<'a> {
     pub capacity: bool,
     /// Record layer inputs and output perturbations for per-sample gradients.
     pub tape: Option<&'a Tape>,
+    /// Compute the logits (off when only the sequence embeddings are wanted: the output layer
+    /// of a large vocabulary costs as much as several blocks). Without them `Output::logits`
+    /// is an empty tensor.
+    pub head: bool,
 }
 
 /// Targets equal to this are ignored by the loss (padding, unmasked BERT positions).
@@ -331,6 +336,7 @@ impl Model {
                 capture,
                 capacity: true,
                 tape: None,
+                head: true,
             },
         )
     }
@@ -359,6 +365,63 @@ impl Model {
             return script_forward(s, ids, mask, self.cfg.vocab_size, f);
         }
         let x = self.embed(ids, t, f);
+        Ok(self.blocks_and_head(0, x, mask, f))
+    }
+
+    /// The hidden states entering block `layer` (0: the embeddings), (batch, seq, d_model),
+    /// computed in inference mode without recording gradients: the frozen part of the network
+    /// below the blocks a run trains. [`Model::forward_from`] continues from them.
+    pub fn hidden_before(&self, ids: &Tensor, mask: &Tensor, layer: usize) -> Result<Tensor> {
+        if self.script.is_some() || layer > self.blocks.len() {
+            return Err(Error::invalid(
+                "layer",
+                format!(
+                    "no block {layer} to stop before (the model has {})",
+                    self.blocks.len()
+                ),
+            ));
+        }
+        let f = Forward {
+            train: false,
+            capture: false,
+            capacity: true,
+            tape: None,
+            head: false,
+        };
+        let t = ids.size().last().copied().unwrap_or(0);
+        tch::no_grad(|| {
+            let mut x = self.embed(ids, t, &f);
+            for block in &self.blocks[..layer] {
+                x = block.forward_t(&x, mask, &f).x;
+            }
+            Ok(x)
+        })
+    }
+
+    /// The forward pass from `x`, the hidden states entering block `layer` (from
+    /// [`Model::hidden_before`]): blocks `layer..` and the head. Sequence embeddings, routes and
+    /// loads cover those blocks only (`seq_emb[0]` is the input of block `layer`).
+    pub fn forward_from(
+        &self,
+        layer: usize,
+        x: Tensor,
+        mask: &Tensor,
+        f: &Forward,
+    ) -> Result<Output> {
+        if self.script.is_some() || layer > self.blocks.len() {
+            return Err(Error::invalid(
+                "layer",
+                format!(
+                    "no block {layer} to start from (the model has {})",
+                    self.blocks.len()
+                ),
+            ));
+        }
+        Ok(self.blocks_and_head(layer, x, mask, f))
+    }
+
+    /// Blocks `start..` and the head, from the hidden states entering block `start`.
+    fn blocks_and_head(&self, start: usize, x: Tensor, mask: &Tensor, f: &Forward) -> Output {
         let mut out = Output {
             logits: Tensor::zeros([], (x.kind(), x.device())),
             aux_loss: Tensor::zeros([], (x.kind(), x.device())),
@@ -367,7 +430,7 @@ impl Model {
             loads: Vec::new(),
         };
         let mut x = x;
-        for (i, block) in self.blocks.iter().enumerate() {
+        for (i, block) in self.blocks.iter().enumerate().skip(start) {
             if f.capture {
                 out.seq_emb.push(masked_mean(&x, mask));
             }
@@ -386,8 +449,10 @@ impl Model {
         if f.capture {
             out.seq_emb.push(masked_mean(&x, mask));
         }
-        out.logits = self.head(x, f);
-        Ok(out)
+        if f.head {
+            out.logits = self.head(x, f);
+        }
+        out
     }
 
     /// Token (and position) embeddings, their LayerNorm (BERT) and dropout.

@@ -5,6 +5,7 @@
 
 mod findings;
 pub mod plots;
+pub mod runs;
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +39,8 @@ pub struct Report {
     pub flags: Vec<[String; 6]>,
     /// Expert isolation lines.
     pub isolation: Vec<String>,
+    /// The training runs side by side ([`runs`]); empty without training logs.
+    pub runs: Vec<String>,
     /// The figures.
     pub figures: Vec<Figure>,
     /// The Parquet tables the notebook reloads.
@@ -224,8 +227,24 @@ pub fn build(
         heatmap_figure(&a, ntk, baseline)?,
     ];
     figures.extend(pca_figure(&a)?);
+    let mut run_lines = Vec::new();
     if let Some(run) = train_run {
         figures.extend(training_figures(run)?);
+        let lt = column_str(&a.frame, "long_tail_domain", &a.path)?;
+        let long_tail: std::collections::BTreeSet<String> = a
+            .domains
+            .iter()
+            .zip(&lt)
+            .filter(|(_, l)| *l == "true")
+            .map(|(d, _)| d.clone())
+            .collect();
+        // The reference of the paired comparison: the dense baseline's run.
+        let reference = baseline
+            .and_then(|b| b.file_name())
+            .map(|f| f.to_string_lossy().into_owned());
+        if let Some(parent) = run.parent() {
+            run_lines = runs::run_lines(parent, &long_tail, reference.as_deref(), 0)?;
+        }
     }
     let corr = Correlations::read(analysis)?;
     let flags = flag_rows(analysis)?;
@@ -250,6 +269,7 @@ pub fn build(
         correlations: corr.rows(),
         flags,
         isolation,
+        runs: run_lines,
         figures,
         tables,
     })
@@ -590,12 +610,17 @@ pub fn html(r: &Report) -> String {
     } else {
         format!("<h2>Expert isolation</h2><ul>{}</ul><p class=\"note\">Verdicts: idle under 1% of the samples; isolated when one domain or the long-tail domains make up ≥ 70% of an expert's samples and its kernel consistency exceeds the dense baseline's; mixed otherwise.</p>", r.isolation.iter().map(|s| format!("<li>{}</li>", esc(s))).collect::<String>())
     };
+    let runs = if r.runs.is_empty() {
+        String::new()
+    } else {
+        format!("<h2>Training runs</h2><ul id=\"runs\">{}</ul><p class=\"note\">Validation perplexity exp(Σ loss / Σ tokens) over the same sentences for every run; 95% bootstrap intervals over sentences ({} resamples, paired against the baseline run); long-tail domains as the frequency analysis names them.</p>", r.runs.iter().map(|s| format!("<li>{}</li>", esc(s))).collect::<String>(), runs::RESAMPLES)
+    };
     format!(
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>\
 body{{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}}table{{border-collapse:collapse;font-size:13px;margin:1em 0}}\
 td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top}}th{{background:#eee;cursor:pointer}}figure{{margin:1.5em 0}}\
 figcaption{{font-size:13px;color:#444}}svg{{max-width:100%;height:auto}}.note{{font-size:13px;color:#555}}.warn{{color:#a00}}</style>\
-<script>{js}</script></head><body><h1>{t}</h1>{kernel}<h2>Findings</h2><ul id=\"findings\">{summary}</ul><h2>Figures</h2>{figs}\
+<script>{js}</script></head><body><h1>{t}</h1>{kernel}<h2>Findings</h2><ul id=\"findings\">{summary}</ul>{runs}<h2>Figures</h2>{figs}\
 <h2>Correlations</h2>{corr}{iso}<h2>Flagged examples</h2><p class=\"note\">Click a column to sort.</p>{flags}</body></html>",
         t = esc(&r.title),
         js = SORT_JS,
@@ -613,7 +638,7 @@ fn lines(s: &str) -> Vec<String> {
 pub fn notebook(r: &Report, figure_dir: &Path) -> serde_json::Value {
     let mut cells = vec![json!({
         "cell_type": "markdown", "id": "title", "metadata": {},
-        "source": lines(&format!("# {}\n\n{}\n", r.title, r.kernel.iter().chain(&r.summary).map(|s| format!("- {s}")).collect::<Vec<_>>().join("\n")))
+        "source": lines(&format!("# {}\n\n{}\n", r.title, r.kernel.iter().chain(&r.summary).chain(&r.runs).map(|s| format!("- {s}")).collect::<Vec<_>>().join("\n")))
     })];
     let paths: Vec<String> = r.tables.iter().map(|p| p.display().to_string()).collect();
     let load = format!(

@@ -10,6 +10,7 @@
 //! final/                    config.json model.safetensors          (the trained model)
 //! log.parquet               step, loss, aux_loss, lr, grad_norm, tokens, tokens_per_s, expert_load
 //! val.parquet               step, group, samples, tokens, loss, ppl   (group "all" or a domain)
+//! val_samples.parquet       step, sample, domain, loss_sum, tokens    (every validation sample)
 //! clusters.parquet          step, layer, n_clusters, noise, eps, ratio
 //! cse_init.json             the CSE clustering (CSE runs)
 //! ```
@@ -22,6 +23,7 @@ pub mod dynamics;
 pub mod optim;
 pub mod runs;
 pub mod spec;
+pub mod upcycle;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -41,7 +43,7 @@ use crate::model::cse::expand_experts;
 use crate::model::named_variables;
 use crate::model::{token_losses, CseConfig, ExpertConfig, Model, ModelConfig};
 use optim::{lr_at, AdamW};
-pub use spec::{RunSpec, TrainOptions, TrainSpec};
+pub use spec::{BaseSpec, RunSpec, TrainOptions, TrainScope, TrainSpec};
 
 /// The tokenised corpus shared by all runs of a spec.
 pub struct TrainData {
@@ -55,16 +57,46 @@ pub struct TrainData {
     pub val: Vec<usize>,
     /// Vocabulary size of the tokenizer.
     pub vocab: i64,
+    /// The tokenizer as JSON when it is not the corpus's (a base model's own), written beside
+    /// every model a run saves.
+    pub tokenizer_json: Option<String>,
+    /// The frozen trunk's output per step, shared by the runs of a spec from one base model.
+    pub trunk: upcycle::TrunkCache,
 }
 
 impl TrainData {
     /// Read the corpus and encode it with its tokenizer (beside it, or `tokenizer_path`).
     pub fn load(corpus: &Path, tokenizer_path: Option<&Path>) -> Result<TrainData> {
-        let c = Corpus::read(corpus)?;
         let tok_path: PathBuf = tokenizer_path
             .map(Path::to_path_buf)
             .unwrap_or_else(|| crate::corpus::tokenizer::default_path(corpus));
-        let tok = tokenizer::load(&tok_path)?;
+        TrainData::with_tokenizer(corpus, tokenizer::load(&tok_path)?, None)
+    }
+
+    /// The data of `spec`: its corpus, encoded with `data.tokenizer` when given, else the base
+    /// model's own tokenizer (`[base]`), else the corpus's.
+    pub fn for_spec(spec: &TrainSpec) -> Result<TrainData> {
+        let d = &spec.data;
+        match (&d.tokenizer, &spec.base) {
+            (None, Some(b)) => match crate::source::model_tokenizer(&b.model)? {
+                Some(tok) => {
+                    let json = tok
+                        .to_string(false)
+                        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+                    TrainData::with_tokenizer(&d.corpus, tok, Some(json))
+                }
+                None => TrainData::load(&d.corpus, None),
+            },
+            _ => TrainData::load(&d.corpus, d.tokenizer.as_deref()),
+        }
+    }
+
+    fn with_tokenizer(
+        corpus: &Path,
+        tok: tokenizers::Tokenizer,
+        tokenizer_json: Option<String>,
+    ) -> Result<TrainData> {
+        let c = Corpus::read(corpus)?;
         let texts: Vec<&str> = c.samples.iter().map(|s| s.text.as_str()).collect();
         let ids = tokenizer::encode_all(&tok, &texts)?;
         let (train, val): (Vec<usize>, Vec<usize>) =
@@ -78,6 +110,8 @@ impl TrainData {
             train,
             val,
             vocab: tok.get_vocab_size(true) as i64,
+            tokenizer_json,
+            trunk: upcycle::TrunkCache::default(),
         })
     }
 
@@ -130,6 +164,22 @@ pub struct ValRow {
     pub ppl: f64,
 }
 
+/// One validation sample's loss at one step (`val_samples.parquet`): what per-group perplexity
+/// intervals and paired comparisons of runs are computed from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ValSampleRow {
+    /// The step.
+    pub step: u64,
+    /// The sample's row in the corpus table.
+    pub sample: u64,
+    /// Its domain.
+    pub domain: String,
+    /// Summed token loss.
+    pub loss_sum: f64,
+    /// Predicted tokens.
+    pub tokens: i64,
+}
+
 /// DBSCAN over one layer's sequence embeddings at one step (`clusters.parquet`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ClusterRow {
@@ -166,6 +216,9 @@ pub struct RunState {
     pub val: Vec<ValRow>,
     /// Every cluster-dynamics measurement so far.
     pub clusters: Vec<ClusterRow>,
+    /// Every validation sample's loss at every validation (absent in older checkpoints).
+    #[serde(default)]
+    pub val_samples: Vec<ValSampleRow>,
 }
 
 /// How a run ended.
@@ -216,13 +269,20 @@ struct Live {
     opt: AdamW,
 }
 
-fn build_live(cfg: &ModelConfig, device: Device, seed: u64, t: &TrainOptions) -> Result<Live> {
-    tch::manual_seed(seed as i64);
-    let vs = nn::VarStore::new(device);
-    let model = Model::new(&vs.root(), cfg)?;
-    let opt = AdamW::new(&vs, t.adamw);
+/// A fresh model of `cfg`, or, with a base, the base model upcycled to the run's experts.
+fn build_live(cfg: &ModelConfig, run: &RunSpec, ctx: &RunCtx) -> Result<Live> {
+    let (vs, model, cfg) = match ctx.base {
+        Some(b) => upcycle::start(b, &run.experts, ctx.device, ctx.seed)?,
+        None => {
+            tch::manual_seed(ctx.seed as i64);
+            let vs = nn::VarStore::new(ctx.device);
+            let model = Model::new(&vs.root(), cfg)?;
+            (vs, model, cfg.clone())
+        }
+    };
+    let opt = AdamW::new(&vs, ctx.t.adamw);
     Ok(Live {
-        cfg: cfg.clone(),
+        cfg,
         vs,
         model,
         opt,
@@ -251,11 +311,21 @@ pub fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
     best.map(|b| b.1)
 }
 
+/// The model (and the tokenizer when the run brings its own) into `dir`.
+fn save_run_model(dir: &Path, live: &Live, tokenizer_json: Option<&str>) -> Result<()> {
+    save_model(dir, &live.cfg, &live.vs)?;
+    if let Some(t) = tokenizer_json {
+        crate::io::write_atomic(dir.join("tokenizer.json"), t.as_bytes())?;
+    }
+    Ok(())
+}
+
 fn save_checkpoint(
     run_dir: &Path,
     live: &Live,
     state: &RunState,
     t: &TrainOptions,
+    tokenizer_json: Option<&str>,
 ) -> Result<PathBuf> {
     let dir = run_dir.join("checkpoints");
     let final_dir = dir.join(ckpt_name(state.step));
@@ -268,7 +338,7 @@ fn save_checkpoint(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    save_model(&tmp, &live.cfg, &live.vs)?;
+    save_run_model(&tmp, live, tokenizer_json)?;
     write_tensors(&live.opt.state(), &tmp.join("optimizer.safetensors"))?;
     let json = serde_json::to_string(state).map_err(|e| Error::invalid("state", e.to_string()))?;
     crate::io::write_atomic(tmp.join("state.json"), json.as_bytes())?;
@@ -303,13 +373,21 @@ fn prune_checkpoints(dir: &Path, t: &TrainOptions) -> Result<()> {
     Ok(())
 }
 
-fn load_checkpoint(dir: &Path, device: Device, t: &TrainOptions) -> Result<(Live, RunState)> {
+fn load_checkpoint(
+    dir: &Path,
+    device: Device,
+    t: &TrainOptions,
+    base: Option<&BaseSpec>,
+) -> Result<(Live, RunState)> {
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
     let state: RunState = serde_json::from_str(&text)
         .map_err(|e| Error::at_line(&state_path, e.line(), format!("bad checkpoint state: {e}")))?;
     let (vs, model) = crate::source::load_model(dir, device)?;
     let cfg = model.cfg.clone();
+    if let Some(b) = base {
+        upcycle::freeze(&vs, &cfg, b.train, b.last_k);
+    }
     let mut opt = AdamW::new(&vs, t.adamw);
     let opt_path = dir.join("optimizer.safetensors");
     opt.load_state(&read_tensors(&opt_path)?, state.adam_t, |n| n.to_string())
@@ -325,34 +403,52 @@ fn load_checkpoint(dir: &Path, device: Device, t: &TrainOptions) -> Result<(Live
     ))
 }
 
+/// Validation losses at `step`, per group and per sample, appended to the state.
 fn validation(
     live: &Live,
-    data: &TrainData,
+    ctx: &RunCtx,
     val_idx: &[usize],
     step: u64,
-    seed: u64,
-    device: Device,
-) -> Result<Vec<ValRow>> {
+    state: &mut RunState,
+) -> Result<()> {
     if val_idx.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
+    let data = ctx.data;
     let seqs = data.seqs(val_idx);
-    let losses = crate::eval::sample_losses(&live.model, &seqs, 64, device, seed)?;
+    let losses = crate::eval::sample_losses(&live.model, &seqs, 64, ctx.device, ctx.seed)?;
     let labels: Vec<&str> = val_idx
         .iter()
         .map(|&i| data.corpus.samples[i].domain.as_str())
         .collect();
-    Ok(crate::eval::group_losses(&losses, &labels)
-        .into_iter()
-        .map(|g| ValRow {
-            step,
-            loss: g.mean_loss(),
-            ppl: g.perplexity(),
-            group: g.group,
-            samples: g.samples,
-            tokens: g.tokens,
-        })
-        .collect())
+    state.val.extend(
+        crate::eval::group_losses(&losses, &labels)
+            .into_iter()
+            .map(|g| ValRow {
+                step,
+                loss: g.mean_loss(),
+                ppl: g.perplexity(),
+                group: g.group,
+                samples: g.samples,
+                tokens: g.tokens,
+            }),
+    );
+    state
+        .val_samples
+        .extend(
+            val_idx
+                .iter()
+                .zip(&losses)
+                .zip(&labels)
+                .map(|((&i, &(loss_sum, tokens)), d)| ValSampleRow {
+                    step,
+                    sample: i as u64,
+                    domain: d.to_string(),
+                    loss_sum,
+                    tokens,
+                }),
+        );
+    Ok(())
 }
 
 fn load_string(loads: &[(i64, tch::Tensor)]) -> String {
@@ -382,6 +478,7 @@ fn fresh_state(run: &RunSpec, seed: u64) -> RunState {
         cse_initialized: false,
         log: vec![],
         val: vec![],
+        val_samples: vec![],
         clusters: vec![],
     }
 }
@@ -397,13 +494,10 @@ fn start_or_resume(
     progress: &dyn Progress,
 ) -> Result<(Live, RunState)> {
     let Some(dir) = latest_checkpoint(run_dir).filter(|_| resume) else {
-        return Ok((
-            build_live(cfg, ctx.device, ctx.seed, ctx.t)?,
-            fresh_state(run, ctx.seed),
-        ));
+        return Ok((build_live(cfg, run, ctx)?, fresh_state(run, ctx.seed)));
     };
     progress.message(&format!("resuming {} from {}", run.name, dir.display()));
-    let (live, state) = load_checkpoint(&dir, ctx.device, ctx.t)?;
+    let (live, state) = load_checkpoint(&dir, ctx.device, ctx.t, ctx.base)?;
     if live.cfg.vocab_size != cfg.vocab_size
         || live.cfg.d_model != cfg.d_model
         || live.cfg.n_layer != cfg.n_layer
@@ -418,8 +512,11 @@ fn start_or_resume(
 
 /// What every step of a run shares.
 struct RunCtx<'a> {
-    /// The spec's model config, which batches are built for.
+    /// The config batches are built for (the spec's model, or the base model's with the
+    /// training `max_len`).
     cfg: &'a ModelConfig,
+    /// The model every run starts from, when not a fresh one.
+    base: Option<&'a BaseSpec>,
     t: &'a TrainOptions,
     data: &'a TrainData,
     device: Device,
@@ -440,6 +537,9 @@ fn cse_initialise(
     let idx: Vec<usize> = pick.iter().map(|&k| data.train[k]).collect();
     let (inits, reports) = cse_init::cluster_blocks(&live.model, c, &data.seqs(&idx), ctx.device)?;
     let (vs, model, new_cfg) = expand_experts(&live.vs, &live.cfg, &inits)?;
+    if let Some(b) = ctx.base {
+        upcycle::freeze(&vs, &new_cfg, b.train, b.last_k);
+    }
     let mut opt = AdamW::new(&vs, ctx.t.adamw);
     let old: HashMap<String, tch::Tensor> = live.opt.state().into_iter().collect();
     opt.load_state(&old, live.opt.t, expert_zero)?;
@@ -493,7 +593,25 @@ fn optimise_step(
     let mut rng = step_rng(seed, step);
     let batch = make_batch(ctx.cfg, &data.seqs(&idx), idx.clone(), &mut rng, ctx.device);
     tch::manual_seed(seed.wrapping_add(step) as i64);
-    let out = live.model.forward_t(&batch.ids, &batch.mask, true, false)?;
+    let out = match ctx.base {
+        // The frozen blocks below the trained ones run once per batch for all runs of the spec.
+        Some(b) if upcycle::first_trained_block(b, &live.cfg) > 0 => {
+            let key = upcycle::trunk_key(b, &live.cfg, seed, step, t.batch_size);
+            let first = key.1;
+            let x = data
+                .trunk
+                .get_or_compute(key, &live.model, &batch.ids, &batch.mask)?;
+            let f = crate::model::Forward {
+                train: true,
+                capture: false,
+                capacity: true,
+                tape: None,
+                head: true,
+            };
+            live.model.forward_from(first, x, &batch.mask, &f)?
+        }
+        _ => live.model.forward_t(&batch.ids, &batch.mask, true, false)?,
+    };
     let (loss, _, _) = token_losses(&out.logits, &batch.targets);
     let total = &loss + &out.aux_loss * aux_weight;
     live.opt.zero_grad();
@@ -527,9 +645,14 @@ fn optimise_step(
 
 /// What a run's experts need: the CSE config and the step of its initialisation (after the dense
 /// warm-up, at least one step), and the weight of the Switch load-balancing loss.
-fn expert_settings(cfg: &ModelConfig, t: &TrainOptions) -> (Option<CseConfig>, u64, f64) {
+/// A run from a base model may cluster before its first step (`cse_warmup_fraction = 0`).
+fn expert_settings(
+    cfg: &ModelConfig,
+    t: &TrainOptions,
+    from_base: bool,
+) -> (Option<CseConfig>, u64, f64) {
     let cse_step = ((t.cse_warmup_fraction * t.steps as f64).floor() as u64)
-        .max(1)
+        .max(u64::from(!from_base))
         .min(t.steps);
     match &cfg.experts {
         ExpertConfig::Cse(c) => (Some(c.clone()), cse_step, 0.0),
@@ -548,8 +671,7 @@ fn validate_and_checkpoint(
     probe: Option<&[&[u32]]>,
 ) -> Result<()> {
     let s = state.step;
-    let val = validation(live, ctx.data, val_idx, s, ctx.seed, ctx.device)?;
-    state.val.extend(val);
+    validation(live, ctx, val_idx, s, state)?;
     if let Some(probe) = probe {
         record_dynamics(live, probe, s, ctx.device, state)?;
     }
@@ -559,7 +681,13 @@ fn validate_and_checkpoint(
 /// Save a checkpoint of the run as it stands, and its tables.
 fn checkpoint(live: &Live, state: &mut RunState, ctx: &RunCtx) -> Result<()> {
     state.adam_t = live.opt.t;
-    save_checkpoint(&ctx.run_dir, live, state, ctx.t)?;
+    save_checkpoint(
+        &ctx.run_dir,
+        live,
+        state,
+        ctx.t,
+        ctx.data.tokenizer_json.as_deref(),
+    )?;
     write_tables(&ctx.run_dir, state)
 }
 
@@ -579,9 +707,28 @@ pub fn train_run(
 ) -> Result<RunResult> {
     let t = &spec.train;
     let started = Instant::now();
-    let cfg = spec.model_config(run, data.vocab)?;
+    let cfg = match &spec.base {
+        Some(b) => {
+            let c = upcycle::base_config(&b.model)?;
+            upcycle::check_base(b, &c)?;
+            if data.vocab > c.vocab_size {
+                return Err(Error::invalid(
+                    "data.tokenizer",
+                    format!(
+                        "has {} entries, the vocabulary of {} has {}",
+                        data.vocab,
+                        b.model.display(),
+                        c.vocab_size
+                    ),
+                ));
+            }
+            upcycle::batch_config(&c, b.max_len)
+        }
+        None => spec.model_config(run, data.vocab)?,
+    };
     let ctx = RunCtx {
         cfg: &cfg,
+        base: spec.base.as_ref(),
         t,
         data,
         device,
@@ -591,7 +738,7 @@ pub fn train_run(
     let run_dir = &ctx.run_dir;
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     let (mut live, mut state) = start_or_resume(run, &cfg, run_dir, &ctx, resume, progress)?;
-    let (cse_cfg, cse_step, aux_weight) = expert_settings(&cfg, t);
+    let (cse_cfg, cse_step, aux_weight) = expert_settings(&live.cfg, t, ctx.base.is_some());
     let mut cse_reports = Vec::new();
     let val_idx = data.val_subset(spec.data.eval_samples);
     let probe = data.seqs(&data.val_subset(t.probe_samples));
@@ -608,6 +755,10 @@ pub fn train_run(
         cse_init,
         seconds: started.elapsed().as_secs_f64(),
     };
+    if state.step == 0 && !state.val.iter().any(|v| v.step == 0) {
+        // Where the run starts: the base model's perplexity, or a fresh model's.
+        validation(&live, &ctx, &val_idx, 0, &mut state)?;
+    }
     while state.step < t.steps {
         let step = state.step;
         if stop.load(Ordering::SeqCst) {
@@ -642,7 +793,11 @@ pub fn train_run(
             validate_and_checkpoint(&live, &mut state, &ctx, &val_idx, probe)?;
         }
     }
-    save_model(&run_dir.join("final"), &live.cfg, &live.vs)?;
+    save_run_model(
+        &run_dir.join("final"),
+        &live,
+        data.tokenizer_json.as_deref(),
+    )?;
     write_tables(run_dir, &state)?;
     progress.finish();
     Ok(result(Outcome::Finished, &live, state, cse_reports))
@@ -672,6 +827,10 @@ fn count_params(live: &Live) -> i64 {
 fn write_tables(run_dir: &Path, s: &RunState) -> Result<()> {
     crate::io::write_parquet(&mut log_frame(&s.log)?, run_dir.join("log.parquet"))?;
     crate::io::write_parquet(&mut val_frame(&s.val)?, run_dir.join("val.parquet"))?;
+    crate::io::write_parquet(
+        &mut val_sample_frame(&s.val_samples)?,
+        run_dir.join("val_samples.parquet"),
+    )?;
     crate::io::write_parquet(
         &mut cluster_frame(&s.clusters)?,
         run_dir.join("clusters.parquet"),
@@ -732,6 +891,32 @@ fn val_frame(v: &[ValRow]) -> Result<DataFrame> {
         ],
     )
     .map_err(|e| Error::table("validation log", e))
+}
+
+fn val_sample_frame(v: &[ValSampleRow]) -> Result<DataFrame> {
+    DataFrame::new(
+        v.len(),
+        vec![
+            Column::new("step".into(), v.iter().map(|r| r.step).collect::<Vec<_>>()),
+            Column::new(
+                "sample".into(),
+                v.iter().map(|r| r.sample).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "domain".into(),
+                v.iter().map(|r| r.domain.as_str()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "loss_sum".into(),
+                v.iter().map(|r| r.loss_sum).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "tokens".into(),
+                v.iter().map(|r| r.tokens).collect::<Vec<_>>(),
+            ),
+        ],
+    )
+    .map_err(|e| Error::table("validation samples", e))
 }
 
 fn cluster_frame(c: &[ClusterRow]) -> Result<DataFrame> {

@@ -98,7 +98,7 @@ pub fn train_runs(
     on_run: &mut dyn FnMut(&TrainedRun),
 ) -> Result<Vec<TrainedRun>> {
     let spec = plan.spec;
-    let data = TrainData::load(&spec.data.corpus, spec.data.tokenizer.as_deref())?;
+    let data = TrainData::for_spec(spec)?;
     let mut done = Vec::new();
     for run in spec
         .runs

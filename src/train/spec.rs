@@ -19,6 +19,15 @@
 //! name = "cse"
 //! experts = { kind = "cse", variant = "mof", last_k = 2 }
 //! ```
+//!
+//! Instead of `[model]`, `[base]` starts every run from an existing model (upcycling; see
+//! [`BaseSpec`]):
+//! ```toml
+//! [base]
+//! model = "out/fetched/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+//! train = "mlp"                        # or "blocks", "all"; the rest is frozen
+//! last_k = 2                           # the blocks trained (and given experts)
+//! ```
 
 use std::path::{Path, PathBuf};
 
@@ -28,14 +37,19 @@ use crate::error::{Error, Result};
 use crate::model::{Arch, ExpertConfig, ModelConfig};
 use crate::train::optim::AdamWConfig;
 
-/// A training spec (TOML): data, model shape, training options and the runs.
+/// A training spec (TOML): data, model shape (or the base model to start from), training options
+/// and the runs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSpec {
     /// `[data]`.
     pub data: DataSpec,
-    /// `[model]`.
-    pub model: ModelSpec,
+    /// `[model]`: the shape of a fresh model (give this or `[base]`).
+    #[serde(default)]
+    pub model: Option<ModelSpec>,
+    /// `[base]`: start every run from an existing model instead (give this or `[model]`).
+    #[serde(default)]
+    pub base: Option<BaseSpec>,
     /// `[train]`.
     #[serde(default)]
     pub train: TrainOptions,
@@ -82,6 +96,61 @@ pub struct ModelSpec {
     pub tie_embeddings: bool,
 }
 
+/// `[base]`: every run starts from this model (a tailscope checkpoint, a Hugging Face folder or a
+/// GGUF file) with the run's experts upcycled into its last `last_k` blocks
+/// ([`crate::model::upcycle`]); only the parameters `train` names are trained, the rest is frozen.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseSpec {
+    /// The model to start from.
+    pub model: PathBuf,
+    /// What is trained (default: the feed-forward layers of the last `last_k` blocks).
+    #[serde(default)]
+    pub train: TrainScope,
+    /// The blocks that are trained and receive the experts (default 2). An expert run's own
+    /// `last_k` must equal it, so that every run trains the same blocks.
+    #[serde(default = "default_base_last_k")]
+    pub last_k: i64,
+    /// Truncate training sequences to this many tokens (default: the model's `max_len`).
+    #[serde(default)]
+    pub max_len: Option<i64>,
+}
+
+/// What a run that starts from a base model trains; the rest is frozen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainScope {
+    /// The feed-forward layers of the last `last_k` blocks: their dense MLP, or their experts
+    /// with the Switch router (and CSE attention experts). Equal trained and active parameters
+    /// per token for dense, Switch and CSE runs.
+    #[default]
+    Mlp,
+    /// The last `last_k` blocks whole (norms, attention, feed-forward).
+    Blocks,
+    /// Every parameter.
+    All,
+}
+
+impl TrainScope {
+    /// Whether parameter `name` of a model with `n_layer` blocks is trained.
+    pub fn trains(self, name: &str, n_layer: i64, last_k: i64) -> bool {
+        let layer: Option<i64> = name
+            .strip_prefix("h.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|s| s.parse().ok());
+        let top = layer.is_some_and(|l| l >= n_layer - last_k);
+        match self {
+            TrainScope::All => true,
+            TrainScope::Blocks => top,
+            TrainScope::Mlp => top && (name.contains(".mlp.") || name.contains(".experts.")),
+        }
+    }
+}
+
+fn default_base_last_k() -> i64 {
+    2
+}
+
 /// `[train]`: optimisation, checkpoints, cluster dynamics and CSE warm-up.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -110,7 +179,9 @@ pub struct TrainOptions {
     pub dynamics_every: u64,
     /// Validation samples in the fixed probe set of the cluster dynamics.
     pub probe_samples: usize,
-    /// Dense warm-up of CSE runs as a fraction of `steps` (paper: ≤ 1%); at least one step.
+    /// Dense warm-up of CSE runs as a fraction of `steps` (paper: ≤ 1%); at least one step for a
+    /// fresh model. With `[base]`, 0 clusters the base model's own sequence embeddings before
+    /// the first step.
     pub cse_warmup_fraction: f64,
 }
 
@@ -182,6 +253,29 @@ impl TrainSpec {
         if self.runs.is_empty() {
             return Err(Error::invalid("run", "give at least one [[run]]"));
         }
+        match (&self.model, &self.base) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(
+                    "base",
+                    "give [model] (a fresh model) or [base] (start from a model), not both",
+                ))
+            }
+            (None, None) => {
+                return Err(Error::invalid(
+                    "model",
+                    "give [model] (the shape of a fresh model) or [base] (a model to start from)",
+                ))
+            }
+            _ => {}
+        }
+        if let Some(b) = &self.base {
+            if b.last_k < 1 {
+                return Err(Error::invalid("base.last_k", "must be at least 1"));
+            }
+            if b.max_len.is_some_and(|m| m < 2) {
+                return Err(Error::invalid("base.max_len", "must be at least 2"));
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for r in &self.runs {
             if r.name.is_empty() || r.name.contains(['/', '\\']) || !names.insert(r.name.as_str()) {
@@ -190,14 +284,42 @@ impl TrainSpec {
                     format!("{:?} must be unique, non-empty, without slashes", r.name),
                 ));
             }
-            self.model_config(r, 100)?.validate()?;
+            match &self.base {
+                // The base model's shape is checked when it is read (`upcycle::base_config`).
+                Some(b) => {
+                    let k = match &r.experts {
+                        ExpertConfig::Dense => b.last_k,
+                        ExpertConfig::Switch(s) => s.last_k,
+                        ExpertConfig::Cse(c) => c.last_k,
+                    };
+                    if k != b.last_k {
+                        return Err(Error::invalid(
+                            format!("run {:?}: experts.last_k", r.name),
+                            format!(
+                                "is {k}, base.last_k is {}; with [base] every run trains the same blocks",
+                                b.last_k
+                            ),
+                        ));
+                    }
+                }
+                None => {
+                    self.model_config(r, 100)?.validate()?;
+                }
+            }
         }
         Ok(())
     }
 
-    /// The model config of a run, for a vocabulary of `vocab` entries.
+    /// The model config of a run of a fresh model (`[model]`), for a vocabulary of `vocab`
+    /// entries. Runs from a `[base]` take the base model's config
+    /// ([`crate::train::upcycle::base_config`]).
     pub fn model_config(&self, run: &RunSpec, vocab: i64) -> Result<ModelConfig> {
-        let m = &self.model;
+        let Some(m) = &self.model else {
+            return Err(Error::invalid(
+                "model",
+                "this spec starts from [base]; its shape is the base model's",
+            ));
+        };
         let cfg = ModelConfig {
             arch: m.arch,
             vocab_size: vocab,

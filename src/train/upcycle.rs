@@ -1,0 +1,180 @@
+//! Runs that start from an existing model (`[base]` in the spec): read the base model, upcycle the
+//! run's experts into its last blocks ([`crate::model::upcycle`]), and freeze everything the run
+//! does not train ([`TrainScope`]). The tokenizer is the base model's own unless the spec names
+//! one, and it is written beside every model the run saves, so `eval`, `ntk` and `analyze` read
+//! the corpus as the run did.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tch::{nn, Device, Tensor};
+
+use super::spec::{BaseSpec, TrainScope};
+use crate::error::{Error, Result};
+use crate::model::{upcycle, ExpertConfig, Model, ModelConfig};
+use crate::source::{self, Format};
+
+/// The config of the model at `path` (any source but TorchScript, which cannot be trained here).
+pub fn base_config(path: &Path) -> Result<ModelConfig> {
+    if !path.exists() {
+        return Err(Error::in_file(path, "base model not found"));
+    }
+    match source::detect(path) {
+        Format::Tailscope => {
+            crate::checkpoint::read_config(&path.join(crate::checkpoint::CONFIG_FILE))
+        }
+        Format::TorchScript => Err(Error::in_file(
+            path,
+            "a TorchScript module cannot be trained here; import its weights (safetensors or GGUF)",
+        )),
+        Format::HuggingFace | Format::Gguf => Ok(source::read_imported(path)?.cfg),
+    }
+}
+
+/// The base model of `base` with `experts` upcycled into it, seeded by `seed`, on `device`,
+/// frozen except for what `base.train` names.
+pub fn start(
+    base: &BaseSpec,
+    experts: &ExpertConfig,
+    device: Device,
+    seed: u64,
+) -> Result<(nn::VarStore, Model, ModelConfig)> {
+    let cfg = base_config(&base.model)?;
+    check_base(base, &cfg)?;
+    let (base_vs, base_model) = source::load_model(&base.model, device)?;
+    tch::manual_seed(seed as i64);
+    let (vs, model, cfg) = upcycle::upcycle(&base_vs, &base_model.cfg, experts)
+        .map_err(|e| Error::in_file(&base.model, e.to_string()))?;
+    freeze(&vs, &cfg, base.train, base.last_k);
+    Ok((vs, model, cfg))
+}
+
+/// Check that `base` fits the model it names (`cfg`).
+pub fn check_base(base: &BaseSpec, cfg: &ModelConfig) -> Result<()> {
+    if base.last_k > cfg.n_layer {
+        return Err(Error::invalid(
+            "base.last_k",
+            format!(
+                "is {}, but {} has {} blocks",
+                base.last_k,
+                base.model.display(),
+                cfg.n_layer
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Stop gradients to every parameter of `vs` that `scope` does not train (the last `last_k`
+/// blocks of `cfg`'s model are the top ones). Buffers that are never trained stay so.
+pub fn freeze(vs: &nn::VarStore, cfg: &ModelConfig, scope: TrainScope, last_k: i64) {
+    for (name, t) in vs.variables() {
+        if !scope.trains(&name, cfg.n_layer, last_k) {
+            let _ = t.set_requires_grad(false);
+        }
+    }
+}
+
+/// The config batches are built with: `cfg` with its `max_len` lowered to `max_len` when given
+/// (the model keeps its own; only training sequences are cut).
+pub fn batch_config(cfg: &ModelConfig, max_len: Option<i64>) -> ModelConfig {
+    let mut c = cfg.clone();
+    if let Some(m) = max_len {
+        c.max_len = c.max_len.min(m);
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_pick_the_top_blocks() {
+        let n = 4;
+        let mlp = TrainScope::Mlp;
+        assert!(mlp.trains("h.3.mlp.c_fc.weight", n, 2));
+        assert!(mlp.trains("h.2.mlp.experts.1.c_proj.bias", n, 2));
+        assert!(mlp.trains("h.2.mlp.router.weight", n, 2));
+        assert!(mlp.trains("h.3.attn.experts.0.c_attn.weight", n, 2));
+        assert!(!mlp.trains("h.1.mlp.c_fc.weight", n, 2));
+        assert!(!mlp.trains("h.3.attn.c_attn.weight", n, 2));
+        assert!(!mlp.trains("h.3.ln_2.weight", n, 2));
+        assert!(!mlp.trains("wte.weight", n, 2));
+        assert!(TrainScope::Blocks.trains("h.3.ln_2.weight", n, 2));
+        assert!(!TrainScope::Blocks.trains("ln_f.weight", n, 2));
+        assert!(TrainScope::All.trains("wte.weight", n, 2));
+        // h.10 is not h.1: the block number is parsed, not prefix-matched.
+        assert!(mlp.trains("h.10.mlp.c_fc.weight", 11, 1));
+        assert!(!mlp.trains("h.1.mlp.c_fc.weight", 11, 1));
+    }
+}
+
+/// The frozen trunk's output per training step: the hidden states entering the first trained
+/// block for the step's batch. Runs of one spec from one base model draw the same batches (a
+/// function of seed and step), so the second and later runs skip the frozen blocks; a run resumed
+/// from a checkpoint recomputes them bit for bit. Kept in memory up to [`TrunkCache::BUDGET`].
+#[derive(Default)]
+pub struct TrunkCache {
+    map: std::sync::Mutex<(HashMap<TrunkKey, Tensor>, usize)>,
+}
+
+/// What a cached trunk output depends on besides the base model's weights: the base model, the
+/// first trained block, the seed, the step, the batch size and the training `max_len`.
+type TrunkKey = (std::path::PathBuf, usize, u64, u64, usize, i64);
+
+impl TrunkCache {
+    /// Bytes of cached hidden states kept at most (4 GiB); later steps are recomputed.
+    pub const BUDGET: usize = 4 << 30;
+
+    /// The hidden states entering block `layer` for `ids`/`mask`, from the cache when `key`
+    /// was seen, else computed by `model` (and kept while the budget allows).
+    pub fn get_or_compute(
+        &self,
+        key: TrunkKey,
+        model: &Model,
+        ids: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        if let Ok(g) = self.map.lock() {
+            if let Some(t) = g.0.get(&key) {
+                return Ok(t.shallow_clone());
+            }
+        }
+        let x = model.hidden_before(ids, mask, key.1)?;
+        let bytes = x.numel() * x.kind().elt_size_in_bytes();
+        if let Ok(mut g) = self.map.lock() {
+            if g.1 + bytes <= Self::BUDGET {
+                g.1 += bytes;
+                g.0.insert(key, x.shallow_clone());
+            }
+        }
+        Ok(x)
+    }
+}
+
+/// The key of step `step`'s trunk output for runs of `base`.
+pub fn trunk_key(
+    base: &BaseSpec,
+    cfg: &ModelConfig,
+    seed: u64,
+    step: u64,
+    batch: usize,
+) -> TrunkKey {
+    (
+        base.model.clone(),
+        first_trained_block(base, cfg),
+        seed,
+        step,
+        batch,
+        base.max_len.unwrap_or(cfg.max_len),
+    )
+}
+
+/// The lowest block whose parameters `base.train` trains (0 when the embeddings are trained).
+pub fn first_trained_block(base: &BaseSpec, cfg: &ModelConfig) -> usize {
+    match base.train {
+        TrainScope::All => 0,
+        TrainScope::Mlp | TrainScope::Blocks => (cfg.n_layer - base.last_k).max(0) as usize,
+    }
+}
