@@ -24,24 +24,18 @@ demo: build
 	bash scripts/fetch-models
 	$(BIN) corpus ingest fixtures/brown/brown.jsonl.gz --vocab-size 8192 -o $(OUT)/corpus.parquet
 	$(BIN) freq --corpus $(OUT)/corpus.parquet -o $(OUT)/freq
-	$(BIN) train --config analyses/demo-train.toml --run dense --run cse --corpus $(OUT)/corpus.parquet -o $(OUT)/train
-	for run in dense cse; do \
-	  $(BIN) eval --model $(OUT)/train/$$run/final --corpus $(OUT)/corpus.parquet --samples 2000 --probe-samples 2000 -o $(OUT)/eval/$$run || exit 1; \
-	done
-	$(BIN) run analyses/demo-smollm2.toml
 	$(BIN) run analyses/demo.toml
 	@echo
 	@echo "demo outputs:"
-	@echo "  corpus table      $(OUT)/corpus.parquet (tokenizer: $(OUT)/tokenizer.json)"
+	@echo "  corpus table      $(OUT)/corpus.parquet (SmolLM2 re-tokenises it with its own tokenizer)"
 	@echo "  frequency tables  $(OUT)/freq/{scores,ngrams,domains}.parquet, summary.json"
-	@echo "  trained models    $(OUT)/train/{dense,cse}/final (logs: log/val/clusters.parquet)"
-	@echo "  evaluations       $(OUT)/eval/{dense,cse}/eval.json"
+	@echo "  upcycled models   $(OUT)/train/{dense,switch,cse}/final (logs: log/val/val_samples.parquet)"
 	@echo "  NTK and GC        $(OUT)/ntk/{dense,cse}/{kernel.safetensors,samples.parquet,gc.parquet}"
-	@echo "  analysis          $(OUT)/analysis/{dense,cse}/{analysis,correlations,flags,isolation}.parquet"
-	@echo "  HTML report       $(OUT)/report/report.html (the demo models)"
+	@echo "  analysis          $(OUT)/analysis/cse/{analysis,correlations,flags,isolation}.parquet"
+	@echo "  HTML report       $(OUT)/report/report.html"
 	@echo "  notebook          notebooks-export/demo.ipynb"
-	@echo "  SmolLM2-135M      $(OUT)/smollm2/{ntk,analysis}; report $(OUT)/smollm2/report/report.html"
-	@echo "  notebook          notebooks-export/demo-smollm2.ipynb"
+	@echo "  more: tailscope run analyses/demo-smollm2.toml (the pretrained model itself),"
+	@echo "        tailscope train --config analyses/demo-train.toml (small models from scratch)"
 
 test: setup-test
 	$(CARGO) test --release --locked
