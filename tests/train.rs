@@ -88,56 +88,38 @@ impl train::Progress for StopAt<'_> {
     }
 }
 
+/// `run` trained straight into `straight`, and trained into `split` with an interruption after
+/// step 3 (after the CSE initialisation) and a resumption; both with seed 7.
+fn straight_and_resumed(
+    spec: &TrainSpec,
+    run: &RunSpec,
+    data: &TrainData,
+    straight: &std::path::Path,
+    split: &std::path::Path,
+) -> (train::RunResult, train::RunResult) {
+    let train =
+        |out: &std::path::Path, resume: bool, stop: &AtomicBool, p: &dyn train::Progress| {
+            train::train_run(spec, run, data, out, Device::Cpu, 7, resume, stop, p).unwrap()
+        };
+    let never = AtomicBool::new(false);
+    let a = train(straight, false, &never, &train::Silent);
+    assert_eq!(a.outcome, train::Outcome::Finished);
+    let stop = AtomicBool::new(false);
+    let b1 = train(split, false, &stop, &StopAt(3, &stop));
+    assert_eq!(b1.outcome, train::Outcome::Interrupted(3));
+    let stop = AtomicBool::new(false);
+    let b = train(split, true, &stop, &train::Silent);
+    (a, b)
+}
+
 #[test]
 fn resume_equals_uninterrupted_and_checkpoints_are_pruned() {
     let _torch = TORCH.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let (spec, data) = setup(dir.path());
     for run in &spec.runs {
-        let straight = dir.path().join("a");
-        let never = AtomicBool::new(false);
-        let a = train::train_run(
-            &spec,
-            run,
-            &data,
-            &straight,
-            Device::Cpu,
-            7,
-            false,
-            &never,
-            &train::Silent,
-        )
-        .unwrap();
-        assert_eq!(a.outcome, train::Outcome::Finished);
-        // Interrupted after step 3 (after the CSE initialisation at step 2), then resumed.
-        let split = dir.path().join("b");
-        let stop = AtomicBool::new(false);
-        let b1 = train::train_run(
-            &spec,
-            run,
-            &data,
-            &split,
-            Device::Cpu,
-            7,
-            false,
-            &stop,
-            &StopAt(3, &stop),
-        )
-        .unwrap();
-        assert_eq!(b1.outcome, train::Outcome::Interrupted(3));
-        let stop = AtomicBool::new(false);
-        let b = train::train_run(
-            &spec,
-            run,
-            &data,
-            &split,
-            Device::Cpu,
-            7,
-            true,
-            &stop,
-            &train::Silent,
-        )
-        .unwrap();
+        let (straight, split) = (dir.path().join("a"), dir.path().join("b"));
+        let (a, b) = straight_and_resumed(&spec, run, &data, &straight, &split);
         assert_eq!(b.outcome, train::Outcome::Finished);
         let losses = |r: &train::RunResult| r.state.log.iter().map(|x| x.loss).collect::<Vec<_>>();
         assert_eq!(
@@ -296,48 +278,8 @@ fn upcycled_runs_train_only_the_top_ffn_and_resume_exactly() {
         .sum();
     let mut start_val = Vec::new();
     for run in &spec.runs {
-        let straight = dir.path().join("a");
-        let never = AtomicBool::new(false);
-        let a = train::train_run(
-            &spec,
-            run,
-            &data,
-            &straight,
-            Device::Cpu,
-            7,
-            false,
-            &never,
-            &train::Silent,
-        )
-        .unwrap();
-        let split = dir.path().join("b");
-        let stop = AtomicBool::new(false);
-        let b1 = train::train_run(
-            &spec,
-            run,
-            &data,
-            &split,
-            Device::Cpu,
-            7,
-            false,
-            &stop,
-            &StopAt(3, &stop),
-        )
-        .unwrap();
-        assert_eq!(b1.outcome, train::Outcome::Interrupted(3));
-        let stop = AtomicBool::new(false);
-        let b = train::train_run(
-            &spec,
-            run,
-            &data,
-            &split,
-            Device::Cpu,
-            7,
-            true,
-            &stop,
-            &train::Silent,
-        )
-        .unwrap();
+        let (straight, split) = (dir.path().join("a"), dir.path().join("b"));
+        let (a, b) = straight_and_resumed(&spec, run, &data, &straight, &split);
         let losses = |r: &train::RunResult| r.state.log.iter().map(|x| x.loss).collect::<Vec<_>>();
         assert_eq!(losses(&a), losses(&b), "{}: resumed run differs", run.name);
         let final_dir = straight.join(&run.name).join("final");

@@ -372,15 +372,7 @@ impl Model {
     /// computed in inference mode without recording gradients: the frozen part of the network
     /// below the blocks a run trains. [`Model::forward_from`] continues from them.
     pub fn hidden_before(&self, ids: &Tensor, mask: &Tensor, layer: usize) -> Result<Tensor> {
-        if self.script.is_some() || layer > self.blocks.len() {
-            return Err(Error::invalid(
-                "layer",
-                format!(
-                    "no block {layer} to stop before (the model has {})",
-                    self.blocks.len()
-                ),
-            ));
-        }
+        self.check_split(layer)?;
         let f = Forward {
             train: false,
             capture: false,
@@ -408,16 +400,22 @@ impl Model {
         mask: &Tensor,
         f: &Forward,
     ) -> Result<Output> {
+        self.check_split(layer)?;
+        Ok(self.blocks_and_head(layer, x, mask, f))
+    }
+
+    /// The network can be split before block `layer` (0..=n_layer; not a TorchScript module).
+    fn check_split(&self, layer: usize) -> Result<()> {
         if self.script.is_some() || layer > self.blocks.len() {
             return Err(Error::invalid(
                 "layer",
                 format!(
-                    "no block {layer} to start from (the model has {})",
+                    "cannot split before block {layer} (the model has {} blocks)",
                     self.blocks.len()
                 ),
             ));
         }
-        Ok(self.blocks_and_head(layer, x, mask, f))
+        Ok(())
     }
 
     /// Blocks `start..` and the head, from the hidden states entering block `start`.

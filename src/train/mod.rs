@@ -708,22 +708,7 @@ pub fn train_run(
     let t = &spec.train;
     let started = Instant::now();
     let cfg = match &spec.base {
-        Some(b) => {
-            let c = upcycle::base_config(&b.model)?;
-            upcycle::check_base(b, &c)?;
-            if data.vocab > c.vocab_size {
-                return Err(Error::invalid(
-                    "data.tokenizer",
-                    format!(
-                        "has {} entries, the vocabulary of {} has {}",
-                        data.vocab,
-                        b.model.display(),
-                        c.vocab_size
-                    ),
-                ));
-            }
-            upcycle::batch_config(&c, b.max_len)
-        }
+        Some(b) => upcycle::batch_config(&upcycle::checked_config(b, data.vocab)?, b.max_len),
         None => spec.model_config(run, data.vocab)?,
     };
     let ctx = RunCtx {

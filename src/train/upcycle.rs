@@ -32,15 +32,13 @@ pub fn base_config(path: &Path) -> Result<ModelConfig> {
 }
 
 /// The base model of `base` with `experts` upcycled into it, seeded by `seed`, on `device`,
-/// frozen except for what `base.train` names.
+/// frozen except for what `base.train` names. Check the base first ([`checked_config`]).
 pub fn start(
     base: &BaseSpec,
     experts: &ExpertConfig,
     device: Device,
     seed: u64,
 ) -> Result<(nn::VarStore, Model, ModelConfig)> {
-    let cfg = base_config(&base.model)?;
-    check_base(base, &cfg)?;
     let (base_vs, base_model) = source::load_model(&base.model, device)?;
     tch::manual_seed(seed as i64);
     let (vs, model, cfg) = upcycle::upcycle(&base_vs, &base_model.cfg, experts)
@@ -49,8 +47,20 @@ pub fn start(
     Ok((vs, model, cfg))
 }
 
-/// Check that `base` fits the model it names (`cfg`).
-pub fn check_base(base: &BaseSpec, cfg: &ModelConfig) -> Result<()> {
+/// The config of the model `base` names, checked against the spec: `last_k` blocks exist and a
+/// tokenizer of `vocab` entries fits its vocabulary.
+pub fn checked_config(base: &BaseSpec, vocab: i64) -> Result<ModelConfig> {
+    let cfg = base_config(&base.model)?;
+    if vocab > cfg.vocab_size {
+        return Err(Error::invalid(
+            "data.tokenizer",
+            format!(
+                "has {vocab} entries, the vocabulary of {} has {}",
+                base.model.display(),
+                cfg.vocab_size
+            ),
+        ));
+    }
     if base.last_k > cfg.n_layer {
         return Err(Error::invalid(
             "base.last_k",
@@ -62,7 +72,7 @@ pub fn check_base(base: &BaseSpec, cfg: &ModelConfig) -> Result<()> {
             ),
         ));
     }
-    Ok(())
+    Ok(cfg)
 }
 
 /// Stop gradients to every parameter of `vs` that `scope` does not train (the last `last_k`
