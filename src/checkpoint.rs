@@ -38,6 +38,23 @@ pub fn load_into(vs: &nn::VarStore, tensors: &HashMap<String, Tensor>, path: &Pa
                 ),
             ));
         }
+        // A NaN or Inf weight makes every loss, gradient and kernel downstream non-finite: refuse
+        // it here, where the tensor can still be named.
+        let bad = src
+            .isfinite()
+            .logical_not()
+            .sum(tch::Kind::Int64)
+            .int64_value(&[]);
+        if bad > 0 {
+            return Err(Error::in_file(
+                path,
+                format!(
+                    "tensor `{name}` holds {bad} non-finite value{} (NaN or Inf): the file is \
+                     corrupt or the run that wrote it diverged",
+                    if bad == 1 { "" } else { "s" }
+                ),
+            ));
+        }
     }
     if let Some(extra) = tensors
         .keys()

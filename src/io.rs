@@ -220,15 +220,82 @@ pub fn read_tensors(path: &Path) -> Result<std::collections::HashMap<String, tch
 pub fn write_tensors(named: &[(String, tch::Tensor)], path: &Path) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    // tch picks the format from the extension, so the temporary name keeps `.safetensors`.
     let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), file_name(path)));
-    let refs: Vec<(&str, &tch::Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let result = tch::Tensor::write_safetensors(&refs, &tmp).map_err(Error::from);
-    if let Err(e) = result {
+    let views = named
+        .iter()
+        .map(|(n, t)| Ok((n.as_str(), TensorView::new(n, t, path)?)))
+        .collect::<Result<Vec<_>>>()?;
+    if let Err(e) = safetensors::serialize_to_file(views, None, &tmp) {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        // Name the file the user asked for; a full disk or a size limit is the usual cause.
+        let source = match e {
+            safetensors::SafeTensorError::IoError(io) => io,
+            other => std::io::Error::other(other.to_string()),
+        };
+        return Err(Error::io(path, source));
     }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// A tch tensor as a view the `safetensors` crate serialises, one tensor at a time. Written by
+/// hand (tch has its own, private one) because tch's writer flattens I/O errors into a string,
+/// and a failed write must say which file and why.
+struct TensorView<'a> {
+    tensor: &'a tch::Tensor,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+}
+
+impl<'a> TensorView<'a> {
+    fn new(name: &str, tensor: &'a tch::Tensor, path: &Path) -> Result<Self> {
+        use safetensors::Dtype;
+        use tch::Kind;
+        let dtype = match tensor.kind() {
+            Kind::Bool => Dtype::BOOL,
+            Kind::Uint8 => Dtype::U8,
+            Kind::Int8 => Dtype::I8,
+            Kind::Int16 => Dtype::I16,
+            Kind::Int => Dtype::I32,
+            Kind::Int64 => Dtype::I64,
+            Kind::BFloat16 => Dtype::BF16,
+            Kind::Half => Dtype::F16,
+            Kind::Float => Dtype::F32,
+            Kind::Double => Dtype::F64,
+            k => {
+                return Err(Error::invalid(
+                    path.display().to_string(),
+                    format!("tensor `{name}` of kind {k:?} cannot be saved as safetensors"),
+                ))
+            }
+        };
+        let shape = tensor.size().iter().map(|&d| d.max(0) as usize).collect();
+        Ok(TensorView {
+            tensor,
+            dtype,
+            shape,
+        })
+    }
+}
+
+impl safetensors::View for TensorView<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let cpu = self.tensor.to_device(tch::Device::Cpu).contiguous();
+        let mut bytes = vec![0u8; self.data_len()];
+        cpu.copy_data_u8(&mut bytes, cpu.numel());
+        bytes.into()
+    }
+
+    fn data_len(&self) -> usize {
+        self.tensor.numel() * self.tensor.kind().elt_size_in_bytes()
+    }
 }
 
 fn file_name(path: &Path) -> String {

@@ -27,6 +27,8 @@ pub mod eval;
 pub mod freq;
 pub mod import;
 pub mod io;
+pub mod lock;
+pub mod manifest;
 pub mod model;
 pub mod ntk;
 pub mod pipeline;

@@ -1,6 +1,13 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // A write past a file-size limit (ulimit -f) then fails with EFBIG, which names the file,
+    // instead of killing the process with SIGXFSZ and leaving a temporary file behind.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to ignore, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     match tailscope::cli::run(std::env::args_os()) {
         Ok(code) => code,
         Err(err) => {

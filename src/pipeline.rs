@@ -436,9 +436,7 @@ fn ntk_step(spec: &Spec, m: &str, seed: u64, device: Device, rep: &mut Reporting
     };
     let dir = spec.ntk_dir(m);
     let job = Job::prepare(&job_spec, device)?;
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let mut out = ntk_pipeline::compute(&job, &opts, device, Some(&dir), rep.progress)?;
-    out.write(&dir)?;
+    let out = ntk_pipeline::compute_into(&job, &opts, device, &dir, rep.progress)?;
     rep.observer.ntk(&job, &opts, &out, &dir);
     Ok(())
 }

@@ -419,9 +419,9 @@ fn gc_by_bin(ntk: &Path) -> Result<Vec<(String, f64)>> {
 }
 
 impl Analysis {
-    /// Write the tables and `summary.json` into `dir`.
+    /// Write the tables and `summary.json` into `dir`, as the folder's only writer.
     pub fn write(&mut self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let _lock = crate::lock::OutputLock::acquire(dir, "tailscope analyze")?;
         crate::io::write_parquet(&mut self.joined, dir.join("analysis.parquet"))?;
         let mut corr = correlations_frame(&self.correlations)?;
         crate::io::write_parquet(&mut corr, dir.join("correlations.parquet"))?;

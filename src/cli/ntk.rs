@@ -188,6 +188,10 @@ pub struct NtkArgs {
         help_heading = "Kernel"
     )]
     pub assemble_max: usize,
+    /// With --tile: remove the shards and tiles already in the output folder and start afresh,
+    /// instead of resuming from them (a resume under other settings is refused).
+    #[arg(long, requires = "tile", help_heading = "Kernel")]
+    pub fresh: bool,
 }
 
 impl CaptureArgs {
@@ -243,6 +247,7 @@ impl NtkArgs {
             export_batch: self.export_batch,
             tile: self.tile,
             assemble_max: self.assemble_max,
+            fresh: self.fresh,
             seed: g.seed,
         }
     }
@@ -278,9 +283,7 @@ pub fn run_ntk(a: &NtkArgs, g: &Global) -> anyhow::Result<()> {
     let device = crate::device::resolve(g.device)?;
     let job = Job::prepare(&a.capture.job_spec(g)?, device)?;
     let out = &a.capture.out;
-    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
-    let mut r = pipeline::compute(&job, &a.options(g), device, Some(out), &Bars::default())?;
-    r.write(out)?;
+    let r = pipeline::compute_into(&job, &a.options(g), device, out, &Bars::default())?;
     print_ntk(&job, out, a.assemble_max, &r);
     Ok(())
 }

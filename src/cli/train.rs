@@ -17,7 +17,7 @@ use crate::train::{self, Outcome, StepRow, TrainSpec};
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "Examples:\n  \
     tailscope train --config analyses/demo-train.toml -o out/scratch/train\n  \
-    tailscope train --config analyses/demo-train.toml --run cse --steps 50 --resume\n  \
+    tailscope train --config analyses/demo-train.toml --run cse --resume\n  \
     tailscope train --config analyses/upcycle-smollm2.toml -o out/demo/train   (from SmolLM2)")]
 pub struct TrainArgs {
     /// The training spec (TOML).

@@ -21,6 +21,8 @@ use crate::capture::{Captured, Method, OutputKind};
 use crate::corpus::SplitChoice;
 use crate::error::{Error, Result};
 use crate::freq::{domain_shares, FreqOptions, ShareBy};
+use crate::lock::OutputLock;
+use crate::manifest::Manifest;
 use crate::progress::Progress;
 
 /// Frequency bins of GC per bin by default.
@@ -53,6 +55,9 @@ pub struct NtkOptions {
     pub tile: Option<usize>,
     /// Largest streamed kernel assembled in memory.
     pub assemble_max: usize,
+    /// A streamed kernel starts afresh: shards and tiles already in the folder are removed
+    /// instead of resumed.
+    pub fresh: bool,
     /// Seed of the intervals and of BERT masks in the exported batch.
     pub seed: u64,
 }
@@ -70,6 +75,7 @@ impl Default for NtkOptions {
             export_batch: false,
             tile: None,
             assemble_max: DEFAULT_ASSEMBLE_MAX,
+            fresh: false,
             seed: 0,
         }
     }
@@ -156,6 +162,59 @@ pub struct NtkOutput {
     pub stream: Option<StreamReport>,
 }
 
+/// Compute the NTK of a prepared job and write it into `dir`, as the only writer of that folder
+/// (see [`crate::lock`]): what `tailscope ntk` and the `run` pipeline do.
+pub fn compute_into(
+    job: &Job,
+    opts: &NtkOptions,
+    device: Device,
+    dir: &Path,
+    progress: &dyn Progress,
+) -> Result<NtkOutput> {
+    let _lock = OutputLock::acquire(dir, "tailscope ntk")?;
+    let mut out = compute(job, opts, device, Some(dir), progress)?;
+    out.write(dir)?;
+    Ok(out)
+}
+
+/// The settings a streamed kernel's shards and tiles depend on: the model's weights, the
+/// selected parameters, the samples (corpus indices and token ids), the capture options, the
+/// blocks and the tile size. Recorded in the folder's `manifest.json`.
+fn stream_manifest(job: &Job, opts: &NtkOptions, tile: usize) -> Result<Manifest> {
+    let mut m = Manifest::new("ntk --tile");
+    let c = &job.opts;
+    m.set(
+        "model.weights",
+        crate::manifest::fingerprint_tensors(&crate::model::named_variables(&job.vs))?,
+    )
+    .set(
+        "params",
+        job.params
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+    .set("samples.count", job.idx.len())
+    .set("samples.corpus_index", {
+        let idx: Vec<u32> = job.idx.iter().map(|&i| i as u32).collect();
+        crate::manifest::fingerprint_ids(&[&idx])
+    })
+    .set(
+        "samples.tokens",
+        crate::manifest::fingerprint_ids(&job.seqs()),
+    )
+    .set("capture.output", format!("{:?}", c.output))
+    .set("capture.method", format!("{:?}", c.method))
+    .set("capture.projection", format!("{:?}", c.projection))
+    .set("capture.batch", c.batch)
+    .set("capture.probes", c.probes)
+    .set("capture.seed", c.seed)
+    .set("blocks", format!("{:?}", opts.blocks))
+    .set("tile", tile);
+    Ok(m)
+}
+
 /// Compute the NTK of a prepared job. `dir` is where a streamed kernel (`opts.tile`) keeps its
 /// shards and tiles; other outputs are written only by [`NtkOutput::write`].
 pub fn compute(
@@ -213,6 +272,8 @@ pub fn from_kernel(
     device: Device,
     progress: &dyn Progress,
 ) -> Result<NtkOutput> {
+    let ids: Vec<&str> = job.samples().iter().map(|s| s.id.as_str()).collect();
+    check_finite(&ids, &k)?;
     let mut summary = NtkSummary {
         blocks: k.blocks.iter().map(|(name, _)| name.clone()).collect(),
         diagnostics: None,
@@ -292,6 +353,18 @@ fn streamed(
         ));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let manifest = stream_manifest(job, opts, tile)?;
+    if opts.fresh {
+        crate::manifest::clear(dir, &["shards", "tiles", "tiles.parquet"])?;
+        manifest.write(dir)?;
+    } else {
+        let has_outputs = dir.join("shards").exists() || dir.join("tiles").exists();
+        manifest.check_resume(
+            dir,
+            has_outputs,
+            "pass --fresh to start afresh (it removes shards/ and tiles/ here)",
+        )?;
+    }
     let refs = job.seqs();
     progress.start("streaming", Some(1));
     let plan = StreamPlan {
@@ -327,6 +400,44 @@ fn streamed(
         diagonal: false,
     };
     Ok((Some(k), rep))
+}
+
+/// Refuse a kernel with NaN or Inf entries (a model or output that overflows): naming the
+/// first sample pairs involved, instead of turning them into a GC.
+fn check_finite(ids: &[&str], k: &Kernel) -> Result<()> {
+    const SHOWN: usize = 5;
+    let bad = k.total.isfinite().logical_not();
+    let count = bad.sum(tch::Kind::Int64).int64_value(&[]);
+    if count == 0 {
+        return Ok(());
+    }
+    let at = bad.nonzero();
+    let rows = at.size()[0].min(SHOWN as i64);
+    let name = |i: i64| {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| ids.get(i))
+            .map_or_else(|| i.to_string(), |s| s.to_string())
+    };
+    let pairs: Vec<String> = (0..rows)
+        .map(|r| {
+            let i = at.int64_value(&[r, 0]);
+            if k.diagonal {
+                format!("Θ({0}, {0})", name(i))
+            } else {
+                format!("Θ({}, {})", name(i), name(at.int64_value(&[r, 1])))
+            }
+        })
+        .collect();
+    Err(Error::invalid(
+        "kernel",
+        format!(
+            "{count} kernel entr{} not finite (NaN or Inf), first {}; the model's outputs or \
+             gradients overflow on these samples (check the weights, or use --output mean-loss)",
+            if count == 1 { "y is" } else { "ies are" },
+            pairs.join(", ")
+        ),
+    ))
 }
 
 /// A streamed kernel too large to assemble: only the sample table (the kernel stays in tiles/).
@@ -599,5 +710,33 @@ impl NtkOutput {
             crate::io::write_tensors(&c.kernel.named(), &path)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel(values: &[f64], n: i64) -> Kernel {
+        Kernel {
+            total: Tensor::from_slice(values).view([n, n]),
+            blocks: Vec::new(),
+            diagonal: false,
+        }
+    }
+
+    #[test]
+    fn non_finite_kernel_entries_are_refused_naming_the_pairs() {
+        let ids = ["a", "b", "c"];
+        let ok = kernel(&[1.0, 0.5, 0.0, 0.5, 1.0, 0.2, 0.0, 0.2, 1.0], 3);
+        assert!(check_finite(&ids, &ok).is_ok());
+        let nan = kernel(
+            &[1.0, 0.5, 0.0, 0.5, 1.0, f64::NAN, 0.0, f64::INFINITY, 1.0],
+            3,
+        );
+        let msg = check_finite(&ids, &nan).unwrap_err().to_string();
+        assert!(msg.contains("2 kernel entries are not finite"), "{msg}");
+        assert!(msg.contains("Θ(b, c)") && msg.contains("Θ(c, b)"), "{msg}");
+        assert!(!msg.contains("Θ(a,"), "{msg}");
     }
 }

@@ -503,7 +503,7 @@ fn training_figures(run: &Path) -> Result<Vec<Figure>> {
         out.push(Figure {
             name: "training_curves".into(),
             caption: "Training loss per step (mean of the last 10 steps) of every run beside the analysed one.".into(),
-            plot: plots::line_series(&curves, "Training curves", "step", "training loss")?,
+            plot: plots::line_series(&curves, "Training curves", "step", "training loss", false)?,
         });
     }
     let cp = run.join("clusters.parquet");
@@ -535,12 +535,12 @@ fn training_figures(run: &Path) -> Result<Vec<Figure>> {
         out.push(Figure {
             name: "cluster_count".into(),
             caption: "Number of DBSCAN clusters of a fixed validation probe set at each block's output over training (paper Fig. 3).".into(),
-            plot: plots::line_series(&series(&n), "Clusters over training", "step", "clusters")?,
+            plot: plots::line_series(&series(&n), "Clusters over training", "step", "clusters", true)?,
         });
         out.push(Figure {
             name: "cluster_ratio".into(),
             caption: "Mean inter-centroid distance over mean cluster radius per block over training (paper Fig. 3); gaps where fewer than two clusters were found.".into(),
-            plot: plots::line_series(&series(&ratio), "Cluster separation over training", "step", "distance / radius")?,
+            plot: plots::line_series(&series(&ratio), "Cluster separation over training", "step", "distance / radius", false)?,
         });
     }
     Ok(out)
@@ -634,13 +634,29 @@ fn lines(s: &str) -> Vec<String> {
     v.iter().map(|l| l.to_string()).collect()
 }
 
+/// `path` as seen from folder `from` (Jupyter runs a notebook with its own folder as the working
+/// directory, so the notebook's paths are relative to it); absolute when no relative path exists.
+fn relative_to(path: &Path, from: &Path) -> String {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let (path, from) = (abs(path), abs(from));
+    pathdiff::diff_paths(&path, &from)
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
 /// The notebook (nbformat 4.5): summary, figures as SVG outputs, and cells that reload the tables.
-pub fn notebook(r: &Report, figure_dir: &Path) -> serde_json::Value {
+/// Paths are relative to `notebook_dir`, the folder the notebook is written to.
+pub fn notebook(r: &Report, figure_dir: &Path, notebook_dir: &Path) -> serde_json::Value {
     let mut cells = vec![json!({
         "cell_type": "markdown", "id": "title", "metadata": {},
         "source": lines(&format!("# {}\n\n{}\n", r.title, r.kernel.iter().chain(&r.summary).chain(&r.runs).map(|s| format!("- {s}")).collect::<Vec<_>>().join("\n")))
     })];
-    let paths: Vec<String> = r.tables.iter().map(|p| p.display().to_string()).collect();
+    let paths: Vec<String> = r
+        .tables
+        .iter()
+        .map(|p| relative_to(p, notebook_dir))
+        .collect();
     let load = format!(
         "import pandas as pd  # or: import polars as pl; pl.read_parquet(...)\ntables = {{}}\nfor path in {paths:?}:\n    tables[path.rsplit('/', 1)[-1].removesuffix('.parquet')] = pd.read_parquet(path)\ntables['analysis'].head()\n"
     );
@@ -649,7 +665,7 @@ pub fn notebook(r: &Report, figure_dir: &Path) -> serde_json::Value {
         cells.push(json!({"cell_type": "markdown", "id": format!("cap{i}"), "metadata": {}, "source": lines(&format!("### {}\n\n{}\n", f.name, f.caption))}));
         cells.push(json!({
             "cell_type": "code", "id": format!("fig{i}"), "execution_count": null, "metadata": {},
-            "source": lines(&format!("from IPython.display import SVG\nSVG(filename={:?})\n", figure_dir.join(format!("{}.svg", f.name)).display().to_string())),
+            "source": lines(&format!("from IPython.display import SVG\nSVG(filename={:?})\n", relative_to(&figure_dir.join(format!("{}.svg", f.name)), notebook_dir))),
             "outputs": [{"output_type": "display_data", "metadata": {}, "data": {"image/svg+xml": lines(&f.plot.svg), "text/plain": [format!("<{} figure>", f.name)]}}]
         }));
     }
@@ -660,8 +676,10 @@ pub fn notebook(r: &Report, figure_dir: &Path) -> serde_json::Value {
     })
 }
 
-/// Write report.html, figures/*.svg and *.png, and the notebook, atomically each.
+/// Write report.html, figures/*.svg and *.png, and the notebook, atomically each, as the
+/// folder's only writer.
 pub fn write(r: &Report, out: &Path, notebook_path: &Path) -> Result<()> {
+    let _lock = crate::lock::OutputLock::acquire(out, "tailscope report")?;
     for f in &r.figures {
         crate::io::write_atomic(
             out.join("figures").join(format!("{}.svg", f.name)),
@@ -673,7 +691,11 @@ pub fn write(r: &Report, out: &Path, notebook_path: &Path) -> Result<()> {
         )?;
     }
     crate::io::write_atomic(out.join("report.html"), html(r).as_bytes())?;
-    let nb = serde_json::to_string_pretty(&notebook(r, &out.join("figures")))
+    let notebook_dir = notebook_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let nb = serde_json::to_string_pretty(&notebook(r, &out.join("figures"), notebook_dir))
         .map_err(|e| Error::invalid("notebook", e.to_string()))?;
     crate::io::write_atomic(notebook_path, nb.as_bytes())
 }

@@ -162,6 +162,15 @@ pub fn gc_by_frequency(bins: &[GcBin], title: &str) -> Result<Rendered> {
     })
 }
 
+/// A tick label for counts and steps: integers only (a tick between two integers gets none).
+fn integer_label(v: &f64) -> String {
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{}", v.round() as i64)
+    } else {
+        String::new()
+    }
+}
+
 /// The samples per frequency bin, as bars under the GC panel.
 fn bin_counts<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
@@ -180,14 +189,7 @@ fn bin_counts<DB: DrawingBackend>(
         .x_desc("1-gram frequency bin (mean score), rarest first")
         .x_labels(bins.len().max(2))
         .x_label_formatter(&|x| format!("{}", x.round() as i64))
-        // Counts: integer ticks only (a tick between two integers gets no label).
-        .y_label_formatter(&|y| {
-            if (y - y.round()).abs() < 1e-9 {
-                format!("{}", y.round() as i64)
-            } else {
-                String::new()
-            }
-        })
+        .y_label_formatter(&integer_label)
         .draw()
         .map_err(plot_err)?;
     h.draw_series(bins.iter().enumerate().map(|(i, b)| {
@@ -293,12 +295,14 @@ pub fn frequency_vs_alignment(
     )
 }
 
-/// Lines (one per named series of (x, y) points), e.g. losses over steps.
+/// Lines (one per named series of (x, y) points) over training steps (integer x ticks), e.g.
+/// losses; `counts`: the y values are counts too (integer y ticks).
 pub fn line_series(
     series: &[(String, Vec<(f64, f64)>)],
     title: &str,
     xdesc: &str,
     ydesc: &str,
+    counts: bool,
 ) -> Result<Rendered> {
     let all: Vec<(f64, f64)> = series
         .iter()
@@ -331,11 +335,14 @@ pub fn line_series(
             .y_label_area_size(60)
             .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
             .map_err(plot_err)?;
-        c.configure_mesh()
-            .x_desc(xdesc)
+        let mut mesh = c.configure_mesh();
+        mesh.x_desc(xdesc)
             .y_desc(ydesc)
-            .draw()
-            .map_err(plot_err)?;
+            .x_label_formatter(&integer_label);
+        if counts {
+            mesh.y_label_formatter(&integer_label);
+        }
+        mesh.draw().map_err(plot_err)?;
         for (k, (name, pts)) in series.iter().enumerate() {
             let col = PALETTE[k % PALETTE.len()];
             c.draw_series(LineSeries::new(pts.clone(), col.stroke_width(2)))

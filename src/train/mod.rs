@@ -39,6 +39,8 @@ use crate::checkpoint::save_model;
 use crate::corpus::{tokenizer, Corpus, Split};
 use crate::error::{Error, Result};
 use crate::io::{read_tensors, write_tensors};
+use crate::lock::OutputLock;
+use crate::manifest::Manifest;
 use crate::model::cse::expand_experts;
 use crate::model::named_variables;
 use crate::model::{token_losses, CseConfig, ExpertConfig, Model, ModelConfig};
@@ -617,30 +619,56 @@ fn optimise_step(
     live.opt.zero_grad();
     total.backward();
     let grad_norm = live.opt.clip_grad_norm(t.grad_clip);
+    let (loss_value, aux_value) = (loss.double_value(&[]), out.aux_loss.double_value(&[]));
+    // Checked before the update, so the weights (and every checkpoint) stay finite.
+    if !(loss_value.is_finite() && aux_value.is_finite() && grad_norm.is_finite()) {
+        return Err(diverged(step, loss_value, aux_value, grad_norm, &idx, ctx));
+    }
     let lr = lr_at(step, t.steps, t.warmup_steps, t.lr, t.min_lr_ratio);
     live.opt.step(lr);
     let tokens = i64::try_from(batch.mask.sum(tch::Kind::Int64)).unwrap_or(0);
     let row = StepRow {
         step: step + 1,
-        loss: loss.double_value(&[]),
-        aux_loss: out.aux_loss.double_value(&[]),
+        loss: loss_value,
+        aux_loss: aux_value,
         lr,
         grad_norm,
         tokens,
         tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
         expert_load: load_string(&out.loads),
     };
-    if !row.loss.is_finite() {
-        return Err(Error::invalid(
-            "train.lr",
-            format!(
-                "the loss diverged ({}) at step {}; lower the learning rate",
-                row.loss,
-                step + 1
-            ),
-        ));
-    }
     Ok(row)
+}
+
+/// The error of a step whose loss or gradient is not finite: the step, the values, the batch's
+/// sample ids and the checkpoint a rerun would resume from.
+fn diverged(step: u64, loss: f64, aux: f64, grad_norm: f64, idx: &[usize], ctx: &RunCtx) -> Error {
+    const SHOWN: usize = 8;
+    let ids: Vec<&str> = idx
+        .iter()
+        .take(SHOWN)
+        .map(|&i| ctx.data.corpus.samples[i].id.as_str())
+        .collect();
+    let more = idx.len().saturating_sub(SHOWN);
+    let kept = match latest_checkpoint(&ctx.run_dir) {
+        Some(c) => format!("the last good checkpoint, {}, is kept", c.display()),
+        None => "no checkpoint was written before it".to_string(),
+    };
+    Error::invalid(
+        "train.lr",
+        format!(
+            "training diverged at step {} (loss {loss}, auxiliary loss {aux}, gradient norm \
+             {grad_norm}) on the batch of samples {}{}; the run stopped before updating the \
+             weights and {kept}; lower the learning rate or set grad_clip",
+            step + 1,
+            ids.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ),
+    )
 }
 
 /// What a run's experts need: the CSE config and the step of its initialisation (after the dense
@@ -691,6 +719,38 @@ fn checkpoint(live: &Live, state: &mut RunState, ctx: &RunCtx) -> Result<()> {
     write_tables(&ctx.run_dir, state)
 }
 
+/// The settings a run's checkpoints depend on: the model (the run's config, experts included),
+/// the base model, every training option but `checkpoint_every` (which only says when to save),
+/// the validation size, the corpus's token ids and split, and the seed.
+fn run_manifest(
+    spec: &TrainSpec,
+    run: &RunSpec,
+    cfg: &ModelConfig,
+    data: &TrainData,
+    seed: u64,
+) -> Result<Manifest> {
+    let mut m = Manifest::new("train");
+    m.set_fields("model", cfg)?;
+    m.set_fields("experts", &run.experts)?;
+    m.set_fields("train", &spec.train)?;
+    m.settings.remove("train.checkpoint_every");
+    if let Some(b) = &spec.base {
+        m.set("base.model", crate::manifest::file_identity(&b.model))
+            .set("base.train", format!("{:?}", b.train))
+            .set("base.last_k", b.last_k)
+            .set("base.max_len", format!("{:?}", b.max_len));
+    }
+    let all: Vec<&[u32]> = data.ids.iter().map(|s| s.as_slice()).collect();
+    m.set("data.corpus", crate::manifest::fingerprint_ids(&all))
+        .set(
+            "data.split",
+            format!("{} train, {} validation", data.train.len(), data.val.len()),
+        )
+        .set("data.eval_samples", spec.data.eval_samples)
+        .set("seed", seed);
+    Ok(m)
+}
+
 /// Train one run of a spec into `out/<run.name>`. With `resume`, continue from the latest
 /// checkpoint there (a fresh start when there is none).
 #[allow(clippy::too_many_arguments)]
@@ -721,7 +781,20 @@ pub fn train_run(
         run_dir: out.join(&run.name),
     };
     let run_dir = &ctx.run_dir;
-    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    let _lock = OutputLock::acquire(run_dir, &format!("tailscope train, run {}", run.name))?;
+    let manifest = run_manifest(spec, run, &cfg, data, seed)?;
+    if resume {
+        manifest.check_resume(
+            run_dir,
+            latest_checkpoint(run_dir).is_some(),
+            "to start afresh, train without --resume (or set resume = false under [train] of a \
+             `run` spec)",
+        )?;
+    } else {
+        // A fresh start: checkpoints of an earlier run here must not be resumed later.
+        crate::manifest::clear(run_dir, &["checkpoints"])?;
+        manifest.write(run_dir)?;
+    }
     let (mut live, mut state) = start_or_resume(run, &cfg, run_dir, &ctx, resume, progress)?;
     let (cse_cfg, cse_step, aux_weight) = expert_settings(&live.cfg, t, ctx.base.is_some());
     let mut cse_reports = Vec::new();

@@ -1,0 +1,203 @@
+//! One writer per output folder: a lock file (`.tailscope.lock`) holding the writer's process id
+//! and command, created with `create_new` (atomic on every local filesystem) and removed when
+//! the writer ends. A second run into a folder in use is refused, naming the other process; a
+//! lock left by a process that no longer exists (killed) is stale and taken over.
+//!
+//! Liveness is `kill(pid, 0)` on Unix; elsewhere every lock counts as live. A process id reused
+//! by an unrelated process after a crash keeps the lock until that process ends (rare; the
+//! message names the process so a user can remove the file).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// The lock file's name inside an output folder.
+pub const FILE: &str = ".tailscope.lock";
+
+/// A held lock; dropping it removes the file.
+#[derive(Debug)]
+pub struct OutputLock {
+    path: PathBuf,
+}
+
+/// Is process `pid` running?
+fn alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(p) = libc::pid_t::try_from(pid) else {
+            return false;
+        };
+        // SAFETY: kill with signal 0 sends nothing; it only checks that the process exists.
+        let r = unsafe { libc::kill(p, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+impl OutputLock {
+    /// Take the lock of `dir` (created if missing) for this process, doing `what`.
+    pub fn acquire(dir: &Path, what: &str) -> Result<OutputLock> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let path = dir.join(FILE);
+        let me = std::process::id();
+        // Two tries: the second after removing a stale lock.
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    let started = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    writeln!(f, "{me}\n{what}\n{started}").map_err(|e| Error::io(&path, e))?;
+                    return Ok(OutputLock { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let mut lines = text.lines();
+                    let pid = lines.next().and_then(|l| l.trim().parse::<u32>().ok());
+                    let holder = lines.next().unwrap_or("?").to_string();
+                    match pid {
+                        Some(pid) if pid != me && alive(pid) => {
+                            return Err(Error::in_file(
+                                &path,
+                                format!(
+                                    "this folder is in use by process {pid} ({holder}); wait \
+                                     for it to end or write elsewhere"
+                                ),
+                            ));
+                        }
+                        Some(pid) if pid == me => {
+                            return Err(Error::in_file(
+                                &path,
+                                format!("this process already writes here ({holder})"),
+                            ));
+                        }
+                        _ => {
+                            // Stale (its process is gone) or unreadable (killed while writing
+                            // it): take it over, and remove the temporary files the dead
+                            // process left (never read; named with its pid).
+                            tracing::warn!(
+                                "{}: taking over a stale lock ({})",
+                                path.display(),
+                                text.replace('\n', " ").trim()
+                            );
+                            if let Some(dead) = pid {
+                                remove_temp_files_of(dir, dead);
+                            }
+                            match std::fs::remove_file(&path) {
+                                Ok(()) => {}
+                                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                                Err(e) => return Err(Error::io(&path, e)),
+                            }
+                        }
+                    }
+                }
+                Err(e) => return Err(Error::io(&path, e)),
+            }
+        }
+        Err(Error::in_file(
+            &path,
+            "another process took this folder's lock at the same moment; try again",
+        ))
+    }
+}
+
+/// Whether `name` is a temporary file or folder that process `pid` writes before renaming it
+/// into place (`.NAME.PID.tmp`, `.tmp-PID-NAME`, `.step-N.tmp-PID`; see [`crate::io`]).
+fn is_temp_of(name: &str, pid: u32) -> bool {
+    name.starts_with('.')
+        && (name.ends_with(&format!(".{pid}.tmp"))
+            || name.starts_with(&format!(".tmp-{pid}-"))
+            || name.ends_with(&format!(".tmp-{pid}")))
+}
+
+/// Remove, under `dir`, the temporary files a dead process `pid` left. Best effort: a file that
+/// cannot be removed stays (it is never read).
+fn remove_temp_files_of(dir: &Path, pid: u32) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if is_temp_of(&e.file_name().to_string_lossy(), pid) {
+                tracing::debug!("removing {}, left by process {pid}", p.display());
+                let _ = if is_dir {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            } else if is_dir {
+                stack.push(p);
+            }
+        }
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_holder_is_named_and_a_stale_lock_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        // A live process other than this one: a child that waits.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        std::fs::write(&path, format!("{}\ntailscope ntk\n0\n", child.id())).unwrap();
+        let err = OutputLock::acquire(dir.path(), "test").unwrap_err();
+        let msg = err.to_string();
+        assert!(err.is_bad_input());
+        assert!(
+            msg.contains(&format!("process {}", child.id())) && msg.contains("tailscope ntk"),
+            "{msg}"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Its process is gone: the lock is stale and taken over, then released on drop.
+        let lock = OutputLock::acquire(dir.path(), "test").unwrap();
+        let held = std::fs::read_to_string(&path).unwrap();
+        assert!(held.starts_with(&format!("{}\ntest\n", std::process::id())));
+        drop(lock);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn temporary_names_of_a_process_are_recognised() {
+        for name in [
+            ".model.safetensors.41.tmp",
+            ".tmp-41-kernel.safetensors",
+            ".step-000003.tmp-41",
+        ] {
+            assert!(is_temp_of(name, 41), "{name}");
+            assert!(!is_temp_of(name, 4), "{name}");
+        }
+        assert!(!is_temp_of("model.safetensors", 41));
+        assert!(!is_temp_of(".tmp-410-x", 41));
+    }
+
+    #[test]
+    fn one_process_cannot_hold_a_folder_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let _a = OutputLock::acquire(dir.path(), "first").unwrap();
+        let err = OutputLock::acquire(dir.path(), "second").unwrap_err();
+        assert!(err.to_string().contains("first"), "{err}");
+    }
+}
