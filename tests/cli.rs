@@ -2,110 +2,11 @@
 //! (exit status 2 with a one-line reason naming the file, line or field), the synthetic corpus and
 //! frequency statistics, and a run on the bundled Brown fixture.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
-use polars::prelude::{ParquetReader, SerReader};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tailscope"));
-    c.arg("-q").arg("--threads").arg("2");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(o.status.success(), "{args:?} failed: {}", stderr(&o));
-    stdout(&o)
-}
-
-/// Run, expect exit status 2 and a single stderr line containing every `needles` entry.
-fn bad(args: &[&str], needles: &[&str]) {
-    let o = run(args);
-    let err = stderr(&o);
-    assert_eq!(
-        o.status.code(),
-        Some(2),
-        "{args:?}: expected exit 2, got {:?}; {err}",
-        o.status
-    );
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "one line expected: {err}"
-    );
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: {err:?} lacks {n:?}");
-    }
-}
-
-/// A usage error from clap: exit 2, and its first line names everything in `needles`.
-fn usage_bad(args: &[&str], needles: &[&str]) {
-    let o = run(args);
-    let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-    let first = err.lines().next().unwrap_or_default();
-    for n in needles {
-        assert!(first.contains(n), "{args:?}: {first:?} lacks {n:?}");
-    }
-}
-
-fn read_table(p: &Path) -> polars::prelude::DataFrame {
-    ParquetReader::new(std::fs::File::open(p).unwrap())
-        .finish()
-        .unwrap()
-}
-
-fn strs(df: &polars::prelude::DataFrame, col: &str) -> Vec<String> {
-    df.column(col)
-        .unwrap()
-        .str()
-        .unwrap()
-        .iter()
-        .map(|v| v.unwrap().to_string())
-        .collect()
-}
-
-struct Tmp(tempfile::TempDir);
-impl Tmp {
-    fn new() -> Tmp {
-        Tmp(tempfile::tempdir().unwrap())
-    }
-    fn file(&self, name: &str, bytes: &[u8]) -> String {
-        let p = self.0.path().join(name);
-        if let Some(d) = p.parent() {
-            std::fs::create_dir_all(d).unwrap();
-        }
-        std::fs::write(&p, bytes).unwrap();
-        p.to_string_lossy().into_owned()
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.path().join(name)
-    }
-    fn s(&self, name: &str) -> String {
-        self.path(name).to_string_lossy().into_owned()
-    }
-}
-
-const SMALL_VOCAB: &[&str] = &["--vocab-size", "300", "--min-words", "1"];
-
-fn lines(n: usize) -> String {
-    (0..n)
-        .map(|i| format!("sample number {i} says hello world again\n"))
-        .collect()
-}
+mod common;
+use common::*;
 
 #[test]
 fn help_everywhere() {
@@ -649,45 +550,6 @@ fn brown_fixture_end_to_end() {
     );
 }
 
-fn tiny_spec(t: &Tmp, corpus: &str) -> String {
-    t.file(
-        "spec.toml",
-        format!(
-            r#"[data]
-corpus = "{corpus}"
-eval_samples = 60
-[model]
-arch = "gpt"
-n_layer = 2
-d_model = 16
-n_head = 2
-d_ffn = 32
-max_len = 16
-[train]
-steps = 6
-batch_size = 8
-lr = 1e-2
-min_lr_ratio = 0.1
-warmup_steps = 1
-grad_clip = 1.0
-adamw = {{ beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.01 }}
-checkpoint_every = 3
-keep_last = 1
-keep_steps = []
-dynamics_every = 0
-probe_samples = 40
-cse_warmup_fraction = 0.34
-[[run]]
-name = "dense"
-[[run]]
-name = "cse"
-experts = {{ kind = "cse", last_k = 1, proj_dim = 4, sample = 200, min_pts = 3, min_cluster_size = 3 }}
-"#
-        )
-        .as_bytes(),
-    )
-}
-
 #[test]
 fn train_and_eval_end_to_end_with_errors() {
     let t = Tmp::new();
@@ -1084,11 +946,12 @@ fn declarative_run_and_bad_specs() {
         format!(
             "[data]\ncorpus = \"{corpus}\"\n[train]\nconfig = \"{train_spec}\"\nruns = [\"dense\", \"cse\", \"switch\"]\nout = \"{tr}\"\n\
              [ntk]\nsamples = 16\nbatch = 8\nout = \"{nk}\"\n[analysis]\nmodel = \"cse\"\nbaseline = \"dense\"\nresamples = 50\nout = \"{an}\"\n\
-             [report]\nout = \"{rp}\"\ntitle = \"run test\"\n",
+             [report]\nout = \"{rp}\"\nnotebook = \"{nb}/run.ipynb\"\ntitle = \"run test\"\n",
             tr = t.s("tr"),
             nk = t.s("nk"),
             an = t.s("an"),
-            rp = t.s("rp")
+            rp = t.s("rp"),
+            nb = t.s("nb/deeper")
         )
         .as_bytes(),
     );
@@ -1100,11 +963,11 @@ fn declarative_run_and_bad_specs() {
         "nk/dense/gc.parquet",
         "an/isolation.parquet",
         "rp/report.html",
-        "rp/report.ipynb",
+        "nb/deeper/run.ipynb",
     ] {
         assert!(t.path(f).exists(), "{f}");
     }
-    check_report(&t.path("rp"), &t.path("rp/report.ipynb"));
+    check_report(&t.path("rp"), &t.path("nb/deeper/run.ipynb"));
     // Switch-MoE isolation against the same baseline: one row per expert of the Switch block,
     // loads summing to the samples, a distance/radius ratio when two experts are used.
     let printed = ok(&[
@@ -1224,7 +1087,9 @@ fn declarative_run_and_bad_specs() {
 }
 
 /// The report holds every figure inline (SVG) and as PNG files, loads nothing from the network,
-/// and its notebook is valid nbformat 4 (checked by the `nbformat` package, see scripts/setup).
+/// and its notebook is valid nbformat 4 (checked by the `nbformat` package, see scripts/setup)
+/// and runs in a Jupyter kernel from its own folder, as Jupyter opens it (`nbclient`), started
+/// from an unrelated working directory.
 fn check_report(dir: &Path, notebook: &Path) {
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     let mut stems: Vec<String> = std::fs::read_dir(dir.join("figures"))
@@ -1263,12 +1128,17 @@ fn check_report(dir: &Path, notebook: &Path) {
     }
     let python =
         std::env::var("TAILSCOPE_PYTHON").expect("TAILSCOPE_PYTHON (written by scripts/setup)");
-    let out = Command::new(python)
+    let out = Command::new(&python)
         .args([
             "-c",
-            "import sys, nbformat\nnb = nbformat.read(sys.argv[1], as_version=4)\nnbformat.validate(nb)\nprint(len(nb.cells))",
+            "import os, sys, nbformat\nfrom nbclient import NotebookClient\n\
+             nb = nbformat.read(sys.argv[1], as_version=4)\nnbformat.validate(nb)\n\
+             here = os.path.dirname(os.path.abspath(sys.argv[1]))\n\
+             NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': here}}).execute()\n\
+             print(len(nb.cells))",
         ])
         .arg(notebook)
+        .current_dir(std::env::temp_dir())
         .output()
         .unwrap();
     assert!(out.status.success(), "nbformat: {}", stderr(&out));
@@ -1278,4 +1148,25 @@ fn check_report(dir: &Path, notebook: &Path) {
         2 + 2 * stems.len(),
         "one caption and one figure cell per figure"
     );
+    // In headless Chromium: no console errors, every figure drawn, the flags table sorts on a
+    // click; the screenshot is kept for a person to look at.
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("report-browser.png");
+    let out = Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check-report-browser"))
+        .arg(dir.join("report.html"))
+        .arg(&shot)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "browser check: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains(&format!("{} figures", stems.len())),
+        "{}",
+        stdout(&out)
+    );
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
 }
