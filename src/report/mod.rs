@@ -532,16 +532,24 @@ fn training_figures(run: &Path) -> Result<Vec<Figure>> {
                 })
                 .collect()
         };
-        out.push(Figure {
-            name: "cluster_count".into(),
-            caption: "Number of DBSCAN clusters of a fixed validation probe set at each block's output over training (paper Fig. 3).".into(),
-            plot: plots::line_series(&series(&n), "Clusters over training", "step", "clusters", true)?,
-        });
-        out.push(Figure {
-            name: "cluster_ratio".into(),
-            caption: "Mean inter-centroid distance over mean cluster radius per block over training (paper Fig. 3); gaps where fewer than two clusters were found.".into(),
-            plot: plots::line_series(&series(&ratio), "Cluster separation over training", "step", "distance / radius", false)?,
-        });
+        // Only what was recorded: a run with `dynamics_every = 0` (or never two clusters) gets
+        // no empty axes.
+        let recorded = |s: &[(String, Vec<(f64, f64)>)]| s.iter().any(|(_, p)| !p.is_empty());
+        let (counts, ratios) = (series(&n), series(&ratio));
+        if recorded(&counts) {
+            out.push(Figure {
+                name: "cluster_count".into(),
+                caption: "Number of DBSCAN clusters of a fixed validation probe set at each block's output over training (paper Fig. 3).".into(),
+                plot: plots::line_series(&counts, "Clusters over training", "step", "clusters", true)?,
+            });
+        }
+        if recorded(&ratios) {
+            out.push(Figure {
+                name: "cluster_ratio".into(),
+                caption: "Mean inter-centroid distance over mean cluster radius per block over training (paper Fig. 3); gaps where fewer than two clusters were found.".into(),
+                plot: plots::line_series(&ratios, "Cluster separation over training", "step", "distance / radius", false)?,
+            });
+        }
     }
     Ok(out)
 }

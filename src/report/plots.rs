@@ -116,6 +116,8 @@ pub fn gc_by_frequency(bins: &[GcBin], title: &str) -> Result<Rendered> {
             .map_err(plot_err)?;
         c.configure_mesh()
             .y_desc("gradient consistency (GC)")
+            // Without this, the tick at 0 reads "-0.0" (a float just below zero).
+            .y_label_formatter(&|y| format!("{:.1}", if y.abs() < 1e-9 { 0.0 } else { *y }))
             .x_labels(bins.len().max(2))
             .x_label_formatter(&|x| {
                 let i = x.round() as usize;
