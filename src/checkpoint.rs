@@ -17,8 +17,29 @@ pub const CONFIG_FILE: &str = "config.json";
 /// The weights of a checkpoint folder.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
+/// Refuse a weight holding NaN or Inf: it makes every loss, gradient and kernel downstream
+/// non-finite, so it is named here, where the tensor and its file are known.
+pub fn check_finite(path: &Path, name: &str, t: &Tensor) -> Result<()> {
+    let bad = t
+        .isfinite()
+        .logical_not()
+        .sum(tch::Kind::Int64)
+        .int64_value(&[]);
+    if bad > 0 {
+        return Err(Error::in_file(
+            path,
+            format!(
+                "tensor `{name}` holds {bad} non-finite value{} (NaN or Inf): the file is corrupt \
+                 or the run that wrote it diverged",
+                if bad == 1 { "" } else { "s" }
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Copy `tensors` into the store's variables; every variable must be present with its shape, and
-/// no extra tensor may be left over (a config/weights mismatch).
+/// no extra tensor may be left over (a config/weights mismatch); none may hold NaN or Inf.
 pub fn load_into(vs: &nn::VarStore, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let vars = named_variables(vs);
     for (name, var) in &vars {
@@ -38,23 +59,7 @@ pub fn load_into(vs: &nn::VarStore, tensors: &HashMap<String, Tensor>, path: &Pa
                 ),
             ));
         }
-        // A NaN or Inf weight makes every loss, gradient and kernel downstream non-finite: refuse
-        // it here, where the tensor can still be named.
-        let bad = src
-            .isfinite()
-            .logical_not()
-            .sum(tch::Kind::Int64)
-            .int64_value(&[]);
-        if bad > 0 {
-            return Err(Error::in_file(
-                path,
-                format!(
-                    "tensor `{name}` holds {bad} non-finite value{} (NaN or Inf): the file is \
-                     corrupt or the run that wrote it diverged",
-                    if bad == 1 { "" } else { "s" }
-                ),
-            ));
-        }
+        check_finite(path, name, src)?;
     }
     if let Some(extra) = tensors
         .keys()

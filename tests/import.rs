@@ -232,3 +232,32 @@ fn torchscript_ntk_matches_autograd() {
     };
     assert!(e.to_string().contains("exact"), "{e}");
 }
+
+/// A TorchScript module whose parameter holds a NaN is refused when loaded, naming the tensor
+/// (checked through the module's own parameter list, before any forward pass).
+#[test]
+fn torchscript_with_nan_weights_is_refused() {
+    let dir = fixtures().join("torchscript");
+    let tmp = tempfile::tempdir().unwrap();
+    let module = tch::CModule::load(dir.join("model.pt")).unwrap();
+    let params = module.named_parameters().unwrap();
+    let (name, t) = &params[0];
+    tch::no_grad(|| {
+        let _ = t.view(-1).get(0).fill_(f64::NAN);
+    });
+    let pt = tmp.path().join("model.pt");
+    module.save(&pt).unwrap();
+    std::fs::copy(dir.join("model.json"), tmp.path().join("model.json")).unwrap();
+    let e = match load_model(&pt, Device::Cpu) {
+        Ok(_) => panic!("a module with a NaN weight loaded"),
+        Err(e) => e,
+    };
+    assert!(e.is_bad_input(), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("model.pt")
+            && msg.contains(&format!("`{name}`"))
+            && msg.contains("1 non-finite"),
+        "{msg}"
+    );
+}

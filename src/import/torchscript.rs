@@ -72,6 +72,12 @@ pub fn load(path: &Path, device: Device) -> Result<(ModelConfig, Script)> {
     let mut module = CModule::load_on_device(path, device)
         .map_err(|e| Error::in_file(path, format!("not a loadable TorchScript module ({e})")))?;
     module.set_eval();
+    let params = module
+        .named_parameters()
+        .map_err(|e| Error::in_file(path, format!("cannot list the module's parameters ({e})")))?;
+    for (name, t) in &params {
+        crate::checkpoint::check_finite(path, name, t)?;
+    }
     Ok((
         cfg,
         Script {
