@@ -176,7 +176,7 @@ fn cse_model(variant: CseVariant) -> (nn::VarStore, Model) {
     // Two experts per block, centroids at the projections of samples 0 and 2.
     let s = seqs();
     let refs: Vec<&[u32]> = s.iter().map(Vec::as_slice).collect();
-    let b = tailscope::capture::capture_batch(&model, &refs, 0, 0, Device::Cpu);
+    let b = tailscope::capture::capture_batch(&model, &refs, 0, Device::Cpu);
     let out = model.forward_t(&b.ids, &b.mask, false, true).unwrap();
     let inits: Vec<CseInit> = model
         .cse_routers()
@@ -202,7 +202,7 @@ fn cse_kernels_match_the_oracle_and_expert_blocks_are_isolated() {
         // Expert blocks: zero wherever either sample was routed to another expert.
         let s = seqs();
         let refs: Vec<&[u32]> = s.iter().map(Vec::as_slice).collect();
-        let b = tailscope::capture::capture_batch(&model, &refs, 0, 0, Device::Cpu);
+        let b = tailscope::capture::capture_batch(&model, &refs, 0, Device::Cpu);
         let routes = model
             .forward_t(&b.ids, &b.mask, false, false)
             .unwrap()
@@ -337,6 +337,123 @@ fn projected_kernels_converge_within_the_jl_bound() {
     }
 }
 
+/// Logit-trace with a projection: each probe's gradients are projected on their own, so the
+/// projected kernel is Σ_p (J_p R)(J_p R)ᵀ, with no cross-probe terms (J_p R)(J_q R)ᵀ; and
+/// `--method auto` with a projection projects every layer (none is left to an unprojected
+/// ghost kernel).
+#[test]
+fn projections_of_logit_trace_probes_and_of_auto_captures() {
+    use tailscope::capture::project;
+    // Short sequences and wide layers, so that `auto` would pick ghost kernels for the MLP
+    // weights (T² (in + out) < in · out).
+    let (vs, model) = build(&ModelConfig {
+        max_len: 4,
+        d_model: 32,
+        d_ffn: 64,
+        ..tiny(Arch::Gpt, ExpertConfig::Dense)
+    });
+    let params = Selection::default().select(&vs).unwrap();
+    let s = seqs();
+    let refs: Vec<&[u32]> = s.iter().map(Vec::as_slice).collect();
+    let pr = Projection {
+        kind: ProjectionKind::Gaussian,
+        dim: 32,
+        seed: 5,
+    };
+    let probes = 3;
+    let trace = CaptureOptions {
+        output: OutputKind::LogitTrace,
+        probes,
+        ..Default::default()
+    };
+    let full = capture(&model, &params, &refs, &trace, Device::Cpu, &|_| {}).unwrap();
+    let projected = capture(
+        &model,
+        &params,
+        &refs,
+        &CaptureOptions {
+            projection: Some(pr),
+            ..trace.clone()
+        },
+        Device::Cpu,
+        &|_| {},
+    )
+    .unwrap();
+    let got = kernel(&projected, None, BlockBy::None, false).unwrap();
+    let mut want = Tensor::zeros([6, 6], (tch::Kind::Double, Device::Cpu));
+    for (name, j) in full.names.iter().zip(&full.jac) {
+        let j = j.as_ref().unwrap();
+        let per = j.size()[1] / probes as i64;
+        for p in 0..probes as i64 {
+            let jp = project(&j.narrow(1, p * per, per), name, &pr, 1).unwrap();
+            want += jp.matmul(&jp.tr());
+        }
+    }
+    assert!(
+        rel_err(&want, &got.total) < 1e-10,
+        "projected logit-trace kernel: {}",
+        rel_err(&want, &got.total)
+    );
+    // Auto with a projection: the batched projected kernel, every layer projected.
+    let with = |method| CaptureOptions {
+        method,
+        projection: Some(pr),
+        ..Default::default()
+    };
+    let batched = capture(
+        &model,
+        &params,
+        &refs,
+        &with(Method::Batched),
+        Device::Cpu,
+        &|_| {},
+    )
+    .unwrap();
+    let auto = capture(
+        &model,
+        &params,
+        &refs,
+        &with(Method::Auto),
+        Device::Cpu,
+        &|_| {},
+    )
+    .unwrap();
+    assert!(auto.ghost.iter().all(Option::is_none));
+    let unprojected = capture(
+        &model,
+        &params,
+        &refs,
+        &CaptureOptions {
+            method: Method::Auto,
+            ..Default::default()
+        },
+        Device::Cpu,
+        &|_| {},
+    )
+    .unwrap();
+    assert!(
+        unprojected.ghost.iter().any(Option::is_some),
+        "without a projection, auto uses ghost kernels here"
+    );
+    let (kb, ka) = (
+        kernel(&batched, None, BlockBy::None, false).unwrap(),
+        kernel(&auto, None, BlockBy::None, false).unwrap(),
+    );
+    assert!(rel_err(&kb.total, &ka.total) < 1e-10);
+    let e = match capture(
+        &model,
+        &params,
+        &refs,
+        &with(Method::Ghost),
+        Device::Cpu,
+        &|_| {},
+    ) {
+        Ok(_) => panic!("ghost kernels were projected"),
+        Err(e) => e,
+    };
+    assert!(e.to_string().contains("--project"), "{e}");
+}
+
 #[test]
 fn diagonal_and_cross_kernels_agree_with_the_full_kernel() {
     let (vs, model) = build(&tiny(Arch::Bert, ExpertConfig::Dense));
@@ -354,11 +471,15 @@ fn diagonal_and_cross_kernels_agree_with_the_full_kernel() {
     let full = kernel(&all, None, BlockBy::Module, false).unwrap();
     let diag = kernel(&all, None, BlockBy::Module, true).unwrap();
     assert!(rel_err(&full.total.diagonal(0, 0, 1), &diag.total) < 1e-12);
-    // Cross kernel of the first 2 samples against the last 4 is the matching sub-block (with the
-    // BERT masks seeded per sample, so the second set starts at key 2: keep keys by capturing
-    // the same list and slicing).
-    let cross = kernel(&all, Some(&all), BlockBy::None, false).unwrap();
-    assert!(rel_err(&full.total, &cross.total) < 1e-12);
+    // Θ(X, Y) of two overlapping sets captured on their own (X = samples 0..4, Y = 2..6) is the
+    // matching block of the kernel of all six: a BERT sample is masked the same way in X, in Y
+    // and in the whole set.
+    let x = capture(&model, &params, &refs[..4], &opts, Device::Cpu, &|_| {}).unwrap();
+    let y = capture(&model, &params, &refs[2..], &opts, Device::Cpu, &|_| {}).unwrap();
+    let cross = kernel(&x, Some(&y), BlockBy::None, false).unwrap();
+    assert_eq!(cross.total.size(), vec![4, 4]);
+    let block = full.total.narrow(0, 0, 4).narrow(1, 2, 4);
+    assert!(rel_err(&block, &cross.total) < 1e-12);
 }
 
 /// Streaming in tiles gives the in-memory kernel, and a rerun after losing files (an interrupted

@@ -87,12 +87,6 @@ impl Job {
             }
         }
         let params = selection.select_from(model.capture_parameters(&vs)?)?;
-        if spec.options.projection.is_some() && spec.options.method == Method::Ghost {
-            return Err(Error::invalid(
-                "--project",
-                "ghost kernels form no per-sample gradients to project; use --method batched",
-            ));
-        }
         let idx = corpus.pick_seeded(spec.split, spec.samples, spec.sample_seed);
         if idx.is_empty() {
             return Err(Error::in_file(

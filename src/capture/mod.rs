@@ -290,16 +290,18 @@ impl Selection {
     }
 }
 
-/// A batch of samples for capture: masks seeded per sample (key = index in the caller's list).
-pub fn capture_batch(
-    model: &Model,
-    seqs: &[&[u32]],
-    first: usize,
-    seed: u64,
-    device: Device,
-) -> Batch {
-    let keys: Vec<u64> = (first..first + seqs.len()).map(|k| k as u64).collect();
+/// A batch of samples for capture. A BERT sample's mask is seeded by (`seed`, its tokens), so a
+/// sample is masked the same way in every set, shard, batch or cross set it appears in (keys by
+/// position in a list would mask one sample differently in X and in Y of a cross-kernel).
+pub fn capture_batch(model: &Model, seqs: &[&[u32]], seed: u64, device: Device) -> Batch {
+    let keys: Vec<u64> = seqs.iter().map(|s| sample_key(s)).collect();
     make_batch_keyed(&model.cfg, seqs, &keys, seed, device)
+}
+
+/// The mask key of a sample: a stable hash of its token ids.
+fn sample_key(s: &[u32]) -> u64 {
+    let bytes: Vec<u8> = s.iter().flat_map(|t| t.to_le_bytes()).collect();
+    crate::seed::stable_hash(0, &bytes)
 }
 
 /// Rademacher output directions of the logit-trace estimate, (probes, max_len, vocab). Drawn with
@@ -361,7 +363,9 @@ pub struct Captured {
     pub n: usize,
 }
 
-/// Capture per-sample gradient information of `seqs` for the selected parameters.
+/// Capture per-sample gradient information of `seqs` for the selected parameters. What a sample
+/// contributes depends only on the sample (see [`capture_batch`]), so shards of a set capture
+/// exactly what the whole set would.
 pub fn capture(
     model: &Model,
     params: &[(String, Tensor)],
@@ -370,22 +374,14 @@ pub fn capture(
     device: Device,
     on_progress: &dyn Fn(usize),
 ) -> Result<Captured> {
-    capture_from(model, params, seqs, 0, opts, device, on_progress)
-}
-
-/// [`capture`] for samples that sit at `offset` in a larger set: BERT masks are keyed by the
-/// samples' indices in that set, so shards of one set capture exactly what the whole set would.
-pub fn capture_from(
-    model: &Model,
-    params: &[(String, Tensor)],
-    seqs: &[&[u32]],
-    offset: usize,
-    opts: &CaptureOptions,
-    device: Device,
-    on_progress: &dyn Fn(usize),
-) -> Result<Captured> {
     if seqs.is_empty() {
         return Err(Error::invalid("samples", "no samples to capture"));
+    }
+    if opts.projection.is_some() && opts.method == Method::Ghost {
+        return Err(Error::invalid(
+            "--project",
+            "ghost kernels form no per-sample gradients to project; use --method batched or auto",
+        ));
     }
     let kind = params[0].1.kind();
     let probes = (opts.output == OutputKind::LogitTrace)
@@ -403,7 +399,7 @@ pub fn capture_from(
         opts.batch.max(1)
     };
     for chunk in seqs.chunks(batch) {
-        let b = capture_batch(model, chunk, offset + done, opts.seed, device);
+        let b = capture_batch(model, chunk, opts.seed, device);
         for p in 0..n_out {
             let probe = probes.as_ref().map(|v| v.get(p as i64));
             let probe = probe.as_ref().map(|v| (v, 1.0 / (n_out as f64).sqrt()));
@@ -474,7 +470,11 @@ impl<'a> Parts<'a> {
             names: params.iter().map(|(n, _)| n.clone()).collect(),
             use_ghost: params
                 .iter()
-                .map(|(n, t)| ghost_for(opts.method, n, t, model.cfg.max_len))
+                // A projection needs every per-sample gradient: with one, `auto` materialises
+                // all layers (ghost layers would stay unprojected).
+                .map(|(n, t)| {
+                    opts.projection.is_none() && ghost_for(opts.method, n, t, model.cfg.max_len)
+                })
                 .collect(),
             n_out,
             kind: params[0].1.kind(),
@@ -832,7 +832,9 @@ const PROJ_BLOCK: i64 = 1 << 16;
 
 /// Project per-sample gradients `j` (n, P) to (n, k): J R with R (P, k) of entries of variance 1/k,
 /// drawn per (seed, name, block) so every process builds the same R. With several logit-trace
-/// probes concatenated along P, each probe's slice gets the same R.
+/// probes concatenated along P, each probe's slice J_p is projected on its own and the results
+/// are concatenated, (n, probes · k): the kernel is then Σ_p J_p R Rᵀ J_pᵀ ≈ Σ_p J_p J_pᵀ, with
+/// no cross-probe terms J_p R Rᵀ J_qᵀ (which a sum of the projections would keep).
 pub fn project(j: &Tensor, name: &str, p: &Projection, probes: usize) -> Result<Tensor> {
     if p.dim < 1 {
         return Err(Error::invalid(
@@ -841,10 +843,12 @@ pub fn project(j: &Tensor, name: &str, p: &Projection, probes: usize) -> Result<
         ));
     }
     let (n, total) = j.size2()?;
-    let per = total / probes as i64;
-    let mut out = Tensor::zeros([n, p.dim], (j.kind(), j.device()));
-    for probe in 0..probes as i64 {
+    let probes = probes.max(1) as i64;
+    let per = total / probes;
+    let mut parts = Vec::with_capacity(probes as usize);
+    for probe in 0..probes {
         let jp = j.narrow(1, probe * per, per);
+        let mut out = Tensor::zeros([n, p.dim], (j.kind(), j.device()));
         let mut start = 0;
         while start < per {
             let len = PROJ_BLOCK.min(per - start);
@@ -855,8 +859,9 @@ pub fn project(j: &Tensor, name: &str, p: &Projection, probes: usize) -> Result<
                 .matmul(&r.to_kind(j.kind()).to_device(j.device()));
             start += len;
         }
+        parts.push(out);
     }
-    Ok(out)
+    Ok(Tensor::cat(&parts, 1))
 }
 
 /// One (len × dim) block of a projection matrix, entries of variance 1/dim, from ChaCha streams

@@ -254,7 +254,7 @@ impl NtkArgs {
 }
 
 /// `tailscope capture`: per-sample gradients to `grads.safetensors` (one (n, P) tensor per
-/// parameter, or (n, k) projected) and `samples.parquet`.
+/// parameter, or (n, k) projected, (n, probes·k) for logit-trace) and `samples.parquet`.
 pub fn run_capture_cmd(a: &CaptureArgs, g: &Global) -> anyhow::Result<()> {
     // Refused before the model is loaded.
     job::check_gradient_method(a.method)?;

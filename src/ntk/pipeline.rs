@@ -456,7 +456,7 @@ fn too_large_to_assemble(job: &Job, rep: StreamReport) -> Result<NtkOutput> {
 
 /// The padded batch of the job's samples (ids, mask, targets), masks seeded as in capture.
 fn export_batch(job: &Job, seed: u64) -> Vec<(String, Tensor)> {
-    let b = crate::capture::capture_batch(&job.model, &job.seqs(), 0, seed, Device::Cpu);
+    let b = crate::capture::capture_batch(&job.model, &job.seqs(), seed, Device::Cpu);
     vec![
         ("ids".to_string(), b.ids),
         ("mask".to_string(), b.mask.to_kind(tch::Kind::Int64)),

@@ -139,8 +139,7 @@ fn write_shard(
     device: Device,
     path: &Path,
 ) -> Result<()> {
-    // Keys of BERT masks and probes continue across shards: capture the shard with the
-    // same sample indices it has in the whole set.
+    // BERT masks are keyed by each sample's tokens: a shard captures what the whole set would.
     let c = capture_range(model, params, seqs, start, end, opts, device)?;
     let named: Vec<(String, Tensor)> = c
         .names
@@ -225,7 +224,7 @@ fn tile_index(index: &[TileRow]) -> Result<DataFrame> {
     .map_err(|e| Error::table("tile index", e))
 }
 
-/// Capture samples `start..end` of `seqs` with their global indices as mask/probe keys.
+/// Capture samples `start..end` of `seqs`.
 fn capture_range(
     model: &Model,
     params: &[(String, Tensor)],
@@ -235,15 +234,7 @@ fn capture_range(
     opts: &CaptureOptions,
     device: Device,
 ) -> Result<Captured> {
-    crate::capture::capture_from(
-        model,
-        params,
-        &seqs[start..end],
-        start,
-        opts,
-        device,
-        &|_| {},
-    )
+    crate::capture::capture(model, params, &seqs[start..end], opts, device, &|_| {})
 }
 
 /// Assemble the full (n × n) kernel (total and blocks) from the tiles, mirroring the upper
