@@ -405,7 +405,7 @@ fn upcycled_models_start_from_the_dense_weights() {
         // The frozen trunk and the rest of the network make up the whole forward pass.
         let (ids, mask, _) = batch();
         let full = model.forward_t(&ids, &mask, false, false).unwrap().logits;
-        let x = model.hidden_before(&ids, &mask, 1).unwrap();
+        let x = model.hidden_before(&ids, &mask, 1, true).unwrap();
         assert!(!x.requires_grad(), "the trunk is not recorded");
         let f = tailscope::model::Forward {
             train: false,
@@ -417,7 +417,7 @@ fn upcycled_models_start_from_the_dense_weights() {
         let split = model.forward_from(1, x, &mask, &f).unwrap().logits;
         let gap = (full - split).abs().max().double_value(&[]);
         assert!(gap < 1e-12, "{arch:?}: split forward differs by {gap}");
-        assert!(model.hidden_before(&ids, &mask, 3).is_err());
+        assert!(model.hidden_before(&ids, &mask, 3, true).is_err());
         let (vs_c, model_c, _) = upcycle(&vs, &model.cfg, &cse).unwrap();
         let err = upcycle(&vs_c, &model_c.cfg, &cse).unwrap_err().to_string();
         assert!(err.contains("already has experts"), "{err}");

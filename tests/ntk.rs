@@ -165,6 +165,96 @@ fn switch_kernels_match_the_oracle() {
     check_all_methods(&vs, &model, "switch");
 }
 
+/// Selective backward: with only upper parameters selected, the forward below them records
+/// nothing and the backward stops there; each selected parameter's kernel is still the one a
+/// capture of every parameter (a full backward) gives, for every architecture, a Switch model
+/// (capacity lifted below the split too) and a CSE model, by every method.
+#[test]
+fn selecting_upper_parameters_gives_the_kernels_of_a_full_backward() {
+    let switch = tiny(
+        Arch::Gpt,
+        ExpertConfig::Switch(SwitchConfig {
+            n_experts: 3,
+            capacity_factor: 1.0,
+            aux_weight: 0.0,
+            last_k: 2,
+        }),
+    );
+    let mut models: Vec<(String, nn::VarStore, Model)> = dense_variants()
+        .into_iter()
+        .chain([switch])
+        .map(|cfg| {
+            let (vs, m) = build(&cfg);
+            let experts = if matches!(cfg.experts, ExpertConfig::Switch(_)) {
+                " switch"
+            } else {
+                ""
+            };
+            let what = format!("{:?} post_norm={}{experts}", cfg.arch, cfg.post_norm);
+            (what, vs, m)
+        })
+        .collect();
+    let (vs, m) = cse_model(CseVariant::Both);
+    models.push(("cse".into(), vs, m));
+    let s = seqs();
+    let refs: Vec<&[u32]> = s.iter().map(Vec::as_slice).collect();
+    for (what, vs, model) in &models {
+        let all = Selection::default().select(vs).unwrap();
+        let opts = CaptureOptions {
+            output: OutputKind::SumLoglik,
+            batch: 4,
+            ..Default::default()
+        };
+        let full = kernel(
+            &capture(model, &all, &refs, &opts, Device::Cpu, &|_| {}).unwrap(),
+            None,
+            BlockBy::Param,
+            false,
+        )
+        .unwrap();
+        for globs in [vec!["h.1.*"], vec!["ln_f.*", "lm_head.*"]] {
+            let sel = Selection {
+                globs: globs.iter().map(|g| g.to_string()).collect(),
+                ..Default::default()
+            };
+            let Ok(params) = sel.select(vs) else {
+                continue; // post-norm BERT has no ln_f, tied models no lm_head
+            };
+            let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+            assert!(
+                model.first_block_of(names.iter().copied()) >= 1,
+                "{what} {globs:?}"
+            );
+            for method in [Method::Exact, Method::Batched, Method::Auto] {
+                let part = kernel(
+                    &capture(
+                        model,
+                        &params,
+                        &refs,
+                        &CaptureOptions {
+                            method,
+                            ..opts.clone()
+                        },
+                        Device::Cpu,
+                        &|_| {},
+                    )
+                    .unwrap(),
+                    None,
+                    BlockBy::Param,
+                    false,
+                )
+                .unwrap();
+                assert_eq!(part.blocks.len(), params.len(), "{what} {globs:?}");
+                for (name, blk) in &part.blocks {
+                    let (_, want) = full.blocks.iter().find(|(n, _)| n == name).unwrap();
+                    let e = rel_err(want, blk);
+                    assert!(e < 1e-10, "{what} {globs:?} {method:?} {name}: {e}");
+                }
+            }
+        }
+    }
+}
+
 fn cse_model(variant: CseVariant) -> (nn::VarStore, Model) {
     let cse = CseConfig {
         variant,

@@ -420,13 +420,16 @@ pub fn capture(
 }
 
 /// Σ_i f(x_i) over a batch, from an evaluation-mode forward pass without the Switch capacity
-/// limit (so samples do not interact), recorded on `tape` when given.
+/// limit (so samples do not interact), recorded on `tape` when given. Below block `first` (the
+/// lowest the selected parameters sit in) the forward runs without recording gradients, so the
+/// backward stops there.
 fn scalar_output(
     model: &Model,
     b: &Batch,
     output: OutputKind,
     probe: Option<(&Tensor, f64)>,
     tape: Option<&Tape>,
+    first: usize,
     kind: Kind,
 ) -> Result<Tensor> {
     let fwd = Forward {
@@ -436,7 +439,12 @@ fn scalar_output(
         tape,
         head: true,
     };
-    let out = model.forward_with(&b.ids, &b.mask, &fwd)?;
+    let out = if first > 0 {
+        let x = model.hidden_before(&b.ids, &b.mask, first, false)?;
+        model.forward_from(first, x, &b.mask, &fwd)?
+    } else {
+        model.forward_with(&b.ids, &b.mask, &fwd)?
+    };
     Ok(outputs(output, &out.logits, b, probe).sum(kind))
 }
 
@@ -444,6 +452,8 @@ fn scalar_output(
 struct Parts<'a> {
     params: &'a [(String, Tensor)],
     names: Vec<String>,
+    /// The lowest block of the selected parameters: the forward below it records nothing.
+    first: usize,
     use_ghost: Vec<bool>,
     n_out: usize,
     kind: Kind,
@@ -468,6 +478,7 @@ impl<'a> Parts<'a> {
         Parts {
             params,
             names: params.iter().map(|(n, _)| n.clone()).collect(),
+            first: model.first_block_of(params.iter().map(|(n, _)| n.as_str())),
             use_ghost: params
                 .iter()
                 // A projection needs every per-sample gradient: with one, `auto` materialises
@@ -495,7 +506,7 @@ impl<'a> Parts<'a> {
         output: OutputKind,
         probe: Option<(&Tensor, f64)>,
     ) -> Result<()> {
-        let f = scalar_output(model, b, output, probe, None, self.kind)?;
+        let f = scalar_output(model, b, output, probe, None, self.first, self.kind)?;
         let refs: Vec<&Tensor> = self.params.iter().map(|(_, t)| t).collect();
         let grads = Tensor::f_run_backward(&[&f], &refs, false, false)?;
         for (k, g) in grads.into_iter().enumerate() {
@@ -519,7 +530,7 @@ impl<'a> Parts<'a> {
         probe: Option<(&Tensor, f64)>,
     ) -> Result<()> {
         let tape = Tape::new();
-        let f = scalar_output(model, b, output, probe, Some(&tape), self.kind)?;
+        let f = scalar_output(model, b, output, probe, Some(&tape), self.first, self.kind)?;
         let records = tape.take();
         let zs: Vec<&Tensor> = records.iter().map(|r| &r.z).collect();
         let gs = Tensor::f_run_backward(&[&f], &zs, false, false)?;

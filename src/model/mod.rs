@@ -368,15 +368,50 @@ impl Model {
         Ok(self.blocks_and_head(0, x, mask, f))
     }
 
+    /// The lowest block the parameters `names` can change the output from: the smallest `i` of
+    /// `h.{i}.…`, `n_layer` for the final norm and output layer (`ln_f`, `lm_head`), and 0 for
+    /// anything else (embeddings, a TorchScript module's parameters). Nothing below it needs a
+    /// gradient for them: [`Model::hidden_before`] computes it without recording.
+    pub fn first_block_of<'n>(&self, names: impl IntoIterator<Item = &'n str>) -> usize {
+        if self.script.is_some() {
+            return 0;
+        }
+        let n_layer = self.blocks.len();
+        names
+            .into_iter()
+            .map(|n| {
+                if let Some(rest) = n.strip_prefix("h.") {
+                    rest.split('.')
+                        .next()
+                        .and_then(|i| i.parse::<usize>().ok())
+                        .map_or(0, |i| i.min(n_layer))
+                } else if n.starts_with("ln_f.") || n.starts_with("lm_head.") {
+                    n_layer
+                } else {
+                    0
+                }
+            })
+            .min()
+            .unwrap_or(0)
+    }
+
     /// The hidden states entering block `layer` (0: the embeddings), (batch, seq, d_model),
     /// computed in inference mode without recording gradients: the frozen part of the network
-    /// below the blocks a run trains. [`Model::forward_from`] continues from them.
-    pub fn hidden_before(&self, ids: &Tensor, mask: &Tensor, layer: usize) -> Result<Tensor> {
+    /// below the blocks a run trains, or below the parameters a capture selects. `capacity`:
+    /// enforce the Switch expert capacity (training does; capture does not). [`Model::forward_from`]
+    /// continues from them.
+    pub fn hidden_before(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        layer: usize,
+        capacity: bool,
+    ) -> Result<Tensor> {
         self.check_split(layer)?;
         let f = Forward {
             train: false,
             capture: false,
-            capacity: true,
+            capacity,
             tape: None,
             head: false,
         };

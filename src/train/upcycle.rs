@@ -151,7 +151,7 @@ impl TrunkCache {
                 return Ok(t.shallow_clone());
             }
         }
-        let x = model.hidden_before(ids, mask, key.1)?;
+        let x = model.hidden_before(ids, mask, key.1, true)?;
         let bytes = x.numel() * x.kind().elt_size_in_bytes();
         if let Ok(mut g) = self.map.lock() {
             if g.1 + bytes <= Self::BUDGET {
