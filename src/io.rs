@@ -18,6 +18,21 @@ pub struct AtomicFile {
     writer: Option<BufWriter<File>>,
 }
 
+/// The temporary name `dest` is written under by this process before it is renamed into place:
+/// `.NAME.PID.tmp` beside it (files and checkpoint folders alike). Never read under that name.
+pub fn temp_path(dest: &Path) -> Result<PathBuf> {
+    let name = dest
+        .file_name()
+        .ok_or_else(|| Error::in_file(dest, "output path has no file name"))?
+        .to_string_lossy();
+    Ok(dest.with_file_name(format!(".{name}.{}.tmp", std::process::id())))
+}
+
+/// Whether `name` is a temporary name (see [`temp_path`]) of process `pid`.
+pub fn is_temp_of(name: &str, pid: u32) -> bool {
+    name.starts_with('.') && name.ends_with(&format!(".{pid}.tmp"))
+}
+
 impl AtomicFile {
     /// Start writing `dest` (its folder is created).
     pub fn create(dest: impl AsRef<Path>) -> Result<Self> {
@@ -25,12 +40,7 @@ impl AtomicFile {
         if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
-        let name = dest
-            .file_name()
-            .ok_or_else(|| Error::in_file(&dest, "output path has no file name"))?
-            .to_string_lossy()
-            .into_owned();
-        let tmp = dest.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        let tmp = temp_path(&dest)?;
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         Ok(AtomicFile {
             dest,
@@ -220,7 +230,7 @@ pub fn read_tensors(path: &Path) -> Result<std::collections::HashMap<String, tch
 pub fn write_tensors(named: &[(String, tch::Tensor)], path: &Path) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), file_name(path)));
+    let tmp = temp_path(path)?;
     let views = named
         .iter()
         .map(|(n, t)| Ok((n.as_str(), TensorView::new(n, t, path)?)))
@@ -235,6 +245,15 @@ pub fn write_tensors(named: &[(String, tch::Tensor)], path: &Path) -> Result<()>
         return Err(Error::io(path, source));
     }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// A tensor's values as bytes, row-major in its own kind, copied to the CPU (what safetensors
+/// stores, and what manifests fingerprint).
+pub fn tensor_bytes(t: &tch::Tensor) -> Vec<u8> {
+    let cpu = t.to_device(tch::Device::Cpu).contiguous();
+    let mut bytes = vec![0u8; cpu.numel() * cpu.kind().elt_size_in_bytes()];
+    cpu.copy_data_u8(&mut bytes, cpu.numel());
+    bytes
 }
 
 /// A tch tensor as a view the `safetensors` crate serialises, one tensor at a time. Written by
@@ -287,10 +306,7 @@ impl safetensors::View for TensorView<'_> {
     }
 
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        let cpu = self.tensor.to_device(tch::Device::Cpu).contiguous();
-        let mut bytes = vec![0u8; self.data_len()];
-        cpu.copy_data_u8(&mut bytes, cpu.numel());
-        bytes.into()
+        tensor_bytes(self.tensor).into()
     }
 
     fn data_len(&self) -> usize {
@@ -298,15 +314,22 @@ impl safetensors::View for TensorView<'_> {
     }
 }
 
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temporary_names_are_recognised_by_process() {
+        let me = std::process::id();
+        let tmp = temp_path(Path::new("out/step-000003")).unwrap();
+        let name = tmp.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(name, format!(".step-000003.{me}.tmp"));
+        assert!(is_temp_of(&name, me));
+        assert!(!is_temp_of(&name, me + 1));
+        assert!(!is_temp_of("model.safetensors", me));
+        assert!(!is_temp_of(&format!(".x.{me}0.tmp"), me));
+        assert!(temp_path(Path::new("/")).is_err());
+    }
 
     #[test]
     fn uncommitted_file_leaves_nothing() {

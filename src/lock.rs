@@ -111,15 +111,6 @@ impl OutputLock {
     }
 }
 
-/// Whether `name` is a temporary file or folder that process `pid` writes before renaming it
-/// into place (`.NAME.PID.tmp`, `.tmp-PID-NAME`, `.step-N.tmp-PID`; see [`crate::io`]).
-fn is_temp_of(name: &str, pid: u32) -> bool {
-    name.starts_with('.')
-        && (name.ends_with(&format!(".{pid}.tmp"))
-            || name.starts_with(&format!(".tmp-{pid}-"))
-            || name.ends_with(&format!(".tmp-{pid}")))
-}
-
 /// Remove, under `dir`, the temporary files a dead process `pid` left. Best effort: a file that
 /// cannot be removed stays (it is never read).
 fn remove_temp_files_of(dir: &Path, pid: u32) {
@@ -128,7 +119,7 @@ fn remove_temp_files_of(dir: &Path, pid: u32) {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             let p = e.path();
             let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-            if is_temp_of(&e.file_name().to_string_lossy(), pid) {
+            if crate::io::is_temp_of(&e.file_name().to_string_lossy(), pid) {
                 tracing::debug!("removing {}, left by process {pid}", p.display());
                 let _ = if is_dir {
                     std::fs::remove_dir_all(&p)
@@ -177,20 +168,6 @@ mod tests {
         assert!(held.starts_with(&format!("{}\ntest\n", std::process::id())));
         drop(lock);
         assert!(!path.exists());
-    }
-
-    #[test]
-    fn temporary_names_of_a_process_are_recognised() {
-        for name in [
-            ".model.safetensors.41.tmp",
-            ".tmp-41-kernel.safetensors",
-            ".step-000003.tmp-41",
-        ] {
-            assert!(is_temp_of(name, 41), "{name}");
-            assert!(!is_temp_of(name, 4), "{name}");
-        }
-        assert!(!is_temp_of("model.safetensors", 41));
-        assert!(!is_temp_of(".tmp-410-x", 41));
     }
 
     #[test]

@@ -331,11 +331,7 @@ fn save_checkpoint(
 ) -> Result<PathBuf> {
     let dir = run_dir.join("checkpoints");
     let final_dir = dir.join(ckpt_name(state.step));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        ckpt_name(state.step),
-        std::process::id()
-    ));
+    let tmp = crate::io::temp_path(&final_dir)?;
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
