@@ -183,9 +183,11 @@ pub fn compute_into(
 fn stream_manifest(job: &Job, opts: &NtkOptions, tile: usize) -> Result<Manifest> {
     let mut m = Manifest::new("ntk --tile");
     let c = &job.opts;
+    // Every weight of the model (a TorchScript module's own parameters: its VarStore is empty).
+    let weights = job.model.capture_parameters(&job.vs)?;
     m.set(
         "model.weights",
-        crate::manifest::fingerprint_tensors(&crate::model::named_variables(&job.vs))?,
+        crate::manifest::fingerprint_tensors(&weights),
     )
     .set(
         "params",
