@@ -553,19 +553,7 @@ fn brown_fixture_end_to_end() {
 #[test]
 fn train_and_eval_end_to_end_with_errors() {
     let t = Tmp::new();
-    let corpus = t.s("c/corpus.parquet");
-    ok(&[
-        "corpus",
-        "synth",
-        "--samples",
-        "600",
-        "--rare-share",
-        "0.2",
-        "--vocab-size",
-        "320",
-        "-o",
-        &corpus,
-    ]);
+    let corpus = synth(&t, 600);
     let spec = tiny_spec(&t, &corpus);
     let out = t.s("train");
     let printed = ok(&["--device", "cpu", "train", "--config", &spec, "-o", &out]);
@@ -649,19 +637,7 @@ fn train_and_eval_end_to_end_with_errors() {
 #[test]
 fn capture_and_ntk_from_the_cli() {
     let t = Tmp::new();
-    let corpus = t.s("c/corpus.parquet");
-    ok(&[
-        "corpus",
-        "synth",
-        "--samples",
-        "400",
-        "--rare-share",
-        "0.2",
-        "--vocab-size",
-        "320",
-        "-o",
-        &corpus,
-    ]);
+    let corpus = synth(&t, 400);
     let spec = tiny_spec(&t, &corpus);
     ok(&[
         "train",
@@ -918,19 +894,7 @@ fn capture_and_ntk_from_the_cli() {
 #[test]
 fn declarative_run_and_bad_specs() {
     let t = Tmp::new();
-    let corpus = t.s("c/corpus.parquet");
-    ok(&[
-        "corpus",
-        "synth",
-        "--samples",
-        "300",
-        "--rare-share",
-        "0.2",
-        "--vocab-size",
-        "320",
-        "-o",
-        &corpus,
-    ]);
+    let corpus = synth(&t, 300);
     let train_spec = tiny_spec(&t, &corpus);
     let mut f = std::fs::OpenOptions::new()
         .append(true)

@@ -11,23 +11,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn synth(t: &Tmp, n: usize) -> String {
-    let corpus = t.s("c/corpus.parquet");
-    ok(&[
-        "corpus",
-        "synth",
-        "--samples",
-        &n.to_string(),
-        "--rare-share",
-        "0.2",
-        "--vocab-size",
-        "320",
-        "-o",
-        &corpus,
-    ]);
-    corpus
-}
-
 /// The tiny spec with `steps` steps, a checkpoint after every step and `lr`.
 fn spec_with(t: &Tmp, corpus: &str, name: &str, steps: u64, lr: &str) -> String {
     let base = std::fs::read_to_string(tiny_spec(t, corpus)).unwrap();
@@ -39,7 +22,7 @@ fn spec_with(t: &Tmp, corpus: &str, name: &str, steps: u64, lr: &str) -> String 
     t.file(name, text.as_bytes())
 }
 
-/// Temporary files (`.name.PID.tmp`, `.tmp-PID-name`, `.step-N.tmp-PID`) anywhere under `dir`:
+/// Temporary files and folders (`.NAME.PID.tmp`) anywhere under `dir`:
 /// a process killed while writing leaves one.
 fn temp_files(dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
@@ -214,16 +197,7 @@ fn streamed_kernel_killed_at_any_moment_resumes_bit_for_bit() {
     let t = Tmp::new();
     let corpus = synth(&t, 400);
     let spec = tiny_spec(&t, &corpus);
-    ok(&[
-        "train",
-        "--config",
-        &spec,
-        "--run",
-        "dense",
-        "-o",
-        &t.s("train"),
-    ]);
-    let model = t.s("train/dense/final");
+    let model = train_run(&t, &spec, "dense");
     let ntk = |out: &str| -> Vec<String> {
         [
             "ntk",
@@ -486,17 +460,9 @@ fn non_finite_weights_and_a_diverging_loss_are_caught_where_they_start() {
     let t = Tmp::new();
     let corpus = synth(&t, 400);
     let spec = spec_with(&t, &corpus, "a.toml", 4, "1e-2");
-    ok(&[
-        "train",
-        "--config",
-        &spec,
-        "--run",
-        "dense",
-        "-o",
-        &t.s("train"),
-    ]);
+    let model = train_run(&t, &spec, "dense");
     // A NaN in one weight of a saved model: every command that loads it names the tensor.
-    let w = t.path("train/dense/final/model.safetensors");
+    let w = Path::new(&model).join("model.safetensors");
     let mut named = tch::Tensor::read_safetensors(&w).unwrap();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let victim = named
@@ -508,7 +474,6 @@ fn non_finite_weights_and_a_diverging_loss_are_caught_where_they_start() {
     let _ = poisoned.view(-1).get(3).fill_(f64::NAN);
     named[victim].1 = poisoned;
     tch::Tensor::write_safetensors(&named, &w).unwrap();
-    let model = t.s("train/dense/final");
     for args in [
         vec!["eval", "--model", &model, "--corpus", &corpus],
         vec![
@@ -570,15 +535,7 @@ fn a_failing_write_leaves_no_partial_output_and_names_the_file() {
     let t = Tmp::new();
     let corpus = synth(&t, 400);
     let spec = tiny_spec(&t, &corpus);
-    ok(&[
-        "train",
-        "--config",
-        &spec,
-        "--run",
-        "dense",
-        "-o",
-        &t.s("train"),
-    ]);
+    let model = train_run(&t, &spec, "dense");
     let out = t.path("ntk");
     // ulimit -f counts 1024-byte blocks: 8 KiB holds the tables (4-6 KB), not the kernel (14 KB).
     let o = Command::new("bash")
@@ -587,7 +544,7 @@ fn a_failing_write_leaves_no_partial_output_and_names_the_file() {
         .arg("bash")
         .arg(env!("CARGO_BIN_EXE_tailscope"))
         .args(["-q", "ntk", "--model"])
-        .arg(t.path("train/dense/final"))
+        .arg(&model)
         .args(["--corpus", &corpus, "--samples", "24", "-o"])
         .arg(&out)
         .output()

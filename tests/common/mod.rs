@@ -145,3 +145,27 @@ experts = {{ kind = "cse", last_k = 1, proj_dim = 4, sample = 200, min_pts = 3, 
         .as_bytes(),
     )
 }
+
+/// A synthetic corpus of `n` samples (20% rare domains, 320-token vocabulary) at `c/corpus.parquet`.
+pub fn synth(t: &Tmp, n: usize) -> String {
+    let corpus = t.s("c/corpus.parquet");
+    ok(&[
+        "corpus",
+        "synth",
+        "--samples",
+        &n.to_string(),
+        "--rare-share",
+        "0.2",
+        "--vocab-size",
+        "320",
+        "-o",
+        &corpus,
+    ]);
+    corpus
+}
+
+/// Train run `run` of `spec` into `t/train`; the path of its final model.
+pub fn train_run(t: &Tmp, spec: &str, run: &str) -> String {
+    ok(&["train", "--config", spec, "--run", run, "-o", &t.s("train")]);
+    t.s(&format!("train/{run}/final"))
+}
