@@ -5,7 +5,9 @@
 //! principal pair (u′, λ′) of Θ(X′, X′):
 //!     GC(X′) = cos(g(X), g(X′)) = uᵀ Θ(X, X′) u′ / (√λ √λ′),
 //! since ‖g(X)‖² = uᵀ Θ u = λ. Per-sample alignment (an extension): cos(g(X), J_i) =
-//! (Θ u)_i / (√λ √Θ_ii). Eigenvectors come from libtorch's `linalg_eigh` (float64).
+//! (Θ u)_i / (√λ √Θ_ii). Eigenvectors come from libtorch's `linalg_eigh` (float64) for kernels of
+//! up to [`ITERATIVE_ABOVE`] samples and from the Lanczos iteration ([`super::lanczos`]) above;
+//! the resampled sets of the intervals start from the whole set's principal vector.
 
 use tch::{Device, Kind, Tensor};
 
@@ -20,8 +22,21 @@ pub struct Principal {
     pub lambda: f64,
 }
 
-/// The principal eigenpair of the symmetric kernel `k` (libtorch's `linalg_eigh`).
+/// Kernels of more samples than this get their principal pair from the Lanczos iteration
+/// ([`super::lanczos`]); smaller ones from `eigh`, which is then as fast and exact to rounding.
+pub const ITERATIVE_ABOVE: i64 = 512;
+
+/// The principal eigenpair of the symmetric kernel `k`: libtorch's `linalg_eigh` up to
+/// [`ITERATIVE_ABOVE`] samples, the Lanczos iteration above (see [`principal_from`]).
 pub fn principal(k: &Tensor) -> Result<Principal> {
+    principal_from(k, None)
+}
+
+/// [`principal`] with a warm start for the iterative solver (`start`, length n): the principal
+/// vector of a slightly larger or smaller set of samples converges in a few products. If the
+/// iteration does not converge (a top eigenvalue with a near-twin), `eigh` decides, with a
+/// warning.
+pub fn principal_from(k: &Tensor, start: Option<&Tensor>) -> Result<Principal> {
     let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
     let n = k.size()[0];
     if n == 0 || k.size() != [n, n] {
@@ -30,14 +45,83 @@ pub fn principal(k: &Tensor) -> Result<Principal> {
             format!("expected a square kernel, got {:?}", k.size()),
         ));
     }
-    let sym = (&k + k.tr()) / 2.0;
-    let (vals, vecs) = sym.f_linalg_eigh("L")?;
-    let lambda = vals.double_value(&[n - 1]);
-    let mut u = vecs.select(1, n - 1);
+    let (mut u, lambda) = if n > ITERATIVE_ABOVE {
+        // (Θ + Θᵀ)/2 applied as two products, so the kernel is never copied.
+        let op = |x: &Tensor| (k.mv(x) + k.tr().mv(x)) / 2.0;
+        match iterative(n, &op, start)? {
+            Some(pair) => pair,
+            None => dense_top(&((&k + k.tr()) / 2.0))?,
+        }
+    } else {
+        dense_top(&((&k + k.tr()) / 2.0))?
+    };
     if u.sum(Kind::Double).double_value(&[]) < 0.0 {
         u = -u;
     }
     Ok(Principal { u, lambda })
+}
+
+/// The Lanczos pair of `op` (symmetric, on n samples); `None`, with a warning, if the iteration
+/// does not converge (a top eigenvalue with a near-twin), for the caller to use `eigh`.
+fn iterative(
+    n: i64,
+    op: &dyn Fn(&Tensor) -> Tensor,
+    start: Option<&Tensor>,
+) -> Result<Option<(Tensor, f64)>> {
+    let p = super::lanczos::top_eigenpair_op(n, Device::Cpu, op, start, Default::default())?;
+    if p.converged {
+        return Ok(Some((p.u, p.lambda)));
+    }
+    tracing::warn!(
+        "the Lanczos iteration did not converge in {} steps on a kernel of {n} samples (relative residual {:.1e}); using eigh",
+        p.steps,
+        p.residual
+    );
+    Ok(None)
+}
+
+/// The principal pair of the kernel restricted to the samples `keep` (sorted, distinct),
+/// with the eigenvector at full length n (zero outside `keep`); `start` (length n) warm-starts
+/// the iteration. Large subsets are handled by an operator that masks the full kernel, so
+/// the resampled kernels of the intervals are never copied out.
+fn principal_on(k: &Tensor, keep: &[usize], start: &Tensor) -> Result<Principal> {
+    let n = k.size()[0];
+    if keep.len() == n as usize {
+        return principal_from(k, Some(start));
+    }
+    let sel = Tensor::from_slice(&keep.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    let mask = Tensor::zeros([n], (Kind::Double, Device::Cpu)).index_fill(0, &sel, 1.0);
+    let op = |x: &Tensor| {
+        let xm = x * &mask;
+        (k.mv(&xm) + k.tr().mv(&xm)) / 2.0 * &mask
+    };
+    let pair = if keep.len() as i64 > ITERATIVE_ABOVE {
+        iterative(n, &op, Some(&(start * &mask)))?
+    } else {
+        None
+    };
+    let (u, lambda) = if let Some((u, lambda)) = pair {
+        let u = u * &mask;
+        (&u / u.norm(), lambda)
+    } else {
+        let sub = k.index_select(0, &sel).index_select(1, &sel);
+        let p = principal_from(&sub, Some(&start.index_select(0, &sel)))?;
+        let u = Tensor::zeros([n], (Kind::Double, Device::Cpu)).index_copy(0, &sel, &p.u);
+        (u, p.lambda)
+    };
+    let u = if u.sum(Kind::Double).double_value(&[]) < 0.0 {
+        -u
+    } else {
+        u
+    };
+    Ok(Principal { u, lambda })
+}
+
+/// The top eigenvector and eigenvalue by `eigh` (all n pairs, O(n³)).
+fn dense_top(sym: &Tensor) -> Result<(Tensor, f64)> {
+    let n = sym.size()[0];
+    let (vals, vecs) = sym.f_linalg_eigh("L")?;
+    Ok((vecs.select(1, n - 1), vals.double_value(&[n - 1])))
 }
 
 /// The GC of one subset and the shape of its own kernel.
@@ -78,13 +162,15 @@ pub fn subset(k: &Tensor, whole: &Principal, idx: &[usize]) -> Result<Option<Sub
     }
     let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
     let sel = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
-    let sub = k.index_select(0, &sel).index_select(1, &sel);
-    let p = principal(&sub)?;
+    // Rows, not columns: Θ(X′, X) is a contiguous gather, and Θ(X, X′) u′ = Θ(X′, X)ᵀ u′.
+    let rows = k.index_select(0, &sel);
+    let sub = rows.index_select(1, &sel);
+    // The whole set's direction on the subset is a warm start for the subset's own.
+    let p = principal_from(&sub, Some(&whole.u.index_select(0, &sel)))?;
     if p.lambda <= 0.0 {
         return Ok(None);
     }
-    let cross = k.index_select(1, &sel); // Θ(X, X′)
-    let num = whole.u.dot(&cross.mv(&p.u)).double_value(&[]);
+    let num = whole.u.dot(&rows.tr().mv(&p.u)).double_value(&[]);
     let trace = sub.trace().double_value(&[]);
     Ok(Some(SubsetGc {
         gc: num / (whole.lambda.sqrt() * p.lambda.sqrt()),
@@ -136,16 +222,20 @@ pub fn gc_intervals(
     }
 }
 
-/// The kernel of the samples `keep` and the GC of each group's kept members.
-fn gc_on(k: &Tensor, keep: &[usize], member: &[Vec<bool>]) -> Result<Vec<Option<f64>>> {
-    let sel = Tensor::from_slice(&keep.iter().map(|&i| i as i64).collect::<Vec<_>>());
-    let kb = k.index_select(0, &sel).index_select(1, &sel);
-    let whole = principal(&kb)?;
+/// The GC of each group's kept members within the samples `keep` (sorted); `start` (length n,
+/// the whole set's principal vector) warm-starts the iterative solver.
+fn gc_on(
+    k: &Tensor,
+    keep: &[usize],
+    member: &[Vec<bool>],
+    start: &Tensor,
+) -> Result<Vec<Option<f64>>> {
+    let whole = principal_on(k, keep, start)?;
     member
         .iter()
         .map(|m| {
-            let idx: Vec<usize> = (0..keep.len()).filter(|&j| m[keep[j]]).collect();
-            gc(&kb, &whole, &idx)
+            let idx: Vec<usize> = keep.iter().copied().filter(|&i| m[i]).collect();
+            gc(k, &whole, &idx)
         })
         .collect()
 }
@@ -178,7 +268,8 @@ pub fn gc_jackknife(
     let n = k.size()[0] as usize;
     let member = members(n, groups);
     let all: Vec<usize> = (0..n).collect();
-    let est = gc_on(&k, &all, &member)?;
+    let full = principal(&k)?;
+    let est = gc_on(&k, &all, &member, &full.u)?;
     let folds = folds.min(n);
     if folds < 2 {
         return Ok(vec![None; groups.len()]);
@@ -193,7 +284,7 @@ pub fn gc_jackknife(
     let mut leave: Vec<Vec<f64>> = vec![Vec::with_capacity(folds); groups.len()];
     for f in 0..folds {
         let keep: Vec<usize> = all.iter().copied().filter(|&i| fold[i] != f).collect();
-        for (g, v) in gc_on(&k, &keep, &member)?.into_iter().enumerate() {
+        for (g, v) in gc_on(&k, &keep, &member, &full.u)?.into_iter().enumerate() {
             leave[g].extend(v);
         }
     }
@@ -243,6 +334,7 @@ pub fn gc_bootstrap(
     let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
     let n = k.size()[0] as usize;
     let member = members(n, groups);
+    let full = principal(&k)?;
     let mut stats: Vec<Vec<f64>> = vec![Vec::with_capacity(resamples); groups.len()];
     for b in 0..resamples {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(
@@ -254,7 +346,8 @@ pub fn gc_bootstrap(
         let mut pick: Vec<usize> = (0..n).collect();
         pick.shuffle(&mut rng);
         pick.truncate(n.div_ceil(2));
-        for (g, v) in gc_on(&k, &pick, &member)?.into_iter().enumerate() {
+        pick.sort_unstable();
+        for (g, v) in gc_on(&k, &pick, &member, &full.u)?.into_iter().enumerate() {
             stats[g].extend(v);
         }
     }
@@ -317,6 +410,81 @@ mod tests {
                 / (g.norm().double_value(&[]) * ji.norm().double_value(&[]));
             assert!((ai - want).abs() < 1e-10);
         }
+    }
+
+    /// Above the iterative threshold (700 samples, Lanczos): GC and alignment equal the cosines
+    /// of explicit primary directions, taken from the d × d side (JᵀJ, `eigh`) — an independent
+    /// route to the same numbers — to 1e-9; the pair agrees with `eigh` on the kernel itself.
+    #[test]
+    fn iterative_principal_pair_gives_the_explicit_gc() {
+        tch::manual_seed(5);
+        let n = 700;
+        assert!(n > ITERATIVE_ABOVE);
+        let j = Tensor::randn([n, 40], (Kind::Double, Device::Cpu)) + 0.3;
+        let k = j.matmul(&j.tr());
+        let whole = principal(&k).unwrap();
+        let (_, want_lambda) = dense_top(&k).unwrap();
+        assert!((whole.lambda - want_lambda).abs() < 1e-10 * want_lambda);
+        let top = |m: &Tensor| {
+            let (_, v) = m.linalg_eigh("L");
+            let d = m.size()[0];
+            v.select(1, d - 1)
+        };
+        // The primary direction g = uᵀJ is the top right singular vector of J (up to scale).
+        let orient = |v: Tensor, jj: &Tensor| {
+            if jj.mv(&v).sum(Kind::Double).double_value(&[]) < 0.0 {
+                -v
+            } else {
+                v
+            }
+        };
+        let g = orient(top(&j.tr().matmul(&j)), &j);
+        let idx: Vec<usize> = (0..n as usize).filter(|i| i % 7 == 2).collect();
+        let sel = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        let js = j.index_select(0, &sel);
+        let gs = orient(top(&js.tr().matmul(&js)), &js);
+        let want = g.dot(&gs).double_value(&[]);
+        let got = gc(&k, &whole, &idx).unwrap().unwrap();
+        assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+        let a = alignment(&k, &whole);
+        for i in [0usize, 13, 699] {
+            let ji = j.get(i as i64);
+            let want = g.dot(&ji).double_value(&[]) / ji.norm().double_value(&[]);
+            assert!((a[i] - want).abs() < 1e-9, "sample {i}: {} vs {want}", a[i]);
+        }
+    }
+
+    /// A resampled set above the threshold (700 of 900 samples) is solved on the masked full
+    /// kernel: its pair equals `eigh` of the copied sub-kernel, with zeros outside the set.
+    #[test]
+    fn masked_resample_pair_equals_the_copied_sub_kernel() {
+        tch::manual_seed(6);
+        let j = Tensor::randn([900, 30], (Kind::Double, Device::Cpu)) + 0.2;
+        let k = j.matmul(&j.tr());
+        let keep: Vec<usize> = (0..900).filter(|i| i % 9 != 4 && i % 11 != 0).collect();
+        assert!(keep.len() as i64 > ITERATIVE_ABOVE && keep.len() < 900);
+        let full = principal(&k).unwrap();
+        let got = principal_on(&k, &keep, &full.u).unwrap();
+        let sel = Tensor::from_slice(&keep.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        let sub = k.index_select(0, &sel).index_select(1, &sel);
+        let (mut v, lambda) = dense_top(&sub).unwrap();
+        if v.sum(Kind::Double).double_value(&[]) < 0.0 {
+            v = -v;
+        }
+        assert!((got.lambda - lambda).abs() < 1e-10 * lambda);
+        let diff = (got.u.index_select(0, &sel) - v)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-8, "max |Δu| {diff}");
+        let outside = got.u.square().sum(Kind::Double).double_value(&[])
+            - got
+                .u
+                .index_select(0, &sel)
+                .square()
+                .sum(Kind::Double)
+                .double_value(&[]);
+        assert!(outside.abs() < 1e-20, "{outside}");
     }
 
     /// 20 samples share one gradient direction, 5 point elsewhere: the bootstrap interval of

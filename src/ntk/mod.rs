@@ -10,6 +10,7 @@
 pub mod coverage;
 pub mod diagnostics;
 pub mod gc;
+pub mod lanczos;
 pub mod pipeline;
 pub mod stream;
 
