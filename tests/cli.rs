@@ -784,6 +784,158 @@ fn capture_and_ntk_from_the_cli() {
     assert_eq!(joined.height(), 24);
     assert!(joined.column("loss").is_ok() && joined.column("flag_rank").is_ok());
     assert!(t.path("an/flags.parquet").exists());
+    // select: every criterion ranks the 24 analysed samples; the top ones are what the
+    // criterion says; one seed gives one selection.
+    let f64s = |df: &polars::prelude::DataFrame, c: &str| -> Vec<f64> {
+        df.column(c)
+            .unwrap()
+            .cast(&polars::prelude::DataType::Float64)
+            .unwrap()
+            .f64()
+            .unwrap()
+            .into_no_null_iter()
+            .collect()
+    };
+    let ids = strs(&joined, "id");
+    let by_id = |col: &str| -> std::collections::HashMap<String, f64> {
+        ids.iter().cloned().zip(f64s(&joined, col)).collect()
+    };
+    for (crit, col, sign) in [
+        ("loss", "loss", 1.0),
+        ("frequency", "freq_score", -1.0),
+        ("alignment", "alignment", -1.0),
+        ("self-kernel", "self_kernel", 1.0),
+    ] {
+        let o = t.s(&format!("sel-{crit}.parquet"));
+        let printed = ok(&[
+            "select",
+            "--analysis",
+            &t.s("an"),
+            "--criterion",
+            crit,
+            "--top",
+            "6",
+            "-o",
+            &o,
+        ]);
+        assert!(
+            printed.contains(&format!("6 of 24 samples selected by {crit}")),
+            "{printed}"
+        );
+        let sel = read_table(Path::new(&o));
+        assert_eq!(sel.height(), 24);
+        let v = by_id(col);
+        let picked: Vec<f64> = strs(&sel, "id").iter().map(|i| sign * v[i]).collect();
+        assert!(
+            picked.windows(2).all(|w| w[0] >= w[1]),
+            "{crit}: {picked:?}"
+        );
+        assert_eq!(
+            f64s(&sel, "selected").iter().filter(|&&x| x > 0.5).count(),
+            6
+        );
+    }
+    let sel_flag = t.s("sel-flag.parquet");
+    ok(&[
+        "select",
+        "--analysis",
+        &t.s("an"),
+        "--top",
+        "4",
+        "-o",
+        &sel_flag,
+    ]);
+    let flagged = f64s(&read_table(Path::new(&sel_flag)), "flagged");
+    assert!(
+        flagged.windows(2).all(|w| w[0] >= w[1]),
+        "flagged samples come first"
+    );
+    let flag_bytes = std::fs::read(&sel_flag).unwrap();
+    ok(&[
+        "select",
+        "--analysis",
+        &t.s("an"),
+        "--top",
+        "4",
+        "-o",
+        &sel_flag,
+    ]);
+    assert_eq!(std::fs::read(&sel_flag).unwrap(), flag_bytes);
+    let random = |seed: &str| {
+        let o = t.s(&format!("sel-random-{seed}.parquet"));
+        ok(&[
+            "select",
+            "--analysis",
+            &t.s("an"),
+            "--criterion",
+            "random",
+            "--top",
+            "6",
+            "--seed",
+            seed,
+            "-o",
+            &o,
+        ]);
+        strs(&read_table(Path::new(&o)), "id")
+    };
+    assert_eq!(random("1"), random("1"));
+    assert_ne!(random("1"), random("2"));
+    // gc: every sample of a domain shares its domain's (negated) GC.
+    let o = t.s("sel-gc.parquet");
+    ok(&[
+        "select",
+        "--analysis",
+        &t.s("an"),
+        "--criterion",
+        "gc",
+        "--top",
+        "6",
+        "-o",
+        &o,
+    ]);
+    let sel = read_table(Path::new(&o));
+    let (doms, sc) = (strs(&sel, "domain"), f64s(&sel, "score"));
+    for i in 0..doms.len() {
+        for j in 0..doms.len() {
+            if doms[i] == doms[j] {
+                assert_eq!(sc[i], sc[j]);
+            }
+        }
+    }
+    // uncertainty: mean token entropy in (0, ln V].
+    let o = t.s("sel-unc.parquet");
+    ok(&[
+        "select",
+        "--analysis",
+        &t.s("an"),
+        "--criterion",
+        "uncertainty",
+        "--threshold",
+        "0",
+        "-o",
+        &o,
+    ]);
+    let h = f64s(&read_table(Path::new(&o)), "score");
+    assert!(
+        h.iter().all(|&x| x > 0.0 && x <= (320f64).ln() + 1e-6),
+        "{h:?}"
+    );
+    usage_bad(
+        &["select", "--analysis", &t.s("an"), "-o", &o],
+        &["required"],
+    );
+    bad(
+        &[
+            "select",
+            "--analysis",
+            &t.s("nowhere"),
+            "--top",
+            "3",
+            "-o",
+            &o,
+        ],
+        &["analysis.parquet"],
+    );
     bad(
         &[
             "analyze",

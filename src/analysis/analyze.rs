@@ -178,6 +178,7 @@ pub fn analyze(spec: &AnalyzeSpec, device: Device, progress: &dyn Progress) -> R
         .unwrap_or_default();
     let summary = serde_json::json!({
         "isolation": reports,
+        "inputs": {"ntk": spec.ntk, "model": spec.model, "corpus": spec.corpus, "tokenizer": spec.tokenizer},
         "samples": s.ids.len(), "flags": flagged.len(), "flag_options": spec.flags,
         "precision": precision_recall.map(|x| x.0), "recall": precision_recall.map(|x| x.1),
         "correlations": correlations.iter().map(|r| serde_json::json!({"x": r.x, "y": r.y, "method": r.method, "estimate": r.estimate})).collect::<Vec<_>>(),

@@ -9,10 +9,10 @@
 //! ranked by (1 − frequency percentile) + (1 − alignment percentile) + the loss z-score, and each
 //! carries its reasons with the values behind them.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The flag rule's thresholds (module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct FlagOptions {
     /// Rare: frequency score below this quantile.
     pub rare_quantile: f64,
@@ -87,8 +87,11 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Flag and rank; returns flags sorted by decreasing rank score (ties by index).
-pub fn flag(m: &[SampleMetrics], opts: &FlagOptions) -> Vec<Flag> {
+/// Every sample's rank score and whether it meets all three conditions, with the quantities
+/// behind them: (flag, or `None` when not all conditions hold; rank score). The rank score
+/// (1 − frequency percentile) + (1 − alignment percentile) + loss z is defined for every sample,
+/// which is what `select --criterion flag` ranks by.
+pub fn score_all(m: &[SampleMetrics], opts: &FlagOptions) -> Vec<(Option<Flag>, f64)> {
     let fp = percentiles(&m.iter().map(|s| s.freq_score).collect::<Vec<_>>());
     let ap = percentiles(&m.iter().map(|s| s.alignment).collect::<Vec<_>>());
     let n_bins = m.iter().map(|s| s.bin).max().map_or(0, |b| b + 1);
@@ -100,18 +103,18 @@ pub fn flag(m: &[SampleMetrics], opts: &FlagOptions) -> Vec<Flag> {
         let mad = median(&mut dev) * 1.4826;
         *st = (med, if mad > 0.0 { mad } else { 1.0 });
     }
-    let mut out: Vec<Flag> = m
-        .iter()
+    m.iter()
         .enumerate()
-        .filter_map(|(i, s)| {
+        .map(|(i, s)| {
             let (med, scale) = stats[s.bin];
             let z = (s.loss - med) / scale;
+            let score = (1.0 - fp[i]) + (1.0 - ap[i]) + z;
             let rare_freq = fp[i] < opts.rare_quantile;
             let rare_dom = opts.long_tail_domains && s.long_tail_domain;
             let misaligned = ap[i] < opts.align_quantile;
             let unfit = z >= opts.loss_z;
             if !((rare_freq || rare_dom) && misaligned && unfit) {
-                return None;
+                return (None, score);
             }
             let mut reasons = Vec::new();
             if rare_freq {
@@ -122,8 +125,17 @@ pub fn flag(m: &[SampleMetrics], opts: &FlagOptions) -> Vec<Flag> {
             }
             reasons.push(format!("poorly aligned: alignment {:.3} (percentile {:.2})", s.alignment, ap[i]));
             reasons.push(format!("poorly fitted: loss {:.3}, {z:.2} robust sd above its frequency bin's median {med:.3}", s.loss));
-            Some(Flag { index: i, rank_score: (1.0 - fp[i]) + (1.0 - ap[i]) + z, freq_percentile: fp[i], align_percentile: ap[i], loss_z: z, reasons })
+            let flag = Flag { index: i, rank_score: score, freq_percentile: fp[i], align_percentile: ap[i], loss_z: z, reasons };
+            (Some(flag), score)
         })
+        .collect()
+}
+
+/// Flag and rank; returns flags sorted by decreasing rank score (ties by index).
+pub fn flag(m: &[SampleMetrics], opts: &FlagOptions) -> Vec<Flag> {
+    let mut out: Vec<Flag> = score_all(m, opts)
+        .into_iter()
+        .filter_map(|(f, _)| f)
         .collect();
     out.sort_by(|a, b| {
         b.rank_score

@@ -12,6 +12,7 @@ mod ntk;
 pub mod progress;
 mod report;
 mod run;
+mod select;
 mod train;
 
 use std::ffi::OsString;
@@ -111,6 +112,8 @@ pub enum Command {
     Ntk(ntk::NtkArgs),
     /// Frequency correlations, GC per bin and the ranked under-memorised long-tail flags.
     Analyze(analyze::AnalyzeArgs),
+    /// Rank an analysis's samples by a criterion and choose what to train on next.
+    Select(select::SelectArgs),
     /// A self-contained HTML report and a Jupyter notebook from an analysis.
     Report(report::ReportArgs),
     /// Run a declarative pipeline spec (train, ntk, analyze, report).
@@ -140,6 +143,7 @@ where
         Command::Capture(args) => ntk::run_capture_cmd(args, &cli.global)?,
         Command::Ntk(args) => ntk::run_ntk(args, &cli.global)?,
         Command::Analyze(args) => analyze::run(args, &cli.global)?,
+        Command::Select(args) => select::run(args, &cli.global)?,
         Command::Report(args) => report::run(args, &cli.global)?,
         Command::Run(args) => run::run(args, &cli.global)?,
         Command::Import(args) => import::run(args, &cli.global)?,

@@ -46,6 +46,46 @@ pub fn sample_losses(
     device: Device,
     seed: u64,
 ) -> Result<Vec<(f64, i64)>> {
+    per_sample(model, seqs, batch, device, seed, &|logits, targets| {
+        let (_, per_seq, counts) = token_losses(logits, targets);
+        (per_seq, counts)
+    })
+}
+
+/// Each sequence's predictive entropy summed over its predicted tokens, with their count (the
+/// same positions, and for BERT the same seeded masks, as [`sample_losses`]): the mean token
+/// entropy H = −Σ_v p_v ln p_v, in nats, measures the model's uncertainty without the target.
+pub fn sample_entropies(
+    model: &Model,
+    seqs: &[&[u32]],
+    batch: usize,
+    device: Device,
+    seed: u64,
+) -> Result<Vec<(f64, i64)>> {
+    per_sample(model, seqs, batch, device, seed, &|logits, targets| {
+        let logp = logits
+            .to_kind(tch::Kind::Float)
+            .log_softmax(-1, tch::Kind::Float);
+        let h = -(logp.exp() * &logp).sum_dim_intlist(-1, false, tch::Kind::Float);
+        let valid = targets.ne(crate::model::IGNORE).to_kind(tch::Kind::Float);
+        (
+            (h * &valid).sum_dim_intlist(1, false, tch::Kind::Float),
+            valid.sum_dim_intlist(1, false, tch::Kind::Float),
+        )
+    })
+}
+
+/// A per-sequence sum and count from each batch's logits and targets.
+type PerSequence<'a> = &'a dyn Fn(&Tensor, &Tensor) -> (Tensor, Tensor);
+
+fn per_sample(
+    model: &Model,
+    seqs: &[&[u32]],
+    batch: usize,
+    device: Device,
+    seed: u64,
+    f: PerSequence,
+) -> Result<Vec<(f64, i64)>> {
     let mut out = vec![(0.0, 0); seqs.len()];
     let order = batch_order(model, seqs);
     tch::no_grad(|| -> Result<()> {
@@ -54,7 +94,7 @@ pub fn sample_losses(
             let mut rng = step_rng(seed, k as u64);
             let b = model_batch(model, &chunk, &mut rng, device);
             let o = model.forward_t(&b.ids, &b.mask, false, false)?;
-            let (_, per_seq, counts) = token_losses(&o.logits, &b.targets);
+            let (per_seq, counts) = f(&o.logits, &b.targets);
             let l: Vec<f64> =
                 Vec::try_from(per_seq.to_kind(tch::Kind::Double).to_device(Device::Cpu))?;
             let c: Vec<f64> =
