@@ -136,27 +136,64 @@ fn pad(rows: Vec<(Vec<i64>, Vec<i64>)>, samples: Vec<usize>, pad_id: i64, device
     }
 }
 
-/// The deterministic order of training samples across epochs.
+/// The deterministic order of training samples: the batch of step s is a pure function of
+/// (seed, s), so a resumed run draws exactly the batches it would have drawn.
 #[derive(Debug, Clone)]
 pub struct Sampler {
-    n: usize,
     seed: u64,
+    draw: Draw,
     cache: Option<(u64, Vec<usize>)>,
 }
 
+#[derive(Debug, Clone)]
+enum Draw {
+    /// Epochs over a pool of sample positions (each position once, or `repeat` times): epoch e
+    /// is the permutation of the pool drawn from seed ⊕ e.
+    Epochs(Vec<usize>),
+    /// Independent draws with replacement, position i with probability ∝ `weights[i]`, from a
+    /// generator seeded by (seed, step).
+    Weighted(rand::distr::weighted::WeightedIndex<f64>),
+}
+
 impl Sampler {
-    /// A sampler over `n` training samples.
+    /// A sampler over `n` training samples, each once per epoch.
     pub fn new(n: usize, seed: u64) -> Sampler {
+        Sampler::repeated(&vec![1; n], seed)
+    }
+
+    /// Epochs in which sample i appears `repeat[i]` times (a repeat factor; 0 leaves it out).
+    /// With every factor 1 this is [`Sampler::new`].
+    pub fn repeated(repeat: &[u32], seed: u64) -> Sampler {
+        let pool = repeat
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &r)| std::iter::repeat_n(i, r as usize))
+            .collect();
         Sampler {
-            n,
             seed,
+            draw: Draw::Epochs(pool),
             cache: None,
         }
     }
 
+    /// Draws with replacement, sample i with probability proportional to `weight[i]` (a
+    /// sampling weight). Errors when no weight is positive or one is negative or not finite.
+    pub fn weighted(weight: &[f64], seed: u64) -> std::result::Result<Sampler, String> {
+        let w = rand::distr::weighted::WeightedIndex::new(weight.iter().copied())
+            .map_err(|e| format!("sampling weights: {e}"))?;
+        Ok(Sampler {
+            seed,
+            draw: Draw::Weighted(w),
+            cache: None,
+        })
+    }
+
     fn perm(&mut self, epoch: u64) -> &[usize] {
         if self.cache.as_ref().map(|c| c.0) != Some(epoch) {
-            let mut p: Vec<usize> = (0..self.n).collect();
+            let mut p = match &self.draw {
+                Draw::Epochs(pool) => pool.clone(),
+                Draw::Weighted(_) => Vec::new(),
+            };
             p.shuffle(&mut ChaCha8Rng::seed_from_u64(
                 self.seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15),
             ));
@@ -167,10 +204,23 @@ impl Sampler {
 
     /// Sample indices of batch `step` (0-based) of size `batch`.
     pub fn batch(&mut self, step: u64, batch: usize) -> Vec<usize> {
+        let n = match &self.draw {
+            Draw::Weighted(w) => {
+                let mut rng = ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(
+                    self.seed,
+                    &[b"weighted".as_slice(), &step.to_le_bytes()].concat(),
+                ));
+                return (0..batch).map(|_| rng.sample(w)).collect();
+            }
+            Draw::Epochs(pool) => pool.len() as u64,
+        };
+        if n == 0 {
+            return Vec::new();
+        }
         let start = step * batch as u64;
         (start..start + batch as u64)
             .map(|k| {
-                let (epoch, i) = (k / self.n as u64, (k % self.n as u64) as usize);
+                let (epoch, i) = (k / n, (k % n) as usize);
                 self.perm(epoch)[i]
             })
             .collect()
@@ -254,5 +304,37 @@ mod tests {
             (0..10).collect::<Vec<_>>(),
             "each epoch is a permutation"
         );
+    }
+
+    /// A repeat factor puts a sample that many times in every epoch; a sampling weight makes it
+    /// that much more likely per draw; both are pure functions of the step.
+    #[test]
+    fn up_weighted_samplers() {
+        let mut repeat = vec![1u32; 10];
+        repeat[3] = 4;
+        repeat[7] = 0;
+        let mut a = Sampler::repeated(&repeat, 5);
+        let epoch: Vec<usize> = (0..12).flat_map(|s| a.batch(s, 1)).collect();
+        let count = |i: usize| epoch.iter().filter(|&&x| x == i).count();
+        assert_eq!((count(3), count(7), count(0)), (4, 0, 1));
+        assert_eq!(Sampler::repeated(&repeat, 5).batch(6, 2), a.batch(6, 2));
+        assert_eq!(
+            Sampler::repeated(&[1; 10], 3).batch(4, 3),
+            Sampler::new(10, 3).batch(4, 3)
+        );
+        let mut w = vec![1.0; 10];
+        w[2] = 9.0;
+        let mut b = Sampler::weighted(&w, 5).unwrap();
+        let draws: Vec<usize> = (0..1000).flat_map(|s| b.batch(s, 4)).collect();
+        let share = draws.iter().filter(|&&x| x == 2).count() as f64 / draws.len() as f64;
+        // P = 9/18 = 0.5; 4000 draws give a standard error of 0.008.
+        assert!((share - 0.5).abs() < 0.04, "{share}");
+        assert_eq!(
+            Sampler::weighted(&w, 5).unwrap().batch(17, 4),
+            b.batch(17, 4)
+        );
+        assert_ne!(b.batch(17, 4), b.batch(18, 4));
+        assert!(Sampler::weighted(&[0.0, 0.0], 1).is_err());
+        assert!(Sampler::weighted(&[1.0, f64::NAN], 1).is_err());
     }
 }

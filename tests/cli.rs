@@ -920,6 +920,83 @@ fn capture_and_ntk_from_the_cli() {
         h.iter().all(|&x| x > 0.0 && x <= (320f64).ln() + 1e-6),
         "{h:?}"
     );
+    // Continued training on a selection. The analysis above is of validation samples, which
+    // cannot be up-weighted; one of training samples can.
+    bad(
+        &[
+            "train",
+            "--config",
+            &spec,
+            "--run",
+            "dense",
+            "--selection",
+            &sel_flag,
+            "--repeat",
+            "3",
+            "-o",
+            &t.s("cont-bad"),
+        ],
+        &["sel-flag.parquet", "validation sample"],
+    );
+    ok(&[
+        "ntk",
+        "--model",
+        &model,
+        "--corpus",
+        &corpus,
+        "--split",
+        "train",
+        "--samples",
+        "24",
+        "--batch",
+        "8",
+        "--bins",
+        "3",
+        "-o",
+        &t.s("ntk-train"),
+    ]);
+    ok(&[
+        "analyze",
+        "--ntk",
+        &t.s("ntk-train"),
+        "--model",
+        &model,
+        "--corpus",
+        &corpus,
+        "--resamples",
+        "50",
+        "-o",
+        &t.s("an-train"),
+    ]);
+    let sel_train = t.s("sel-train.parquet");
+    ok(&[
+        "select",
+        "--analysis",
+        &t.s("an-train"),
+        "--top",
+        "5",
+        "-o",
+        &sel_train,
+    ]);
+    let printed = ok(&[
+        "train",
+        "--config",
+        &spec,
+        "--run",
+        "dense",
+        "--selection",
+        &sel_train,
+        "--weight",
+        "4",
+        "-o",
+        &t.s("cont"),
+    ]);
+    assert!(printed.contains("run dense"), "{printed}");
+    let manifest = std::fs::read_to_string(t.path("cont/dense/manifest.json")).unwrap();
+    assert!(
+        manifest.contains("5 ids") && manifest.contains("weight 4"),
+        "{manifest}"
+    );
     usage_bad(
         &["select", "--analysis", &t.s("an"), "-o", &o],
         &["required"],

@@ -377,3 +377,199 @@ fn upcycling_specs_name_what_is_wrong() {
         "{msg}"
     );
 }
+
+/// A selection table (as `tailscope select` writes it) marking `ids` as selected.
+fn selection_table(path: &std::path::Path, ids: &[String]) {
+    use polars::prelude::{Column, DataFrame};
+    let mut df = DataFrame::new(
+        ids.len() + 1,
+        vec![
+            Column::new(
+                "id".into(),
+                ids.iter()
+                    .cloned()
+                    .chain(["not-selected".to_string()])
+                    .collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "selected".into(),
+                (0..=ids.len()).map(|i| i < ids.len()).collect::<Vec<_>>(),
+            ),
+        ],
+    )
+    .unwrap();
+    tailscope::io::write_parquet(&mut df, path).unwrap();
+}
+
+/// Continued training: a trained CSE model continues as it is (its experts, no second
+/// initialisation) with a selection up-weighted by a repeat factor or a sampling weight; the
+/// batches follow the up-weighting, the run resumes exactly, and a change of selection is refused
+/// on resume.
+#[test]
+fn continued_training_up_weights_a_selection_and_resumes_exactly() {
+    let _torch = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, data) = setup(dir.path());
+    let never = AtomicBool::new(false);
+    let pre = dir.path().join("pre");
+    let cse_run = &spec.runs[1];
+    train::train_run(
+        &spec,
+        cse_run,
+        &data,
+        &pre,
+        Device::Cpu,
+        7,
+        false,
+        &never,
+        &train::Silent,
+    )
+    .unwrap();
+    let base = pre.join("cse").join("final");
+    let (base_vs, _) = tailscope::source::load_model(&base, Device::Cpu).unwrap();
+    let experts = cse_experts(&base_vs);
+    assert!(experts >= 1);
+    // Ten training samples of the rarest domain.
+    let mut counts = std::collections::HashMap::<&str, usize>::new();
+    for &i in &data.train {
+        *counts
+            .entry(data.corpus.samples[i].domain.as_str())
+            .or_default() += 1;
+    }
+    let rare = *counts.iter().min_by_key(|(d, c)| (**c, **d)).unwrap().0;
+    let picked: Vec<String> = data
+        .train
+        .iter()
+        .map(|&i| &data.corpus.samples[i])
+        .filter(|s| s.domain == rare)
+        .take(10)
+        .map(|s| s.id.clone())
+        .collect();
+    let table = dir.path().join("selection.parquet");
+    selection_table(&table, &picked);
+
+    let text = std::fs::read_to_string(dir.path().join("spec.toml")).unwrap();
+    let (head, rest) = text.split_once("[model]").unwrap();
+    let (_, train_opts) = rest.split_once("[train]").unwrap();
+    let train_opts = train_opts.split("[[run]]").next().unwrap();
+    let continued = |how: &str, name: &str| -> TrainSpec {
+        let toml = format!(
+            "{head}[base]\nmodel = \"{}\"\nupcycle = false\ntrain = \"all\"\nlast_k = 1\n\
+             [train]{train_opts}\n{how}[[run]]\nname = \"cont\"\n",
+            base.display()
+        );
+        let p = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&p, toml).unwrap();
+        TrainSpec::read(&p).unwrap()
+    };
+    let sel = |extra: &str| format!("[selection]\nfile = \"{}\"\n{extra}\n", table.display());
+    let plain = continued("", "plain");
+    let repeat = continued(&sel("repeat = 4"), "repeat");
+    let weight = continued(&sel("weight = 5.0"), "weight");
+
+    // The batches: a repeat factor puts each selected sample 4 times in an epoch, a weight of 5
+    // draws them with probability 5·10 / (5·10 + n − 10).
+    let data = TrainData::for_spec(&repeat).unwrap();
+    let n = data.train.len();
+    let chosen =
+        train::selection::Selection::resolve(repeat.selection.as_ref().unwrap(), &data).unwrap();
+    assert_eq!(chosen.chosen.iter().filter(|&&c| c).count(), 10);
+    let mut s = train::selection::sampler(Some(&chosen), &data, 7).unwrap();
+    let epoch: Vec<usize> = (0..(n + 30) as u64).flat_map(|k| s.batch(k, 1)).collect();
+    for (k, &c) in chosen.chosen.iter().enumerate() {
+        let times = epoch.iter().filter(|&&x| x == k).count();
+        assert_eq!(times, if c { 4 } else { 1 }, "position {k}");
+    }
+    let wsel =
+        train::selection::Selection::resolve(weight.selection.as_ref().unwrap(), &data).unwrap();
+    let mut w = train::selection::sampler(Some(&wsel), &data, 7).unwrap();
+    let draws: Vec<usize> = (0..500).flat_map(|k| w.batch(k, 8)).collect();
+    let share = draws.iter().filter(|&&k| wsel.chosen[k]).count() as f64 / draws.len() as f64;
+    let p = 50.0 / (50.0 + (n - 10) as f64);
+    let se = (p * (1.0 - p) / draws.len() as f64).sqrt();
+    assert!((share - p).abs() < 5.0 * se, "share {share}, expected {p}");
+
+    let mut finals = Vec::new();
+    for (spec, label) in [(&plain, "plain"), (&repeat, "repeat"), (&weight, "weight")] {
+        let run = &spec.runs[0];
+        let (a, b) = straight_and_resumed(
+            spec,
+            run,
+            &data,
+            &dir.path().join(format!("{label}-a")),
+            &dir.path().join(format!("{label}-b")),
+        );
+        let losses = |r: &train::RunResult| r.state.log.iter().map(|x| x.loss).collect::<Vec<_>>();
+        assert_eq!(losses(&a), losses(&b), "{label}: resumed run differs");
+        assert!(a.state.cse_initialized, "{label}");
+        let run_dir = dir.path().join(format!("{label}-a")).join("cont");
+        assert!(
+            !run_dir.join("cse_init.json").exists(),
+            "{label}: the CSE model was initialised again"
+        );
+        let (va, _) = tailscope::source::load_model(&run_dir.join("final"), Device::Cpu).unwrap();
+        assert_eq!(cse_experts(&va), experts, "{label}: experts changed");
+        let manifest = std::fs::read_to_string(run_dir.join("manifest.json")).unwrap();
+        assert_eq!(
+            manifest.contains("selection"),
+            label != "plain",
+            "{manifest}"
+        );
+        finals.push(losses(&a));
+    }
+    assert_ne!(finals[0], finals[1], "the repeat factor changed no batch");
+    assert_ne!(finals[0], finals[2], "the sampling weight changed no batch");
+    assert_ne!(finals[1], finals[2]);
+
+    // Resuming under another up-weighting is refused, naming the selection.
+    let repeat2 = continued(&sel("repeat = 2"), "repeat2");
+    let err = train::train_run(
+        &repeat2,
+        &repeat2.runs[0],
+        &data,
+        &dir.path().join("repeat-a"),
+        Device::Cpu,
+        7,
+        true,
+        &never,
+        &train::Silent,
+    )
+    .err()
+    .expect("a different selection is not resumed");
+    assert!(err.to_string().contains("selection"), "{err}");
+
+    // Bad selections name the file and the id.
+    let val_id = data.corpus.samples[data.val[0]].id.clone();
+    let bad = dir.path().join("bad.parquet");
+    for (ids, says) in [
+        (vec![val_id.clone()], "validation sample"),
+        (vec!["no-such-id".to_string()], "not a sample"),
+    ] {
+        selection_table(&bad, &ids);
+        let mut s = repeat.clone();
+        s.selection.as_mut().unwrap().file = bad.clone();
+        let err = train::selection::Selection::resolve(s.selection.as_ref().unwrap(), &data)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad.parquet") && err.contains(says), "{err}");
+    }
+    let mut both = repeat.clone();
+    both.selection.as_mut().unwrap().weight = Some(2.0);
+    assert!(both.check().unwrap_err().to_string().contains("not both"));
+    let mut s = plain.clone();
+    let err = s
+        .apply(&train::runs::Overrides {
+            repeat: Some(3),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("--selection"), "{err}");
+    // An expert run under upcycle = false is refused.
+    let mut e = plain.clone();
+    e.runs[0].experts = spec.runs[1].experts.clone();
+    assert!(e
+        .check()
+        .unwrap_err()
+        .to_string()
+        .contains("upcycle = false"));
+}

@@ -52,6 +52,27 @@ pub struct TrainArgs {
     /// Override data.corpus.
     #[arg(long, value_name = "FILE", help_heading = "Overrides")]
     pub corpus: Option<PathBuf>,
+    /// Up-weight the selected samples of this `tailscope select` table (selection.file).
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Selection",
+        long_help = "Up-weight the samples a `tailscope select` table marks as selected \
+            (selection.file); give --repeat or --weight with it unless the spec's [selection] \
+            says how. Selected ids must be training samples of the corpus."
+    )]
+    pub selection: Option<PathBuf>,
+    /// Each selected sample appears N times per epoch (selection.repeat).
+    #[arg(
+        long,
+        value_name = "N",
+        conflicts_with = "weight",
+        help_heading = "Selection"
+    )]
+    pub repeat: Option<u32>,
+    /// Draw batches with replacement, a selected sample W times as likely (selection.weight).
+    #[arg(long, value_name = "W", help_heading = "Selection")]
+    pub weight: Option<f64>,
     /// Continue each run from its latest checkpoint.
     #[arg(
         long,
@@ -138,6 +159,9 @@ impl TrainArgs {
             lr: self.lr,
             checkpoint_every: self.checkpoint_every,
             corpus: self.corpus.clone(),
+            selection: self.selection.clone(),
+            repeat: self.repeat,
+            weight: self.weight,
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod cse_init;
 pub mod dynamics;
 pub mod optim;
 pub mod runs;
+pub mod selection;
 pub mod spec;
 pub mod upcycle;
 
@@ -717,12 +718,13 @@ fn checkpoint(live: &Live, state: &mut RunState, ctx: &RunCtx) -> Result<()> {
 
 /// The settings a run's checkpoints depend on: the model (the run's config, experts included),
 /// the base model, every training option but `checkpoint_every` (which only says when to save),
-/// the validation size, the corpus's token ids and split, and the seed.
+/// the validation size, the corpus's token ids and split, the up-weighted selection, and the seed.
 fn run_manifest(
     spec: &TrainSpec,
     run: &RunSpec,
     cfg: &ModelConfig,
     data: &TrainData,
+    selection: Option<&selection::Selection>,
     seed: u64,
 ) -> Result<Manifest> {
     let mut m = Manifest::new("train");
@@ -734,7 +736,11 @@ fn run_manifest(
         m.set("base.model", crate::manifest::file_identity(&b.model))
             .set("base.train", format!("{:?}", b.train))
             .set("base.last_k", b.last_k)
-            .set("base.max_len", format!("{:?}", b.max_len));
+            .set("base.max_len", format!("{:?}", b.max_len))
+            .set("base.upcycle", b.upcycle);
+    }
+    if let Some(sel) = selection {
+        m.set("selection", sel.fingerprint());
     }
     let all: Vec<&[u32]> = data.ids.iter().map(|s| s.as_slice()).collect();
     m.set("data.corpus", crate::manifest::fingerprint_ids(&all))
@@ -778,7 +784,12 @@ pub fn train_run(
     };
     let run_dir = &ctx.run_dir;
     let _lock = OutputLock::acquire(run_dir, &format!("tailscope train, run {}", run.name))?;
-    let manifest = run_manifest(spec, run, &cfg, data, seed)?;
+    let chosen = spec
+        .selection
+        .as_ref()
+        .map(|s| selection::Selection::resolve(s, data))
+        .transpose()?;
+    let manifest = run_manifest(spec, run, &cfg, data, chosen.as_ref(), seed)?;
     if resume {
         manifest.check_resume(
             run_dir,
@@ -796,7 +807,7 @@ pub fn train_run(
     let mut cse_reports = Vec::new();
     let val_idx = data.val_subset(spec.data.eval_samples);
     let probe = data.seqs(&data.val_subset(t.probe_samples));
-    let mut sampler = Sampler::new(data.train.len(), seed);
+    let mut sampler = selection::sampler(chosen.as_ref(), data, seed)?;
     progress.start(&run.name, t.steps, state.step);
     let dynamics_due = |step: u64| {
         step == 0 || step == t.steps || (t.dynamics_every > 0 && step % t.dynamics_every == 0)
@@ -809,6 +820,10 @@ pub fn train_run(
         cse_init,
         seconds: started.elapsed().as_secs_f64(),
     };
+    if let (Some(c), false) = (&cse_cfg, state.cse_initialized) {
+        // A CSE model continued as it is (`base.upcycle = false`) is initialised already.
+        state.cse_initialized = !c.experts.is_empty();
+    }
     if state.step == 0 && !state.val.iter().any(|v| v.step == 0) {
         // Where the run starts: the base model's perplexity, or a fresh model's.
         validation(&live, &ctx, &val_idx, 0, &mut state)?;

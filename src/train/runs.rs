@@ -24,6 +24,12 @@ pub struct Overrides {
     pub checkpoint_every: Option<u64>,
     /// `data.corpus`.
     pub corpus: Option<PathBuf>,
+    /// `selection.file`.
+    pub selection: Option<PathBuf>,
+    /// `selection.repeat` (replaces a spec's `weight`).
+    pub repeat: Option<u32>,
+    /// `selection.weight` (replaces a spec's `repeat`).
+    pub weight: Option<f64>,
 }
 
 impl TrainSpec {
@@ -43,6 +49,24 @@ impl TrainSpec {
         }
         if let Some(v) = &o.corpus {
             self.data.corpus = v.clone();
+        }
+        if let Some(file) = &o.selection {
+            let old = self.selection.take();
+            self.selection = Some(super::selection::SelectionSpec {
+                file: file.clone(),
+                repeat: old.as_ref().and_then(|s| s.repeat),
+                weight: old.as_ref().and_then(|s| s.weight),
+            });
+        }
+        if o.repeat.is_some() || o.weight.is_some() {
+            let Some(sel) = self.selection.as_mut() else {
+                return Err(Error::invalid(
+                    "--repeat/--weight",
+                    "up-weight what? give --selection FILE (or [selection] in the spec)",
+                ));
+            };
+            sel.repeat = o.repeat;
+            sel.weight = o.weight;
         }
         self.check()
     }

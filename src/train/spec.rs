@@ -27,7 +27,10 @@
 //! model = "out/fetched/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 //! train = "mlp"                        # or "blocks", "all"; the rest is frozen
 //! last_k = 2                           # the blocks trained (and given experts)
+//! upcycle = false                      # optional: continue the model as it is, experts included
 //! ```
+//!
+//! `[selection]` up-weights the samples of a `tailscope select` table ([`super::selection`]).
 
 use std::path::{Path, PathBuf};
 
@@ -53,6 +56,10 @@ pub struct TrainSpec {
     /// `[train]`.
     #[serde(default)]
     pub train: TrainOptions,
+    /// `[selection]`: up-weight the samples of a `tailscope select` table
+    /// ([`super::selection`]).
+    #[serde(default)]
+    pub selection: Option<super::selection::SelectionSpec>,
     /// `[[run]]`: one model per run.
     #[serde(rename = "run")]
     pub runs: Vec<RunSpec>,
@@ -114,6 +121,11 @@ pub struct BaseSpec {
     /// Truncate training sequences to this many tokens (default: the model's `max_len`).
     #[serde(default)]
     pub max_len: Option<i64>,
+    /// Upcycle each run's experts into the base model (default). `false` continues training the
+    /// base model as it is, its experts (Switch or initialised CSE) included; the runs then
+    /// leave `experts` out.
+    #[serde(default = "yes")]
+    pub upcycle: bool,
 }
 
 /// What a run that starts from a base model trains; the rest is frozen.
@@ -268,6 +280,9 @@ impl TrainSpec {
             }
             _ => {}
         }
+        if let Some(sel) = &self.selection {
+            sel.upweight()?;
+        }
         if let Some(b) = &self.base {
             if b.last_k < 1 {
                 return Err(Error::invalid("base.last_k", "must be at least 1"));
@@ -286,6 +301,15 @@ impl TrainSpec {
             }
             match &self.base {
                 // The base model's shape is checked when it is read (`upcycle::base_config`).
+                Some(b) if !b.upcycle => {
+                    if !matches!(r.experts, ExpertConfig::Dense) {
+                        return Err(Error::invalid(
+                            format!("run {:?}: experts", r.name),
+                            "with base.upcycle = false the run continues the base model as it \
+                             is (its experts included); leave experts out",
+                        ));
+                    }
+                }
                 Some(b) => {
                     let k = match &r.experts {
                         ExpertConfig::Dense => b.last_k,

@@ -31,8 +31,9 @@ pub fn base_config(path: &Path) -> Result<ModelConfig> {
     }
 }
 
-/// The base model of `base` with `experts` upcycled into it, seeded by `seed`, on `device`,
-/// frozen except for what `base.train` names. Check the base first ([`checked_config`]).
+/// The base model of `base` with `experts` upcycled into it (or as it is, with
+/// `base.upcycle = false`), seeded by `seed`, on `device`, frozen except for what `base.train`
+/// names. Check the base first ([`checked_config`]).
 pub fn start(
     base: &BaseSpec,
     experts: &ExpertConfig,
@@ -40,6 +41,12 @@ pub fn start(
     seed: u64,
 ) -> Result<(nn::VarStore, Model, ModelConfig)> {
     let (base_vs, base_model) = source::load_model(&base.model, device)?;
+    if !base.upcycle {
+        // Continued training: the model as it is, experts included.
+        let cfg = base_model.cfg.clone();
+        freeze(&base_vs, &cfg, base.train, base.last_k);
+        return Ok((base_vs, base_model, cfg));
+    }
     tch::manual_seed(seed as i64);
     let (vs, model, cfg) = upcycle::upcycle(&base_vs, &base_model.cfg, experts)
         .map_err(|e| Error::in_file(&base.model, e.to_string()))?;
