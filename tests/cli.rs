@@ -1363,3 +1363,134 @@ fn check_report(dir: &Path, notebook: &Path) {
     );
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
 }
+
+/// GC over training: `ntk --trajectory` on a run's kept checkpoints gives, per checkpoint, what
+/// `ntk` gives on that checkpoint alone, the kernel drift against the last one, figures, a rerun
+/// that reuses every checkpoint, and a refusal to mix settings without --fresh.
+#[test]
+fn gc_trajectory_over_checkpoints() {
+    let t = Tmp::new();
+    let corpus = synth(&t, 400);
+    let spec = tiny_spec(&t, &corpus);
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("checkpoint_every = 3", "checkpoint_every = 2")
+        .replace("keep_last = 1", "keep_last = 3");
+    std::fs::write(&spec, text).unwrap();
+    ok(&[
+        "train",
+        "--config",
+        &spec,
+        "--run",
+        "cse",
+        "-o",
+        &t.s("train"),
+    ]);
+    let run_dir = t.s("train/cse");
+    let flags = [
+        "--corpus",
+        &corpus,
+        "--samples",
+        "16",
+        "--batch",
+        "8",
+        "--gc-resamples",
+        "8",
+    ];
+    let traj = |extra: &[&str]| {
+        let mut args = vec!["ntk", "--model", &run_dir, "--trajectory"];
+        args.extend_from_slice(&flags);
+        args.extend_from_slice(extra);
+        let o = t.s("traj");
+        args.extend_from_slice(&["-o", &o]);
+        ok(&args)
+    };
+    let printed = traj(&[]);
+    assert!(
+        printed.contains("NTK at 3 checkpoints") && printed.contains("(0 reused), steps 2, 4, 6"),
+        "{printed}"
+    );
+    // The checkpoint at step 4 alone.
+    let ckpt = t.s("train/cse/checkpoints/step-000004");
+    let mut args = vec!["ntk", "--model", &ckpt];
+    args.extend_from_slice(&flags);
+    let alone = t.s("alone");
+    args.extend_from_slice(&["-o", &alone]);
+    ok(&args);
+    let f64s = |df: &polars::prelude::DataFrame, c: &str| -> Vec<f64> {
+        df.column(c)
+            .unwrap()
+            .cast(&polars::prelude::DataType::Float64)
+            .unwrap()
+            .f64()
+            .unwrap()
+            .iter()
+            .map(|v| v.unwrap_or(f64::NAN))
+            .collect()
+    };
+    let tr = read_table(&t.path("traj/trajectory.parquet"));
+    let steps = f64s(&tr, "step");
+    let mut distinct = steps.clone();
+    distinct.dedup();
+    assert_eq!(distinct, vec![2.0, 4.0, 6.0]);
+    let gc_alone = read_table(&t.path("alone/gc.parquet"));
+    let at4: Vec<usize> = (0..steps.len()).filter(|&i| steps[i] == 4.0).collect();
+    assert_eq!(at4.len(), gc_alone.height());
+    let (tr_gc, alone_gc) = (f64s(&tr, "gc"), f64s(&gc_alone, "gc"));
+    let (tr_col, alone_col) = (strs(&tr, "column"), strs(&gc_alone, "column"));
+    for (k, &i) in at4.iter().enumerate() {
+        assert_eq!(tr_col[i], alone_col[k]);
+        assert!(
+            (tr_gc[i] == alone_gc[k]) || (tr_gc[i].is_nan() && alone_gc[k].is_nan()),
+            "{}: {} vs {}",
+            tr_col[i],
+            tr_gc[i],
+            alone_gc[k]
+        );
+    }
+    // Drift against step 6, recomputed here from the kernels.
+    let total = |p: &Path| {
+        tch::Tensor::read_safetensors(p)
+            .unwrap()
+            .into_iter()
+            .find(|(n, _)| n == "total")
+            .unwrap()
+            .1
+    };
+    let k4 = total(&t.path("alone/kernel.safetensors"));
+    let k6 = total(&t.path("traj/step-000006/kernel.safetensors"));
+    let expected = (&k4 - &k6).norm().double_value(&[]) / k6.norm().double_value(&[]);
+    let drift = read_table(&t.path("traj/drift.parquet"));
+    let d = f64s(&drift, "drift");
+    assert!(d[2] == 0.0 && d[0] > 0.0, "{d:?}");
+    assert!(
+        (d[1] - expected).abs() < 1e-12 * expected.max(1.0),
+        "{} vs {expected}",
+        d[1]
+    );
+    assert!(f64s(&drift, "drift_cosine")[1] > 0.0);
+    for f in ["gc_trajectory", "kernel_drift", "gc_trajectory_long_tail"] {
+        for ext in ["svg", "png"] {
+            let p = t.path(&format!("traj/figures/{f}.{ext}"));
+            assert!(
+                std::fs::metadata(&p)
+                    .map(|m| m.len() > 1000)
+                    .unwrap_or(false),
+                "{p:?}"
+            );
+        }
+    }
+    // A rerun reuses every checkpoint; other settings are refused; --fresh recomputes.
+    assert!(traj(&[]).contains("(3 reused)"));
+    let mut args = vec!["ntk", "--model", &run_dir, "--trajectory"];
+    args.extend_from_slice(&flags);
+    let o = t.s("traj");
+    args.extend_from_slice(&["--bins", "3", "-o", &o]);
+    bad(&args, &["manifest.json", "kernel", "--fresh"]);
+    assert!(traj(&["--bins", "3", "--fresh"]).contains("(0 reused)"));
+    // Not a run folder.
+    let mut args = vec!["ntk", "--model", &ckpt, "--trajectory"];
+    args.extend_from_slice(&flags);
+    args.extend_from_slice(&["-o", &o]);
+    bad(&args, &["step-000004", "not a training run folder"]);
+}

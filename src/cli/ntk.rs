@@ -190,8 +190,23 @@ pub struct NtkArgs {
     pub assemble_max: usize,
     /// With --tile: remove the shards and tiles already in the output folder and start afresh,
     /// instead of resuming from them (a resume under other settings is refused).
-    #[arg(long, requires = "tile", help_heading = "Kernel")]
+    #[arg(long, help_heading = "Kernel")]
     pub fresh: bool,
+    /// GC over training: --model is a training run folder; see the long help.
+    #[arg(
+        long,
+        conflicts_with_all = ["tile", "diagonal", "cross_split"],
+        help_heading = "Kernel",
+        long_help = "GC over training: --model names a `tailscope train` run folder (e.g. \
+            out/demo/train/cse), and the kernel of the same samples is computed at every checkpoint \
+            kept under its checkpoints/ (keep more with train.keep_steps). Writes one NTK folder per \
+            checkpoint (step-NNNNNN/, reused when rerun under the same settings), \
+            trajectory.parquet (GC per frequency bin, domain, long-tail flag, expert and cluster \
+            per step, with intervals), drift.parquet (‖Θ_t − Θ_T‖/‖Θ_T‖ against the last \
+            checkpoint, raw and cosine-normalised) and figures/{gc_trajectory, \
+            gc_trajectory_long_tail, kernel_drift}.{svg,png}."
+    )]
+    pub trajectory: bool,
 }
 
 impl CaptureArgs {
@@ -280,11 +295,82 @@ pub fn run_capture_cmd(a: &CaptureArgs, g: &Global) -> anyhow::Result<()> {
 
 /// `tailscope ntk`.
 pub fn run_ntk(a: &NtkArgs, g: &Global) -> anyhow::Result<()> {
+    if a.fresh && a.tile.is_none() && !a.trajectory {
+        return Err(crate::error::Error::invalid(
+            "--fresh",
+            "applies to --tile or --trajectory outputs; give one of them",
+        )
+        .into());
+    }
     let device = crate::device::resolve(g.device)?;
+    if a.trajectory {
+        return run_trajectory(a, g, device);
+    }
     let job = Job::prepare(&a.capture.job_spec(g)?, device)?;
     let out = &a.capture.out;
     let r = pipeline::compute_into(&job, &a.options(g), device, out, &Bars::default())?;
     print_ntk(&job, out, a.assemble_max, &r);
+    Ok(())
+}
+
+/// `tailscope ntk --trajectory`: the kernel at every kept checkpoint of a run.
+fn run_trajectory(a: &NtkArgs, g: &Global, device: tch::Device) -> anyhow::Result<()> {
+    use crate::ntk::trajectory;
+    let checkpoints = trajectory::checkpoints_of(&a.capture.model)?;
+    let out = &a.capture.out;
+    let mut spec = a.capture.job_spec(g)?;
+    spec.model = checkpoints[0].path.clone();
+    let t = trajectory::compute_into(
+        &spec,
+        &checkpoints,
+        &a.options(g),
+        device,
+        out,
+        &Bars::default(),
+        |c, reused| {
+            tracing::info!(
+                "step {}: {}",
+                c.step,
+                if reused { "reused" } else { "computed" }
+            )
+        },
+    )?;
+    let figs = crate::report::trajectory::write_figures(&t, out)?;
+    println!(
+        "NTK at {} checkpoints of {} ({} reused), steps {}",
+        checkpoints.len(),
+        a.capture.model.display(),
+        t.reused,
+        checkpoints
+            .iter()
+            .map(|c| c.step.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("step      drift  drift(cos)  GC by frequency bin (0 = rarest)");
+    for d in &t.drift {
+        let gcs: Vec<String> = t
+            .rows
+            .iter()
+            .filter(|r| r.step == d.step && r.column == "freq_bin")
+            .map(|r| format!("{:+.3} [{:+.2}, {:+.2}]", r.gc, r.gc_low, r.gc_high))
+            .collect();
+        println!(
+            "{:<8} {:>6.3} {:>10.3}  {}",
+            d.step,
+            d.drift,
+            d.drift_cosine,
+            gcs.join("  ")
+        );
+    }
+    println!(
+        "wrote {}/trajectory.parquet, drift.parquet, step-*/ and figures/{{{}}}.{{svg,png}}",
+        out.display(),
+        figs.iter()
+            .map(|f| f.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
     Ok(())
 }
 

@@ -13,6 +13,7 @@ pub mod gc;
 pub mod lanczos;
 pub mod pipeline;
 pub mod stream;
+pub mod trajectory;
 
 use std::collections::BTreeMap;
 

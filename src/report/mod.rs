@@ -6,6 +6,7 @@
 mod findings;
 pub mod plots;
 pub mod runs;
+pub mod trajectory;
 
 use std::path::{Path, PathBuf};
 

@@ -9,6 +9,7 @@ use tch::{nn, Tensor};
 
 /// Optimiser hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct AdamWConfig {
     /// First-moment decay.
     pub beta1: f64,

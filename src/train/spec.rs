@@ -163,9 +163,10 @@ fn default_base_last_k() -> i64 {
     2
 }
 
-/// `[train]`: optimisation, checkpoints, cluster dynamics and CSE warm-up.
+/// `[train]`: optimisation, checkpoints, cluster dynamics and CSE warm-up; a key left out takes
+/// its default ([`TrainOptions::default`]).
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TrainOptions {
     /// Optimiser steps.
     pub steps: u64,
