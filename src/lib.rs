@@ -37,6 +37,7 @@ pub mod report;
 pub mod seed;
 pub mod source;
 pub mod stats;
+pub mod study;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -1494,3 +1494,108 @@ fn gc_trajectory_over_checkpoints() {
     args.extend_from_slice(&["-o", &o]);
     bad(&args, &["step-000004", "not a training run folder"]);
 }
+
+/// The selection study end to end on a tiny setting: every run's held-out loss in
+/// results.parquet is the one its own validation table holds, a rerun reuses the trained runs and
+/// writes the same tables, and a spec that cannot give intervals is refused.
+#[test]
+fn selection_study_runs_end_to_end() {
+    let t = Tmp::new();
+    let spec = t.file(
+        "study.toml",
+        format!(
+            r#"seeds = [1, 2]
+out = "{out}"
+[data]
+corpus = "{corpus}"
+eval_samples = 200
+synth = {{ samples = 1500, rare_share = 0.1, vocab_size = 320 }}
+[model]
+arch = "gpt"
+n_layer = 2
+d_model = 16
+n_head = 2
+d_ffn = 32
+max_len = 16
+[train]
+steps = 12
+batch_size = 8
+checkpoint_every = 6
+dynamics_every = 0
+probe_samples = 16
+[select]
+pool = 48
+top = 8
+criteria = ["flag", "loss", "random"]
+[continue]
+steps = 4
+"#,
+            out = t.s("study"),
+            corpus = t.s("study/corpus.parquet")
+        )
+        .as_bytes(),
+    );
+    let printed = ok(&["study", &spec]);
+    assert!(
+        printed.contains("| flag |") && printed.contains("vs random"),
+        "{printed}"
+    );
+    let results = read_table(&t.path("study/results.parquet"));
+    // Per seed: base and none on 3 groups, each criterion on 4.
+    assert_eq!(results.height(), 2 * (2 * 3 + 3 * 4));
+    let crit = strs(&results, "criterion");
+    let group = strs(&results, "group");
+    let f64s = |df: &polars::prelude::DataFrame, c: &str| -> Vec<f64> {
+        df.column(c)
+            .unwrap()
+            .cast(&polars::prelude::DataType::Float64)
+            .unwrap()
+            .f64()
+            .unwrap()
+            .into_no_null_iter()
+            .collect()
+    };
+    let (seed, loss) = (f64s(&results, "seed"), f64s(&results, "loss"));
+    for i in 0..results.height() {
+        if group[i] != "all" || crit[i] == "base" {
+            continue;
+        }
+        let vs = read_table(&t.path(&format!(
+            "study/seed-{}/continued/{}/val_samples.parquet",
+            seed[i], crit[i]
+        )));
+        let steps = f64s(&vs, "step");
+        let last = steps.iter().cloned().fold(0.0, f64::max);
+        let (ls, tk) = (f64s(&vs, "loss_sum"), f64s(&vs, "tokens"));
+        let (mut l, mut n) = (0.0, 0.0);
+        for k in 0..vs.height() {
+            if steps[k] == last {
+                l += ls[k];
+                n += tk[k];
+            }
+        }
+        assert!(
+            (loss[i] - l / n).abs() < 1e-9,
+            "{}: {} vs {}",
+            crit[i],
+            loss[i],
+            l / n
+        );
+    }
+    assert!(t.path("study/seed-2/select/flag.parquet").exists());
+    assert!(t.path("study/figures/selection_study.png").exists());
+    let first = std::fs::read(t.path("study/results.parquet")).unwrap();
+    ok(&["study", &spec]);
+    assert_eq!(
+        std::fs::read(t.path("study/results.parquet")).unwrap(),
+        first
+    );
+    let one_seed = t.file(
+        "one.toml",
+        std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("seeds = [1, 2]", "seeds = [1]")
+            .as_bytes(),
+    );
+    bad(&["study", &one_seed], &["one.toml", "seeds"]);
+}

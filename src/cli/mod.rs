@@ -13,6 +13,7 @@ pub mod progress;
 mod report;
 mod run;
 mod select;
+mod study;
 mod train;
 
 use std::ffi::OsString;
@@ -116,6 +117,8 @@ pub enum Command {
     Select(select::SelectArgs),
     /// A self-contained HTML report and a Jupyter notebook from an analysis.
     Report(report::ReportArgs),
+    /// The counterfactual selection study: continue training on each criterion's selection.
+    Study(study::StudyArgs),
     /// Run a declarative pipeline spec (train, ntk, analyze, report).
     Run(run::RunArgs),
     /// Save a pretrained model (Hugging Face folder or GGUF file) as a tailscope checkpoint.
@@ -145,6 +148,7 @@ where
         Command::Analyze(args) => analyze::run(args, &cli.global)?,
         Command::Select(args) => select::run(args, &cli.global)?,
         Command::Report(args) => report::run(args, &cli.global)?,
+        Command::Study(args) => study::run(args, &cli.global)?,
         Command::Run(args) => run::run(args, &cli.global)?,
         Command::Import(args) => import::run(args, &cli.global)?,
     }

@@ -446,3 +446,97 @@ pub fn ntk_heatmaps(
         root.present().map_err(plot_err)?;
     })
 }
+
+/// A named series of (mean, low, high) per category, `None` where it has no value.
+pub type IntervalSeries = (String, Vec<Option<(f64, f64, f64)>>);
+
+/// Means with intervals per category (x) and series (dots side by side within a category, with
+/// error bars), and a dashed zero line: e.g. loss changes per selection criterion and group.
+/// `series[k].1[j]`: (mean, low, high) of series k in category j, or `None`.
+pub fn interval_dots(
+    categories: &[String],
+    series: &[IntervalSeries],
+    title: &str,
+    ydesc: &str,
+) -> Result<Rendered> {
+    let vals: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.1.iter().flatten())
+        .flat_map(|&(m, l, h)| [m, l, h])
+        .filter(|v| v.is_finite())
+        .chain([0.0])
+        .collect();
+    let (y0, y1) = vals
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+    let pad = ((y1 - y0) * 0.08).max(1e-6);
+    let k = series.len().max(1) as f64;
+    let labels: Vec<String> = categories.to_vec();
+    render!((820, 460), |root| {
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut c = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(50)
+            .y_label_area_size(70)
+            .build_cartesian_2d(
+                -0.5f64..(categories.len() as f64 - 0.5),
+                (y0 - pad)..(y1 + pad),
+            )
+            .map_err(plot_err)?;
+        c.configure_mesh()
+            .disable_x_mesh()
+            .x_labels(categories.len().max(1))
+            .x_label_formatter(&|x: &f64| {
+                let i = x.round();
+                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
+                    labels[i as usize].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .y_desc(ydesc)
+            .draw()
+            .map_err(plot_err)?;
+        c.draw_series(DashedLineSeries::new(
+            vec![(-0.5, 0.0), (categories.len() as f64 - 0.5, 0.0)],
+            6,
+            4,
+            BLACK.stroke_width(1),
+        ))
+        .map_err(plot_err)?;
+        for (s, (name, pts)) in series.iter().enumerate() {
+            let col = PALETTE[s % PALETTE.len()];
+            let off = (s as f64 - (k - 1.0) / 2.0) * 0.6 / k;
+            let present: Vec<(f64, (f64, f64, f64))> = pts
+                .iter()
+                .enumerate()
+                .filter_map(|(j, p)| p.filter(|q| q.0.is_finite()).map(|q| (j as f64 + off, q)))
+                .collect();
+            c.draw_series(
+                present
+                    .iter()
+                    .filter(|p| p.1 .1.is_finite())
+                    .map(|&(x, (m, l, h))| {
+                        ErrorBar::new_vertical(x, l, m, h, col.stroke_width(2), 8)
+                    }),
+            )
+            .map_err(plot_err)?;
+            c.draw_series(
+                present
+                    .iter()
+                    .map(|&(x, (m, _, _))| Circle::new((x, m), 5, col.filled())),
+            )
+            .map_err(plot_err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| Circle::new((x + 10, y), 5, col.filled()));
+        }
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    })
+}

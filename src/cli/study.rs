@@ -1,0 +1,75 @@
+//! `tailscope study`: the counterfactual selection study ([`crate::study`]).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::progress::Bars;
+use super::train::{ctrl_c_flag, RunBars};
+use super::Global;
+use crate::study::{self, StudySpec};
+
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "Example:\n  \
+    tailscope study analyses/selection-study.toml   (writes out/selection-study)")]
+pub struct StudyArgs {
+    /// The study spec (TOML).
+    #[arg(
+        value_name = "SPEC",
+        long_help = "The study spec: [data] (corpus, or [data.synth] to generate it), [model] and \
+            [train] (the base model), [select] (pool, top, criteria), [continue] (steps, lr, \
+            share: the expected share of selected samples per batch), seeds and out. See \
+            analyses/selection-study.toml and the README. Finished training runs are reused on a \
+            rerun."
+    )]
+    pub spec: PathBuf,
+}
+
+/// `tailscope study`.
+pub fn run(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
+    let spec = StudySpec::read(&a.spec)?;
+    let device = crate::device::resolve(g.device)?;
+    let stop = ctrl_c_flag();
+    let s = study::run(
+        &spec,
+        device,
+        &stop,
+        &Bars::default(),
+        &RunBars::default(),
+        |msg| tracing::info!("{msg}"),
+    )?;
+    println!(
+        "held-out mean token loss change against continuing without a selection ({} seeds; \
+         negative: the selection helped; 95% t intervals):",
+        spec.seeds.len()
+    );
+    print!("{}", s.markdown());
+    println!("NTK-based flag score against the other criteria (loss(flag) − loss(other)):");
+    for c in s
+        .comparisons
+        .iter()
+        .filter(|c| c.a == "flag" && c.b != "base" && c.b != study::CONTROL)
+    {
+        println!(
+            "  vs {:<12} {:<9} {:+.4} [{:+.4}, {:+.4}]{}",
+            c.b,
+            c.group,
+            c.diff.mean,
+            c.diff.low,
+            c.diff.high,
+            if c.diff.high < 0.0 {
+                "  flag better"
+            } else if c.diff.low > 0.0 {
+                "  flag worse"
+            } else {
+                ""
+            }
+        );
+    }
+    println!(
+        "wrote {}/results.parquet, summary.parquet, comparisons.parquet, study.md, \
+         figures/selection_study.{{svg,png}}",
+        spec.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,870 @@
+//! The counterfactual selection study (`tailscope study SPEC.toml`): does training on what a
+//! criterion selects help the model, and does NTK-based selection beat the others?
+//!
+//! For every seed: train a base model; compute the NTK of a pool of its *training* samples and
+//! analyse it; for every criterion select the same number of samples from the pool
+//! ([`crate::analysis::select`]); continue the base model for the same steps with that selection
+//! up-weighted so that it makes up `share` of each batch in expectation, plus a control run with
+//! no selection (`none`); then read every run's held-out (validation) token loss: overall, on
+//! long-tail and on common domains, and on the selected samples' domains (`targeted`: the mean of
+//! the per-domain losses weighted by the selection's domain mix). Across seeds: the mean
+//! difference against the control and against every other criterion, with a t interval
+//! (seeds − 1 degrees of freedom; 3 seeds give wide intervals, which the tables show as they are).
+//!
+//! Outputs under `out`: `seed-S/{base, ntk, analysis, select, continued}/` (every step's own
+//! outputs; finished training runs are reused on a rerun), `results.parquet` (seed, criterion,
+//! group, loss, ppl, delta), `summary.parquet` (criterion, group, mean delta and interval),
+//! `comparisons.parquet` (a, b, group, mean loss difference a − b and interval), `study.md`, and
+//! `figures/selection_study.{svg,png}`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use polars::prelude::{Column, DataFrame};
+use serde::Deserialize;
+use tch::Device;
+
+use crate::analysis::analyze::{self, AnalyzeSpec};
+use crate::analysis::flags::FlagOptions;
+use crate::analysis::select::{self, Amount, Criterion, Pool, Sources};
+use crate::capture::job::{Job, JobSpec};
+use crate::capture::{CaptureOptions, Selection as ParamSelection};
+use crate::corpus::SplitChoice;
+use crate::error::{Error, Result};
+use crate::freq::{domain_shares, ShareBy};
+use crate::model::ExpertConfig;
+use crate::ntk::pipeline::{self as ntk_pipeline, NtkOptions};
+use crate::progress::Progress;
+use crate::train::selection::SelectionSpec;
+use crate::train::spec::{DataSpec, ModelSpec};
+use crate::train::{self, BaseSpec, RunSpec, TrainData, TrainOptions, TrainScope, TrainSpec};
+
+/// A study spec (TOML; `analyses/selection-study.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudySpec {
+    /// `[data]`.
+    pub data: StudyData,
+    /// `[model]`: the base model's shape.
+    pub model: ModelSpec,
+    /// `[train]`: the base model's training.
+    pub train: TrainOptions,
+    /// `[select]`.
+    #[serde(default)]
+    pub select: StudySelect,
+    /// `[continue]`: the continued runs.
+    #[serde(rename = "continue", default)]
+    pub cont: StudyContinue,
+    /// Seeds (default 1, 2, 3): each trains its own base model and draws its own pool.
+    #[serde(default = "default_seeds")]
+    pub seeds: Vec<u64>,
+    /// Output folder.
+    pub out: PathBuf,
+}
+
+/// `[data]`: the corpus (made by `corpus synth` with `synth` when it does not exist).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudyData {
+    /// The corpus table (its tokenizer beside it).
+    pub corpus: PathBuf,
+    /// Generate the corpus when missing: `corpus synth` with these settings.
+    #[serde(default)]
+    pub synth: Option<StudySynth>,
+    /// Validation samples the runs are evaluated on (evenly spaced; default 2000).
+    #[serde(default = "default_eval")]
+    pub eval_samples: usize,
+}
+
+/// `[data.synth]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudySynth {
+    /// Sentences.
+    pub samples: usize,
+    /// Share of the rare domains.
+    pub rare_share: f64,
+    /// Tokenizer vocabulary.
+    pub vocab_size: usize,
+    /// Generator seed.
+    #[serde(default = "one")]
+    pub seed: u64,
+}
+
+/// `[select]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StudySelect {
+    /// Training samples in the analysed pool (drawn at random per seed).
+    pub pool: usize,
+    /// Samples each criterion selects.
+    pub top: usize,
+    /// The criteria compared.
+    pub criteria: Vec<Criterion>,
+}
+
+impl Default for StudySelect {
+    fn default() -> Self {
+        StudySelect {
+            pool: 512,
+            top: 64,
+            criteria: vec![
+                Criterion::Flag,
+                Criterion::Alignment,
+                Criterion::Gc,
+                Criterion::SelfKernel,
+                Criterion::Loss,
+                Criterion::Frequency,
+                Criterion::Uncertainty,
+                Criterion::Random,
+            ],
+        }
+    }
+}
+
+/// `[continue]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StudyContinue {
+    /// Steps of every continued run.
+    pub steps: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Expected share of selected samples in a batch (sets the sampling weight).
+    pub share: f64,
+    /// What is trained.
+    pub train: TrainScope,
+}
+
+impl Default for StudyContinue {
+    fn default() -> Self {
+        StudyContinue {
+            steps: 100,
+            lr: 1e-3,
+            share: 0.5,
+            train: TrainScope::All,
+        }
+    }
+}
+
+fn default_seeds() -> Vec<u64> {
+    vec![1, 2, 3]
+}
+fn default_eval() -> usize {
+    2000
+}
+fn one() -> u64 {
+    1
+}
+
+/// The name of the control run (no selection).
+pub const CONTROL: &str = "none";
+
+impl StudySpec {
+    /// Read and check a spec.
+    pub fn read(path: &Path) -> Result<StudySpec> {
+        let s: StudySpec = crate::io::read_toml(path)?;
+        s.check().map_err(|e| Error::in_file(path, e.to_string()))?;
+        Ok(s)
+    }
+
+    /// Check the settings.
+    pub fn check(&self) -> Result<()> {
+        if self.seeds.len() < 2 {
+            return Err(Error::invalid(
+                "seeds",
+                "give at least 2 seeds (intervals come from the spread across seeds)",
+            ));
+        }
+        if !(self.cont.share > 0.0 && self.cont.share < 1.0) {
+            return Err(Error::invalid("continue.share", "must be in (0, 1)"));
+        }
+        if self.select.top == 0 || self.select.top >= self.select.pool {
+            return Err(Error::invalid(
+                "select.top",
+                format!("must be in [1, select.pool = {})", self.select.pool),
+            ));
+        }
+        if self.select.criteria.is_empty() {
+            return Err(Error::invalid("select.criteria", "give at least one"));
+        }
+        self.base_spec().check()
+    }
+
+    fn data_spec(&self) -> DataSpec {
+        DataSpec {
+            corpus: self.data.corpus.clone(),
+            tokenizer: None,
+            eval_samples: self.data.eval_samples,
+        }
+    }
+
+    /// The base model's training spec (one dense run, `base`).
+    pub fn base_spec(&self) -> TrainSpec {
+        TrainSpec {
+            data: self.data_spec(),
+            model: Some(self.model.clone()),
+            base: None,
+            train: self.train.clone(),
+            selection: None,
+            runs: vec![RunSpec {
+                name: "base".into(),
+                experts: ExpertConfig::Dense,
+            }],
+        }
+    }
+
+    /// The spec of a continued run from `base` with `selection` up-weighted (none: the control).
+    pub fn continued_spec(
+        &self,
+        base: &Path,
+        name: &str,
+        selection: Option<SelectionSpec>,
+    ) -> TrainSpec {
+        let t = TrainOptions {
+            steps: self.cont.steps,
+            lr: self.cont.lr,
+            warmup_steps: 0,
+            checkpoint_every: self.cont.steps,
+            keep_last: 1,
+            keep_steps: Vec::new(),
+            dynamics_every: 0,
+            probe_samples: 64,
+            ..self.train.clone()
+        };
+        TrainSpec {
+            data: self.data_spec(),
+            model: None,
+            base: Some(BaseSpec {
+                model: base.to_path_buf(),
+                train: self.cont.train,
+                last_k: 1,
+                max_len: None,
+                upcycle: false,
+            }),
+            train: t,
+            selection,
+            runs: vec![RunSpec {
+                name: name.into(),
+                experts: ExpertConfig::Dense,
+            }],
+        }
+    }
+}
+
+/// One run's held-out loss on one group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultRow {
+    /// Seed.
+    pub seed: u64,
+    /// Criterion (or `none`, or `base` for the model before continuing).
+    pub criterion: String,
+    /// `all`, `long-tail`, `common` or `targeted`.
+    pub group: String,
+    /// Mean token loss (nats).
+    pub loss: f64,
+    /// The control's loss on the same group (for `targeted`: with this criterion's weights).
+    pub control: f64,
+}
+
+/// A mean over seeds with its t interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Interval {
+    /// Mean.
+    pub mean: f64,
+    /// Lower end.
+    pub low: f64,
+    /// Upper end.
+    pub high: f64,
+}
+
+/// The mean of `xs` with the two-sided 95% t interval (len − 1 degrees of freedom).
+pub fn t_interval(xs: &[f64]) -> Interval {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return Interval {
+            mean,
+            low: f64::NAN,
+            high: f64::NAN,
+        };
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    let half = crate::stats::t_quantile(0.975, n - 1.0) * (var / n).sqrt();
+    Interval {
+        mean,
+        low: mean - half,
+        high: mean + half,
+    }
+}
+
+/// One row of `summary.parquet`: a criterion's loss change against the control.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SummaryRow {
+    /// Criterion.
+    pub criterion: String,
+    /// Group.
+    pub group: String,
+    /// Mean over seeds of (loss − control loss); negative: the selection helped.
+    pub delta: Interval,
+}
+
+/// One row of `comparisons.parquet`: criterion a against b.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Comparison {
+    /// Criterion a.
+    pub a: String,
+    /// Criterion b.
+    pub b: String,
+    /// Group (`all`, `long-tail`, `common`).
+    pub group: String,
+    /// Mean over seeds of loss(a) − loss(b); negative: a is better.
+    pub diff: Interval,
+}
+
+/// A finished study.
+#[derive(Debug, Clone)]
+pub struct Study {
+    /// Per seed, run and group.
+    pub results: Vec<ResultRow>,
+    /// Per criterion and group.
+    pub summary: Vec<SummaryRow>,
+    /// Every criterion against every other, on the untargeted groups.
+    pub comparisons: Vec<Comparison>,
+}
+
+/// Make the corpus with `corpus synth`'s steps when the spec asks for it and it is missing.
+fn ensure_corpus(spec: &StudySpec, progress: &dyn Progress) -> Result<()> {
+    let d = &spec.data;
+    if d.corpus.exists() {
+        return Ok(());
+    }
+    let Some(s) = &d.synth else {
+        return Err(Error::in_file(
+            &d.corpus,
+            "corpus not found (give [data.synth] to generate one)",
+        ));
+    };
+    let records = crate::corpus::synth::generate(&crate::corpus::synth::SynthOptions {
+        samples: s.samples,
+        rare_share: s.rare_share,
+        seed: s.seed,
+        ..Default::default()
+    })?;
+    let build = crate::corpus::BuildOptions {
+        seed: s.seed,
+        ..Default::default()
+    };
+    let (mut corpus, _) = crate::corpus::build("corpus synth", records, &build)?;
+    if let Some(dir) = d.corpus.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let tok_out = crate::corpus::tokenizer::default_path(&d.corpus);
+    crate::corpus::tokenizer::finish_corpus(
+        &mut corpus,
+        &crate::corpus::tokenizer::TokenizerSource::Train {
+            vocab_size: s.vocab_size,
+            min_frequency: crate::corpus::tokenizer::DEFAULT_MIN_FREQUENCY,
+        },
+        &d.corpus,
+        &tok_out,
+        progress,
+    )?;
+    Ok(())
+}
+
+/// Per-sample validation losses of a finished run: (corpus index, domain, loss sum, tokens).
+type ValLosses = Vec<(u64, String, f64, i64)>;
+
+fn final_losses(r: &train::RunResult) -> ValLosses {
+    let last = r.state.step;
+    r.state
+        .val_samples
+        .iter()
+        .filter(|v| v.step == last)
+        .map(|v| (v.sample, v.domain.clone(), v.loss_sum, v.tokens))
+        .collect()
+}
+
+/// Mean token loss over the samples `keep` accepts.
+fn mean_loss(v: &ValLosses, keep: impl Fn(&str) -> bool) -> f64 {
+    let (l, t) = v
+        .iter()
+        .filter(|x| keep(&x.1))
+        .fold((0.0, 0i64), |(l, t), x| (l + x.2, t + x.3));
+    l / t.max(1) as f64
+}
+
+/// Σ_d w_d · (mean token loss of domain d), w the selection's domain mix (domains without
+/// held-out samples dropped, the weights renormalised).
+fn targeted_loss(v: &ValLosses, mix: &BTreeMap<String, f64>) -> f64 {
+    let mut acc = (0.0, 0.0);
+    for (d, w) in mix {
+        let l = mean_loss(v, |x| x == d);
+        if v.iter().any(|x| &x.1 == d) {
+            acc = (acc.0 + w * l, acc.1 + w);
+        }
+    }
+    acc.0 / acc.1.max(1e-300)
+}
+
+/// Run the study (resuming finished training runs) and write its tables and figure.
+pub fn run(
+    spec: &StudySpec,
+    device: Device,
+    stop: &AtomicBool,
+    progress: &dyn Progress,
+    train_progress: &dyn train::Progress,
+    mut say: impl FnMut(&str),
+) -> Result<Study> {
+    ensure_corpus(spec, progress)?;
+    let data = TrainData::load(&spec.data.corpus, None)?;
+    let (shares, _) = domain_shares(&data.corpus, ShareBy::Tokens);
+    let long_tail: HashSet<String> = shares
+        .iter()
+        .filter(|d| d.long_tail)
+        .map(|d| d.domain.clone())
+        .collect();
+    let m = spec.select.top;
+    let n = data.train.len();
+    // share = w m / (w m + n − m)  ⇔  w = share (n − m) / ((1 − share) m).
+    let weight = spec.cont.share * (n - m) as f64 / ((1.0 - spec.cont.share) * m as f64);
+    let mut results = Vec::new();
+    for &seed in &spec.seeds {
+        let sd = spec.out.join(format!("seed-{seed}"));
+        say(&format!("seed {seed}: base model"));
+        let base_spec = spec.base_spec();
+        let base = train::train_run(
+            &base_spec,
+            &base_spec.runs[0],
+            &data,
+            &sd,
+            device,
+            seed,
+            true,
+            stop,
+            train_progress,
+        )?;
+        if base.outcome != train::Outcome::Finished {
+            return Err(Error::invalid("study", "interrupted; rerun to resume"));
+        }
+        let base_final = sd.join("base").join("final");
+        say(&format!(
+            "seed {seed}: NTK of {} training samples",
+            spec.select.pool
+        ));
+        let job = Job::prepare(
+            &JobSpec {
+                model: base_final.clone(),
+                corpus: spec.data.corpus.clone(),
+                tokenizer: None,
+                split: SplitChoice::Train,
+                samples: spec.select.pool,
+                sample_seed: seed,
+                selection: ParamSelection::default().or_recommended(false),
+                options: CaptureOptions {
+                    seed,
+                    ..CaptureOptions::default()
+                },
+            },
+            device,
+        )?;
+        let ntk_dir = sd.join("ntk");
+        let opts = NtkOptions {
+            seed,
+            ..NtkOptions::default()
+        };
+        ntk_pipeline::compute_into(&job, &opts, device, &ntk_dir, progress)?;
+        let an_dir = sd.join("analysis");
+        let aspec = AnalyzeSpec {
+            ntk: ntk_dir.clone(),
+            model: base_final.clone(),
+            corpus: spec.data.corpus.clone(),
+            tokenizer: None,
+            resamples: analyze::DEFAULT_RESAMPLES,
+            alpha: analyze::DEFAULT_ALPHA,
+            flags: FlagOptions::default(),
+            baseline: None,
+            seed,
+        };
+        analyze::analyze(&aspec, device, progress)?.write(&an_dir)?;
+        let pool = Pool::read(&an_dir)?;
+        let control = {
+            let s = spec.continued_spec(&base_final, CONTROL, None);
+            final_losses(&train::train_run(
+                &s,
+                &s.runs[0],
+                &data,
+                &sd.join("continued"),
+                device,
+                seed,
+                true,
+                stop,
+                train_progress,
+            )?)
+        };
+        let base_losses = final_losses(&base);
+        for (name, v) in [("base", &base_losses), (CONTROL, &control)] {
+            for (group, loss, ctl) in [
+                ("all", mean_loss(v, |_| true), mean_loss(&control, |_| true)),
+                (
+                    "long-tail",
+                    mean_loss(v, |d| long_tail.contains(d)),
+                    mean_loss(&control, |d| long_tail.contains(d)),
+                ),
+                (
+                    "common",
+                    mean_loss(v, |d| !long_tail.contains(d)),
+                    mean_loss(&control, |d| !long_tail.contains(d)),
+                ),
+            ] {
+                results.push(ResultRow {
+                    seed,
+                    criterion: name.into(),
+                    group: group.into(),
+                    loss,
+                    control: ctl,
+                });
+            }
+        }
+        for &c in &spec.select.criteria {
+            say(&format!("seed {seed}: {} selection", c.name()));
+            let sel = select::select(&pool, c, Amount::Top(m), &Sources::default(), device, seed)?;
+            let file = sd.join("select").join(format!("{}.parquet", c.name()));
+            crate::io::write_parquet(&mut sel.frame(&pool)?, &file)?;
+            let mut mix: BTreeMap<String, f64> = BTreeMap::new();
+            for &i in &sel.order[..sel.selected] {
+                *mix.entry(pool.domains[i].clone()).or_default() += 1.0 / m as f64;
+            }
+            let s = spec.continued_spec(
+                &base_final,
+                c.name(),
+                Some(SelectionSpec {
+                    file,
+                    repeat: None,
+                    weight: Some(weight),
+                }),
+            );
+            let v = final_losses(&train::train_run(
+                &s,
+                &s.runs[0],
+                &data,
+                &sd.join("continued"),
+                device,
+                seed,
+                true,
+                stop,
+                train_progress,
+            )?);
+            for (group, loss, ctl) in [
+                (
+                    "all",
+                    mean_loss(&v, |_| true),
+                    mean_loss(&control, |_| true),
+                ),
+                (
+                    "long-tail",
+                    mean_loss(&v, |d| long_tail.contains(d)),
+                    mean_loss(&control, |d| long_tail.contains(d)),
+                ),
+                (
+                    "common",
+                    mean_loss(&v, |d| !long_tail.contains(d)),
+                    mean_loss(&control, |d| !long_tail.contains(d)),
+                ),
+                (
+                    "targeted",
+                    targeted_loss(&v, &mix),
+                    targeted_loss(&control, &mix),
+                ),
+            ] {
+                results.push(ResultRow {
+                    seed,
+                    criterion: c.name().into(),
+                    group: group.into(),
+                    loss,
+                    control: ctl,
+                });
+            }
+        }
+    }
+    let study = summarise(results);
+    write(&study, &spec.out)?;
+    Ok(study)
+}
+
+/// Means and intervals over seeds: each criterion against the control, and every pair of
+/// criteria on the groups they share (`targeted` differs per criterion, so it is not compared).
+pub fn summarise(results: Vec<ResultRow>) -> Study {
+    // (criterion, group) → [(seed, loss, control loss)].
+    type BySeed = BTreeMap<(String, String), Vec<(u64, f64, f64)>>;
+    let mut by: BySeed = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for r in &results {
+        if !order.contains(&r.criterion) {
+            order.push(r.criterion.clone());
+        }
+        by.entry((r.criterion.clone(), r.group.clone()))
+            .or_default()
+            .push((r.seed, r.loss, r.control));
+    }
+    let mut summary = Vec::new();
+    for c in &order {
+        for g in ["all", "long-tail", "common", "targeted"] {
+            if let Some(v) = by.get(&(c.clone(), g.to_string())) {
+                let d: Vec<f64> = v.iter().map(|x| x.1 - x.2).collect();
+                summary.push(SummaryRow {
+                    criterion: c.clone(),
+                    group: g.into(),
+                    delta: t_interval(&d),
+                });
+            }
+        }
+    }
+    let mut comparisons = Vec::new();
+    let crits: Vec<&String> = order.iter().filter(|c| *c != "base").collect();
+    for a in &crits {
+        for b in &crits {
+            if a == b {
+                continue;
+            }
+            for g in ["all", "long-tail", "common"] {
+                let (Some(va), Some(vb)) = (
+                    by.get(&((*a).clone(), g.to_string())),
+                    by.get(&((*b).clone(), g.to_string())),
+                ) else {
+                    continue;
+                };
+                let d: Vec<f64> = va
+                    .iter()
+                    .filter_map(|x| vb.iter().find(|y| y.0 == x.0).map(|y| x.1 - y.1))
+                    .collect();
+                if d.len() == va.len() {
+                    comparisons.push(Comparison {
+                        a: (*a).clone(),
+                        b: (*b).clone(),
+                        group: g.into(),
+                        diff: t_interval(&d),
+                    });
+                }
+            }
+        }
+    }
+    Study {
+        results,
+        summary,
+        comparisons,
+    }
+}
+
+impl Study {
+    /// The summary as a Markdown table (criterion × group: Δ loss against the control, 95%
+    /// interval).
+    pub fn markdown(&self) -> String {
+        let groups = ["all", "long-tail", "common", "targeted"];
+        let mut s = String::from(
+            "| criterion | Δ loss, all | Δ loss, long-tail | Δ loss, common | Δ loss, targeted domains |\n|---|---|---|---|---|\n",
+        );
+        let mut crits: Vec<&str> = Vec::new();
+        for r in &self.summary {
+            if !crits.contains(&r.criterion.as_str()) && r.criterion != CONTROL {
+                crits.push(&r.criterion);
+            }
+        }
+        for c in crits {
+            let cells: Vec<String> = groups
+                .iter()
+                .map(|g| {
+                    self.summary
+                        .iter()
+                        .find(|r| r.criterion == c && r.group == *g)
+                        .map_or("–".into(), |r| {
+                            format!(
+                                "{:+.4} [{:+.4}, {:+.4}]",
+                                r.delta.mean, r.delta.low, r.delta.high
+                            )
+                        })
+                })
+                .collect();
+            s.push_str(&format!("| {c} | {} |\n", cells.join(" | ")));
+        }
+        s
+    }
+}
+
+fn interval_columns(prefix: &str, xs: &[&Interval]) -> Vec<Column> {
+    vec![
+        Column::new(prefix.into(), xs.iter().map(|x| x.mean).collect::<Vec<_>>()),
+        Column::new(
+            format!("{prefix}_low").into(),
+            xs.iter().map(|x| x.low).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            format!("{prefix}_high").into(),
+            xs.iter().map(|x| x.high).collect::<Vec<_>>(),
+        ),
+    ]
+}
+
+/// Write the tables, `study.md` and the figure into `out`.
+pub fn write(s: &Study, out: &Path) -> Result<()> {
+    let r = &s.results;
+    let mut results = DataFrame::new(
+        r.len(),
+        vec![
+            Column::new("seed".into(), r.iter().map(|x| x.seed).collect::<Vec<_>>()),
+            Column::new(
+                "criterion".into(),
+                r.iter().map(|x| x.criterion.as_str()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "group".into(),
+                r.iter().map(|x| x.group.as_str()).collect::<Vec<_>>(),
+            ),
+            Column::new("loss".into(), r.iter().map(|x| x.loss).collect::<Vec<_>>()),
+            Column::new(
+                "ppl".into(),
+                r.iter().map(|x| x.loss.exp()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "delta".into(),
+                r.iter().map(|x| x.loss - x.control).collect::<Vec<_>>(),
+            ),
+        ],
+    )
+    .map_err(|e| Error::table("study results", e))?;
+    crate::io::write_parquet(&mut results, out.join("results.parquet"))?;
+    let mut cols = vec![
+        Column::new(
+            "criterion".into(),
+            s.summary
+                .iter()
+                .map(|x| x.criterion.as_str())
+                .collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "group".into(),
+            s.summary
+                .iter()
+                .map(|x| x.group.as_str())
+                .collect::<Vec<_>>(),
+        ),
+    ];
+    cols.extend(interval_columns(
+        "delta",
+        &s.summary.iter().map(|x| &x.delta).collect::<Vec<_>>(),
+    ));
+    let mut summary =
+        DataFrame::new(s.summary.len(), cols).map_err(|e| Error::table("study summary", e))?;
+    crate::io::write_parquet(&mut summary, out.join("summary.parquet"))?;
+    let c = &s.comparisons;
+    let mut cols = vec![
+        Column::new(
+            "a".into(),
+            c.iter().map(|x| x.a.as_str()).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "b".into(),
+            c.iter().map(|x| x.b.as_str()).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "group".into(),
+            c.iter().map(|x| x.group.as_str()).collect::<Vec<_>>(),
+        ),
+    ];
+    cols.extend(interval_columns(
+        "diff",
+        &c.iter().map(|x| &x.diff).collect::<Vec<_>>(),
+    ));
+    let mut comparisons =
+        DataFrame::new(c.len(), cols).map_err(|e| Error::table("study comparisons", e))?;
+    crate::io::write_parquet(&mut comparisons, out.join("comparisons.parquet"))?;
+    crate::io::write_atomic(out.join("study.md"), s.markdown().as_bytes())?;
+    let groups = ["all", "long-tail", "common", "targeted"];
+    let crits: Vec<String> = {
+        let mut v: Vec<String> = Vec::new();
+        for r in &s.summary {
+            if r.criterion != CONTROL && r.criterion != "base" && !v.contains(&r.criterion) {
+                v.push(r.criterion.clone());
+            }
+        }
+        v
+    };
+    let series: Vec<crate::report::plots::IntervalSeries> = groups
+        .iter()
+        .map(|g| {
+            (
+                g.to_string(),
+                crits
+                    .iter()
+                    .map(|c| {
+                        s.summary
+                            .iter()
+                            .find(|r| &r.criterion == c && r.group == *g)
+                            .map(|r| (r.delta.mean, r.delta.low, r.delta.high))
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    let fig = crate::report::plots::interval_dots(
+        &crits,
+        &series,
+        "Held-out loss change against no selection (mean over seeds, 95% t interval)",
+        "Δ mean token loss (nats)",
+    )?;
+    let fdir = out.join("figures");
+    std::fs::create_dir_all(&fdir).map_err(|e| Error::io(&fdir, e))?;
+    crate::io::write_atomic(fdir.join("selection_study.svg"), fig.svg.as_bytes())?;
+    crate::io::write_atomic(fdir.join("selection_study.png"), &fig.png)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn t_interval_matches_hand_computation() {
+        // Mean 2, sd 1, n 3: half-width t(0.975, 2) / √3 = 4.3027 / 1.7321 = 2.4841.
+        let i = t_interval(&[1.0, 2.0, 3.0]);
+        assert!((i.mean - 2.0).abs() < 1e-12);
+        assert!((i.high - 2.0 - 2.4841).abs() < 1e-3, "{i:?}");
+        assert!((i.low - 2.0 + 2.4841).abs() < 1e-3, "{i:?}");
+    }
+
+    #[test]
+    fn summary_pairs_seeds_and_skips_targeted_comparisons() {
+        let row = |seed, c: &str, g: &str, loss, control| ResultRow {
+            seed,
+            criterion: c.into(),
+            group: g.into(),
+            loss,
+            control,
+        };
+        let results = vec![
+            row(1, "flag", "all", 3.0, 3.5),
+            row(2, "flag", "all", 3.2, 3.6),
+            row(1, "flag", "targeted", 2.0, 2.5),
+            row(2, "flag", "targeted", 2.2, 2.6),
+            row(2, "loss", "all", 3.4, 3.6),
+            row(1, "loss", "all", 3.1, 3.5),
+        ];
+        let s = summarise(results);
+        let flag_all = s
+            .summary
+            .iter()
+            .find(|r| r.criterion == "flag" && r.group == "all")
+            .unwrap();
+        assert!((flag_all.delta.mean + 0.45).abs() < 1e-12);
+        // flag − loss, paired by seed: (3.0 − 3.1, 3.2 − 3.4) = (−0.1, −0.2).
+        let c = s
+            .comparisons
+            .iter()
+            .find(|c| c.a == "flag" && c.b == "loss" && c.group == "all")
+            .unwrap();
+        assert!((c.diff.mean + 0.15).abs() < 1e-12, "{c:?}");
+        assert!(!s.comparisons.iter().any(|c| c.group == "targeted"));
+        assert!(s.markdown().contains("| flag | -0.4500"));
+    }
+}
