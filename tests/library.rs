@@ -255,7 +255,7 @@ fn library_and_cli_agree() {
     assert_eq!(flags.height(), a.flagged.len());
 }
 
-/// Every bundled spec under analyses/ reads as a pipeline spec or a training spec (their enum
+/// Every bundled spec under analyses/ reads as a pipeline, training or study spec (their enum
 /// values are the library's own: `method = "batched"`, `split = "validation"`, ...).
 #[test]
 fn bundled_specs_parse() {
@@ -269,6 +269,9 @@ fn bundled_specs_parse() {
         let text = std::fs::read_to_string(&p).unwrap();
         if text.contains("[[run]]") {
             TrainSpec::read(&p).unwrap();
+        } else if text.contains("[continue]") {
+            let s = tailscope::study::StudySpec::read(&p).unwrap();
+            assert!(s.seeds.len() >= 3, "{p:?}");
         } else {
             let spec = tailscope::pipeline::Spec::read(&p).unwrap();
             assert!(spec.ntk.samples > 0, "{p:?}");
