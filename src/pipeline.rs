@@ -478,6 +478,7 @@ fn report_step(spec: &Spec, r: &ReportStep, rep: &mut Reporting) -> Result<()> {
         ntk: spec.ntk_dir(&an.model),
         baseline: an.baseline.as_deref().map(|b| spec.ntk_dir(b)),
         train_run: run_dir,
+        study: None,
         title: r.title.clone().unwrap_or_else(|| "tailscope report".into()),
         out: r.out.clone(),
         notebook: r.notebook.clone(),

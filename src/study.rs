@@ -693,6 +693,116 @@ impl Study {
     }
 }
 
+impl Study {
+    /// The summary and comparisons of a study written into `dir` (no per-seed results).
+    pub fn read(dir: &Path) -> Result<Study> {
+        use crate::io::{column_f64, column_str, read_parquet};
+        let interval = |df: &DataFrame, p: &Path, name: &str| -> Result<Vec<Interval>> {
+            let (m, l, h) = (
+                column_f64(df, name, p)?,
+                column_f64(df, &format!("{name}_low"), p)?,
+                column_f64(df, &format!("{name}_high"), p)?,
+            );
+            Ok((0..m.len())
+                .map(|i| Interval {
+                    mean: m[i],
+                    low: l[i],
+                    high: h[i],
+                })
+                .collect())
+        };
+        let p = dir.join("summary.parquet");
+        let df = read_parquet(&p)?;
+        let (c, g, d) = (
+            column_str(&df, "criterion", &p)?,
+            column_str(&df, "group", &p)?,
+            interval(&df, &p, "delta")?,
+        );
+        let summary = (0..c.len())
+            .map(|i| SummaryRow {
+                criterion: c[i].clone(),
+                group: g[i].clone(),
+                delta: d[i].clone(),
+            })
+            .collect();
+        let p = dir.join("comparisons.parquet");
+        let df = read_parquet(&p)?;
+        let (a, b, g, d) = (
+            column_str(&df, "a", &p)?,
+            column_str(&df, "b", &p)?,
+            column_str(&df, "group", &p)?,
+            interval(&df, &p, "diff")?,
+        );
+        let comparisons = (0..a.len())
+            .map(|i| Comparison {
+                a: a[i].clone(),
+                b: b[i].clone(),
+                group: g[i].clone(),
+                diff: d[i].clone(),
+            })
+            .collect();
+        Ok(Study {
+            results: Vec::new(),
+            summary,
+            comparisons,
+        })
+    }
+
+    /// The study in words: each criterion's long-tail change against the control, and the flag
+    /// score against each other criterion on the long tail; a direction is stated only when the
+    /// interval excludes 0.
+    pub fn findings(&self) -> Vec<String> {
+        let word = |i: &Interval, lower: &str, higher: &str| {
+            if i.high < 0.0 {
+                lower.to_string()
+            } else if i.low > 0.0 {
+                higher.to_string()
+            } else {
+                "no difference is detectable".to_string()
+            }
+        };
+        let mut out = Vec::new();
+        for r in self
+            .summary
+            .iter()
+            .filter(|r| r.group == "long-tail" && r.criterion != CONTROL && r.criterion != "base")
+        {
+            let all = self
+                .summary
+                .iter()
+                .find(|x| x.criterion == r.criterion && x.group == "all");
+            out.push(format!(
+                "Selection study: continuing on the {} selection changed long-tail held-out loss by \
+                 {:+.3} [{:+.3}, {:+.3}] nats against no selection ({}){}.",
+                r.criterion,
+                r.delta.mean,
+                r.delta.low,
+                r.delta.high,
+                word(&r.delta, "lower", "higher"),
+                all.map_or(String::new(), |a| format!(
+                    ", and overall loss by {:+.3} [{:+.3}, {:+.3}]",
+                    a.delta.mean, a.delta.low, a.delta.high
+                ))
+            ));
+        }
+        for c in self
+            .comparisons
+            .iter()
+            .filter(|c| c.a == "flag" && c.group == "long-tail" && c.b != CONTROL && c.b != "base")
+        {
+            out.push(format!(
+                "Selection study, long tail: flag against {}: {:+.3} [{:+.3}, {:+.3}] nats ({}).",
+                c.b,
+                c.diff.mean,
+                c.diff.low,
+                c.diff.high,
+                word(&c.diff, "flag better", "flag worse")
+            ));
+        }
+        out
+    }
+}
+
 fn interval_columns(prefix: &str, xs: &[&Interval]) -> Vec<Column> {
     vec![
         Column::new(prefix.into(), xs.iter().map(|x| x.mean).collect::<Vec<_>>()),
@@ -849,6 +959,10 @@ mod tests {
             row(2, "flag", "targeted", 2.2, 2.6),
             row(2, "loss", "all", 3.4, 3.6),
             row(1, "loss", "all", 3.1, 3.5),
+            row(1, "flag", "long-tail", 2.0, 2.4),
+            row(2, "flag", "long-tail", 2.1, 2.6),
+            row(1, "loss", "long-tail", 2.3, 2.4),
+            row(2, "loss", "long-tail", 2.41, 2.6),
         ];
         let s = summarise(results);
         let flag_all = s
@@ -866,5 +980,15 @@ mod tests {
         assert!((c.diff.mean + 0.15).abs() < 1e-12, "{c:?}");
         assert!(!s.comparisons.iter().any(|c| c.group == "targeted"));
         assert!(s.markdown().contains("| flag | -0.4500"));
+        let dir = tempfile::tempdir().unwrap();
+        write(&s, dir.path()).unwrap();
+        let back = Study::read(dir.path()).unwrap();
+        assert_eq!(back.summary, s.summary);
+        assert_eq!(back.comparisons, s.comparisons);
+        let words = back.findings().join("\n");
+        assert!(
+            words.contains("flag against loss: -0.305 [-0.369, -0.241] nats (flag better)"),
+            "{words}"
+        );
     }
 }

@@ -1584,6 +1584,25 @@ steps = 4
     }
     assert!(t.path("study/seed-2/select/flag.parquet").exists());
     assert!(t.path("study/figures/selection_study.png").exists());
+    // The report of seed 1's analysis with the study beside it.
+    let printed = ok(&[
+        "report",
+        "--analysis",
+        &t.s("study/seed-1/analysis"),
+        "--ntk",
+        &t.s("study/seed-1/ntk"),
+        "--study",
+        &t.s("study"),
+        "-o",
+        &t.s("rep"),
+    ]);
+    assert!(
+        printed.contains("Selection study, long tail: flag against loss"),
+        "{printed}"
+    );
+    let html = std::fs::read_to_string(t.path("rep/report.html")).unwrap();
+    assert!(html.contains("Selection study: continuing on the random selection"));
+    assert!(html.contains("selection_study") && t.path("rep/figures/selection_study.png").exists());
     let first = std::fs::read(t.path("study/results.parquet")).unwrap();
     ok(&["study", &spec]);
     assert_eq!(

@@ -24,6 +24,9 @@ pub struct ReportArgs {
     /// A training run folder (log.parquet, clusters.parquet): adds training curves and cluster dynamics.
     #[arg(long, value_name = "DIR")]
     pub train_run: Option<PathBuf>,
+    /// A `tailscope study` output folder: adds the selection study's findings and figure.
+    #[arg(long, value_name = "DIR")]
+    pub study: Option<PathBuf>,
     /// Report title.
     #[arg(long, default_value = "tailscope report", value_name = "TEXT")]
     pub title: String,
@@ -42,6 +45,7 @@ pub fn run(a: &ReportArgs, _g: &Global) -> anyhow::Result<()> {
         ntk: a.ntk.clone(),
         baseline: a.baseline.clone(),
         train_run: a.train_run.clone(),
+        study: a.study.clone(),
         title: a.title.clone(),
         out: a.out.clone(),
         notebook: a.notebook.clone(),

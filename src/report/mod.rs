@@ -173,6 +173,8 @@ pub struct ReportSpec {
     pub baseline: Option<PathBuf>,
     /// A training run folder: adds training curves and cluster dynamics.
     pub train_run: Option<PathBuf>,
+    /// A `tailscope study` output folder: adds its findings and figure.
+    pub study: Option<PathBuf>,
     /// The page's title.
     pub title: String,
     /// Output folder (report.html, figures/).
@@ -199,6 +201,10 @@ pub fn render(spec: &ReportSpec) -> Result<Report> {
         spec.train_run.as_deref(),
         &spec.title,
     )?;
+    let r = match &spec.study {
+        Some(dir) => with_study(r, dir)?,
+        None => r,
+    };
     write(&r, &spec.out, &spec.notebook_path())?;
     Ok(r)
 }
@@ -274,6 +280,30 @@ pub fn build(
         figures,
         tables,
     })
+}
+
+/// `r` with a selection study's findings and figure (`tailscope study`'s output folder).
+pub fn with_study(mut r: Report, dir: &Path) -> Result<Report> {
+    let s = crate::study::Study::read(dir)?;
+    r.summary.extend(s.findings());
+    let fig = dir.join("figures").join("selection_study");
+    let svg_path = fig.with_extension("svg");
+    let png_path = fig.with_extension("png");
+    let svg = std::fs::read_to_string(&svg_path).map_err(|e| Error::io(&svg_path, e))?;
+    let png = std::fs::read(&png_path).map_err(|e| Error::io(&png_path, e))?;
+    r.figures.push(Figure {
+        name: "selection_study".into(),
+        caption: "Selection study: held-out loss change of each criterion's continued run against \
+                  continuing without a selection (mean over seeds, 95% t interval)."
+            .into(),
+        plot: plots::Rendered { svg, png },
+    });
+    r.tables.extend(
+        ["summary.parquet", "comparisons.parquet", "results.parquet"]
+            .iter()
+            .map(|t| dir.join(t)),
+    );
+    Ok(r)
 }
 
 /// The `total` kernel of an NTK folder, float64.
