@@ -245,9 +245,52 @@ pub fn t_quantile(p: f64, df: f64) -> f64 {
     z + g1 / v + g2 / (v * v) + g3 / v.powi(3) + g4 / v.powi(4)
 }
 
+/// Average precision of a ranking: `truth` holds the labels in rank order (best first);
+/// AP = mean over the positives of the precision at their rank. `None` without positives.
+pub fn average_precision(truth: &[bool]) -> Option<f64> {
+    let mut hits = 0usize;
+    let mut sum = 0.0;
+    for (k, &t) in truth.iter().enumerate() {
+        if t {
+            hits += 1;
+            sum += hits as f64 / (k + 1) as f64;
+        }
+    }
+    (hits > 0).then(|| sum / hits as f64)
+}
+
+/// Area under the ROC curve of a ranking (`truth` in rank order, best first): the share of
+/// (positive, negative) pairs the ranking orders correctly. `None` without both classes.
+pub fn auroc(truth: &[bool]) -> Option<f64> {
+    let (mut negatives_below, mut correct) = (0usize, 0usize);
+    let negatives = truth.iter().filter(|&&t| !t).count();
+    let positives = truth.len() - negatives;
+    for &t in truth {
+        if t {
+            correct += negatives - negatives_below;
+        } else {
+            negatives_below += 1;
+        }
+    }
+    (positives > 0 && negatives > 0).then(|| correct as f64 / (positives * negatives) as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranking_quality_by_hand() {
+        // Positives at ranks 1 and 3 of 4: AP = (1/1 + 2/3) / 2; AUROC: the first positive beats
+        // both negatives, the second one of them: 3/4.
+        let t = [true, false, true, false];
+        assert!((average_precision(&t).unwrap() - (1.0 + 2.0 / 3.0) / 2.0).abs() < 1e-12);
+        assert!((auroc(&t).unwrap() - 0.75).abs() < 1e-12);
+        assert_eq!(auroc(&[true, true, false]), Some(1.0));
+        assert_eq!(auroc(&[false, true]), Some(0.0));
+        assert_eq!(average_precision(&[false, false]), None);
+        assert_eq!(auroc(&[true]), None);
+    }
 
     const X: [f64; 10] = [1.0, 2.5, 2.5, 4.0, 7.0, 3.0, 9.5, 6.0, 6.0, 0.5];
     const Y: [f64; 10] = [2.0, 1.0, 3.5, 3.5, 8.0, 2.0, 7.0, 9.0, 5.0, 1.5];

@@ -17,6 +17,8 @@
 //! `comparisons.parquet` (a, b, group, mean loss difference a − b and interval), `study.md`, and
 //! `figures/selection_study.{svg,png}`.
 
+pub mod ranking;
+
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -346,28 +348,44 @@ fn ensure_corpus(spec: &StudySpec, progress: &dyn Progress) -> Result<()> {
             "corpus not found (give [data.synth] to generate one)",
         ));
     };
-    let records = crate::corpus::synth::generate(&crate::corpus::synth::SynthOptions {
-        samples: s.samples,
-        rare_share: s.rare_share,
-        seed: s.seed,
-        ..Default::default()
-    })?;
+    synth_corpus(
+        &crate::corpus::synth::SynthOptions {
+            samples: s.samples,
+            rare_share: s.rare_share,
+            seed: s.seed,
+            ..Default::default()
+        },
+        s.vocab_size,
+        &d.corpus,
+        progress,
+    )
+}
+
+/// `corpus synth` as a library call: the corpus of `opts` with a BPE tokenizer of `vocab_size`
+/// trained on it, written to `corpus` and `tokenizer.json` beside it.
+pub fn synth_corpus(
+    opts: &crate::corpus::synth::SynthOptions,
+    vocab_size: usize,
+    corpus: &Path,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let records = crate::corpus::synth::generate(opts)?;
     let build = crate::corpus::BuildOptions {
-        seed: s.seed,
+        seed: opts.seed,
         ..Default::default()
     };
-    let (mut corpus, _) = crate::corpus::build("corpus synth", records, &build)?;
-    if let Some(dir) = d.corpus.parent().filter(|p| !p.as_os_str().is_empty()) {
+    let (mut c, _) = crate::corpus::build("corpus synth", records, &build)?;
+    if let Some(dir) = corpus.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let tok_out = crate::corpus::tokenizer::default_path(&d.corpus);
+    let tok_out = crate::corpus::tokenizer::default_path(corpus);
     crate::corpus::tokenizer::finish_corpus(
-        &mut corpus,
+        &mut c,
         &crate::corpus::tokenizer::TokenizerSource::Train {
-            vocab_size: s.vocab_size,
+            vocab_size,
             min_frequency: crate::corpus::tokenizer::DEFAULT_MIN_FREQUENCY,
         },
-        &d.corpus,
+        corpus,
         &tok_out,
         progress,
     )?;

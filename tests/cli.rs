@@ -1618,3 +1618,105 @@ steps = 4
     );
     bad(&["study", &one_seed], &["one.toml", "seeds"]);
 }
+
+/// The flag ranking study on corpora with contrasts: the loss criterion's AP equals the one
+/// recomputed here from the analysis's losses and the corpus's `neglected` truth, and the summary
+/// leaves the development seed out.
+#[test]
+fn ranking_study_scores_rankings_against_neglect() {
+    let t = Tmp::new();
+    let spec = t.file(
+        "ranking.toml",
+        format!(
+            r#"[ranking]
+seeds = [1, 2, 3]
+fit_seeds = [1]
+rare_shares = [0.1]
+samples = 1500
+vocab_size = 320
+pool = 60
+eval_samples = 50
+criteria = ["flag", "loss", "random"]
+out = "{out}"
+[model]
+arch = "gpt"
+n_layer = 2
+d_model = 16
+n_head = 2
+d_ffn = 32
+max_len = 16
+[train]
+steps = 10
+batch_size = 8
+checkpoint_every = 10
+dynamics_every = 0
+probe_samples = 16
+"#,
+            out = t.s("rk")
+        )
+        .as_bytes(),
+    );
+    let printed = ok(&["study", &spec]);
+    assert!(
+        printed.contains("held-out seeds 2, 3") && printed.contains("| loss |"),
+        "{printed}"
+    );
+    let f64s = |df: &polars::prelude::DataFrame, c: &str| -> Vec<f64> {
+        df.column(c)
+            .unwrap()
+            .cast(&polars::prelude::DataType::Float64)
+            .unwrap()
+            .f64()
+            .unwrap()
+            .into_no_null_iter()
+            .collect()
+    };
+    let rows = read_table(&t.path("rk/ranking.parquet"));
+    assert_eq!(rows.height(), 9);
+    let (crit, seed, ap) = (
+        strs(&rows, "criterion"),
+        f64s(&rows, "seed"),
+        f64s(&rows, "ap"),
+    );
+    let i = (0..9)
+        .find(|&i| crit[i] == "loss" && seed[i] == 2.0)
+        .unwrap();
+    // Recompute: the pool ranked by loss, labels from the corpus.
+    let an = read_table(&t.path("rk/share-0.1/seed-2/analysis/analysis.parquet"));
+    let (ids, loss) = (strs(&an, "id"), f64s(&an, "loss"));
+    let corpus = read_table(&t.path("rk/share-0.1/seed-2/corpus.parquet"));
+    let truth: std::collections::HashMap<String, bool> = strs(&corpus, "id")
+        .into_iter()
+        .zip(f64s(&corpus, "neglected").into_iter().map(|x| x > 0.5))
+        .collect();
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by(|&a, &b| loss[b].total_cmp(&loss[a]));
+    let (mut hits, mut sum) = (0.0, 0.0);
+    for (k, &j) in order.iter().enumerate() {
+        if truth[&ids[j]] {
+            hits += 1.0;
+            sum += hits / (k + 1) as f64;
+        }
+    }
+    assert!(
+        (ap[i] - sum / hits).abs() < 1e-12,
+        "{} vs {}",
+        ap[i],
+        sum / hits
+    );
+    // The summary (held-out seeds 2 and 3) is their mean.
+    let summary = read_table(&t.path("rk/summary.parquet"));
+    let (sc, ss, sap) = (
+        strs(&summary, "criterion"),
+        strs(&summary, "share"),
+        f64s(&summary, "ap"),
+    );
+    let k = (0..sc.len())
+        .find(|&k| sc[k] == "loss" && ss[k] == "all")
+        .unwrap();
+    let held: Vec<f64> = (0..9)
+        .filter(|&i| crit[i] == "loss" && seed[i] > 1.0)
+        .map(|i| ap[i])
+        .collect();
+    assert!((sap[k] - (held[0] + held[1]) / 2.0).abs() < 1e-12);
+}

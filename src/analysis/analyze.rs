@@ -164,8 +164,15 @@ pub fn analyze(spec: &AnalyzeSpec, device: Device, progress: &dyn Progress) -> R
     let flagged = flags::flag(&metrics, &spec.flags);
     let joined = joined_table(&s, &losses, &metrics, &flagged, &texts)?;
     let flags_table = flags_frame(&s, &flagged, &losses, &texts)?;
-    // Ground truth, when the corpus carries it (synthetic corpora).
-    let truth: Option<Vec<bool>> = rows.iter().map(|&i| corpus.samples[i].long_tail).collect();
+    // Ground truth, when the corpus carries it (synthetic corpora): `neglected` where the corpus
+    // separates rarity from neglect (`corpus synth --contrasts`), else `long_tail`.
+    let truth: Option<Vec<bool>> = rows
+        .iter()
+        .map(|&i| {
+            let s = &corpus.samples[i];
+            s.neglected.or(s.long_tail)
+        })
+        .collect();
     let precision_recall = truth.as_ref().map(|t| flags::precision_recall(&flagged, t));
     let gc_by_bin = gc_by_bin(&spec.ntk)?;
     let isolation = match &spec.baseline {

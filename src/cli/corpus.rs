@@ -206,6 +206,17 @@ pub struct SynthArgs {
             rare domain. Example: --rare-domains 3 --shares 0.03,0.02,0.01"
     )]
     pub shares: Option<Vec<f64>>,
+    /// Add domains that separate rarity from neglect (and a `neglected` ground truth).
+    #[arg(
+        long,
+        help_heading = "Synthesis",
+        long_help = "Add two contrast domains: `glossary`, rare (a quarter of the rare share) but \
+            only 4 distinct sentences repeated, which a model learns; and `chatter`, 8% of the \
+            corpus, common words in random order, frequent but unpredictable. The table gains a \
+            `neglected` column (rare domains and chatter) beside `long_tail` (rare domains and \
+            glossary), so flag rankings can be scored where rarity and neglect differ."
+    )]
+    pub contrasts: bool,
     #[command(flatten)]
     pub build: BuildArgs,
 }
@@ -247,6 +258,7 @@ fn synth_cmd(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
         rare_share: a.rare_share,
         shares: a.shares.clone(),
         seed: g.seed,
+        contrasts: a.contrasts,
     };
     let records = synth::generate(&opts)?;
     let build = BuildOptions {

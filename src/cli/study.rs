@@ -11,22 +11,30 @@ use crate::study::{self, StudySpec};
 
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "Example:\n  \
-    tailscope study analyses/selection-study.toml   (writes out/selection-study)")]
+    tailscope study analyses/selection-study.toml   (writes out/selection-study)\n  \
+    tailscope study analyses/ranking-study.toml     (flag ranking quality; out/ranking-study)")]
 pub struct StudyArgs {
     /// The study spec (TOML).
     #[arg(
         value_name = "SPEC",
         long_help = "The study spec: [data] (corpus, or [data.synth] to generate it), [model] and \
             [train] (the base model), [select] (pool, top, criteria), [continue] (steps, lr, \
-            share: the expected share of selected samples per batch), seeds and out. See \
-            analyses/selection-study.toml and the README. Finished training runs are reused on a \
-            rerun."
+            share: the expected share of selected samples per batch), seeds and out (the selection \
+            study); or [ranking] (seeds, fit_seeds, rare_shares, pool, criteria, out), [model] and \
+            [train] (the flag ranking study on corpora with contrasts). See \
+            analyses/selection-study.toml, analyses/ranking-study.toml and the README. Finished \
+            training runs are reused on a rerun."
     )]
     pub spec: PathBuf,
 }
 
-/// `tailscope study`.
+/// `tailscope study`: a `[ranking]` spec runs the flag ranking study, any other the selection
+/// study.
 pub fn run(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&a.spec).map_err(|e| crate::error::Error::io(&a.spec, e))?;
+    if text.lines().any(|l| l.trim() == "[ranking]") {
+        return run_ranking(a, g);
+    }
     let spec = StudySpec::read(&a.spec)?;
     let device = crate::device::resolve(g.device)?;
     let stop = ctrl_c_flag();
@@ -70,6 +78,41 @@ pub fn run(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
         "wrote {}/results.parquet, summary.parquet, comparisons.parquet, study.md, \
          figures/selection_study.{{svg,png}}",
         spec.out.display()
+    );
+    Ok(())
+}
+
+/// `tailscope study` of a `[ranking]` spec.
+fn run_ranking(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
+    use crate::study::ranking::{self, RankingSpec};
+    let spec = RankingSpec::read(&a.spec)?;
+    let device = crate::device::resolve(g.device)?;
+    let stop = ctrl_c_flag();
+    let s = ranking::run(
+        &spec,
+        device,
+        &stop,
+        &Bars::default(),
+        &RunBars::default(),
+        |msg| tracing::info!("{msg}"),
+    )?;
+    let r = &spec.ranking;
+    let held: Vec<String> = r
+        .seeds
+        .iter()
+        .filter(|x| !r.fit_seeds.contains(x))
+        .map(|x| x.to_string())
+        .collect();
+    println!(
+        "ranking quality against `neglected` (held-out seeds {}, rare shares {:?} pooled; 95% t \
+         intervals):",
+        held.join(", "),
+        r.rare_shares
+    );
+    print!("{}", s.markdown());
+    println!(
+        "wrote {}/ranking.parquet, summary.parquet, comparisons.parquet, ranking.md",
+        r.out.display()
     );
     Ok(())
 }

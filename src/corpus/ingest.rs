@@ -151,6 +151,7 @@ fn read_text(path: &Path, label: &str, domain: &str, unit: Unit) -> Result<Vec<R
                 text: text.to_owned(),
                 domain: domain.to_owned(),
                 long_tail: None,
+                neglected: None,
             });
         }
     };
@@ -239,6 +240,7 @@ fn read_jsonl(path: &Path, label: &str, opts: &IngestOptions) -> Result<Vec<RawR
             text,
             domain,
             long_tail: None,
+            neglected: None,
         });
     }
     Ok(out)
@@ -333,6 +335,7 @@ fn read_delimited(
             text: text.to_owned(),
             domain,
             long_tail: None,
+            neglected: None,
         });
     }
     Ok(out)
@@ -392,6 +395,7 @@ fn read_parquet_records(path: &Path, label: &str, opts: &IngestOptions) -> Resul
             text,
             domain,
             long_tail: None,
+            neglected: None,
         });
     }
     Ok(out)

@@ -63,6 +63,10 @@ pub struct Sample {
     pub n_tokens: u32,
     /// Ground truth from `corpus synth`: whether the sample belongs to a rare domain.
     pub long_tail: Option<bool>,
+    /// Ground truth from `corpus synth --contrasts`: whether the sample's domain is one a model
+    /// fails to learn (rare and varied, or frequent words in inconsistent order), as opposed to
+    /// common text or a rare domain repeated enough to be learned.
+    pub neglected: Option<bool>,
 }
 
 /// A raw record before [`build`]: where it came from (for error messages), an id if the input
@@ -79,6 +83,9 @@ pub struct RawRecord {
     pub domain: String,
     /// Ground truth of synthetic corpora: whether the record is from a rare domain.
     pub long_tail: Option<bool>,
+    /// Ground truth of synthetic corpora: whether the record's domain is neglected
+    /// ([`Sample::neglected`]).
+    pub neglected: Option<bool>,
 }
 
 /// How raw records become samples.
@@ -239,6 +246,7 @@ pub fn build(
                 domain: rec.domain.clone(),
                 n_tokens: 0,
                 long_tail: rec.long_tail,
+                neglected: rec.neglected,
             });
         }
     }
@@ -369,6 +377,12 @@ impl Corpus {
                 s.iter().map(|x| x.long_tail).collect::<Vec<_>>(),
             ));
         }
+        if s.iter().any(|x| x.neglected.is_some()) {
+            cols.push(Column::new(
+                "neglected".into(),
+                s.iter().map(|x| x.neglected).collect::<Vec<_>>(),
+            ));
+        }
         DataFrame::new(s.len(), cols).map_err(|e| Error::table("building the corpus table", e))
     }
 
@@ -420,15 +434,21 @@ impl Corpus {
             .iter()
             .map(|v| v.unwrap_or(0))
             .collect();
-        let long_tail: Option<Vec<Option<bool>>> = match df.column("long_tail") {
-            Ok(c) => Some(
-                c.bool()
-                    .map_err(|_| Error::in_file(path, "column `long_tail` is not boolean"))?
-                    .iter()
-                    .collect(),
-            ),
-            Err(_) => None,
+        let flag = |name: &str| -> Result<Option<Vec<Option<bool>>>> {
+            match df.column(name) {
+                Ok(c) => Ok(Some(
+                    c.bool()
+                        .map_err(|_| {
+                            Error::in_file(path, format!("column `{name}` is not boolean"))
+                        })?
+                        .iter()
+                        .collect(),
+                )),
+                Err(_) => Ok(None),
+            }
         };
+        let long_tail = flag("long_tail")?;
+        let neglected = flag("neglected")?;
         let mut samples = Vec::with_capacity(ids.len());
         for (i, (((id, text), domain), split)) in ids
             .into_iter()
@@ -453,6 +473,7 @@ impl Corpus {
                 split,
                 n_tokens: n_tokens[i],
                 long_tail: long_tail.as_ref().and_then(|v| v[i]),
+                neglected: neglected.as_ref().and_then(|v| v[i]),
             });
         }
         if samples.is_empty() {
@@ -473,6 +494,7 @@ mod tests {
             text: text.into(),
             domain: "d".into(),
             long_tail: None,
+            neglected: None,
         }
     }
 

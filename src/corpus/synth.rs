@@ -6,6 +6,13 @@
 //! Rare-domain sentences mix their own content words with the common function words, as real
 //! domain text does; words within each list are drawn with Zipf weights 1/(rank+1), so every
 //! domain has its own frequent and rare words.
+//!
+//! With `contrasts`, rarity and neglect differ: two more domains are added, `glossary` (rare:
+//! a quarter of `rare_share`, but only [`GLOSSARY_SENTENCES`] distinct sentences of its own
+//! pseudo-words, repeated, so a model learns it) and `chatter` ([`CHATTER_SHARE`] of the corpus:
+//! 8–12 common words drawn uniformly in random order, frequent vocabulary that no model can
+//! predict), and every sample carries `neglected` = rare domain or chatter (not common, not
+//! glossary) beside `long_tail` = rare domain or glossary.
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -30,6 +37,9 @@ pub struct SynthOptions {
     pub shares: Option<Vec<f64>>,
     /// Seed of the generator.
     pub seed: u64,
+    /// Add the two contrast domains that separate rarity from neglect, and the `neglected`
+    /// ground truth (module docs).
+    pub contrasts: bool,
 }
 
 impl Default for SynthOptions {
@@ -40,9 +50,20 @@ impl Default for SynthOptions {
             rare_share: 0.06,
             shares: None,
             seed: 0,
+            contrasts: false,
         }
     }
 }
+
+/// The rare domain a model learns (`--contrasts`): a few sentences repeated.
+pub const GLOSSARY_DOMAIN: &str = "glossary";
+/// The frequent-vocabulary domain a model cannot learn (`--contrasts`): common words in random
+/// order.
+pub const CHATTER_DOMAIN: &str = "chatter";
+/// Share of the chatter domain.
+pub const CHATTER_SHARE: f64 = 0.08;
+/// Distinct sentences of the glossary domain.
+pub const GLOSSARY_SENTENCES: usize = 4;
 
 struct Lexicon {
     name: String,
@@ -422,6 +443,11 @@ pub fn generate(opts: &SynthOptions) -> Result<Vec<RawRecord>> {
         .iter()
         .map(|s| ((s * opts.samples as f64).round() as usize).max(1))
         .collect();
+    if opts.contrasts {
+        let rare_total: f64 = shares[1..].iter().sum();
+        counts.push(((rare_total / 4.0 * opts.samples as f64).round() as usize).max(1));
+        counts.push(((CHATTER_SHARE * opts.samples as f64).round() as usize).max(1));
+    }
     let rare_sum: usize = counts.iter().sum();
     if rare_sum >= opts.samples {
         return Err(Error::invalid(
@@ -433,6 +459,30 @@ pub fn generate(opts: &SynthOptions) -> Result<Vec<RawRecord>> {
         ));
     }
     counts.insert(0, opts.samples - rare_sum);
+    // Drawn only with contrasts, so corpora without them stay as they were for a seed.
+    let glossary: Vec<String> = if opts.contrasts {
+        let lex = pseudo_lexicon(opts.rare_domains + 7, &mut rng);
+        (0..GLOSSARY_SENTENCES)
+            .map(|i| {
+                sentence(
+                    RARE_TEMPLATES[i % RARE_TEMPLATES.len()],
+                    &common,
+                    Some(&lex),
+                    &mut rng,
+                )
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let chatter_words: Vec<&str> = COMMON_NOUNS
+        .iter()
+        .chain(&COMMON_VERBS)
+        .chain(&COMMON_ADJS)
+        .chain(&DETS)
+        .chain(&PREPS)
+        .copied()
+        .collect();
     let mut plan: Vec<usize> = counts
         .iter()
         .enumerate()
@@ -443,20 +493,43 @@ pub fn generate(opts: &SynthOptions) -> Result<Vec<RawRecord>> {
         .into_iter()
         .enumerate()
         .map(|(i, d)| {
-            let (text, domain) = if d == 0 {
+            let k = opts.rare_domains;
+            // (text, domain, long_tail, neglected)
+            let (text, domain, long_tail, neglected) = if d == 0 {
                 let t = COMMON_TEMPLATES[rng.random_range(0..COMMON_TEMPLATES.len())];
-                (sentence(t, &common, None, &mut rng), common.name.clone())
-            } else {
+                (
+                    sentence(t, &common, None, &mut rng),
+                    common.name.clone(),
+                    false,
+                    false,
+                )
+            } else if d <= k {
                 let lex = &rare[d - 1];
                 let t = RARE_TEMPLATES[rng.random_range(0..RARE_TEMPLATES.len())];
-                (sentence(t, &common, Some(lex), &mut rng), lex.name.clone())
+                let text = sentence(t, &common, Some(lex), &mut rng);
+                (text, lex.name.clone(), true, true)
+            } else if d == k + 1 {
+                let text = glossary[rng.random_range(0..glossary.len())].clone();
+                (text, GLOSSARY_DOMAIN.to_string(), true, false)
+            } else {
+                let n = rng.random_range(8..=12);
+                let words: Vec<&str> = (0..n)
+                    .map(|_| chatter_words[rng.random_range(0..chatter_words.len())])
+                    .collect();
+                let mut text = words.join(" ");
+                if let Some(first) = text.get(0..1) {
+                    text = first.to_uppercase() + &text[1..];
+                }
+                text.push('.');
+                (text, CHATTER_DOMAIN.to_string(), false, true)
             };
             RawRecord {
                 origin: format!("synth:{}", i + 1),
                 id: None,
                 text,
                 domain,
-                long_tail: Some(d != 0),
+                long_tail: Some(long_tail),
+                neglected: opts.contrasts.then_some(neglected),
             }
         })
         .collect();
@@ -499,6 +572,67 @@ mod tests {
             .iter()
             .filter(|r| r.text.contains("plaintiff"))
             .all(|r| r.domain == "legal"));
+    }
+
+    /// Contrasts: a learnable rare domain of 4 repeated sentences, a frequent-vocabulary chatter
+    /// domain, `neglected` = rare domains and chatter; the rest of the corpus is what it is
+    /// without them only in the common domain's count.
+    #[test]
+    fn contrasts_separate_rarity_from_neglect() {
+        let plain = SynthOptions {
+            samples: 2000,
+            seed: 5,
+            ..SynthOptions::default()
+        };
+        let with = SynthOptions {
+            contrasts: true,
+            ..plain.clone()
+        };
+        let a = generate(&with).unwrap();
+        let count = |d: &str| a.iter().filter(|r| r.domain == d).count();
+        // 6% / 4 of 2000 = 30 glossary, 8% = 160 chatter, rare domains as without contrasts.
+        assert_eq!((count(GLOSSARY_DOMAIN), count(CHATTER_DOMAIN)), (30, 160));
+        assert_eq!(count("legal"), 58);
+        let distinct: std::collections::HashSet<&str> = a
+            .iter()
+            .filter(|r| r.domain == GLOSSARY_DOMAIN)
+            .map(|r| r.text.as_str())
+            .collect();
+        assert!(distinct.len() <= GLOSSARY_SENTENCES && distinct.len() > 1);
+        for r in &a {
+            let d = r.domain.as_str();
+            let rare = d != COMMON_DOMAIN && d != CHATTER_DOMAIN;
+            assert_eq!(r.long_tail, Some(rare), "{d}");
+            let neglected = d != COMMON_DOMAIN && d != GLOSSARY_DOMAIN;
+            assert_eq!(r.neglected, Some(neglected), "{d}");
+        }
+        let common_words: std::collections::HashSet<&str> = COMMON_NOUNS
+            .iter()
+            .chain(&COMMON_VERBS)
+            .chain(&COMMON_ADJS)
+            .chain(&DETS)
+            .chain(&PREPS)
+            .copied()
+            .collect();
+        for r in a.iter().filter(|r| r.domain == CHATTER_DOMAIN) {
+            let words: Vec<String> = r
+                .text
+                .trim_end_matches('.')
+                .split(' ')
+                .map(|w| w.to_lowercase())
+                .collect();
+            assert!((8..=12).contains(&words.len()));
+            assert!(
+                words.iter().all(|w| common_words.contains(w.as_str())),
+                "{}",
+                r.text
+            );
+        }
+        // Without contrasts: no neglected truth.
+        assert!(generate(&plain)
+            .unwrap()
+            .iter()
+            .all(|r| r.neglected.is_none()));
     }
 
     #[test]

@@ -142,6 +142,7 @@ mod tests {
                     split: Split::Train,
                     n_tokens: toks / n as u32,
                     long_tail: None,
+                    neglected: None,
                 });
             }
         }
