@@ -269,6 +269,9 @@ fn bundled_specs_parse() {
         let text = std::fs::read_to_string(&p).unwrap();
         if text.contains("[[run]]") {
             TrainSpec::read(&p).unwrap();
+        } else if text.contains("[ranking]") {
+            let s = tailscope::study::ranking::RankingSpec::read(&p).unwrap();
+            assert!(s.ranking.seeds.len() >= 3, "{p:?}");
         } else if text.contains("[continue]") {
             let s = tailscope::study::StudySpec::read(&p).unwrap();
             assert!(s.seeds.len() >= 3, "{p:?}");
