@@ -111,16 +111,7 @@ impl Default for StudySelect {
         StudySelect {
             pool: 512,
             top: 64,
-            criteria: vec![
-                Criterion::Flag,
-                Criterion::Alignment,
-                Criterion::Gc,
-                Criterion::SelfKernel,
-                Criterion::Loss,
-                Criterion::Frequency,
-                Criterion::Uncertainty,
-                Criterion::Random,
-            ],
+            criteria: Criterion::ALL.to_vec(),
         }
     }
 }
@@ -406,7 +397,7 @@ fn final_losses(r: &train::RunResult) -> ValLosses {
 }
 
 /// Mean token loss over the samples `keep` accepts.
-fn mean_loss(v: &ValLosses, keep: impl Fn(&str) -> bool) -> f64 {
+fn mean_loss(v: &ValLosses, keep: &dyn Fn(&str) -> bool) -> f64 {
     let (l, t) = v
         .iter()
         .filter(|x| keep(&x.1))
@@ -419,12 +410,48 @@ fn mean_loss(v: &ValLosses, keep: impl Fn(&str) -> bool) -> f64 {
 fn targeted_loss(v: &ValLosses, mix: &BTreeMap<String, f64>) -> f64 {
     let mut acc = (0.0, 0.0);
     for (d, w) in mix {
-        let l = mean_loss(v, |x| x == d);
+        let l = mean_loss(v, &|x| x == d);
         if v.iter().any(|x| &x.1 == d) {
             acc = (acc.0 + w * l, acc.1 + w);
         }
     }
     acc.0 / acc.1.max(1e-300)
+}
+
+/// A run's rows: its loss and the control's on all, long-tail and common held-out sentences, and
+/// on the selection's domains (`targeted`) when `mix` is given.
+fn group_rows(
+    seed: u64,
+    criterion: &str,
+    v: &ValLosses,
+    control: &ValLosses,
+    long_tail: &HashSet<String>,
+    mix: Option<&BTreeMap<String, f64>>,
+) -> Vec<ResultRow> {
+    let row = |group: &str, loss: f64, ctl: f64| ResultRow {
+        seed,
+        criterion: criterion.into(),
+        group: group.into(),
+        loss,
+        control: ctl,
+    };
+    let by = |keep: &dyn Fn(&str) -> bool| (mean_loss(v, keep), mean_loss(control, keep));
+    let mut out = Vec::new();
+    for (group, (l, c)) in [
+        ("all", by(&|_| true)),
+        ("long-tail", by(&|d| long_tail.contains(d))),
+        ("common", by(&|d| !long_tail.contains(d))),
+    ] {
+        out.push(row(group, l, c));
+    }
+    if let Some(mix) = mix {
+        out.push(row(
+            "targeted",
+            targeted_loss(v, mix),
+            targeted_loss(control, mix),
+        ));
+    }
+    out
 }
 
 /// Run the study (resuming finished training runs) and write its tables and figure.
@@ -524,27 +551,7 @@ pub fn run(
         };
         let base_losses = final_losses(&base);
         for (name, v) in [("base", &base_losses), (CONTROL, &control)] {
-            for (group, loss, ctl) in [
-                ("all", mean_loss(v, |_| true), mean_loss(&control, |_| true)),
-                (
-                    "long-tail",
-                    mean_loss(v, |d| long_tail.contains(d)),
-                    mean_loss(&control, |d| long_tail.contains(d)),
-                ),
-                (
-                    "common",
-                    mean_loss(v, |d| !long_tail.contains(d)),
-                    mean_loss(&control, |d| !long_tail.contains(d)),
-                ),
-            ] {
-                results.push(ResultRow {
-                    seed,
-                    criterion: name.into(),
-                    group: group.into(),
-                    loss,
-                    control: ctl,
-                });
-            }
+            results.extend(group_rows(seed, name, v, &control, &long_tail, None));
         }
         for &c in &spec.select.criteria {
             say(&format!("seed {seed}: {} selection", c.name()));
@@ -575,36 +582,14 @@ pub fn run(
                 stop,
                 train_progress,
             )?);
-            for (group, loss, ctl) in [
-                (
-                    "all",
-                    mean_loss(&v, |_| true),
-                    mean_loss(&control, |_| true),
-                ),
-                (
-                    "long-tail",
-                    mean_loss(&v, |d| long_tail.contains(d)),
-                    mean_loss(&control, |d| long_tail.contains(d)),
-                ),
-                (
-                    "common",
-                    mean_loss(&v, |d| !long_tail.contains(d)),
-                    mean_loss(&control, |d| !long_tail.contains(d)),
-                ),
-                (
-                    "targeted",
-                    targeted_loss(&v, &mix),
-                    targeted_loss(&control, &mix),
-                ),
-            ] {
-                results.push(ResultRow {
-                    seed,
-                    criterion: c.name().into(),
-                    group: group.into(),
-                    loss,
-                    control: ctl,
-                });
-            }
+            results.extend(group_rows(
+                seed,
+                c.name(),
+                &v,
+                &control,
+                &long_tail,
+                Some(&mix),
+            ));
         }
     }
     let study = summarise(results);
@@ -821,7 +806,8 @@ impl Study {
     }
 }
 
-fn interval_columns(prefix: &str, xs: &[&Interval]) -> Vec<Column> {
+/// Columns `prefix`, `prefix_low`, `prefix_high` of intervals.
+pub(crate) fn interval_columns(prefix: &str, xs: &[&Interval]) -> Vec<Column> {
     vec![
         Column::new(prefix.into(), xs.iter().map(|x| x.mean).collect::<Vec<_>>()),
         Column::new(

@@ -1377,15 +1377,7 @@ fn gc_trajectory_over_checkpoints() {
         .replace("checkpoint_every = 3", "checkpoint_every = 2")
         .replace("keep_last = 1", "keep_last = 3");
     std::fs::write(&spec, text).unwrap();
-    ok(&[
-        "train",
-        "--config",
-        &spec,
-        "--run",
-        "cse",
-        "-o",
-        &t.s("train"),
-    ]);
+    train_run(&t, &spec, "cse");
     let run_dir = t.s("train/cse");
     let flags = [
         "--corpus",
@@ -1510,14 +1502,7 @@ out = "{out}"
 corpus = "{corpus}"
 eval_samples = 200
 synth = {{ samples = 1500, rare_share = 0.1, vocab_size = 320 }}
-[model]
-arch = "gpt"
-n_layer = 2
-d_model = 16
-n_head = 2
-d_ffn = 32
-max_len = 16
-[train]
+{TINY_MODEL}[train]
 steps = 12
 batch_size = 8
 checkpoint_every = 6
@@ -1638,14 +1623,7 @@ pool = 60
 eval_samples = 50
 criteria = ["flag", "loss", "random"]
 out = "{out}"
-[model]
-arch = "gpt"
-n_layer = 2
-d_model = 16
-n_head = 2
-d_ffn = 32
-max_len = 16
-[train]
+{TINY_MODEL}[train]
 steps = 10
 batch_size = 8
 checkpoint_every = 10

@@ -363,12 +363,33 @@ fn sentence(
         };
         words.push(w);
     }
-    let mut s = words.join(" ");
+    as_sentence(&words)
+}
+
+/// `words` joined, capitalised, with a full stop.
+fn as_sentence<T: AsRef<str>>(words: &[T]) -> String {
+    let mut s = words
+        .iter()
+        .map(AsRef::as_ref)
+        .collect::<Vec<_>>()
+        .join(" ");
     if let Some(first) = s.get(0..1) {
         s = first.to_uppercase() + &s[1..];
     }
     s.push('.');
     s
+}
+
+/// The words of the chatter domain: every common word list together.
+fn chatter_vocabulary() -> Vec<&'static str> {
+    COMMON_NOUNS
+        .iter()
+        .chain(&COMMON_VERBS)
+        .chain(&COMMON_ADJS)
+        .chain(&DETS)
+        .chain(&PREPS)
+        .copied()
+        .collect()
 }
 
 /// The per-domain shares: the common domain first, then the K rare domains.
@@ -475,14 +496,7 @@ pub fn generate(opts: &SynthOptions) -> Result<Vec<RawRecord>> {
     } else {
         Vec::new()
     };
-    let chatter_words: Vec<&str> = COMMON_NOUNS
-        .iter()
-        .chain(&COMMON_VERBS)
-        .chain(&COMMON_ADJS)
-        .chain(&DETS)
-        .chain(&PREPS)
-        .copied()
-        .collect();
+    let chatter_words = chatter_vocabulary();
     let mut plan: Vec<usize> = counts
         .iter()
         .enumerate()
@@ -516,12 +530,7 @@ pub fn generate(opts: &SynthOptions) -> Result<Vec<RawRecord>> {
                 let words: Vec<&str> = (0..n)
                     .map(|_| chatter_words[rng.random_range(0..chatter_words.len())])
                     .collect();
-                let mut text = words.join(" ");
-                if let Some(first) = text.get(0..1) {
-                    text = first.to_uppercase() + &text[1..];
-                }
-                text.push('.');
-                (text, CHATTER_DOMAIN.to_string(), false, true)
+                (as_sentence(&words), CHATTER_DOMAIN.to_string(), false, true)
             };
             RawRecord {
                 origin: format!("synth:{}", i + 1),
@@ -606,14 +615,8 @@ mod tests {
             let neglected = d != COMMON_DOMAIN && d != GLOSSARY_DOMAIN;
             assert_eq!(r.neglected, Some(neglected), "{d}");
         }
-        let common_words: std::collections::HashSet<&str> = COMMON_NOUNS
-            .iter()
-            .chain(&COMMON_VERBS)
-            .chain(&COMMON_ADJS)
-            .chain(&DETS)
-            .chain(&PREPS)
-            .copied()
-            .collect();
+        let common_words: std::collections::HashSet<&str> =
+            chatter_vocabulary().into_iter().collect();
         for r in a.iter().filter(|r| r.domain == CHATTER_DOMAIN) {
             let words: Vec<String> = r
                 .text

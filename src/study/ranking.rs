@@ -103,16 +103,7 @@ fn default_eval() -> usize {
     500
 }
 fn default_criteria() -> Vec<Criterion> {
-    vec![
-        Criterion::Flag,
-        Criterion::Alignment,
-        Criterion::Gc,
-        Criterion::SelfKernel,
-        Criterion::Loss,
-        Criterion::Frequency,
-        Criterion::Uncertainty,
-        Criterion::Random,
-    ]
+    Criterion::ALL.to_vec()
 }
 
 impl RankingSpec {
@@ -471,20 +462,6 @@ fn share_column(v: impl Iterator<Item = Option<f64>>) -> Column {
     )
 }
 
-fn interval_cols(name: &str, v: &[&Interval]) -> Vec<Column> {
-    vec![
-        Column::new(name.into(), v.iter().map(|i| i.mean).collect::<Vec<_>>()),
-        Column::new(
-            format!("{name}_low").into(),
-            v.iter().map(|i| i.low).collect::<Vec<_>>(),
-        ),
-        Column::new(
-            format!("{name}_high").into(),
-            v.iter().map(|i| i.high).collect::<Vec<_>>(),
-        ),
-    ]
-}
-
 /// Write the tables and `ranking.md` into `out`.
 pub fn write(s: &RankingStudy, out: &Path) -> Result<()> {
     let r = &s.rows;
@@ -528,11 +505,11 @@ pub fn write(s: &RankingStudy, out: &Path) -> Result<()> {
         ),
         share_column(s.summary.iter().map(|x| x.share)),
     ];
-    cols.extend(interval_cols(
+    cols.extend(super::interval_columns(
         "ap",
         &s.summary.iter().map(|x| &x.ap).collect::<Vec<_>>(),
     ));
-    cols.extend(interval_cols(
+    cols.extend(super::interval_columns(
         "auroc",
         &s.summary.iter().map(|x| &x.auroc).collect::<Vec<_>>(),
     ));
@@ -547,11 +524,11 @@ pub fn write(s: &RankingStudy, out: &Path) -> Result<()> {
         ),
         share_column(c.iter().map(|x| x.share)),
     ];
-    cols.extend(interval_cols(
+    cols.extend(super::interval_columns(
         "ap_diff",
         &c.iter().map(|x| &x.ap).collect::<Vec<_>>(),
     ));
-    cols.extend(interval_cols(
+    cols.extend(super::interval_columns(
         "auroc_diff",
         &c.iter().map(|x| &x.auroc).collect::<Vec<_>>(),
     ));

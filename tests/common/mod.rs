@@ -106,6 +106,16 @@ pub fn lines(n: usize) -> String {
         .collect()
 }
 
+/// The `[model]` table of the tests' two-block GPT.
+pub const TINY_MODEL: &str = "[model]
+arch = \"gpt\"
+n_layer = 2
+d_model = 16
+n_head = 2
+d_ffn = 32
+max_len = 16
+";
+
 /// A two-block GPT training spec (dense and CSE runs) over `corpus`, written into `t`.
 pub fn tiny_spec(t: &Tmp, corpus: &str) -> String {
     t.file(
@@ -114,14 +124,7 @@ pub fn tiny_spec(t: &Tmp, corpus: &str) -> String {
             r#"[data]
 corpus = "{corpus}"
 eval_samples = 60
-[model]
-arch = "gpt"
-n_layer = 2
-d_model = 16
-n_head = 2
-d_ffn = 32
-max_len = 16
-[train]
+{TINY_MODEL}[train]
 steps = 6
 batch_size = 8
 lr = 1e-2
