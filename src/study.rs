@@ -454,6 +454,88 @@ fn group_rows(
     out
 }
 
+/// Train the single run of `spec` into `dir` to its last step, resuming (or reusing) what is
+/// there; an interruption is an error that says to rerun.
+pub(crate) fn train_to_end(
+    spec: &TrainSpec,
+    data: &TrainData,
+    dir: &Path,
+    device: Device,
+    seed: u64,
+    stop: &AtomicBool,
+    progress: &dyn train::Progress,
+) -> Result<train::RunResult> {
+    let r = train::train_run(
+        spec,
+        &spec.runs[0],
+        data,
+        dir,
+        device,
+        seed,
+        true,
+        stop,
+        progress,
+    )?;
+    if r.outcome != train::Outcome::Finished {
+        return Err(Error::invalid("study", "interrupted; rerun to resume"));
+    }
+    Ok(r)
+}
+
+/// What a study analyses: `samples` sentences of `split` (drawn with `sample_seed`, 0: evenly
+/// spaced) under `model`, their NTK (the default kernel) into `dir/ntk` and their analysis
+/// (`resamples` bootstrap draws) into `dir/analysis`, read back as a selection pool.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn analyse_pool(
+    model: &Path,
+    corpus: &Path,
+    split: SplitChoice,
+    samples: usize,
+    sample_seed: u64,
+    resamples: usize,
+    seed: u64,
+    dir: &Path,
+    device: Device,
+    progress: &dyn Progress,
+) -> Result<Pool> {
+    let job = Job::prepare(
+        &JobSpec {
+            model: model.to_path_buf(),
+            corpus: corpus.to_path_buf(),
+            tokenizer: None,
+            split,
+            samples,
+            sample_seed,
+            selection: ParamSelection::default().or_recommended(false),
+            options: CaptureOptions {
+                seed,
+                ..CaptureOptions::default()
+            },
+        },
+        device,
+    )?;
+    let ntk_dir = dir.join("ntk");
+    let opts = NtkOptions {
+        seed,
+        ..NtkOptions::default()
+    };
+    ntk_pipeline::compute_into(&job, &opts, device, &ntk_dir, progress)?;
+    let an_dir = dir.join("analysis");
+    let aspec = AnalyzeSpec {
+        ntk: ntk_dir,
+        model: model.to_path_buf(),
+        corpus: corpus.to_path_buf(),
+        tokenizer: None,
+        resamples,
+        alpha: analyze::DEFAULT_ALPHA,
+        flags: FlagOptions::default(),
+        baseline: None,
+        seed,
+    };
+    analyze::analyze(&aspec, device, progress)?.write(&an_dir)?;
+    Pool::read(&an_dir)
+}
+
 /// Run the study (resuming finished training runs) and write its tables and figure.
 pub fn run(
     spec: &StudySpec,
@@ -480,71 +562,32 @@ pub fn run(
         let sd = spec.out.join(format!("seed-{seed}"));
         say(&format!("seed {seed}: base model"));
         let base_spec = spec.base_spec();
-        let base = train::train_run(
-            &base_spec,
-            &base_spec.runs[0],
-            &data,
-            &sd,
-            device,
-            seed,
-            true,
-            stop,
-            train_progress,
-        )?;
-        if base.outcome != train::Outcome::Finished {
-            return Err(Error::invalid("study", "interrupted; rerun to resume"));
-        }
+        let base = train_to_end(&base_spec, &data, &sd, device, seed, stop, train_progress)?;
         let base_final = sd.join("base").join("final");
         say(&format!(
             "seed {seed}: NTK of {} training samples",
             spec.select.pool
         ));
-        let job = Job::prepare(
-            &JobSpec {
-                model: base_final.clone(),
-                corpus: spec.data.corpus.clone(),
-                tokenizer: None,
-                split: SplitChoice::Train,
-                samples: spec.select.pool,
-                sample_seed: seed,
-                selection: ParamSelection::default().or_recommended(false),
-                options: CaptureOptions {
-                    seed,
-                    ..CaptureOptions::default()
-                },
-            },
+        let pool = analyse_pool(
+            &base_final,
+            &spec.data.corpus,
+            SplitChoice::Train,
+            spec.select.pool,
+            seed,
+            analyze::DEFAULT_RESAMPLES,
+            seed,
+            &sd,
             device,
+            progress,
         )?;
-        let ntk_dir = sd.join("ntk");
-        let opts = NtkOptions {
-            seed,
-            ..NtkOptions::default()
-        };
-        ntk_pipeline::compute_into(&job, &opts, device, &ntk_dir, progress)?;
-        let an_dir = sd.join("analysis");
-        let aspec = AnalyzeSpec {
-            ntk: ntk_dir.clone(),
-            model: base_final.clone(),
-            corpus: spec.data.corpus.clone(),
-            tokenizer: None,
-            resamples: analyze::DEFAULT_RESAMPLES,
-            alpha: analyze::DEFAULT_ALPHA,
-            flags: FlagOptions::default(),
-            baseline: None,
-            seed,
-        };
-        analyze::analyze(&aspec, device, progress)?.write(&an_dir)?;
-        let pool = Pool::read(&an_dir)?;
         let control = {
             let s = spec.continued_spec(&base_final, CONTROL, None);
-            final_losses(&train::train_run(
+            final_losses(&train_to_end(
                 &s,
-                &s.runs[0],
                 &data,
                 &sd.join("continued"),
                 device,
                 seed,
-                true,
                 stop,
                 train_progress,
             )?)
@@ -571,14 +614,12 @@ pub fn run(
                     weight: Some(weight),
                 }),
             );
-            let v = final_losses(&train::train_run(
+            let v = final_losses(&train_to_end(
                 &s,
-                &s.runs[0],
                 &data,
                 &sd.join("continued"),
                 device,
                 seed,
-                true,
                 stop,
                 train_progress,
             )?);

@@ -786,16 +786,6 @@ fn capture_and_ntk_from_the_cli() {
     assert!(t.path("an/flags.parquet").exists());
     // select: every criterion ranks the 24 analysed samples; the top ones are what the
     // criterion says; one seed gives one selection.
-    let f64s = |df: &polars::prelude::DataFrame, c: &str| -> Vec<f64> {
-        df.column(c)
-            .unwrap()
-            .cast(&polars::prelude::DataType::Float64)
-            .unwrap()
-            .f64()
-            .unwrap()
-            .into_no_null_iter()
-            .collect()
-    };
     let ids = strs(&joined, "id");
     let by_id = |col: &str| -> std::collections::HashMap<String, f64> {
         ids.iter().cloned().zip(f64s(&joined, col)).collect()
@@ -1409,17 +1399,6 @@ fn gc_trajectory_over_checkpoints() {
     let alone = t.s("alone");
     args.extend_from_slice(&["-o", &alone]);
     ok(&args);
-    let f64s = |df: &polars::prelude::DataFrame, c: &str| -> Vec<f64> {
-        df.column(c)
-            .unwrap()
-            .cast(&polars::prelude::DataType::Float64)
-            .unwrap()
-            .f64()
-            .unwrap()
-            .iter()
-            .map(|v| v.unwrap_or(f64::NAN))
-            .collect()
-    };
     let tr = read_table(&t.path("traj/trajectory.parquet"));
     let steps = f64s(&tr, "step");
     let mut distinct = steps.clone();
@@ -1530,16 +1509,6 @@ steps = 4
     assert_eq!(results.height(), 2 * (2 * 3 + 3 * 4));
     let crit = strs(&results, "criterion");
     let group = strs(&results, "group");
-    let f64s = |df: &polars::prelude::DataFrame, c: &str| -> Vec<f64> {
-        df.column(c)
-            .unwrap()
-            .cast(&polars::prelude::DataType::Float64)
-            .unwrap()
-            .f64()
-            .unwrap()
-            .into_no_null_iter()
-            .collect()
-    };
     let (seed, loss) = (f64s(&results, "seed"), f64s(&results, "loss"));
     for i in 0..results.height() {
         if group[i] != "all" || crit[i] == "base" {
@@ -1639,16 +1608,6 @@ probe_samples = 16
         printed.contains("held-out seeds 2, 3") && printed.contains("| loss |"),
         "{printed}"
     );
-    let f64s = |df: &polars::prelude::DataFrame, c: &str| -> Vec<f64> {
-        df.column(c)
-            .unwrap()
-            .cast(&polars::prelude::DataType::Float64)
-            .unwrap()
-            .f64()
-            .unwrap()
-            .into_no_null_iter()
-            .collect()
-    };
     let rows = read_table(&t.path("rk/ranking.parquet"));
     assert_eq!(rows.height(), 9);
     let (crit, seed, ap) = (

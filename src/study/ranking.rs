@@ -24,15 +24,10 @@ use serde::Deserialize;
 use tch::Device;
 
 use super::{t_interval, Interval};
-use crate::analysis::analyze::{self, AnalyzeSpec};
-use crate::analysis::flags::FlagOptions;
-use crate::analysis::select::{self, Amount, Criterion, Pool, Sources};
-use crate::capture::job::{Job, JobSpec};
-use crate::capture::{CaptureOptions, Selection as ParamSelection};
+use crate::analysis::select::{self, Amount, Criterion, Sources};
 use crate::corpus::{Corpus, SplitChoice};
 use crate::error::{Error, Result};
 use crate::model::ExpertConfig;
-use crate::ntk::pipeline::{self as ntk_pipeline, NtkOptions};
 use crate::progress::Progress;
 use crate::train::spec::{DataSpec, ModelSpec};
 use crate::train::{self, RunSpec, TrainData, TrainOptions, TrainSpec};
@@ -255,61 +250,19 @@ pub fn run(
             }
             let data = TrainData::load(&corpus, None)?;
             let base_spec = spec.base_spec(&corpus);
-            let base = train::train_run(
-                &base_spec,
-                &base_spec.runs[0],
-                &data,
+            super::train_to_end(&base_spec, &data, &dir, device, seed, stop, train_progress)?;
+            let pool = super::analyse_pool(
+                &dir.join("base").join("final"),
+                &corpus,
+                SplitChoice::Validation,
+                r.pool,
+                0,
+                200,
+                seed,
                 &dir,
                 device,
-                seed,
-                true,
-                stop,
-                train_progress,
-            )?;
-            if base.outcome != train::Outcome::Finished {
-                return Err(Error::invalid("study", "interrupted; rerun to resume"));
-            }
-            let model = dir.join("base").join("final");
-            let job = Job::prepare(
-                &JobSpec {
-                    model: model.clone(),
-                    corpus: corpus.clone(),
-                    tokenizer: None,
-                    split: SplitChoice::Validation,
-                    samples: r.pool,
-                    sample_seed: 0,
-                    selection: ParamSelection::default().or_recommended(false),
-                    options: CaptureOptions {
-                        seed,
-                        ..CaptureOptions::default()
-                    },
-                },
-                device,
-            )?;
-            let ntk_dir = dir.join("ntk");
-            let opts = NtkOptions {
-                seed,
-                ..NtkOptions::default()
-            };
-            ntk_pipeline::compute_into(&job, &opts, device, &ntk_dir, progress)?;
-            let an_dir = dir.join("analysis");
-            analyze::analyze(
-                &AnalyzeSpec {
-                    ntk: ntk_dir,
-                    model,
-                    corpus: corpus.clone(),
-                    tokenizer: None,
-                    resamples: 200,
-                    alpha: analyze::DEFAULT_ALPHA,
-                    flags: FlagOptions::default(),
-                    baseline: None,
-                    seed,
-                },
-                device,
                 progress,
-            )?
-            .write(&an_dir)?;
-            let pool = Pool::read(&an_dir)?;
+            )?;
             let c = Corpus::read(&corpus)?;
             let truth_of: HashMap<&str, bool> = c
                 .samples

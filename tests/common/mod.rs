@@ -172,3 +172,16 @@ pub fn train_run(t: &Tmp, spec: &str, run: &str) -> String {
     ok(&["train", "--config", spec, "--run", run, "-o", &t.s("train")]);
     t.s(&format!("train/{run}/final"))
 }
+
+/// A numeric (or boolean) column as float64, nulls as NaN.
+pub fn f64s(df: &polars::prelude::DataFrame, col: &str) -> Vec<f64> {
+    df.column(col)
+        .unwrap()
+        .cast(&polars::prelude::DataType::Float64)
+        .unwrap()
+        .f64()
+        .unwrap()
+        .iter()
+        .map(|v| v.unwrap_or(f64::NAN))
+        .collect()
+}
