@@ -117,7 +117,7 @@ pub enum Command {
     Select(select::SelectArgs),
     /// A self-contained HTML report and a Jupyter notebook from an analysis.
     Report(report::ReportArgs),
-    /// The counterfactual selection study: continue training on each criterion's selection.
+    /// Studies: training on each criterion's selection, or flag ranking quality against ground truth.
     Study(study::StudyArgs),
     /// Run a declarative pipeline spec (train, ntk, analyze, report).
     Run(run::RunArgs),
