@@ -30,6 +30,11 @@ pub const SPREAD_MAX: f64 = 100.0;
 /// A GC interval wider than this (of [−1, 1]'s 2) is undetermined.
 pub const WIDTH_MAX: f64 = 1.0;
 
+/// A group eigenvector whose entries cancel to below this share of their absolute sum
+/// (Σ u′ / Σ |u′|) gets its sign, and so its GC's, from a near-tie of the Σ u ≥ 0 convention.
+/// A rule of thumb, like [`WIDTH_MAX`], not fitted to data.
+pub const SIGN_MARGIN_MIN: f64 = 0.1;
+
 /// The diagnostics of one kernel (written to `ntk.json`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Diagnostics {
@@ -43,8 +48,16 @@ pub struct Diagnostics {
     pub participation_share: f64,
     /// Number of samples.
     pub samples: usize,
+    /// Σ u / Σ |u| of the principal eigenvector: near 0, its sign (and every GC's) is a near-tie
+    /// of the Σ u ≥ 0 convention. Absent from `ntk.json` files written before it existed.
+    #[serde(default = "one")]
+    pub sign_margin: f64,
     /// The top eigenvalue as a share of the trace.
     pub top_share: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// The diagnostics of kernel `k` (whose principal pair is `whole`); `raw_diag` is Θ_ii before
@@ -80,6 +93,7 @@ pub fn diagnose(k: &Tensor, whole: &Principal, raw_diag: &Tensor) -> Result<Diag
         participation: pr,
         participation_share: pr / n.max(1) as f64,
         samples: n,
+        sign_margin: super::gc::sign_margin(&whole.u),
         top_share: if trace > 0.0 {
             whole.lambda / trace
         } else {
@@ -152,6 +166,33 @@ pub fn warnings(d: &Diagnostics, rows: &[GcRow], normalized: bool) -> Vec<Warnin
         .iter()
         .filter(|r| r.interval.is_some_and(|(lo, hi)| hi - lo > WIDTH_MAX))
         .collect();
+    if d.sign_margin < SIGN_MARGIN_MIN {
+        out.push(Warning {
+            problem: format!(
+                "Ill-determined direction sign: the principal direction's entries nearly cancel (Σu / Σ|u| = {:.3}), so the Σu ≥ 0 convention that sets the sign of every GC is nearly a tie; another sample or checkpoint may flip all of them.",
+                d.sign_margin
+            ),
+            change: "Compare |GC| across groups, or look at the per-sample alignment, whose ordering does not depend on the sign.".into(),
+        });
+    }
+    let unsigned: Vec<&&GcRow> = headline
+        .iter()
+        .filter(|r| r.sign_margin.is_some_and(|m| m < SIGN_MARGIN_MIN) && r.gc.is_some())
+        .collect();
+    if let Some(u) = unsigned.first() {
+        out.push(Warning {
+            problem: format!(
+                "Ill-determined GC sign: the principal direction of {} of {} frequency-bin and long-tail groups has entries that nearly cancel (e.g. {} {}: Σu / Σ|u| = {:.3}, GC {:+.3}), so the Σu ≥ 0 convention that sets the sign of its GC is nearly a tie.",
+                unsigned.len(),
+                headline.len(),
+                u.column,
+                u.group,
+                u.sign_margin.unwrap_or(f64::NAN),
+                u.gc.unwrap_or(f64::NAN)
+            ),
+            change: "Read |GC| for such groups (gc.parquet's sign_margin column says which), or compare them through the per-sample alignment, which does not depend on a group's own sign.".into(),
+        });
+    }
     if let Some(w) = wide.first() {
         let (lo, hi) = w.interval.unwrap_or((f64::NAN, f64::NAN));
         out.push(Warning {
@@ -182,12 +223,45 @@ mod tests {
             interval: Some(interval),
             participation: None,
             top_share: None,
+            sign_margin: Some(1.0),
             mean_freq_score: 0.0,
         }
     }
 
     /// The cosine kernel has a unit diagonal and its blocks still sum to it; a zero-gradient
     /// sample stays zero instead of dividing by zero.
+    /// A cancelling group direction, or whole direction, gets a sign warning; sound ones none.
+    #[test]
+    fn near_tie_signs_are_warned() {
+        let sound = Diagnostics {
+            diag_spread: 1.0,
+            mean_abs_cosine: 0.5,
+            participation: 50.0,
+            participation_share: 0.5,
+            samples: 100,
+            sign_margin: 0.8,
+            top_share: 0.5,
+        };
+        let mut rows = vec![gc_row("freq_bin", (0.5, 0.7))];
+        assert!(warnings(&sound, &rows, true).is_empty());
+        rows[0].sign_margin = Some(0.05);
+        let w = warnings(&sound, &rows, true);
+        assert_eq!(w.len(), 1);
+        assert!(w[0].problem.contains("Ill-determined GC sign") && w[0].problem.contains("0.050"));
+        let tie = Diagnostics {
+            sign_margin: 0.02,
+            ..sound
+        };
+        let w = warnings(&tie, &[gc_row("freq_bin", (0.5, 0.7))], true);
+        assert!(
+            w.len() == 1 && w[0].problem.contains("Ill-determined direction sign"),
+            "{w:?}"
+        );
+        // Σu / Σ|u| by hand: (1 − 1 + 0.5) / 2.5.
+        let u = Tensor::from_slice(&[1.0f64, -1.0, 0.5]);
+        assert!((super::super::gc::sign_margin(&u) - 0.2).abs() < 1e-12);
+    }
+
     #[test]
     fn cosine_kernel_blocks_sum_to_the_total() {
         tch::manual_seed(5);

@@ -133,6 +133,21 @@ pub struct SubsetGc {
     pub participation: f64,
     /// The subset kernel's top eigenvalue as a share of its trace.
     pub top_share: f64,
+    /// Σ u′_i / Σ |u′_i| of the subset's principal eigenvector (in [0, 1] under the Σ u ≥ 0
+    /// convention): 1 when its entries share a sign, near 0 when they cancel, and then the sign
+    /// of the GC is nearly arbitrary.
+    pub sign_margin: f64,
+}
+
+/// Σ u_i / Σ |u_i|: how far the sign convention Σ u ≥ 0 is from a tie (0 for an empty or zero
+/// vector).
+pub fn sign_margin(u: &Tensor) -> f64 {
+    let abs = u.abs().sum(Kind::Double).double_value(&[]);
+    if abs > 0.0 {
+        u.sum(Kind::Double).double_value(&[]) / abs
+    } else {
+        0.0
+    }
 }
 
 /// Participation ratio 1 / Σ u_i⁴ of a unit vector: how many samples carry it. 1 when one
@@ -176,6 +191,7 @@ pub fn subset(k: &Tensor, whole: &Principal, idx: &[usize]) -> Result<Option<Sub
         gc: num / (whole.lambda.sqrt() * p.lambda.sqrt()),
         participation: participation(&p.u),
         top_share: if trace > 0.0 { p.lambda / trace } else { 0.0 },
+        sign_margin: sign_margin(&p.u),
     }))
 }
 

@@ -127,6 +127,8 @@ pub struct GcRow {
     pub participation: Option<f64>,
     /// Top eigenvalue of the group's own kernel as a share of its trace.
     pub top_share: Option<f64>,
+    /// Σ u′ / Σ |u′| of the group's own principal eigenvector ([`gc::SubsetGc::sign_margin`]).
+    pub sign_margin: Option<f64>,
     /// Mean 1-gram frequency score of the members.
     pub mean_freq_score: f64,
 }
@@ -579,6 +581,7 @@ fn gc_rows(
             interval,
             participation: sub.map(|s| s.participation),
             top_share: sub.map(|s| s.top_share),
+            sign_margin: sub.map(|s| s.sign_margin),
             mean_freq_score: mean,
         });
     }
@@ -677,6 +680,7 @@ pub fn gc_frame(rows: &[GcRow]) -> Result<DataFrame> {
             col("gc_width", &|r| r.interval.map(|x| x.1 - x.0)),
             col("participation", &|r| r.participation),
             col("top_share", &|r| r.top_share),
+            col("sign_margin", &|r| r.sign_margin),
             Column::new(
                 "mean_freq_score".into(),
                 rows.iter().map(|r| r.mean_freq_score).collect::<Vec<_>>(),

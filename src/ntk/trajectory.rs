@@ -7,7 +7,8 @@
 //!   clusters);
 //! - `drift.parquet`: step, drift = ‖Θ_t − Θ_T‖_F / ‖Θ_T‖_F of the (unnormalised) total kernel
 //!   against the last checkpoint T, drift_cosine (the same of the cosine-normalised kernels, which
-//!   ignores gradient norms), and the principal direction's participation ratio and top share.
+//!   ignores gradient norms), and the principal direction's participation ratio, top share and
+//!   sign margin Σu / Σ|u| (near 0: the signs of that checkpoint's GCs are a near-tie).
 //!
 //! The parameter selection is resolved at each checkpoint, so a CSE run's kernel after its
 //! initialisation covers its experts' parameters; Θ stays n × n, and the drift compares kernels
@@ -88,6 +89,9 @@ pub struct DriftRow {
     pub participation: Option<f64>,
     /// Top eigenvalue share (from `ntk.json`).
     pub top_share: Option<f64>,
+    /// Σ u / Σ |u| of the principal direction (from `ntk.json`): near 0, the sign of every GC
+    /// at this checkpoint is a near-tie.
+    pub sign_margin: Option<f64>,
 }
 
 /// One GC row of one checkpoint.
@@ -239,13 +243,14 @@ pub fn collect(dir: &Path, checkpoints: &[Checkpoint], reused: usize) -> Result<
                 ),
             ));
         }
-        let (participation, top_share) = principal_stats(&sd.join("ntk.json"))?;
+        let (participation, top_share, sign_margin) = principal_stats(&sd.join("ntk.json"))?;
         drift.push(DriftRow {
             step: c.step,
             drift: (&k - &k_t).norm().double_value(&[]) / n_t.max(1e-300),
             drift_cosine: (cosine(&k) - &c_t).norm().double_value(&[]) / nc_t.max(1e-300),
             participation,
             top_share,
+            sign_margin,
         });
         let path = sd.join("gc.parquet");
         let df = read_parquet(&path)?;
@@ -276,13 +281,17 @@ pub fn collect(dir: &Path, checkpoints: &[Checkpoint], reused: usize) -> Result<
     })
 }
 
-/// Participation ratio and top share of the principal direction, from `ntk.json`.
-fn principal_stats(path: &Path) -> Result<(Option<f64>, Option<f64>)> {
+/// Participation ratio, top share and sign margin of the principal direction, from `ntk.json`.
+fn principal_stats(path: &Path) -> Result<(Option<f64>, Option<f64>, Option<f64>)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::at_line(path, e.line(), e.to_string()))?;
     let d = &v["diagnostics"];
-    Ok((d["participation"].as_f64(), d["top_share"].as_f64()))
+    Ok((
+        d["participation"].as_f64(),
+        d["top_share"].as_f64(),
+        d["sign_margin"].as_f64(),
+    ))
 }
 
 impl Trajectory {
@@ -342,6 +351,10 @@ impl Trajectory {
                 Column::new(
                     "top_share".into(),
                     d.iter().map(|x| x.top_share).collect::<Vec<_>>(),
+                ),
+                Column::new(
+                    "sign_margin".into(),
+                    d.iter().map(|x| x.sign_margin).collect::<Vec<_>>(),
                 ),
             ],
         )
