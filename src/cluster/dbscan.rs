@@ -9,8 +9,8 @@
 //! clustering here, or 1.35 s and 143 s with the k-distance knee for eps; `benches/scale.rs`).
 //! Clusters are the components of core points (union-find), which gives the classic traversal's
 //! labels without storing neighbour lists. The max-clusters eps rule clusters at all 19 of its
-//! radii in one set of sweeps at the largest ([`dbscan_many`]): 3.2 s at 10,000 points against
-//! 13.2 s for 19 separate runs.
+//! radii in one set of sweeps at the largest ([`dbscan_many`]): 2.0 s at 10,000 points against
+//! 11.1 s for 19 separate runs.
 //!
 //! Labels: `Some(cluster)` for core and border points, `None` for noise. Clusters are numbered in
 //! order of their first core point, so the result is deterministic. A border point reachable from
@@ -198,40 +198,35 @@ impl<'a> Index<'a> {
             .collect()
     }
 
-    /// Neighbours within `eps` (each point itself included) of every point in `rows`, exact:
-    /// `visit(position in rows, neighbour)` for each pair, block by block.
-    fn each_within(&self, rows: &[i64], eps: f64, mut visit: impl FnMut(usize, usize)) {
+    /// Neighbours within the largest of `radii2` (squared radii, ascending; each point itself
+    /// included) of every point in `rows`: `visit(position in rows, neighbour, d²)` for each
+    /// pair, block by block. d² is the exact float64 distance wherever the GEMM's value lies
+    /// within float32 rounding of some radius, and the GEMM's value elsewhere, so comparing it
+    /// with any of the radii gives the exact answer.
+    fn each_within(&self, rows: &[i64], radii2: &[f64], mut visit: impl FnMut(usize, usize, f64)) {
+        let Some(&top2) = radii2.last() else {
+            return;
+        };
         let _guard = tch::no_grad_guard();
-        let eps2 = eps * eps;
         for (b, chunk) in self.blocks(rows).enumerate() {
             let (part, sr, band) = self.part(chunk);
-            // The band also covers eps² rounded to float32.
-            let band = band + eps2 * 1e-6;
-            let lo: Vec<f64> =
-                Vec::try_from((-&sr - &band + eps2).view([-1]).to_kind(Kind::Double))
-                    .unwrap_or_default();
+            // The band also covers the radii rounded to float32.
+            let band = band + top2 * 1e-6;
+            let to_vec = |t: &Tensor| -> Vec<f64> {
+                Vec::try_from(t.view([-1]).to_kind(Kind::Double)).unwrap_or_default()
+            };
+            let (row_sq, row_band) = (to_vec(&sr), to_vec(&band));
             let base = b * self.block as usize;
-            for (a, j, v) in Self::candidates(&part, &(-&sr + &band + eps2)) {
-                if v <= lo[a] || dist2(self.pts[chunk[a] as usize], self.pts[j]) <= eps2 {
-                    visit(base + a, j);
-                }
-            }
-        }
-    }
-
-    /// Like [`Index::each_within`], with the exact float64 squared distance of every pair
-    /// passed on: `visit(position in rows, neighbour, d²)`, so one sweep at the largest radius
-    /// serves every smaller one.
-    fn each_within_d2(&self, rows: &[i64], eps: f64, mut visit: impl FnMut(usize, usize, f64)) {
-        let _guard = tch::no_grad_guard();
-        let eps2 = eps * eps;
-        for (b, chunk) in self.blocks(rows).enumerate() {
-            let (part, sr, band) = self.part(chunk);
-            let band = band + eps2 * 1e-6;
-            let base = b * self.block as usize;
-            for (a, j, _) in Self::candidates(&part, &(-&sr + &band + eps2)) {
-                let d2 = dist2(self.pts[chunk[a] as usize], self.pts[j]);
-                if d2 <= eps2 {
+            for (a, j, v) in Self::candidates(&part, &(-&sr + &band + top2)) {
+                let (approx, w) = (v + row_sq[a], row_band[a]);
+                // The first radius not below approx − w: is approx within w of it?
+                let k = radii2.partition_point(|&r| r < approx - w);
+                let d2 = if radii2.get(k).is_some_and(|&r| r <= approx + w) {
+                    dist2(self.pts[chunk[a] as usize], self.pts[j])
+                } else {
+                    approx
+                };
+                if d2 <= top2 {
                     visit(base + a, j, d2);
                 }
             }
@@ -310,71 +305,33 @@ pub fn dbscan(x: ArrayView2<f32>, params: DbscanParams) -> Result<Clustering> {
     Ok(dbscan_indexed(&index, params))
 }
 
-/// DBSCAN by components: core points within eps of each other are joined (union-find, the root
-/// being the component's smallest index), components are numbered by their smallest core point
-/// (the order in which the classic traversal starts them), and a border point joins the
-/// lowest-numbered component among its core neighbours (the first that would reach it).
+/// DBSCAN at one radius ([`dbscan_many`] with a single radius).
 fn dbscan_indexed(index: &Index, params: DbscanParams) -> Clustering {
-    let n = index.len();
-    let all: Vec<i64> = (0..n as i64).collect();
-    let mut count = vec![0usize; n];
-    index.each_within(&all, params.eps, |i, _| count[i] += 1);
-    let core: Vec<bool> = count.iter().map(|&c| c >= params.min_pts).collect();
-    let core_rows: Vec<i64> = all.iter().copied().filter(|&i| core[i as usize]).collect();
-    let other_rows: Vec<i64> = all.iter().copied().filter(|&i| !core[i as usize]).collect();
-    let mut forest = Forest((0..n).collect());
-    index.each_within(&core_rows, params.eps, |a, j| {
-        if core[j] {
-            forest.union(core_rows[a] as usize, j);
-        }
-    });
-    // Roots are smallest members, so numbering roots in index order numbers the components by
-    // their first core point.
-    let mut number = vec![usize::MAX; n];
-    let mut n_clusters = 0;
-    let mut labels: Vec<Option<usize>> = vec![None; n];
-    for i in 0..n {
-        if core[i] {
-            let r = forest.find(i);
-            if number[r] == usize::MAX {
-                number[r] = n_clusters;
-                n_clusters += 1;
-            }
-            labels[i] = Some(number[r]);
-        }
-    }
-    index.each_within(&other_rows, params.eps, |a, j| {
-        if core[j] {
-            let i = other_rows[a] as usize;
-            let c = number[forest.find(j)];
-            if labels[i].is_none_or(|l| c < l) {
-                labels[i] = Some(c);
-            }
-        }
-    });
-    Clustering {
-        labels,
-        n_clusters,
-        eps: params.eps,
-    }
+    dbscan_many(index, &[params.eps], params.min_pts)
+        .pop()
+        .expect("one radius gives one clustering")
 }
 
-/// DBSCAN at every radius of `eps` (ascending) in three sweeps at the largest radius instead of
-/// three per radius: neighbour counts, core unions and border labels are kept per radius, each
-/// pair counting for the radii at or above its exact distance. Each result equals
-/// [`dbscan_indexed`] at that radius (tested).
+/// DBSCAN at every radius of `eps` (ascending) by components, in three sweeps at the largest
+/// radius instead of three per radius: neighbour counts, core unions and border labels are kept
+/// per radius, each pair counting for the radii at or above its distance. Core points within a
+/// radius of each other are joined (union-find, the root being the component's smallest index);
+/// components are numbered by their smallest core point (the order in which the classic
+/// traversal starts them), and a border point joins the lowest-numbered component among its
+/// core neighbours (the first that would reach it). Each radius's result equals a run at that
+/// radius alone (tested), and a single radius equals the brute-force definition (tested).
 fn dbscan_many(index: &Index, eps: &[f64], min_pts: usize) -> Vec<Clustering> {
     let (n, m) = (index.len(), eps.len());
-    let Some(&top) = eps.last() else {
+    if eps.is_empty() {
         return Vec::new();
-    };
+    }
     let eps2: Vec<f64> = eps.iter().map(|e| e * e).collect();
     // The first radius a pair at squared distance d2 is within.
     let first = |d2: f64| eps2.partition_point(|&e| e < d2);
     let all: Vec<i64> = (0..n as i64).collect();
     // Neighbour counts per radius, as increments at each pair's first radius.
     let mut inc = vec![0usize; m * n];
-    index.each_within_d2(&all, top, |i, _, d2| inc[first(d2) * n + i] += 1);
+    index.each_within(&all, &eps2, |i, _, d2| inc[first(d2) * n + i] += 1);
     // A point is core from its first radius with min_pts neighbours on (counts grow with eps).
     let mut core_from = vec![m; n];
     for (i, cf) in core_from.iter_mut().enumerate() {
@@ -393,7 +350,7 @@ fn dbscan_many(index: &Index, eps: &[f64], min_pts: usize) -> Vec<Clustering> {
         .filter(|&i| core_from[i as usize] < m)
         .collect();
     let mut forests: Vec<Forest> = (0..m).map(|_| Forest((0..n).collect())).collect();
-    index.each_within_d2(&core_rows, top, |a, j, d2| {
+    index.each_within(&core_rows, &eps2, |a, j, d2| {
         let i = core_rows[a] as usize;
         let from = first(d2).max(core_from[i]).max(core_from[j]);
         for f in forests.iter_mut().skip(from) {
@@ -421,7 +378,7 @@ fn dbscan_many(index: &Index, eps: &[f64], min_pts: usize) -> Vec<Clustering> {
         .copied()
         .filter(|&i| core_from[i as usize] > 0)
         .collect();
-    index.each_within_d2(&border_rows, top, |a, j, d2| {
+    index.each_within(&border_rows, &eps2, |a, j, d2| {
         let i = border_rows[a] as usize;
         let from = first(d2).max(core_from[j]);
         for e in from..core_from[i].min(m) {
