@@ -545,6 +545,37 @@ pub fn generate(opts: &SynthOptions) -> Result<Vec<RawRecord>> {
     Ok(out)
 }
 
+/// `corpus synth` as a library call: the corpus of `opts` with a BPE tokenizer of `vocab_size`
+/// trained on it, written to `corpus` and `tokenizer.json` beside it.
+pub fn write_corpus(
+    opts: &SynthOptions,
+    vocab_size: usize,
+    corpus: &std::path::Path,
+    progress: &dyn crate::progress::Progress,
+) -> Result<()> {
+    let records = generate(opts)?;
+    let build = crate::corpus::BuildOptions {
+        seed: opts.seed,
+        ..Default::default()
+    };
+    let (mut c, _) = crate::corpus::build("corpus synth", records, &build)?;
+    if let Some(dir) = corpus.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let tok_out = crate::corpus::tokenizer::default_path(corpus);
+    crate::corpus::tokenizer::finish_corpus(
+        &mut c,
+        &crate::corpus::tokenizer::TokenizerSource::Train {
+            vocab_size,
+            min_frequency: crate::corpus::tokenizer::DEFAULT_MIN_FREQUENCY,
+        },
+        corpus,
+        &tok_out,
+        progress,
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -235,7 +235,7 @@ pub fn run(
             say(&format!("rare share {share}, seed {seed}"));
             let corpus = dir.join("corpus.parquet");
             if !corpus.exists() {
-                super::synth_corpus(
+                crate::corpus::synth::write_corpus(
                     &crate::corpus::synth::SynthOptions {
                         samples: r.samples,
                         rare_share: share,
