@@ -272,6 +272,20 @@ pub struct Interval {
     pub high: f64,
 }
 
+impl Interval {
+    /// −1 when the whole interval lies below 0, +1 when above, 0 when it holds 0 (no direction
+    /// is stated).
+    pub fn sign(&self) -> i8 {
+        if self.high < 0.0 {
+            -1
+        } else if self.low > 0.0 {
+            1
+        } else {
+            0
+        }
+    }
+}
+
 /// The mean of `xs` with the two-sided 95% t interval (len − 1 degrees of freedom).
 pub fn t_interval(xs: &[f64]) -> Interval {
     let n = xs.len() as f64;
@@ -339,7 +353,7 @@ fn ensure_corpus(spec: &StudySpec, progress: &dyn Progress) -> Result<()> {
             "corpus not found (give [data.synth] to generate one)",
         ));
     };
-    synth_corpus(
+    crate::corpus::synth::write_corpus(
         &crate::corpus::synth::SynthOptions {
             samples: s.samples,
             rare_share: s.rare_share,
@@ -350,37 +364,6 @@ fn ensure_corpus(spec: &StudySpec, progress: &dyn Progress) -> Result<()> {
         &d.corpus,
         progress,
     )
-}
-
-/// `corpus synth` as a library call: the corpus of `opts` with a BPE tokenizer of `vocab_size`
-/// trained on it, written to `corpus` and `tokenizer.json` beside it.
-pub fn synth_corpus(
-    opts: &crate::corpus::synth::SynthOptions,
-    vocab_size: usize,
-    corpus: &Path,
-    progress: &dyn Progress,
-) -> Result<()> {
-    let records = crate::corpus::synth::generate(opts)?;
-    let build = crate::corpus::BuildOptions {
-        seed: opts.seed,
-        ..Default::default()
-    };
-    let (mut c, _) = crate::corpus::build("corpus synth", records, &build)?;
-    if let Some(dir) = corpus.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    let tok_out = crate::corpus::tokenizer::default_path(corpus);
-    crate::corpus::tokenizer::finish_corpus(
-        &mut c,
-        &crate::corpus::tokenizer::TokenizerSource::Train {
-            vocab_size,
-            min_frequency: crate::corpus::tokenizer::DEFAULT_MIN_FREQUENCY,
-        },
-        corpus,
-        &tok_out,
-        progress,
-    )?;
-    Ok(())
 }
 
 /// Per-sample validation losses of a finished run: (corpus index, domain, loss sum, tokens).
@@ -796,14 +779,10 @@ impl Study {
     /// score against each other criterion on the long tail; a direction is stated only when the
     /// interval excludes 0.
     pub fn findings(&self) -> Vec<String> {
-        let word = |i: &Interval, lower: &str, higher: &str| {
-            if i.high < 0.0 {
-                lower.to_string()
-            } else if i.low > 0.0 {
-                higher.to_string()
-            } else {
-                "no difference is detectable".to_string()
-            }
+        let word = |i: &Interval, lower: &str, higher: &str| match i.sign() {
+            -1 => lower.to_string(),
+            1 => higher.to_string(),
+            _ => "no difference is detectable".to_string(),
         };
         let mut out = Vec::new();
         for r in self

@@ -65,12 +65,10 @@ pub fn run(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
             c.diff.mean,
             c.diff.low,
             c.diff.high,
-            if c.diff.high < 0.0 {
-                "  flag better"
-            } else if c.diff.low > 0.0 {
-                "  flag worse"
-            } else {
-                ""
+            match c.diff.sign() {
+                -1 => "  flag better",
+                1 => "  flag worse",
+                _ => "",
             }
         );
     }
