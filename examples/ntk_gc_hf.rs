@@ -87,8 +87,12 @@ fn main() -> anyhow::Result<()> {
             row.column, row.group, row.n
         );
     }
-    let ids = tailscope::io::column_str(&out.samples, "id", &work)?;
-    let align = tailscope::io::column_f64(&out.samples, "alignment", &work)?;
+    let samples = out
+        .samples
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("an in-memory kernel has a sample table"))?;
+    let ids = tailscope::io::column_str(samples, "id", &work)?;
+    let align = tailscope::io::column_f64(samples, "alignment", &work)?;
     let mut order: Vec<usize> = (0..ids.len()).collect();
     order.sort_by(|&a, &b| align[a].total_cmp(&align[b]));
     println!("least aligned with the principal gradient direction:");

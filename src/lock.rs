@@ -42,8 +42,14 @@ fn alive(pid: u32) -> bool {
 impl OutputLock {
     /// Take the lock of `dir` (created if missing) for this process, doing `what`.
     pub fn acquire(dir: &Path, what: &str) -> Result<OutputLock> {
+        Self::acquire_as(dir, FILE, what)
+    }
+
+    /// Take the lock file `name` of `dir`: for writers that share a folder, each with its own
+    /// part of it (the shares of a streamed kernel), so that one part has one writer.
+    pub fn acquire_as(dir: &Path, name: &str, what: &str) -> Result<OutputLock> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let path = dir.join(FILE);
+        let path = dir.join(name);
         let me = std::process::id();
         // Two tries: the second after removing a stale lock.
         for _ in 0..2 {
@@ -109,6 +115,40 @@ impl OutputLock {
             "another process took this folder's lock at the same moment; try again",
         ))
     }
+}
+
+/// Remove the lock files of `dir` whose names start with `prefix` and whose processes are gone
+/// (writers of a shared folder that were killed), with the temporary files those processes
+/// left; locks of live processes stay. How many were removed.
+pub fn clear_stale(dir: &Path, prefix: &str) -> usize {
+    let mut removed = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(prefix) || !name.ends_with(".lock") {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        // A lock without a process id yet is being written by a process starting now.
+        let Some(pid) = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if alive(pid) {
+            continue;
+        }
+        tracing::info!(
+            "removing {}, left by a process that ended",
+            e.path().display()
+        );
+        remove_temp_files_of(dir, pid);
+        if std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Remove, under `dir`, the temporary files a dead process `pid` left. Best effort: a file that

@@ -576,7 +576,7 @@ fn diagonal_and_cross_kernels_agree_with_the_full_kernel() {
 /// run) recomputes only what is missing.
 #[test]
 fn streamed_kernels_match_and_resume() {
-    use tailscope::ntk::stream::{assemble, stream_kernel, StreamPlan};
+    use tailscope::ntk::stream::{assemble, stream_kernel, StreamPlan, Work};
     let (vs, model) = build(&tiny(Arch::Bert, ExpertConfig::Dense));
     let params = Selection::default().select(&vs).unwrap();
     let s = seqs();
@@ -597,6 +597,7 @@ fn streamed_kernels_match_and_resume() {
         dir: dir.path(),
         tile: 4,
         blocks: BlockBy::Module,
+        work: Work::All,
     };
     let r = stream_kernel(
         &model,
@@ -647,4 +648,100 @@ fn streamed_kernels_match_and_resume() {
     let again = assemble(dir.path(), 6, 4).unwrap();
     assert!(rel_err(&parts[0].1, &again[0].1) < 1e-12);
     assert!(dir.path().join("tiles.parquet").exists());
+}
+
+/// Shares of a streamed kernel (`--shard I/N`), run one after another into one folder, under two
+/// share counts with uneven shares, give the one-process kernel; assembling refuses while tiles
+/// are missing, naming the first.
+#[test]
+fn shares_of_a_streamed_kernel_give_the_whole_kernel() {
+    use std::time::Duration;
+    use tailscope::ntk::stream::{assemble, stream_kernel, Share, StreamPlan, Work};
+    let (vs, model) = build(&tiny(Arch::Gpt, ExpertConfig::Dense));
+    let params = Selection::default().select(&vs).unwrap();
+    let s = seqs();
+    let refs: Vec<&[u32]> = s.iter().map(Vec::as_slice).collect();
+    let opts = CaptureOptions {
+        batch: 2,
+        ..Default::default()
+    };
+    let whole = kernel(
+        &capture(&model, &params, &refs, &opts, Device::Cpu, &|_| {}).unwrap(),
+        None,
+        BlockBy::Module,
+        false,
+    )
+    .unwrap();
+    let run = |dir: &std::path::Path, work: Work| {
+        let plan = StreamPlan {
+            dir,
+            tile: 2,
+            blocks: BlockBy::Module,
+            work,
+        };
+        stream_kernel(
+            &model,
+            &params,
+            &refs,
+            &opts,
+            &plan,
+            Device::Cpu,
+            &|_, _| {},
+        )
+    };
+    let share = |i, n| Work::Share {
+        share: Share::new(i, n).unwrap(),
+        wait: Duration::ZERO,
+    };
+    // 6 samples in tiles of 2: 3 shards, 6 tiles. Shares 1/2 then 0/2: share 1 owns shard 1 and
+    // tiles 1, 3, 5 = (0,1), (1,1), (2,2); it takes over shards 0 and 2 (no other share ran).
+    let dir = tempfile::tempdir().unwrap();
+    let r = run(dir.path(), share(1, 2)).unwrap();
+    assert_eq!((r.shards, r.tiles, r.shards_taken_over), (1, 3, 2), "{r:?}");
+    let msg = run(dir.path(), Work::AssembleOnly).unwrap_err().to_string();
+    assert!(
+        msg.contains("3 of 6 tiles are missing") && msg.contains("tile-00000-00000"),
+        "{msg}"
+    );
+    assert!(!dir.path().join("tiles.parquet").exists());
+    let r = run(dir.path(), share(0, 2)).unwrap();
+    assert_eq!(
+        (
+            r.shards,
+            r.shards_reused,
+            r.tiles,
+            r.tiles_reused,
+            r.shards_taken_over
+        ),
+        (2, 2, 3, 0, 0),
+        "{r:?}"
+    );
+    run(dir.path(), Work::AssembleOnly).unwrap();
+    assert!(dir.path().join("tiles.parquet").exists());
+    let parts = assemble(dir.path(), 6, 2).unwrap();
+    assert!(rel_err(&whole.total, &parts[0].1) < 1e-12);
+    for (name, blk) in &whole.blocks {
+        let got = &parts
+            .iter()
+            .find(|(n, _)| *n == format!("block.{name}"))
+            .unwrap()
+            .1;
+        assert!(rel_err(blk, got) < 1e-12, "{name}");
+    }
+    // Three shares, each on its own first: shard s and tile t of share t mod 3; the tiles of a
+    // share are its own, never another's.
+    let dir3 = tempfile::tempdir().unwrap();
+    for i in [2, 0, 1] {
+        let r = run(dir3.path(), share(i, 3)).unwrap();
+        assert_eq!((r.shards, r.tiles, r.tiles_reused), (1, 2, 0), "share {i}");
+    }
+    run(dir3.path(), Work::AssembleOnly).unwrap();
+    let parts3 = assemble(dir3.path(), 6, 2).unwrap();
+    assert!(rel_err(&whole.total, &parts3[0].1) < 1e-12);
+    // I/N is parsed and checked.
+    assert_eq!("1/3".parse::<Share>().unwrap(), Share::new(1, 3).unwrap());
+    for bad in ["3/3", "1", "a/2", "0/0"] {
+        let e = bad.parse::<Share>().unwrap_err().to_string();
+        assert!(e.contains("--shard"), "{bad}: {e}");
+    }
 }

@@ -558,3 +558,150 @@ fn a_failing_write_leaves_no_partial_output_and_names_the_file() {
     assert!(!named.exists(), "no partial kernel");
     assert!(temp_files(&out).is_empty(), "{:?}", temp_files(&out));
 }
+
+/// `ntk --tile --shard I/N` run by N processes at once into one folder, then `--assemble`: the
+/// one-process streamed kernel, GC, sample table and tile index bit for bit, for 2 and 3 shares
+/// (uneven: 7 shards), with and without projection. A share killed midway, and the work redone
+/// under another share count, resume from the complete shards and tiles; a share under other
+/// settings is refused; assembling cleans up what the killed share left.
+#[test]
+fn sharded_kernel_over_processes_equals_one_process() {
+    let t = Tmp::new();
+    let corpus = synth(&t, 400);
+    let spec = tiny_spec(&t, &corpus);
+    let model = train_run(&t, &spec, "cse");
+    let ntk = |out: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "ntk",
+            "--model",
+            &model,
+            "--corpus",
+            &corpus,
+            "--samples",
+            "26",
+            "--tile",
+            "4",
+            "--batch",
+            "4",
+            "--bins",
+            "3",
+            "-o",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let with = |mut v: Vec<String>, more: &[&str]| {
+        v.extend(more.iter().map(|s| s.to_string()));
+        v
+    };
+    let same_outputs = |a: &str, b: &str| {
+        same_tensors(
+            &t.path(&format!("{a}/kernel.safetensors")),
+            &t.path(&format!("{b}/kernel.safetensors")),
+        );
+        for f in ["gc.parquet", "samples.parquet", "tiles.parquet"] {
+            same_bytes(&t.path(&format!("{a}/{f}")), &t.path(&format!("{b}/{f}")));
+        }
+    };
+    for (name, extra) in [("plain", vec![]), ("projected", vec!["--project", "48"])] {
+        let one = format!("{name}-one");
+        ok(&refs(&ntk(&t.s(&one), &extra)));
+        for n in [2, 3] {
+            let dir = format!("{name}-{n}");
+            let children: Vec<_> = (0..n)
+                .map(|i| {
+                    let a = with(ntk(&t.s(&dir), &extra), &["--shard", &format!("{i}/{n}")]);
+                    bin()
+                        .args(&a)
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .unwrap()
+                })
+                .collect();
+            for c in children {
+                let o = c.wait_with_output().unwrap();
+                assert!(o.status.success(), "{}", stderr(&o));
+                assert!(stdout(&o).contains("share done"), "{}", stdout(&o));
+            }
+            assert!(!t.path(&format!("{dir}/kernel.safetensors")).exists());
+            let printed = ok(&refs(&with(ntk(&t.s(&dir), &extra), &["--assemble"])));
+            assert!(printed.contains("NTK of 26 samples"), "{printed}");
+            same_outputs(&one, &dir);
+        }
+    }
+    // Share 1 of 2 killed after its first files; then the whole work under 3 shares at once.
+    let killed = t.s("killed");
+    let args = with(ntk(&killed, &[]), &["--shard", "1/2"]);
+    let k = start_and_kill(
+        &refs(&args),
+        &t.path("killed"),
+        &|| count_files(&t.path("killed"), ".safetensors") >= 2,
+        Duration::ZERO,
+    );
+    assert!(
+        !k.finished_first,
+        "the kill must land before the share ends"
+    );
+    bad(
+        &refs(&with(ntk(&killed, &[]), &["--assemble"])),
+        &["tiles are missing", "--shard"],
+    );
+    bad(
+        &refs(&with(
+            ntk(&killed, &["--project", "48"]),
+            &["--shard", "0/2"],
+        )),
+        &["manifest.json", "capture.projection"],
+    );
+    let children: Vec<_> = (0..3)
+        .map(|i| {
+            let a = with(ntk(&killed, &[]), &["--shard", &format!("{i}/3")]);
+            bin()
+                .args(&a)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let reused = outputs
+        .iter()
+        .map(|o| {
+            assert!(o.status.success(), "{}", stderr(o));
+            let s = stdout(o);
+            let n = |key: &str| -> usize {
+                let at = s.find(key).unwrap() + key.len();
+                s[at..]
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            };
+            n("shards (") + n("tiles (")
+        })
+        .sum::<usize>();
+    assert!(reused >= 2, "the killed share's files are reused: {reused}");
+    ok(&refs(&with(ntk(&killed, &[]), &["--assemble"])));
+    same_outputs("plain-one", "killed");
+    assert!(
+        temp_files(&t.path("killed")).is_empty(),
+        "{:?}",
+        temp_files(&t.path("killed"))
+    );
+    let locks = count_files(&t.path("killed"), ".lock");
+    assert_eq!(locks, 0, "the killed share's lock is removed");
+    bad(
+        &refs(&with(ntk(&t.s("empty"), &[]), &["--assemble"])),
+        &["nothing to assemble"],
+    );
+}

@@ -11,6 +11,7 @@ use crate::capture::{CaptureOptions, Method, OutputKind, Projection, ProjectionK
 use crate::corpus::SplitChoice;
 use crate::ntk::gc::IntervalMethod;
 use crate::ntk::pipeline::{self, GcRow, NtkOptions, NtkOutput};
+use crate::ntk::stream::Work;
 use crate::ntk::{BlockBy, Normalize};
 
 /// Which samples and which gradients; shared by `capture` and `ntk`.
@@ -192,6 +193,36 @@ pub struct NtkArgs {
     /// instead of resuming from them (a resume under other settings is refused).
     #[arg(long, help_heading = "Kernel")]
     pub fresh: bool,
+    /// With --tile: compute share I of N (0-based) of the shards and tiles; see the long help.
+    #[arg(
+        long,
+        value_name = "I/N",
+        requires = "tile",
+        conflicts_with_all = ["assemble", "fresh"],
+        help_heading = "Scale-out",
+        long_help = "With --tile: compute share I of N (0-based) of the shards and tiles, so that N \
+            processes (the tasks of a Slurm job array, on one or many hosts sharing the output \
+            folder) build one streamed kernel together: share I captures the shards s with s mod \
+            N = I and computes the tiles t (numbered row by row) with t mod N = I. A tile whose \
+            shard another share has not written yet waits --shard-wait seconds for it, then \
+            captures it itself. Every share runs the same command but for I; when all are done, \
+            the same command with --assemble instead of --shard writes kernel.safetensors, GC and \
+            the tables. A share killed midway resumes when rerun, under the same or another N."
+    )]
+    pub shard: Option<crate::ntk::stream::Share>,
+    /// With --shard: seconds to wait for a shard of another share before capturing it here.
+    #[arg(
+        long,
+        default_value_t = 600,
+        value_name = "SECS",
+        requires = "shard",
+        help_heading = "Scale-out"
+    )]
+    pub shard_wait: u64,
+    /// With --tile: compute nothing; assemble the tiles the shares wrote (every tile must be
+    /// there), then GC and the tables.
+    #[arg(long, requires = "tile", help_heading = "Scale-out")]
+    pub assemble: bool,
     /// GC over training: --model is a training run folder; see the long help.
     #[arg(
         long,
@@ -263,6 +294,14 @@ impl NtkArgs {
             tile: self.tile,
             assemble_max: self.assemble_max,
             fresh: self.fresh,
+            work: match (self.shard, self.assemble) {
+                (Some(share), _) => Work::Share {
+                    share,
+                    wait: std::time::Duration::from_secs(self.shard_wait),
+                },
+                (None, true) => Work::AssembleOnly,
+                (None, false) => Work::All,
+            },
             seed: g.seed,
         }
     }
@@ -376,6 +415,21 @@ fn run_trajectory(a: &NtkArgs, g: &Global, device: tch::Device) -> anyhow::Resul
 
 /// What `tailscope ntk` prints about a finished run written into `out`.
 pub fn print_ntk(job: &Job, out: &std::path::Path, assemble_max: usize, r: &NtkOutput) {
+    if let (Some(rep), None) = (&r.stream, &r.samples) {
+        println!(
+            "share done: {} shards ({} reused, {} more taken over from other shares), {} tiles ({} reused) under {}",
+            rep.shards,
+            rep.shards_reused,
+            rep.shards_taken_over,
+            rep.tiles,
+            rep.tiles_reused,
+            out.display()
+        );
+        println!(
+            "when every share is done, run the same command with --assemble instead of --shard"
+        );
+        return;
+    }
     if let Some(rep) = &r.stream {
         println!(
             "streamed: {} shards ({} reused), {} tiles ({} reused) under {}",

@@ -14,7 +14,7 @@ use tch::{Device, Tensor};
 
 use super::diagnostics::{self, Diagnostics, Warning};
 use super::gc::{self, IntervalMethod, Principal};
-use super::stream::{self, StreamPlan, StreamReport};
+use super::stream::{self, StreamPlan, StreamReport, Work};
 use super::{kernel, BlockBy, Kernel, Normalize};
 use crate::capture::job::Job;
 use crate::capture::{Captured, Method, OutputKind};
@@ -29,6 +29,8 @@ use crate::progress::Progress;
 pub const DEFAULT_BINS: usize = 5;
 /// Jackknife groups (or half-samples) of the GC intervals by default.
 pub const DEFAULT_GC_RESAMPLES: usize = 32;
+/// Lock files of the shares of a streamed kernel start with this.
+const SHARE_LOCK: &str = ".tailscope.share-";
 /// Largest streamed kernel assembled in memory by default.
 pub const DEFAULT_ASSEMBLE_MAX: usize = 16384;
 
@@ -58,6 +60,9 @@ pub struct NtkOptions {
     /// A streamed kernel starts afresh: shards and tiles already in the folder are removed
     /// instead of resumed.
     pub fresh: bool,
+    /// Which shards and tiles of a streamed kernel this process computes: all, one share of
+    /// several processes writing into one folder, or none (assemble what the shares wrote).
+    pub work: Work,
     /// Seed of the intervals and of BERT masks in the exported batch.
     pub seed: u64,
 }
@@ -76,6 +81,7 @@ impl Default for NtkOptions {
             tile: None,
             assemble_max: DEFAULT_ASSEMBLE_MAX,
             fresh: false,
+            work: Work::All,
             seed: 0,
         }
     }
@@ -152,8 +158,8 @@ pub struct NtkOutput {
     pub kernel: Option<Kernel>,
     /// The principal eigenpair of the total kernel (not for diagonal kernels).
     pub principal: Option<Principal>,
-    /// The per-sample table (`samples.parquet`).
-    pub samples: DataFrame,
+    /// The per-sample table (`samples.parquet`); `None` for one share of a streamed kernel.
+    pub samples: Option<DataFrame>,
     /// GC per group (not for diagonal kernels).
     pub gc: Vec<GcRow>,
     /// The cross-kernel, when asked for.
@@ -173,7 +179,20 @@ pub fn compute_into(
     dir: &Path,
     progress: &dyn Progress,
 ) -> Result<NtkOutput> {
-    let _lock = OutputLock::acquire(dir, "tailscope ntk")?;
+    // Shares of one streamed kernel write into one folder at once, each its own files: each
+    // holds a lock of its own, so the same share is not run twice at a time.
+    let _lock = match opts.work {
+        Work::Share { share, .. } => OutputLock::acquire_as(
+            dir,
+            &format!("{SHARE_LOCK}{}-of-{}.lock", share.index, share.count),
+            &format!("tailscope ntk --shard {share}"),
+        )?,
+        _ => OutputLock::acquire(dir, "tailscope ntk")?,
+    };
+    if opts.tile.is_some() {
+        // Shares that were killed left their locks and temporary files.
+        crate::lock::clear_stale(dir, SHARE_LOCK);
+    }
     let mut out = compute(job, opts, device, Some(dir), progress)?;
     out.write(dir)?;
     Ok(out)
@@ -237,7 +256,13 @@ pub fn compute(
             let (k, rep) = streamed(job, opts, tile, dir, device, progress)?;
             match k {
                 Some(k) => (k, None, Some(rep)),
-                None => return too_large_to_assemble(job, rep),
+                None if matches!(opts.work, Work::Share { .. }) => {
+                    return Ok(NtkOutput::streamed_only(None, rep))
+                }
+                None => {
+                    let samples = job.samples_frame(None, None, &[])?;
+                    return Ok(NtkOutput::streamed_only(Some(samples), rep));
+                }
             }
         }
         None => {
@@ -297,7 +322,7 @@ pub fn from_kernel(
         summary: None,
         kernel: None,
         principal: None,
-        samples: DataFrame::empty(),
+        samples: None,
         gc: Vec::new(),
         cross: None,
         batch: None,
@@ -305,7 +330,7 @@ pub fn from_kernel(
     };
     if opts.diagonal {
         let d: Vec<f64> = Vec::try_from(&k.total)?;
-        out.samples = job.samples_frame(Some(&d), None, &extra)?;
+        out.samples = Some(job.samples_frame(Some(&d), None, &extra)?);
         out.summary = Some(summary);
         out.kernel = Some(k);
         return Ok(out);
@@ -333,7 +358,7 @@ pub fn from_kernel(
         scores: &scores,
         last: last.as_ref(),
     };
-    out.samples = samples_table(job, &t)?;
+    out.samples = Some(samples_table(job, &t)?);
     out.summary = Some(summary);
     out.kernel = Some(k);
     out.principal = Some(whole);
@@ -358,6 +383,21 @@ fn streamed(
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let manifest = stream_manifest(job, opts, tile)?;
+    let share = matches!(opts.work, Work::Share { .. });
+    if opts.fresh && opts.work != Work::All {
+        return Err(Error::invalid(
+            "--fresh",
+            "would remove what other shares wrote; remove shards/ and tiles/ by hand before \
+             starting the shares, or drop --shard/--assemble",
+        ));
+    }
+    if opts.work == Work::AssembleOnly && crate::manifest::Manifest::read(dir)?.is_none() {
+        return Err(Error::in_file(
+            dir,
+            "nothing to assemble (no manifest.json): run the shares (--shard I/N) into this \
+             folder first",
+        ));
+    }
     if opts.fresh {
         crate::manifest::clear(dir, &["shards", "tiles", "tiles.parquet"])?;
         manifest.write(dir)?;
@@ -375,6 +415,7 @@ fn streamed(
         dir,
         tile,
         blocks: opts.blocks,
+        work: opts.work,
     };
     let rep = stream::stream_kernel(
         &job.model,
@@ -389,7 +430,7 @@ fn streamed(
         },
     )?;
     progress.finish();
-    if refs.len() > opts.assemble_max {
+    if share || refs.len() > opts.assemble_max {
         return Ok((None, rep));
     }
     let mut parts = stream::assemble(dir, refs.len(), tile)?;
@@ -444,18 +485,21 @@ fn check_finite(ids: &[&str], k: &Kernel) -> Result<()> {
     ))
 }
 
-/// A streamed kernel too large to assemble: only the sample table (the kernel stays in tiles/).
-fn too_large_to_assemble(job: &Job, rep: StreamReport) -> Result<NtkOutput> {
-    Ok(NtkOutput {
-        summary: None,
-        kernel: None,
-        principal: None,
-        samples: job.samples_frame(None, None, &[])?,
-        gc: Vec::new(),
-        cross: None,
-        batch: None,
-        stream: Some(rep),
-    })
+impl NtkOutput {
+    /// A streamed kernel that stays in its tiles: one share's work (no other output), or a
+    /// kernel too large to assemble (the sample table only).
+    fn streamed_only(samples: Option<DataFrame>, rep: StreamReport) -> NtkOutput {
+        NtkOutput {
+            summary: None,
+            kernel: None,
+            principal: None,
+            samples,
+            gc: Vec::new(),
+            cross: None,
+            batch: None,
+            stream: Some(rep),
+        }
+    }
 }
 
 /// The padded batch of the job's samples (ids, mask, targets), masks seeded as in capture.
@@ -710,7 +754,9 @@ impl NtkOutput {
         if self.principal.is_some() {
             crate::io::write_parquet(&mut gc_frame(&self.gc)?, dir.join("gc.parquet"))?;
         }
-        crate::io::write_parquet(&mut self.samples, dir.join("samples.parquet"))?;
+        if let Some(samples) = &mut self.samples {
+            crate::io::write_parquet(samples, dir.join("samples.parquet"))?;
+        }
         if let Some(c) = &self.cross {
             let path = dir.join("cross_kernel.safetensors");
             crate::io::write_tensors(&c.kernel.named(), &path)?;

@@ -5,8 +5,18 @@
 //! a ≤ b; Θ is symmetric) into `tiles/tile-AAAAA-BBBBB.safetensors` (`total` and `block.<group>`).
 //! A file that exists is complete (atomic renames), so an interrupted run skips what is done and
 //! resumes where it stopped. `tiles.parquet` indexes the tiles by sample range.
+//!
+//! Several processes can share the work in one folder ([`Work::Share`], `--shard I/N`, e.g. the
+//! tasks of a Slurm job array): share I of N captures the shards s with s mod N = I and computes
+//! the tiles t (numbered row by row over a ≤ b) with t mod N = I. A tile whose shard belongs to a
+//! share that has not written it yet waits for it, then captures it itself (atomic writes make a
+//! shard written twice harmless). [`Work::AssembleOnly`] computes nothing and names the missing
+//! tiles and the shares that own them.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
 
 use polars::prelude::{Column, DataFrame};
 use tch::{Device, Tensor};
@@ -25,6 +35,85 @@ pub struct StreamPlan<'a> {
     pub tile: usize,
     /// How tiles are split into blocks.
     pub blocks: BlockBy,
+    /// Which shards and tiles this process computes.
+    pub work: Work,
+}
+
+/// Share `index` of `count` (0-based) of a streamed kernel's shards and tiles; `I/N` on the
+/// command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    /// This share, 0 ≤ index < count.
+    pub index: usize,
+    /// Shares in all.
+    pub count: usize,
+}
+
+impl Share {
+    /// Share `index` of `count`; refused unless 0 ≤ index < count.
+    pub fn new(index: usize, count: usize) -> Result<Share> {
+        if count == 0 || index >= count {
+            return Err(Error::invalid(
+                "--shard",
+                format!("expected I/N with 0 ≤ I < N, got {index}/{count}"),
+            ));
+        }
+        Ok(Share { index, count })
+    }
+
+    /// Whether the `k`-th shard (or tile) is this share's.
+    pub fn owns(&self, k: usize) -> bool {
+        k % self.count == self.index
+    }
+
+    /// The share that owns the `k`-th shard (or tile).
+    pub fn owner(k: usize, count: usize) -> Share {
+        Share {
+            index: k % count,
+            count,
+        }
+    }
+}
+
+impl fmt::Display for Share {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl FromStr for Share {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Share> {
+        let bad = || {
+            Error::invalid(
+                "--shard",
+                format!("expected I/N (share I of N, 0-based, e.g. 0/4), got `{s}`"),
+            )
+        };
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let i = i.trim().parse().map_err(|_| bad())?;
+        let n = n.trim().parse().map_err(|_| bad())?;
+        Share::new(i, n)
+    }
+}
+
+/// Which part of a streamed kernel a process computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Work {
+    /// Every shard and tile, then the tile index (one process).
+    #[default]
+    All,
+    /// One share's shards and tiles; a shard of another share that a tile needs is waited for
+    /// up to `wait`, then captured here. No tile index (the assembling run writes it).
+    Share {
+        /// Which share.
+        share: Share,
+        /// How long to wait for another share's shard.
+        wait: Duration,
+    },
+    /// Nothing is computed: every tile must be on disk (the shares are done); writes the index.
+    AssembleOnly,
 }
 
 /// One row of `tiles.parquet`: tile indices, sample ranges (end exclusive) and file.
@@ -35,7 +124,7 @@ struct TileRow {
     file: String,
 }
 
-/// What a streamed run did.
+/// What a streamed run did (for a share: of its own shards and tiles).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamReport {
     /// Shards in all.
@@ -46,6 +135,8 @@ pub struct StreamReport {
     pub tiles: usize,
     /// Tiles found complete on disk.
     pub tiles_reused: usize,
+    /// Shards of other shares captured here because they did not appear in time.
+    pub shards_taken_over: usize,
 }
 
 fn shard_path(dir: &Path, i: usize) -> PathBuf {
@@ -81,8 +172,15 @@ fn load_shard(path: &Path, names: &[String]) -> Result<Captured> {
     })
 }
 
+/// The tiles (a, b), a ≤ b, of `n_shards` shards, in their numbering (row by row).
+fn tile_list(n_shards: usize) -> Vec<(usize, usize)> {
+    (0..n_shards)
+        .flat_map(|a| (a..n_shards).map(move |b| (a, b)))
+        .collect()
+}
+
 /// Stream the kernel of `seqs` to `plan.dir`; `on_step(done, total)` reports progress over
-/// shards then tiles.
+/// this process's shards then tiles.
 pub fn stream_kernel(
     model: &Model,
     params: &[(String, Tensor)],
@@ -102,31 +200,167 @@ pub fn stream_kernel(
         return Err(Error::invalid("--tile", "must be at least 1"));
     }
     let n_shards = seqs.len().div_ceil(plan.tile);
-    let n_tiles = n_shards * (n_shards + 1) / 2;
-    let total = n_shards + n_tiles;
-    let mut report = StreamReport {
-        shards: n_shards,
-        shards_reused: 0,
-        tiles: n_tiles,
-        tiles_reused: 0,
+    let tiles = tile_list(n_shards);
+    if plan.work == Work::AssembleOnly {
+        return index_complete(plan, seqs.len(), &tiles);
+    }
+    let share = match plan.work {
+        Work::Share { share, .. } => share,
+        _ => Share::new(0, 1)?,
     };
-    for s in 0..n_shards {
-        let path = shard_path(plan.dir, s);
-        if path.exists() {
+    let mine: Vec<usize> = (0..n_shards).filter(|&s| share.owns(s)).collect();
+    let my_tiles: Vec<(usize, usize)> = (0..tiles.len())
+        .filter(|&t| share.owns(t))
+        .map(|t| tiles[t])
+        .collect();
+    let total = mine.len() + my_tiles.len();
+    let mut report = StreamReport {
+        shards: mine.len(),
+        shards_reused: 0,
+        tiles: my_tiles.len(),
+        tiles_reused: 0,
+        shards_taken_over: 0,
+    };
+    let capture = |s: usize| {
+        let start = s * plan.tile;
+        let end = (start + plan.tile).min(seqs.len());
+        write_shard(
+            model,
+            params,
+            seqs,
+            (start, end),
+            opts,
+            device,
+            &shard_path(plan.dir, s),
+        )
+    };
+    for (k, &s) in mine.iter().enumerate() {
+        if shard_path(plan.dir, s).exists() {
             report.shards_reused += 1;
         } else {
-            let start = s * plan.tile;
-            let end = (start + plan.tile).min(seqs.len());
-            write_shard(model, params, seqs, (start, end), opts, device, &path)?;
+            capture(s)?;
         }
-        on_step(s + 1, total);
+        on_step(k + 1, total);
     }
     let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
-    let step = |done: usize| on_step(n_shards + done, total);
-    let (index, reused) = write_tiles(&names, seqs.len(), n_shards, plan, &step)?;
-    report.tiles_reused = reused;
-    crate::io::write_parquet(&mut tile_index(&index)?, plan.dir.join("tiles.parquet"))?;
+    // Tiles whose shards are there first; the rest wait for (or take over) the missing shards.
+    let have = |&(a, b): &(usize, usize)| {
+        shard_path(plan.dir, a).exists() && shard_path(plan.dir, b).exists()
+    };
+    let (ready, pending): (Vec<_>, Vec<_>) = my_tiles.iter().partition(|t| have(t));
+    let wait = match plan.work {
+        Work::Share { wait, .. } => wait,
+        _ => Duration::ZERO,
+    };
+    let mut done = mine.len();
+    let mut rows = TileCache::default();
+    for (a, b) in ready.into_iter().chain(pending) {
+        for s in [a, b] {
+            let path = shard_path(plan.dir, s);
+            if !path.exists() && !wait_for(&path, wait) {
+                tracing::warn!(
+                    "shard {s} (share {}) is not in {} after {:.0} s; capturing it here",
+                    Share::owner(s, share.count),
+                    plan.dir.display(),
+                    wait.as_secs_f64()
+                );
+                capture(s)?;
+                report.shards_taken_over += 1;
+            }
+        }
+        let path = tile_path(plan.dir, a, b);
+        if path.exists() {
+            report.tiles_reused += 1;
+        } else {
+            let xa = rows.get(plan.dir, a, &names)?;
+            let xb = if a == b {
+                None
+            } else {
+                Some(load_shard(&shard_path(plan.dir, b), &names)?)
+            };
+            let k = kernel(xa, xb.as_ref(), plan.blocks, false)?;
+            write_tensors(&k.named(), &path)?;
+        }
+        done += 1;
+        on_step(done, total);
+    }
+    if plan.work == Work::All {
+        index_complete(plan, seqs.len(), &tiles)?;
+    }
     Ok(report)
+}
+
+/// Wait up to `wait` for `path` to appear (another process writes it); whether it did.
+fn wait_for(path: &Path, wait: Duration) -> bool {
+    let until = Instant::now() + wait;
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(200).min(wait));
+        if path.exists() {
+            return true;
+        }
+    }
+    path.exists()
+}
+
+/// The last row shard loaded: tiles come row by row, so row a's shard is read once per row.
+#[derive(Default)]
+struct TileCache {
+    row: Option<(usize, Captured)>,
+}
+
+impl TileCache {
+    fn get(&mut self, dir: &Path, a: usize, names: &[String]) -> Result<&Captured> {
+        if !matches!(&self.row, Some((r, _)) if *r == a) {
+            self.row = Some((a, load_shard(&shard_path(dir, a), names)?));
+        }
+        self.row
+            .as_ref()
+            .map(|(_, c)| c)
+            .ok_or_else(|| Error::invalid("--tile", format!("shard {a} could not be loaded")))
+    }
+}
+
+/// Check that every tile is on disk and write `tiles.parquet`; the report of a run that computed
+/// nothing. A missing tile is named by its file and its number t in row order (share t mod N
+/// of `--shard I/N` computes it, whatever N the shares ran with).
+fn index_complete(plan: &StreamPlan, n: usize, tiles: &[(usize, usize)]) -> Result<StreamReport> {
+    let missing: Vec<usize> = (0..tiles.len())
+        .filter(|&t| !tile_path(plan.dir, tiles[t].0, tiles[t].1).exists())
+        .collect();
+    if let Some(&first) = missing.first() {
+        let (a, b) = tiles[first];
+        return Err(Error::in_file(
+            plan.dir,
+            format!(
+                "{} of {} tiles are missing, the first tiles/tile-{a:05}-{b:05}.safetensors (tile t = \
+                 {first} in row order, computed by share t mod N of --shard I/N); finish the \
+                 shares, or drop --assemble to compute what is missing in this process",
+                missing.len(),
+                tiles.len()
+            ),
+        ));
+    }
+    let index: Vec<TileRow> = tiles
+        .iter()
+        .map(|&(a, b)| {
+            let (ra, rb) = (a * plan.tile, b * plan.tile);
+            TileRow {
+                tile: [a as u64, b as u64],
+                rows: [ra as u64, (ra + plan.tile).min(n) as u64],
+                cols: [rb as u64, (rb + plan.tile).min(n) as u64],
+                file: format!("tiles/tile-{a:05}-{b:05}.safetensors"),
+            }
+        })
+        .collect();
+    crate::io::write_parquet(&mut tile_index(&index)?, plan.dir.join("tiles.parquet"))?;
+    let shards = n.div_ceil(plan.tile);
+    Ok(StreamReport {
+        shards,
+        shards_reused: shards,
+        tiles: tiles.len(),
+        tiles_reused: tiles.len(),
+        shards_taken_over: 0,
+    })
 }
 
 /// Capture one shard (samples `start..end`) and write its per-sample gradients to `path`.
@@ -155,50 +389,6 @@ fn write_shard(
         })
         .collect();
     write_tensors(&named, path)
-}
-
-/// Compute every missing tile (shard a × shard b, a ≤ b); the tile index and how many tiles
-/// were already there. `on_tile(k)` after the k-th tile.
-fn write_tiles(
-    names: &[String],
-    n: usize,
-    n_shards: usize,
-    plan: &StreamPlan,
-    on_tile: &dyn Fn(usize),
-) -> Result<(Vec<TileRow>, usize)> {
-    let mut index: Vec<TileRow> = Vec::new();
-    let mut reused = 0;
-    for a in 0..n_shards {
-        let xa = load_shard(&shard_path(plan.dir, a), names)?;
-        for b in a..n_shards {
-            let path = tile_path(plan.dir, a, b);
-            if path.exists() {
-                reused += 1;
-            } else {
-                let xb = if a == b {
-                    None
-                } else {
-                    Some(load_shard(&shard_path(plan.dir, b), names)?)
-                };
-                let k = kernel(&xa, xb.as_ref(), plan.blocks, false)?;
-                write_tensors(&k.named(), &path)?;
-            }
-            let (ra, rb) = (a * plan.tile, b * plan.tile);
-            index.push(TileRow {
-                tile: [a as u64, b as u64],
-                rows: [ra as u64, (ra + plan.tile).min(n) as u64],
-                cols: [rb as u64, (rb + plan.tile).min(n) as u64],
-                file: format!(
-                    "tiles/{}",
-                    path.file_name()
-                        .map(|f| f.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                ),
-            });
-            on_tile(index.len());
-        }
-    }
-    Ok((index, reused))
 }
 
 /// `tiles.parquet`.
