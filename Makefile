@@ -37,12 +37,14 @@ demo: build
 	@echo "  more: tailscope run analyses/demo-smollm2.toml (the pretrained model itself),"
 	@echo "        tailscope train --config analyses/demo-train.toml (small models from scratch)"
 
+# The tests run with the `mpi` feature (mpirun over 2 and 3 ranks); setup-test provisions MPI.
 test: setup-test
-	$(CARGO) test --release --locked
+	$(CARGO) test --release --locked --features mpi
 
 lint: setup
 	$(CARGO) fmt --check
 	$(CARGO) clippy --release --locked --all-targets -- -D warnings
+	$(CARGO) clippy --release --locked --all-targets --features mpi -- -D warnings
 
 bench: setup
 	$(CARGO) bench --locked --bench freq --bench train --bench ntk

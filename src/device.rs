@@ -45,6 +45,40 @@ pub fn configure(threads: Option<usize>, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// Environment variables that MPI launchers (Open MPI, MPICH and Intel MPI's Hydra, PMIx, Slurm's
+/// srun with PMI) set in every process they start.
+const LAUNCHER_VARS: [&str; 4] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"];
+
+/// Whether this process was started by an MPI launcher (`mpirun`, `srun`).
+pub fn mpi_launched() -> bool {
+    LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some())
+}
+
+/// This process's rank on its host, from the launcher (0 when it does not say).
+pub fn local_rank() -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+        "PMIX_LOCAL_RANK",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+    .unwrap_or(0)
+}
+
+/// The device of one of several ranks on a host: CUDA device (local rank mod device count), so
+/// the ranks of a host spread over its GPUs; the CPU stays the CPU.
+pub fn for_local_rank(device: tch::Device) -> tch::Device {
+    match device {
+        tch::Device::Cuda(_) => {
+            let count = tch::Cuda::device_count().max(1) as usize;
+            tch::Device::Cuda(local_rank() % count)
+        }
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

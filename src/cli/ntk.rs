@@ -345,10 +345,74 @@ pub fn run_ntk(a: &NtkArgs, g: &Global) -> anyhow::Result<()> {
     if a.trajectory {
         return run_trajectory(a, g, device);
     }
+    if crate::device::mpi_launched() {
+        #[cfg(feature = "mpi")]
+        return run_ntk_mpi(a, g, device);
+        #[cfg(not(feature = "mpi"))]
+        return Err(crate::error::Error::invalid(
+            "mpirun",
+            "this tailscope was built without MPI; build it with `cargo build --release \
+             --features mpi`, or run the shares as separate processes with --shard I/N",
+        )
+        .into());
+    }
     let job = Job::prepare(&a.capture.job_spec(g)?, device)?;
     let out = &a.capture.out;
     let r = pipeline::compute_into(&job, &a.options(g), device, out, &Bars::default())?;
     print_ntk(&job, out, a.assemble_max, &r);
+    Ok(())
+}
+
+/// `mpirun -n R tailscope ntk --tile N …`: one streamed kernel over R ranks. A rank that fails
+/// prints its error naming itself and aborts the job, so no rank waits for it.
+#[cfg(feature = "mpi")]
+fn run_ntk_mpi(a: &NtkArgs, g: &Global, device: tch::Device) -> anyhow::Result<()> {
+    use crate::ntk::mpi::{self, Ranks};
+    let ranks = Ranks::init()?;
+    ranks.abort_on_panic();
+    let (rank, size) = (ranks.rank(), ranks.size());
+    let device = crate::device::for_local_rank(device);
+    tracing::info!("rank {rank} of {size} on {device:?}");
+    let out = &a.capture.out;
+    let result = (|| -> crate::Result<_> {
+        let job = Job::prepare(&a.capture.job_spec(g)?, device)?;
+        let silent = crate::progress::Silent;
+        let bars = Bars::default();
+        let progress: &dyn crate::progress::Progress = if rank == 0 { &bars } else { &silent };
+        let r = mpi::compute_into(&job, &a.options(g), device, out, &ranks, progress)?;
+        Ok((job, r))
+    })();
+    let (job, mut r) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            let code = if e.is_bad_input() { 2 } else { 1 };
+            eprintln!("tailscope: rank {rank} of {size}: {e}; aborting the job");
+            ranks.abort(code);
+        }
+    };
+    if let Some(o) = &mut r.output {
+        // The per-rank table below says what was computed and reused.
+        o.stream = None;
+        print_ntk(&job, out, a.assemble_max, o);
+        println!("ranks: {size}");
+        println!("rank  samples  shards new/reused  tiles new/reused  capture s  tiles s  exchange s  MB sent");
+        for p in &r.ranks {
+            println!(
+                "{:>4}  {:>7}  {:>10}/{:<6}  {:>9}/{:<6}  {:>9.2}  {:>7.2}  {:>10.2}  {:>7.1}",
+                p.rank,
+                p.samples,
+                p.shards_captured,
+                p.shards_reused,
+                p.tiles_computed,
+                p.tiles_reused,
+                p.capture_seconds,
+                p.tile_seconds,
+                p.exchange_seconds,
+                p.bytes_sent as f64 / 1e6
+            );
+        }
+        println!("wrote {}/ranks.json", out.display());
+    }
     Ok(())
 }
 

@@ -11,6 +11,8 @@ pub mod coverage;
 pub mod diagnostics;
 pub mod gc;
 pub mod lanczos;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod pipeline;
 pub mod stream;
 pub mod trajectory;

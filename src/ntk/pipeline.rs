@@ -30,7 +30,7 @@ pub const DEFAULT_BINS: usize = 5;
 /// Jackknife groups (or half-samples) of the GC intervals by default.
 pub const DEFAULT_GC_RESAMPLES: usize = 32;
 /// Lock files of the shares of a streamed kernel start with this.
-const SHARE_LOCK: &str = ".tailscope.share-";
+pub(crate) const SHARE_LOCK: &str = ".tailscope.share-";
 /// Largest streamed kernel assembled in memory by default.
 pub const DEFAULT_ASSEMBLE_MAX: usize = 16384;
 
@@ -365,16 +365,10 @@ pub fn from_kernel(
     Ok(out)
 }
 
-/// Capture in shards and compute the kernel in tiles under `dir`; the assembled kernel when it
-/// has at most `opts.assemble_max` samples.
-fn streamed(
-    job: &Job,
-    opts: &NtkOptions,
-    tile: usize,
-    dir: &Path,
-    device: Device,
-    progress: &dyn Progress,
-) -> Result<(Option<Kernel>, StreamReport)> {
+/// Before a streamed kernel's shards and tiles are written into `dir`: check (or, with
+/// `opts.fresh`, reset) the folder's manifest, so that nothing made under other settings is
+/// resumed. What every process of a streamed kernel does first (one rank under MPI).
+pub fn prepare_stream(job: &Job, opts: &NtkOptions, tile: usize, dir: &Path) -> Result<()> {
     if opts.diagonal || opts.cross.is_some() {
         return Err(Error::invalid(
             "--tile",
@@ -383,7 +377,6 @@ fn streamed(
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let manifest = stream_manifest(job, opts, tile)?;
-    let share = matches!(opts.work, Work::Share { .. });
     if opts.fresh && opts.work != Work::All {
         return Err(Error::invalid(
             "--fresh",
@@ -409,6 +402,21 @@ fn streamed(
             "pass --fresh to start afresh (it removes shards/ and tiles/ here)",
         )?;
     }
+    Ok(())
+}
+
+/// Capture in shards and compute the kernel in tiles under `dir`; the assembled kernel when it
+/// has at most `opts.assemble_max` samples.
+fn streamed(
+    job: &Job,
+    opts: &NtkOptions,
+    tile: usize,
+    dir: &Path,
+    device: Device,
+    progress: &dyn Progress,
+) -> Result<(Option<Kernel>, StreamReport)> {
+    prepare_stream(job, opts, tile, dir)?;
+    let share = matches!(opts.work, Work::Share { .. });
     let refs = job.seqs();
     progress.start("streaming", Some(1));
     let plan = StreamPlan {

@@ -139,16 +139,16 @@ pub struct StreamReport {
     pub shards_taken_over: usize,
 }
 
-fn shard_path(dir: &Path, i: usize) -> PathBuf {
+pub(crate) fn shard_path(dir: &Path, i: usize) -> PathBuf {
     dir.join("shards").join(format!("grads-{i:05}.safetensors"))
 }
 
-fn tile_path(dir: &Path, a: usize, b: usize) -> PathBuf {
+pub(crate) fn tile_path(dir: &Path, a: usize, b: usize) -> PathBuf {
     dir.join("tiles")
         .join(format!("tile-{a:05}-{b:05}.safetensors"))
 }
 
-fn load_shard(path: &Path, names: &[String]) -> Result<Captured> {
+pub(crate) fn load_shard(path: &Path, names: &[String]) -> Result<Captured> {
     let t = read_tensors(path)?;
     let mut jac = Vec::with_capacity(names.len());
     for n in names {
@@ -190,15 +190,7 @@ pub fn stream_kernel(
     device: Device,
     on_step: &dyn Fn(usize, usize),
 ) -> Result<StreamReport> {
-    if matches!(opts.method, Method::Ghost | Method::Auto) {
-        return Err(Error::invalid(
-            "--tile",
-            "streamed kernels store per-sample gradients; use --method batched or exact",
-        ));
-    }
-    if plan.tile == 0 {
-        return Err(Error::invalid("--tile", "must be at least 1"));
-    }
+    check(opts, plan.tile)?;
     let n_shards = seqs.len().div_ceil(plan.tile);
     let tiles = tile_list(n_shards);
     if plan.work == Work::AssembleOnly {
@@ -278,8 +270,7 @@ pub fn stream_kernel(
             } else {
                 Some(load_shard(&shard_path(plan.dir, b), &names)?)
             };
-            let k = kernel(xa, xb.as_ref(), plan.blocks, false)?;
-            write_tensors(&k.named(), &path)?;
+            write_tile(plan.dir, plan.blocks, (a, xa), xb.as_ref().map(|x| (b, x)))?;
         }
         done += 1;
         on_step(done, total);
@@ -288,6 +279,34 @@ pub fn stream_kernel(
         index_complete(plan, seqs.len(), &tiles)?;
     }
     Ok(report)
+}
+
+/// Refuse what a streamed kernel cannot do: ghost kernels (no per-sample gradients to store)
+/// and tiles of 0 samples.
+pub(crate) fn check(opts: &CaptureOptions, tile: usize) -> Result<()> {
+    if matches!(opts.method, Method::Ghost | Method::Auto) {
+        return Err(Error::invalid(
+            "--tile",
+            "streamed kernels store per-sample gradients; use --method batched or exact",
+        ));
+    }
+    if tile == 0 {
+        return Err(Error::invalid("--tile", "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// Compute and write tile (a, b) from the gradients of shard a and of shard b (`None`: the
+/// diagonal tile a = b).
+pub(crate) fn write_tile(
+    dir: &Path,
+    blocks: BlockBy,
+    (a, xa): (usize, &Captured),
+    xb: Option<(usize, &Captured)>,
+) -> Result<()> {
+    let b = xb.map_or(a, |x| x.0);
+    let k = kernel(xa, xb.map(|x| x.1), blocks, false)?;
+    write_tensors(&k.named(), &tile_path(dir, a, b))
 }
 
 /// Wait up to `wait` for `path` to appear (another process writes it); whether it did.
@@ -364,7 +383,7 @@ fn index_complete(plan: &StreamPlan, n: usize, tiles: &[(usize, usize)]) -> Resu
 }
 
 /// Capture one shard (samples `start..end`) and write its per-sample gradients to `path`.
-fn write_shard(
+pub(crate) fn write_shard(
     model: &Model,
     params: &[(String, Tensor)],
     seqs: &[&[u32]],

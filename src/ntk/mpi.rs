@@ -1,0 +1,445 @@
+//! Scale-out over MPI ranks (cargo feature `mpi`): `mpirun -n R tailscope ntk --tile N …` runs
+//! one streamed kernel over R processes, on one host or many sharing the output folder, and
+//! writes what one process writes.
+//!
+//! - Rank r captures the shards s with s mod R = r (uneven shares allowed), writing each as one
+//!   process would (`shards/`), and holds its own shards: its row block.
+//! - The kernel is computed by row blocks with a ring exchange: at step k every rank holds the
+//!   shards of rank r − k (mod R), computes the tiles (a, b), a ≤ b, with a its own and b visiting,
+//!   and passes the visiting shards on to rank r + 1. Every tile is computed once, by the rank of
+//!   its row shard; no rank holds more than its own shards and two visiting sets.
+//! - Rank 0 then finishes as `--assemble` does: the tile index, and up to `--assemble-max`
+//!   samples the kernel, GC and tables, from the same tiles as one process, so the same numbers.
+//! - A rank that fails (bad input, panic) aborts the whole job with a message naming the rank;
+//!   the files written are complete (atomic), so rerunning resumes, under any R.
+//!
+//! Written by hand on rsmpi's point-to-point calls: tch tensors cross as f64 buffers with a
+//! small header (shard, rows, width and kind per tensor).
+
+use std::path::Path;
+use std::time::Instant;
+
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::{Communicator, CommunicatorCollectives, Destination, Source};
+use tch::{Device, Kind, Tensor};
+
+use super::pipeline::{self, NtkOptions, NtkOutput};
+use super::stream::{self, Work};
+use crate::capture::job::Job;
+use crate::capture::Captured;
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+
+/// The MPI job this process belongs to; MPI is finalised when it is dropped.
+pub struct Ranks {
+    world: SimpleCommunicator,
+    _universe: mpi::environment::Universe,
+}
+
+impl Ranks {
+    /// Initialise MPI (once per process).
+    pub fn init() -> Result<Ranks> {
+        let universe = mpi::initialize()
+            .ok_or_else(|| Error::invalid("mpi", "MPI was already initialised in this process"))?;
+        Ok(Ranks {
+            world: universe.world(),
+            _universe: universe,
+        })
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.world.rank() as usize
+    }
+
+    /// Ranks in all.
+    pub fn size(&self) -> usize {
+        self.world.size() as usize
+    }
+
+    /// End every rank of the job now with `code` (MPI_Abort): what a failing rank does, so the
+    /// others do not wait for it forever.
+    pub fn abort(&self, code: i32) -> ! {
+        self.world.abort(code)
+    }
+
+    /// Make a panic on this rank abort the whole job after its message is printed.
+    pub fn abort_on_panic(&self) {
+        let rank = self.rank();
+        let size = self.size();
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            eprintln!("tailscope: rank {rank} of {size} panicked; aborting the job");
+            default(info);
+            SimpleCommunicator::world().abort(101);
+        }));
+    }
+}
+
+/// What one rank did: counts, seconds per phase and bytes sent (`ranks.json`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct RankReport {
+    /// The rank.
+    pub rank: usize,
+    /// Samples in its shards.
+    pub samples: usize,
+    /// Its shards captured now.
+    pub shards_captured: usize,
+    /// Its shards found complete on disk.
+    pub shards_reused: usize,
+    /// Tiles it computed.
+    pub tiles_computed: usize,
+    /// Its tiles found complete on disk.
+    pub tiles_reused: usize,
+    /// Seconds capturing (or loading) its shards.
+    pub capture_seconds: f64,
+    /// Seconds computing and writing tiles.
+    pub tile_seconds: f64,
+    /// Seconds in the ring exchange (waiting included).
+    pub exchange_seconds: f64,
+    /// Bytes it sent in the ring.
+    pub bytes_sent: u64,
+}
+
+impl RankReport {
+    const FIELDS: usize = 10;
+
+    fn to_vec(&self) -> [f64; Self::FIELDS] {
+        [
+            self.rank as f64,
+            self.samples as f64,
+            self.shards_captured as f64,
+            self.shards_reused as f64,
+            self.tiles_computed as f64,
+            self.tiles_reused as f64,
+            self.capture_seconds,
+            self.tile_seconds,
+            self.exchange_seconds,
+            self.bytes_sent as f64,
+        ]
+    }
+
+    fn from_slice(v: &[f64]) -> RankReport {
+        RankReport {
+            rank: v[0] as usize,
+            samples: v[1] as usize,
+            shards_captured: v[2] as usize,
+            shards_reused: v[3] as usize,
+            tiles_computed: v[4] as usize,
+            tiles_reused: v[5] as usize,
+            capture_seconds: v[6],
+            tile_seconds: v[7],
+            exchange_seconds: v[8],
+            bytes_sent: v[9] as u64,
+        }
+    }
+}
+
+/// What an MPI run yields: on rank 0 the outputs of [`pipeline::compute_into`] with
+/// [`Work::AssembleOnly`]; on every rank every rank's report.
+pub struct MpiOutput {
+    /// Rank 0's finished outputs (`None` on the other ranks).
+    pub output: Option<NtkOutput>,
+    /// Every rank's report, by rank.
+    pub ranks: Vec<RankReport>,
+}
+
+/// The streamed kernel of `job` over the ranks of `ranks` into `dir` (see the module docs).
+/// Needs `opts.tile`; `opts.work` must be [`Work::All`].
+pub fn compute_into(
+    job: &Job,
+    opts: &NtkOptions,
+    device: Device,
+    dir: &Path,
+    ranks: &Ranks,
+    progress: &dyn Progress,
+) -> Result<MpiOutput> {
+    let tile = opts.tile.ok_or_else(|| {
+        Error::invalid(
+            "--tile",
+            "under an MPI launcher the kernel is computed in tiles: give --tile N",
+        )
+    })?;
+    if opts.work != Work::All {
+        return Err(Error::invalid(
+            "--shard",
+            "under an MPI launcher the ranks share the work; drop --shard and --assemble",
+        ));
+    }
+    stream::check(&job.opts, tile)?;
+    let (rank, size) = (ranks.rank(), ranks.size());
+    let world = &ranks.world;
+    if rank == 0 {
+        // One rank checks (or resets) the manifest before any rank writes.
+        let _lock = crate::lock::OutputLock::acquire(dir, "tailscope ntk (MPI rank 0)")?;
+        crate::lock::clear_stale(dir, pipeline::SHARE_LOCK);
+        pipeline::prepare_stream(job, opts, tile, dir)?;
+    }
+    world.barrier();
+    for sub in ["shards", "tiles"] {
+        let d = dir.join(sub);
+        std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+    }
+    let seqs = job.seqs();
+    let n_shards = seqs.len().div_ceil(tile);
+    let mine: Vec<usize> = (0..n_shards).filter(|s| s % size == rank).collect();
+    let names: Vec<String> = job.params.iter().map(|(n, _)| n.clone()).collect();
+    let mut rep = RankReport {
+        rank,
+        ..RankReport::default()
+    };
+    // Phase 1: this rank's shards, captured (or found) and read back as one process reads them.
+    let t0 = Instant::now();
+    progress.start(&format!("rank {rank}: shards"), Some(mine.len() as u64));
+    let mut own: Vec<(usize, Captured)> = Vec::with_capacity(mine.len());
+    for (k, &s) in mine.iter().enumerate() {
+        let path = stream::shard_path(dir, s);
+        if path.exists() {
+            rep.shards_reused += 1;
+        } else {
+            let start = s * tile;
+            let end = (start + tile).min(seqs.len());
+            stream::write_shard(
+                &job.model,
+                &job.params,
+                &seqs,
+                (start, end),
+                &job.opts,
+                device,
+                &path,
+            )?;
+            rep.shards_captured += 1;
+        }
+        let c = stream::load_shard(&path, &names)?;
+        rep.samples += c.n;
+        own.push((s, c));
+        progress.advance_to(k as u64 + 1);
+    }
+    progress.finish();
+    rep.capture_seconds = t0.elapsed().as_secs_f64();
+    // Phase 2: the ring.
+    let next = world.process_at_rank(((rank + 1) % size) as i32);
+    let prev = world.process_at_rank(((rank + size - 1) % size) as i32);
+    let mut visiting: Option<Vec<(usize, Captured)>> = None;
+    progress.start(&format!("rank {rank}: tiles"), Some(size as u64));
+    for step in 0..size {
+        let t1 = Instant::now();
+        {
+            let guest = visiting.as_deref().unwrap_or(&own);
+            for (a, xa) in &own {
+                for (b, xb) in guest {
+                    if a > b {
+                        continue;
+                    }
+                    if stream::tile_path(dir, *a, *b).exists() {
+                        rep.tiles_reused += 1;
+                        continue;
+                    }
+                    let xb = (a != b).then_some((*b, xb));
+                    stream::write_tile(dir, opts.blocks, (*a, xa), xb)?;
+                    rep.tiles_computed += 1;
+                }
+            }
+        }
+        rep.tile_seconds += t1.elapsed().as_secs_f64();
+        if step + 1 < size {
+            let t2 = Instant::now();
+            let guest = visiting.as_deref().unwrap_or(&own);
+            let (received, sent) = pass_on(guest, &names, &next, &prev)?;
+            rep.bytes_sent += sent;
+            visiting = Some(received);
+            rep.exchange_seconds += t2.elapsed().as_secs_f64();
+        }
+        progress.advance_to(step as u64 + 1);
+    }
+    progress.finish();
+    drop(own);
+    drop(visiting);
+    // Every rank's report, then rank 0 finishes from the tiles.
+    let mine = rep.to_vec();
+    let mut all = vec![0.0; RankReport::FIELDS * size];
+    world.all_gather_into(&mine[..], &mut all[..]);
+    let reports: Vec<RankReport> = all
+        .chunks(RankReport::FIELDS)
+        .map(RankReport::from_slice)
+        .collect();
+    let output = if rank == 0 {
+        let finish = NtkOptions {
+            work: Work::AssembleOnly,
+            fresh: false,
+            ..opts.clone()
+        };
+        let out = pipeline::compute_into(job, &finish, device, dir, progress)?;
+        let json = serde_json::to_string_pretty(&reports)
+            .map_err(|e| Error::invalid("ranks.json", e.to_string()))?;
+        crate::io::write_atomic(dir.join("ranks.json"), json.as_bytes())?;
+        Some(out)
+    } else {
+        None
+    };
+    // The other ranks wait for rank 0, so the job ends when the outputs are there.
+    world.barrier();
+    Ok(MpiOutput {
+        output,
+        ranks: reports,
+    })
+}
+
+/// Elements per message: MPI counts are 32-bit.
+const CHUNK: usize = 1 << 26;
+
+/// Send `shards` to `next` and receive the shards `prev` sends; what was received and how many
+/// bytes were sent.
+fn pass_on(
+    shards: &[(usize, Captured)],
+    names: &[String],
+    next: &impl Destination,
+    prev: &impl Source,
+) -> Result<(Vec<(usize, Captured)>, u64)> {
+    let (header, data) = pack(shards)?;
+    let mut len = [0u64; 1];
+    mpi::point_to_point::send_receive_into(&[header.len() as u64][..], next, &mut len[..], prev);
+    let mut their_header = vec![0u64; len[0] as usize];
+    mpi::point_to_point::send_receive_into(&header[..], next, &mut their_header[..], prev);
+    let their_len = data_len(&their_header, names.len())?;
+    let mut their_data = vec![0f64; their_len];
+    let chunks = data.len().div_ceil(CHUNK).max(their_len.div_ceil(CHUNK));
+    for c in 0..chunks {
+        let send = &data[(c * CHUNK).min(data.len())..((c + 1) * CHUNK).min(data.len())];
+        let (lo, hi) = ((c * CHUNK).min(their_len), ((c + 1) * CHUNK).min(their_len));
+        mpi::point_to_point::send_receive_into(send, next, &mut their_data[lo..hi], prev);
+    }
+    let sent = 8 * (1 + header.len() + data.len()) as u64;
+    Ok((unpack(&their_header, &their_data, names)?, sent))
+}
+
+/// Header: [shards, tensors, then per shard: index, rows, then per tensor: kind, width]; data:
+/// every tensor's values as f64, shard by shard.
+fn pack(shards: &[(usize, Captured)]) -> Result<(Vec<u64>, Vec<f64>)> {
+    let tensors = shards.first().map_or(0, |(_, c)| c.jac.len());
+    let mut header = vec![shards.len() as u64, tensors as u64];
+    let mut data = Vec::new();
+    for (s, c) in shards {
+        header.extend([*s as u64, c.n as u64]);
+        for j in &c.jac {
+            let j = j
+                .as_ref()
+                .ok_or_else(|| Error::invalid("--tile", "a shard without per-sample gradients"))?;
+            let kind = match j.kind() {
+                Kind::Double => 0,
+                Kind::Float => 1,
+                Kind::Half => 2,
+                Kind::BFloat16 => 3,
+                other => {
+                    return Err(Error::invalid(
+                        "--tile",
+                        format!("gradients of kind {other:?} cannot be exchanged"),
+                    ))
+                }
+            };
+            let width = j.numel().checked_div(c.n).unwrap_or(0);
+            header.extend([kind, width as u64]);
+            let v: Vec<f64> = Vec::try_from(j.to_kind(Kind::Double).flatten(0, -1))?;
+            data.extend(v);
+        }
+    }
+    Ok((header, data))
+}
+
+/// Number of values the data of `header` holds.
+fn data_len(header: &[u64], names: usize) -> Result<usize> {
+    let bad = || Error::invalid("mpi", "a malformed shard header arrived from another rank");
+    let shards = *header.first().ok_or_else(bad)? as usize;
+    let tensors = *header.get(1).ok_or_else(bad)? as usize;
+    if shards > 0 && tensors != names {
+        return Err(bad());
+    }
+    let mut len = 0;
+    let mut at = 2;
+    for _ in 0..shards {
+        let rows = *header.get(at + 1).ok_or_else(bad)? as usize;
+        at += 2;
+        for _ in 0..tensors {
+            len += rows * *header.get(at + 1).ok_or_else(bad)? as usize;
+            at += 2;
+        }
+    }
+    Ok(len)
+}
+
+/// The shards a header and its data describe, in the kinds they were captured in.
+fn unpack(header: &[u64], data: &[f64], names: &[String]) -> Result<Vec<(usize, Captured)>> {
+    let (shards, tensors) = (header[0] as usize, header[1] as usize);
+    let mut out = Vec::with_capacity(shards);
+    let (mut at, mut off) = (2, 0);
+    for _ in 0..shards {
+        let (s, rows) = (header[at] as usize, header[at + 1] as usize);
+        at += 2;
+        let mut jac = Vec::with_capacity(tensors);
+        for _ in 0..tensors {
+            let kind = match header[at] {
+                0 => Kind::Double,
+                1 => Kind::Float,
+                2 => Kind::Half,
+                _ => Kind::BFloat16,
+            };
+            let width = header[at + 1] as usize;
+            at += 2;
+            let v = &data[off..off + rows * width];
+            off += rows * width;
+            let t = Tensor::from_slice(v)
+                .view([rows as i64, width as i64])
+                .to_kind(kind);
+            jac.push(Some(t));
+        }
+        out.push((
+            s,
+            Captured {
+                names: names.to_vec(),
+                ghost: names.iter().map(|_| None).collect(),
+                jac,
+                n: rows,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cross_as_they_were() {
+        let names = vec!["a".to_string(), "b".to_string()];
+        let shard = |s: usize, rows: i64| {
+            (
+                s,
+                Captured {
+                    names: names.clone(),
+                    ghost: vec![None, None],
+                    jac: vec![
+                        Some(Tensor::randn([rows, 3], (Kind::Double, Device::Cpu))),
+                        Some(Tensor::randn([rows, 5], (Kind::Float, Device::Cpu))),
+                    ],
+                    n: rows as usize,
+                },
+            )
+        };
+        let shards = vec![shard(2, 4), shard(5, 1)];
+        let (h, d) = pack(&shards).unwrap();
+        assert_eq!(data_len(&h, 2).unwrap(), d.len());
+        assert_eq!(d.len(), 4 * 8 + 8);
+        let back = unpack(&h, &d, &names).unwrap();
+        for ((s, c), (t, e)) in shards.iter().zip(&back) {
+            assert_eq!((s, c.n), (t, e.n));
+            for (x, y) in c.jac.iter().zip(&e.jac) {
+                let (x, y) = (x.as_ref().unwrap(), y.as_ref().unwrap());
+                assert_eq!(x.kind(), y.kind());
+                assert!(x.equal(y));
+            }
+        }
+        assert!(data_len(&h, 3).is_err());
+        assert!(data_len(&h[..3], 2).is_err());
+    }
+}

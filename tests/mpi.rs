@@ -1,0 +1,210 @@
+//! `mpirun -n R tailscope ntk --tile N …` (cargo feature `mpi`; `make test` builds with it and
+//! provisions MPI): the outputs of one process for R = 2 and 3 (uneven shares), with and without
+//! projection, with blocks; a rank that fails or is killed ends the whole job, naming the rank,
+//! and a rerun under another R resumes from the complete shards and tiles.
+#![cfg(feature = "mpi")]
+
+mod common;
+use common::*;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// `mpirun -n ranks tailscope …`: as root where tests run in containers, oversubscribed on 2
+/// cores, over shared memory without the single-copy mechanism that containers forbid.
+fn mpirun(ranks: usize) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args([
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "--mca",
+        "btl_vader_single_copy_mechanism",
+        "none",
+        "-n",
+        &ranks.to_string(),
+        env!("CARGO_BIN_EXE_tailscope"),
+        "-q",
+        "--threads",
+        "2",
+    ]);
+    c
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn run_mpi(ranks: usize, args: &[String]) -> Output {
+    mpirun(ranks).args(args).output().expect("mpirun runs")
+}
+
+fn tensors(p: &Path) -> Vec<(String, tch::Tensor)> {
+    let mut x = tch::Tensor::read_safetensors(p).unwrap();
+    x.sort_by(|a, b| a.0.cmp(&b.0));
+    x
+}
+
+/// Kernels (total and blocks) equal to 1e-10 relative; gc and sample tables equal to 1e-9.
+fn same_outputs(a: &Path, b: &Path) {
+    let (x, y) = (
+        tensors(&a.join("kernel.safetensors")),
+        tensors(&b.join("kernel.safetensors")),
+    );
+    assert_eq!(x.len(), y.len());
+    for ((n, s), (m, u)) in x.iter().zip(&y) {
+        assert_eq!(n, m);
+        let scale = s.abs().max().double_value(&[]).max(1e-300);
+        let err = (s - u).abs().max().double_value(&[]) / scale;
+        assert!(err <= 1e-10, "{n}: {err:e}");
+    }
+    for (table, cols) in [
+        (
+            "gc.parquet",
+            &["gc", "gc_low", "gc_high", "participation"][..],
+        ),
+        ("samples.parquet", &["self_kernel", "alignment"][..]),
+    ] {
+        let (p, q) = (read_table(&a.join(table)), read_table(&b.join(table)));
+        assert_eq!(p.height(), q.height(), "{table}");
+        for c in cols {
+            for (v, w) in f64s(&p, c).iter().zip(f64s(&q, c)) {
+                assert!(
+                    (v.is_nan() && w.is_nan()) || (v - w).abs() <= 1e-9 * v.abs().max(1.0),
+                    "{table} {c}: {v} against {w}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn mpi_ranks_give_the_one_process_kernel_and_survive_failures() {
+    let t = Tmp::new();
+    let corpus = synth(&t, 400);
+    let spec = tiny_spec(&t, &corpus);
+    let model = train_run(&t, &spec, "cse");
+    let ntk = |out: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "ntk",
+            "--model",
+            &model,
+            "--corpus",
+            &corpus,
+            "--samples",
+            "26",
+            "--tile",
+            "4",
+            "--batch",
+            "4",
+            "--bins",
+            "3",
+            "-o",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    // 26 samples in tiles of 4: 7 shards, 28 tiles; 3 ranks hold 3, 2 and 2 shards.
+    for (name, extra) in [("plain", vec![]), ("projected", vec!["--project", "48"])] {
+        let one = t.s(&format!("{name}-one"));
+        ok(&strs(&ntk(&one, &extra)));
+        for r in [2, 3] {
+            let dir = t.s(&format!("{name}-{r}"));
+            let o = run_mpi(r, &ntk(&dir, &extra));
+            let out = stdout(&o);
+            assert!(o.status.success(), "{}\n{out}", stderr(&o));
+            assert!(out.contains("NTK of 26 samples"), "{out}");
+            assert!(out.contains(&format!("ranks: {r}")), "{out}");
+            same_outputs(Path::new(&one), Path::new(&dir));
+            let ranks: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(t.path(&format!("{name}-{r}/ranks.json"))).unwrap(),
+            )
+            .unwrap();
+            let ranks = ranks.as_array().unwrap();
+            assert_eq!(ranks.len(), r);
+            let field =
+                |f: &str| -> Vec<u64> { ranks.iter().map(|x| x[f].as_u64().unwrap()).collect() };
+            assert_eq!(field("tiles_computed").iter().sum::<u64>(), 28);
+            assert_eq!(field("samples").iter().sum::<u64>(), 26);
+            if r == 3 {
+                assert_eq!(field("shards_captured"), vec![3, 2, 2]);
+            }
+            assert!(field("bytes_sent").iter().all(|&b| b > 0));
+        }
+    }
+    // Bad input fails on every rank: the job ends with exit 2 and each message names its rank.
+    let bad: Vec<String> = ntk(&t.s("bad"), &[])
+        .into_iter()
+        .map(|s| {
+            if s == model {
+                "/nonexistent/model".into()
+            } else {
+                s
+            }
+        })
+        .collect();
+    let o = run_mpi(2, &bad);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("rank 0 of 2") || err.contains("rank 1 of 2"),
+        "{err}"
+    );
+    // A rank killed midway ends the whole job within seconds; rerun under 3 ranks, it resumes.
+    let killed = t.s("killed");
+    let mut child = mpirun(2)
+        .args(ntk(&killed, &[]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let shards = |d: &str| {
+        std::fs::read_dir(Path::new(d).join("shards"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    while shards(&killed) < 2 && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pids = String::from_utf8(
+        Command::new("pgrep")
+            .args(["-P", &child.id().to_string()])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let victim = pids.split_whitespace().last().expect("a rank is running");
+    let killed_at = Instant::now();
+    Command::new("kill").args(["-9", victim]).status().unwrap();
+    let status = child.wait().unwrap();
+    let ended = killed_at.elapsed();
+    assert!(!status.success(), "the job fails when a rank is killed");
+    assert!(
+        ended < Duration::from_secs(20),
+        "the other rank must not hang: {ended:?}"
+    );
+    let o = run_mpi(3, &ntk(&killed, &[]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("NTK of 26 samples"), "{out}");
+    same_outputs(&t.path("plain-one"), &t.path("killed"));
+    let ranks: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.path("killed/ranks.json")).unwrap()).unwrap();
+    let reused: u64 = ranks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["shards_reused"].as_u64().unwrap())
+        .sum();
+    assert!(reused >= 1, "the killed job's shards are reused: {ranks}");
+    // Under other settings the rerun is refused, naming the setting.
+    let o = run_mpi(2, &ntk(&killed, &["--project", "48"]));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("capture.projection"), "{}", stderr(&o));
+}
