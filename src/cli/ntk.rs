@@ -312,6 +312,14 @@ impl NtkArgs {
 pub fn run_capture_cmd(a: &CaptureArgs, g: &Global) -> anyhow::Result<()> {
     // Refused before the model is loaded.
     job::check_gradient_method(a.method)?;
+    if crate::device::mpi_launched() {
+        return Err(crate::error::Error::invalid(
+            "mpirun",
+            "capture writes one grads.safetensors from one process; over ranks, `ntk --tile N` \
+             writes the per-sample gradients in shards (shards/grads-NNNNN.safetensors)",
+        )
+        .into());
+    }
     let device = crate::device::resolve(g.device)?;
     let job = Job::prepare(&a.job_spec(g)?, device)?;
     let mut grads = job::capture_gradients(&job, device, &Bars::default())?;

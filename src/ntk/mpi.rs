@@ -13,8 +13,8 @@
 //! - A rank that fails (bad input, panic) aborts the whole job with a message naming the rank;
 //!   the files written are complete (atomic), so rerunning resumes, under any R.
 //!
-//! Written by hand on rsmpi's point-to-point calls: tch tensors cross as f64 buffers with a
-//! small header (shard, rows, width and kind per tensor).
+//! Written by hand on rsmpi's point-to-point calls: tch tensors cross as f64 or f32 buffers
+//! (their own precision) with a small header (shard, rows, kind and width per tensor).
 
 use std::path::Path;
 use std::time::Instant;
@@ -167,6 +167,7 @@ pub fn compute_into(
         ));
     }
     stream::check(&job.opts, tile)?;
+    let started = Instant::now();
     let (rank, size) = (ranks.rank(), ranks.size());
     let world = &ranks.world;
     if rank == 0 {
@@ -269,7 +270,10 @@ pub fn compute_into(
             fresh: false,
             ..opts.clone()
         };
-        let out = pipeline::compute_into(job, &finish, device, dir, progress)?;
+        let mut out = pipeline::compute_into(job, &finish, device, dir, progress)?;
+        if let Some(s) = &mut out.summary {
+            s.seconds = started.elapsed().as_secs_f64();
+        }
         let json = serde_json::to_string_pretty(&reports)
             .map_err(|e| Error::invalid("ranks.json", e.to_string()))?;
         crate::io::write_atomic(dir.join("ranks.json"), json.as_bytes())?;
@@ -288,6 +292,32 @@ pub fn compute_into(
 /// Elements per message: MPI counts are 32-bit.
 const CHUNK: usize = 1 << 26;
 
+/// Values of a set of shards as they cross: float64 gradients as f64, the others (float32, and
+/// half precision widened exactly) as f32.
+#[derive(Debug, Default, PartialEq)]
+struct Packed {
+    /// [shards, tensors, then per shard: index, rows, then per tensor: kind, width].
+    header: Vec<u64>,
+    wide: Vec<f64>,
+    narrow: Vec<f32>,
+}
+
+/// Send `data` to `next` while receiving `len` values from `prev`, in messages of at most
+/// [`CHUNK`] values.
+fn exchange<T>(data: &[T], len: usize, next: &impl Destination, prev: &impl Source) -> Vec<T>
+where
+    T: mpi::datatype::Equivalence + Default + Clone,
+{
+    let mut got = vec![T::default(); len];
+    let chunks = data.len().div_ceil(CHUNK).max(len.div_ceil(CHUNK));
+    for c in 0..chunks {
+        let send = &data[(c * CHUNK).min(data.len())..((c + 1) * CHUNK).min(data.len())];
+        let (lo, hi) = ((c * CHUNK).min(len), ((c + 1) * CHUNK).min(len));
+        mpi::point_to_point::send_receive_into(send, next, &mut got[lo..hi], prev);
+    }
+    got
+}
+
 /// Send `shards` to `next` and receive the shards `prev` sends; what was received and how many
 /// bytes were sent.
 fn pass_on(
@@ -296,101 +326,111 @@ fn pass_on(
     next: &impl Destination,
     prev: &impl Source,
 ) -> Result<(Vec<(usize, Captured)>, u64)> {
-    let (header, data) = pack(shards)?;
+    let mine = pack(shards)?;
     let mut len = [0u64; 1];
-    mpi::point_to_point::send_receive_into(&[header.len() as u64][..], next, &mut len[..], prev);
-    let mut their_header = vec![0u64; len[0] as usize];
-    mpi::point_to_point::send_receive_into(&header[..], next, &mut their_header[..], prev);
-    let their_len = data_len(&their_header, names.len())?;
-    let mut their_data = vec![0f64; their_len];
-    let chunks = data.len().div_ceil(CHUNK).max(their_len.div_ceil(CHUNK));
-    for c in 0..chunks {
-        let send = &data[(c * CHUNK).min(data.len())..((c + 1) * CHUNK).min(data.len())];
-        let (lo, hi) = ((c * CHUNK).min(their_len), ((c + 1) * CHUNK).min(their_len));
-        mpi::point_to_point::send_receive_into(send, next, &mut their_data[lo..hi], prev);
-    }
-    let sent = 8 * (1 + header.len() + data.len()) as u64;
-    Ok((unpack(&their_header, &their_data, names)?, sent))
+    mpi::point_to_point::send_receive_into(
+        &[mine.header.len() as u64][..],
+        next,
+        &mut len[..],
+        prev,
+    );
+    let header = exchange(&mine.header, len[0] as usize, next, prev);
+    let (wide, narrow) = data_len(&header, names.len())?;
+    let theirs = Packed {
+        wide: exchange(&mine.wide, wide, next, prev),
+        narrow: exchange(&mine.narrow, narrow, next, prev),
+        header,
+    };
+    let sent = 8 * (1 + mine.header.len() + mine.wide.len()) + 4 * mine.narrow.len();
+    Ok((unpack(&theirs, names)?, sent as u64))
 }
 
-/// Header: [shards, tensors, then per shard: index, rows, then per tensor: kind, width]; data:
-/// every tensor's values as f64, shard by shard.
-fn pack(shards: &[(usize, Captured)]) -> Result<(Vec<u64>, Vec<f64>)> {
+/// Kind codes of the header.
+const KINDS: [Kind; 4] = [Kind::Double, Kind::Float, Kind::Half, Kind::BFloat16];
+
+/// The shards' header and values.
+fn pack(shards: &[(usize, Captured)]) -> Result<Packed> {
     let tensors = shards.first().map_or(0, |(_, c)| c.jac.len());
-    let mut header = vec![shards.len() as u64, tensors as u64];
-    let mut data = Vec::new();
+    let mut p = Packed {
+        header: vec![shards.len() as u64, tensors as u64],
+        ..Packed::default()
+    };
     for (s, c) in shards {
-        header.extend([*s as u64, c.n as u64]);
+        p.header.extend([*s as u64, c.n as u64]);
         for j in &c.jac {
             let j = j
                 .as_ref()
                 .ok_or_else(|| Error::invalid("--tile", "a shard without per-sample gradients"))?;
-            let kind = match j.kind() {
-                Kind::Double => 0,
-                Kind::Float => 1,
-                Kind::Half => 2,
-                Kind::BFloat16 => 3,
-                other => {
-                    return Err(Error::invalid(
-                        "--tile",
-                        format!("gradients of kind {other:?} cannot be exchanged"),
-                    ))
-                }
-            };
+            let kind = KINDS.iter().position(|&k| k == j.kind()).ok_or_else(|| {
+                Error::invalid(
+                    "--tile",
+                    format!("gradients of kind {:?} cannot be exchanged", j.kind()),
+                )
+            })?;
             let width = j.numel().checked_div(c.n).unwrap_or(0);
-            header.extend([kind, width as u64]);
-            let v: Vec<f64> = Vec::try_from(j.to_kind(Kind::Double).flatten(0, -1))?;
-            data.extend(v);
+            p.header.extend([kind as u64, width as u64]);
+            if kind == 0 {
+                p.wide.extend(Vec::<f64>::try_from(j.flatten(0, -1))?);
+            } else {
+                p.narrow
+                    .extend(Vec::<f32>::try_from(j.to_kind(Kind::Float).flatten(0, -1))?);
+            }
         }
     }
-    Ok((header, data))
+    Ok(p)
 }
 
-/// Number of values the data of `header` holds.
-fn data_len(header: &[u64], names: usize) -> Result<usize> {
+/// Numbers of f64 and f32 values the data of `header` holds.
+fn data_len(header: &[u64], names: usize) -> Result<(usize, usize)> {
     let bad = || Error::invalid("mpi", "a malformed shard header arrived from another rank");
     let shards = *header.first().ok_or_else(bad)? as usize;
     let tensors = *header.get(1).ok_or_else(bad)? as usize;
     if shards > 0 && tensors != names {
         return Err(bad());
     }
-    let mut len = 0;
+    let (mut wide, mut narrow) = (0, 0);
     let mut at = 2;
     for _ in 0..shards {
         let rows = *header.get(at + 1).ok_or_else(bad)? as usize;
         at += 2;
         for _ in 0..tensors {
-            len += rows * *header.get(at + 1).ok_or_else(bad)? as usize;
+            let kind = *header.get(at).ok_or_else(bad)? as usize;
+            let n = rows * *header.get(at + 1).ok_or_else(bad)? as usize;
+            match kind {
+                0 => wide += n,
+                k if k < KINDS.len() => narrow += n,
+                _ => return Err(bad()),
+            }
             at += 2;
         }
     }
-    Ok(len)
+    Ok((wide, narrow))
 }
 
-/// The shards a header and its data describe, in the kinds they were captured in.
-fn unpack(header: &[u64], data: &[f64], names: &[String]) -> Result<Vec<(usize, Captured)>> {
-    let (shards, tensors) = (header[0] as usize, header[1] as usize);
+/// The shards a packed set describes, in the kinds they were captured in (checked by
+/// [`data_len`] first).
+fn unpack(p: &Packed, names: &[String]) -> Result<Vec<(usize, Captured)>> {
+    data_len(&p.header, names.len())?;
+    let (shards, tensors) = (p.header[0] as usize, p.header[1] as usize);
     let mut out = Vec::with_capacity(shards);
-    let (mut at, mut off) = (2, 0);
+    let (mut at, mut wide, mut narrow) = (2, 0, 0);
     for _ in 0..shards {
-        let (s, rows) = (header[at] as usize, header[at + 1] as usize);
+        let (s, rows) = (p.header[at] as usize, p.header[at + 1] as usize);
         at += 2;
         let mut jac = Vec::with_capacity(tensors);
         for _ in 0..tensors {
-            let kind = match header[at] {
-                0 => Kind::Double,
-                1 => Kind::Float,
-                2 => Kind::Half,
-                _ => Kind::BFloat16,
-            };
-            let width = header[at + 1] as usize;
+            let kind = KINDS[p.header[at] as usize];
+            let width = p.header[at + 1] as usize;
             at += 2;
-            let v = &data[off..off + rows * width];
-            off += rows * width;
-            let t = Tensor::from_slice(v)
-                .view([rows as i64, width as i64])
-                .to_kind(kind);
-            jac.push(Some(t));
+            let n = rows * width;
+            let t = if kind == Kind::Double {
+                wide += n;
+                Tensor::from_slice(&p.wide[wide - n..wide])
+            } else {
+                narrow += n;
+                Tensor::from_slice(&p.narrow[narrow - n..narrow]).to_kind(kind)
+            };
+            jac.push(Some(t.view([rows as i64, width as i64])));
         }
         out.push((
             s,
@@ -427,10 +467,13 @@ mod tests {
             )
         };
         let shards = vec![shard(2, 4), shard(5, 1)];
-        let (h, d) = pack(&shards).unwrap();
-        assert_eq!(data_len(&h, 2).unwrap(), d.len());
-        assert_eq!(d.len(), 4 * 8 + 8);
-        let back = unpack(&h, &d, &names).unwrap();
+        let p = pack(&shards).unwrap();
+        assert_eq!(
+            data_len(&p.header, 2).unwrap(),
+            (p.wide.len(), p.narrow.len())
+        );
+        assert_eq!((p.wide.len(), p.narrow.len()), (5 * 3, 5 * 5));
+        let back = unpack(&p, &names).unwrap();
         for ((s, c), (t, e)) in shards.iter().zip(&back) {
             assert_eq!((s, c.n), (t, e.n));
             for (x, y) in c.jac.iter().zip(&e.jac) {
@@ -439,7 +482,7 @@ mod tests {
                 assert!(x.equal(y));
             }
         }
-        assert!(data_len(&h, 3).is_err());
-        assert!(data_len(&h[..3], 2).is_err());
+        assert!(data_len(&p.header, 3).is_err());
+        assert!(data_len(&p.header[..3], 2).is_err());
     }
 }
