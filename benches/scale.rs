@@ -132,8 +132,15 @@ fn principal_pairs() {
         .collect();
     let refs: Vec<&[usize]> = groups.iter().map(Vec::as_slice).collect();
     let t = Instant::now();
-    let iv =
-        gc::gc_intervals(&k, &refs, gc::IntervalMethod::Jackknife, 32, 0.05, 0).expect("intervals");
+    let iv = gc::gc_intervals(
+        &tailscope::ntk::op::Dense::new(&k),
+        &refs,
+        gc::IntervalMethod::Jackknife,
+        32,
+        0.05,
+        0,
+    )
+    .expect("intervals");
     println!(
         "GC jackknife n={n}, 32 groups, 12 sample groups: {:.1} s (first interval {:?})",
         t.elapsed().as_secs_f64(),

@@ -155,7 +155,7 @@ fn sub_gc(k: &Tensor, whole: &[usize], part: &[usize]) -> Result<Option<f64>> {
         .filter_map(|p| whole.iter().position(|w| w == p))
         .collect();
     let pr = gc::principal(&sub)?;
-    gc::gc(&sub, &pr, &pos)
+    gc::gc(&crate::ntk::op::Dense::new(&sub), &pr, &pos)
 }
 
 /// One block's routing of the analysed samples.

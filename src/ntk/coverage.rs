@@ -143,8 +143,8 @@ pub fn simulate(setup: &CoverageSetup, method: IntervalMethod) -> Result<Vec<Cov
         (vec![0.0; g], vec![0.0; g], vec![0.0; g], vec![0.0; g]);
     for rep in 0..setup.replications {
         let (j, groups) = draw(setup, rep)?;
-        let k = j.matmul(&j.tr());
-        let whole = gc::principal(&k)?;
+        let k = crate::ntk::op::Dense::new(&j.matmul(&j.tr()));
+        let whole = gc::principal_op(&k, None)?;
         let refs: Vec<&[usize]> = groups.iter().map(|v| v.as_slice()).collect();
         let iv = gc::gc_intervals(
             &k,

@@ -13,6 +13,7 @@
 //! The rules that turn these into warnings ([`warnings`]) and their thresholds are constants
 //! here, documented in the README.
 
+use super::op::KernelOp;
 use tch::{Device, Kind, Tensor};
 
 use super::gc::{participation, Principal};
@@ -62,10 +63,10 @@ fn one() -> f64 {
 
 /// The diagnostics of kernel `k` (whose principal pair is `whole`); `raw_diag` is Θ_ii before
 /// any normalisation (the spread is about gradient norms).
-pub fn diagnose(k: &Tensor, whole: &Principal, raw_diag: &Tensor) -> Result<Diagnostics> {
-    let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
-    let n = k.size()[0] as usize;
-    let trace = k.trace().double_value(&[]);
+pub fn diagnose(k: &dyn KernelOp, whole: &Principal, raw_diag: &Tensor) -> Result<Diagnostics> {
+    let n = k.n();
+    let kd = k.diag();
+    let trace = kd.sum(Kind::Double).double_value(&[]);
     let mut d: Vec<f64> = Vec::try_from(raw_diag.to_kind(Kind::Double).to_device(Device::Cpu))?;
     let max = d.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     d.sort_by(f64::total_cmp);
@@ -76,8 +77,9 @@ pub fn diagnose(k: &Tensor, whole: &Principal, raw_diag: &Tensor) -> Result<Diag
     } else {
         (d[d.len() / 2 - 1] + d[d.len() / 2]) / 2.0
     };
-    let cos = super::cosine(&k).abs();
-    let off = cos.sum(Kind::Double).double_value(&[]) - cos.trace().double_value(&[]);
+    // Σ|cos_ij| off the diagonal: every sample of non-zero norm has cos_ii = 1.
+    let on = kd.gt(0.0).sum(Kind::Double).double_value(&[]);
+    let off = k.abs_cosine_sum() - on;
     let pr = participation(&whole.u);
     Ok(Diagnostics {
         diag_spread: if median > 0.0 {
@@ -296,7 +298,7 @@ mod tests {
         let j = j * scale;
         let k = j.matmul(&j.tr());
         let p = principal(&k).unwrap();
-        let d = diagnose(&k, &p, &k.diagonal(0, 0, 1)).unwrap();
+        let d = diagnose(&super::super::op::Dense::new(&k), &p, &k.diagonal(0, 0, 1)).unwrap();
         assert!(d.participation < 1.1, "{d:?}");
         assert!(d.diag_spread > 500.0, "{d:?}");
         assert!(d.mean_abs_cosine < 0.05, "{d:?}");
@@ -315,7 +317,7 @@ mod tests {
         // The cosine kernel of the same gradients: no dominant sample, but nothing shared.
         let c = crate::ntk::cosine(&k);
         let pc = principal(&c).unwrap();
-        let dc = diagnose(&c, &pc, &k.diagonal(0, 0, 1)).unwrap();
+        let dc = diagnose(&super::super::op::Dense::new(&c), &pc, &k.diagonal(0, 0, 1)).unwrap();
         let wc = warnings(&dc, &[], true);
         assert!(dc.top_share < 3.0 / 40.0, "{dc:?}");
         assert!(
@@ -338,7 +340,7 @@ mod tests {
         let j = a * v + Tensor::randn([60, 300], (Kind::Double, Device::Cpu)) * 0.05;
         let k = j.matmul(&j.tr());
         let p = principal(&k).unwrap();
-        let d = diagnose(&k, &p, &k.diagonal(0, 0, 1)).unwrap();
+        let d = diagnose(&super::super::op::Dense::new(&k), &p, &k.diagonal(0, 0, 1)).unwrap();
         assert!(d.participation > 40.0, "{d:?}");
         assert!(d.top_share > 0.9, "{d:?}");
         assert!(d.mean_abs_cosine > 0.9, "{d:?}");

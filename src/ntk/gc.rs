@@ -11,6 +11,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::op::{index, Dense, KernelOp};
 use crate::error::{Error, Result};
 
 /// The principal eigenpair of a symmetric kernel, sign-fixed.
@@ -37,7 +38,6 @@ pub fn principal(k: &Tensor) -> Result<Principal> {
 /// iteration does not converge (a top eigenvalue with a near-twin), `eigh` decides, with a
 /// warning.
 pub fn principal_from(k: &Tensor, start: Option<&Tensor>) -> Result<Principal> {
-    let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
     let n = k.size()[0];
     if n == 0 || k.size() != [n, n] {
         return Err(Error::invalid(
@@ -45,15 +45,26 @@ pub fn principal_from(k: &Tensor, start: Option<&Tensor>) -> Result<Principal> {
             format!("expected a square kernel, got {:?}", k.size()),
         ));
     }
-    let (mut u, lambda) = if n > ITERATIVE_ABOVE {
-        // (Θ + Θᵀ)/2 applied as two products, so the kernel is never copied.
-        let op = |x: &Tensor| (k.mv(x) + k.tr().mv(x)) / 2.0;
-        match iterative(n, &op, start)? {
-            Some(pair) => pair,
-            None => dense_top(&((&k + k.tr()) / 2.0))?,
-        }
+    principal_op(&Dense::new(k), start)
+}
+
+/// [`principal_from`] of a kernel seen through its products ([`KernelOp`]): `eigh` of the whole
+/// kernel up to [`ITERATIVE_ABOVE`] samples, the Lanczos iteration above (`eigh` only if it does
+/// not converge).
+pub fn principal_op(k: &dyn KernelOp, start: Option<&Tensor>) -> Result<Principal> {
+    let n = k.n();
+    if n == 0 {
+        return Err(Error::invalid("kernel", "a kernel of no samples"));
+    }
+    let all: Vec<usize> = (0..n).collect();
+    let pair = if n as i64 > ITERATIVE_ABOVE {
+        iterative(n as i64, &|x| k.mv(x), start)?
     } else {
-        dense_top(&((&k + k.tr()) / 2.0))?
+        None
+    };
+    let (mut u, lambda) = match pair {
+        Some(pair) => pair,
+        None => dense_top(&k.sub(&all))?,
     };
     if u.sum(Kind::Double).double_value(&[]) < 0.0 {
         u = -u;
@@ -84,17 +95,14 @@ fn iterative(
 /// with the eigenvector at full length n (zero outside `keep`); `start` (length n) warm-starts
 /// the iteration. Large subsets are handled by an operator that masks the full kernel, so
 /// the resampled kernels of the intervals are never copied out.
-fn principal_on(k: &Tensor, keep: &[usize], start: &Tensor) -> Result<Principal> {
-    let n = k.size()[0];
+fn principal_on(k: &dyn KernelOp, keep: &[usize], start: &Tensor) -> Result<Principal> {
+    let n = k.n() as i64;
     if keep.len() == n as usize {
-        return principal_from(k, Some(start));
+        return principal_op(k, Some(start));
     }
-    let sel = Tensor::from_slice(&keep.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    let sel = index(keep);
     let mask = Tensor::zeros([n], (Kind::Double, Device::Cpu)).index_fill(0, &sel, 1.0);
-    let op = |x: &Tensor| {
-        let xm = x * &mask;
-        (k.mv(&xm) + k.tr().mv(&xm)) / 2.0 * &mask
-    };
+    let op = |x: &Tensor| k.mv(&(x * &mask)) * &mask;
     let pair = if keep.len() as i64 > ITERATIVE_ABOVE {
         iterative(n, &op, Some(&(start * &mask)))?
     } else {
@@ -104,8 +112,7 @@ fn principal_on(k: &Tensor, keep: &[usize], start: &Tensor) -> Result<Principal>
         let u = u * &mask;
         (&u / u.norm(), lambda)
     } else {
-        let sub = k.index_select(0, &sel).index_select(1, &sel);
-        let p = principal_from(&sub, Some(&start.index_select(0, &sel)))?;
+        let p = principal_from(&k.sub(keep), Some(&start.index_select(0, &sel)))?;
         let u = Tensor::zeros([n], (Kind::Double, Device::Cpu)).index_copy(0, &sel, &p.u);
         (u, p.lambda)
     };
@@ -165,28 +172,29 @@ pub fn participation(u: &Tensor) -> f64 {
 
 /// GC of the subset `idx` of the samples of `k` (n × n); `None` for an empty subset or a zero
 /// kernel.
-pub fn gc(k: &Tensor, whole: &Principal, idx: &[usize]) -> Result<Option<f64>> {
+pub fn gc(k: &dyn KernelOp, whole: &Principal, idx: &[usize]) -> Result<Option<f64>> {
     Ok(subset(k, whole, idx)?.map(|s| s.gc))
 }
 
-/// GC of the subset `idx` with the participation ratio and top-eigenvalue share of its own
-/// kernel; `None` for an empty subset or a zero kernel.
-pub fn subset(k: &Tensor, whole: &Principal, idx: &[usize]) -> Result<Option<SubsetGc>> {
+/// GC of the subset `idx` (sorted, distinct) with the participation ratio and top-eigenvalue
+/// share of its own kernel; `None` for an empty subset or a zero kernel.
+pub fn subset(k: &dyn KernelOp, whole: &Principal, idx: &[usize]) -> Result<Option<SubsetGc>> {
     if idx.is_empty() || whole.lambda <= 0.0 {
         return Ok(None);
     }
-    let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
-    let sel = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
-    // Rows, not columns: Θ(X′, X) is a contiguous gather, and Θ(X, X′) u′ = Θ(X′, X)ᵀ u′.
-    let rows = k.index_select(0, &sel);
-    let sub = rows.index_select(1, &sel);
-    // The whole set's direction on the subset is a warm start for the subset's own.
-    let p = principal_from(&sub, Some(&whole.u.index_select(0, &sel)))?;
+    // The whole set's direction on the subset is a warm start for the subset's own; u′ at full
+    // length (zero outside the subset).
+    let p = principal_on(k, idx, &whole.u)?;
     if p.lambda <= 0.0 {
         return Ok(None);
     }
-    let num = whole.u.dot(&rows.tr().mv(&p.u)).double_value(&[]);
-    let trace = sub.trace().double_value(&[]);
+    // g(X)·g(X′) = uᵀ Θ(X, X′) u′.
+    let num = whole.u.dot(&k.mv(&p.u)).double_value(&[]);
+    let trace = k
+        .diag()
+        .index_select(0, &index(idx))
+        .sum(Kind::Double)
+        .double_value(&[]);
     Ok(Some(SubsetGc {
         gc: num / (whole.lambda.sqrt() * p.lambda.sqrt()),
         participation: participation(&p.u),
@@ -225,7 +233,7 @@ pub enum IntervalMethod {
 /// `method` with `resamples` jackknife groups or half-samples; seeded, so the same seed gives the
 /// same intervals. `None` for a group whose interval is undefined.
 pub fn gc_intervals(
-    k: &Tensor,
+    k: &dyn KernelOp,
     groups: &[&[usize]],
     method: IntervalMethod,
     resamples: usize,
@@ -241,7 +249,7 @@ pub fn gc_intervals(
 /// The GC of each group's kept members within the samples `keep` (sorted); `start` (length n,
 /// the whole set's principal vector) warm-starts the iterative solver.
 fn gc_on(
-    k: &Tensor,
+    k: &dyn KernelOp,
     keep: &[usize],
     member: &[Vec<bool>],
     start: &Tensor,
@@ -272,7 +280,7 @@ fn members(n: usize, groups: &[&[usize]]) -> Vec<Vec<bool>> {
 
 /// Delete-a-group jackknife intervals (see [`IntervalMethod::Jackknife`]).
 pub fn gc_jackknife(
-    k: &Tensor,
+    k: &dyn KernelOp,
     groups: &[&[usize]],
     folds: usize,
     alpha: f64,
@@ -280,12 +288,11 @@ pub fn gc_jackknife(
 ) -> Result<Vec<Option<(f64, f64)>>> {
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
-    let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
-    let n = k.size()[0] as usize;
+    let n = k.n();
     let member = members(n, groups);
     let all: Vec<usize> = (0..n).collect();
-    let full = principal(&k)?;
-    let est = gc_on(&k, &all, &member, &full.u)?;
+    let full = principal_op(k, None)?;
+    let est = gc_on(k, &all, &member, &full.u)?;
     let folds = folds.min(n);
     if folds < 2 {
         return Ok(vec![None; groups.len()]);
@@ -300,7 +307,7 @@ pub fn gc_jackknife(
     let mut leave: Vec<Vec<f64>> = vec![Vec::with_capacity(folds); groups.len()];
     for f in 0..folds {
         let keep: Vec<usize> = all.iter().copied().filter(|&i| fold[i] != f).collect();
-        for (g, v) in gc_on(&k, &keep, &member, &full.u)?.into_iter().enumerate() {
+        for (g, v) in gc_on(k, &keep, &member, &full.u)?.into_iter().enumerate() {
             leave[g].extend(v);
         }
     }
@@ -339,7 +346,7 @@ pub fn jackknife_interval(est: f64, leave: &[f64], alpha: f64) -> Option<(f64, f
 /// size of a set, sits slightly low. Seeded per resample, so the
 /// same seed gives the same intervals. `None` for a group whose GC is undefined in every resample.
 pub fn gc_bootstrap(
-    k: &Tensor,
+    k: &dyn KernelOp,
     groups: &[&[usize]],
     resamples: usize,
     alpha: f64,
@@ -347,10 +354,9 @@ pub fn gc_bootstrap(
 ) -> Result<Vec<Option<(f64, f64)>>> {
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
-    let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
-    let n = k.size()[0] as usize;
+    let n = k.n();
     let member = members(n, groups);
-    let full = principal(&k)?;
+    let full = principal_op(k, None)?;
     let mut stats: Vec<Vec<f64>> = vec![Vec::with_capacity(resamples); groups.len()];
     for b in 0..resamples {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(
@@ -363,7 +369,7 @@ pub fn gc_bootstrap(
         pick.shuffle(&mut rng);
         pick.truncate(n.div_ceil(2));
         pick.sort_unstable();
-        for (g, v) in gc_on(&k, &pick, &member, &full.u)?.into_iter().enumerate() {
+        for (g, v) in gc_on(k, &pick, &member, &full.u)?.into_iter().enumerate() {
             stats[g].extend(v);
         }
     }
@@ -374,10 +380,9 @@ pub fn gc_bootstrap(
 }
 
 /// cos(g(X), J_i) for every sample.
-pub fn alignment(k: &Tensor, whole: &Principal) -> Vec<f64> {
-    let k = k.to_kind(Kind::Double).to_device(Device::Cpu);
+pub fn alignment(k: &dyn KernelOp, whole: &Principal) -> Vec<f64> {
     let ku: Vec<f64> = Vec::try_from(k.mv(&whole.u)).unwrap_or_default();
-    let diag: Vec<f64> = Vec::try_from(k.diagonal(0, 0, 1)).unwrap_or_default();
+    let diag: Vec<f64> = Vec::try_from(k.diag()).unwrap_or_default();
     ku.iter()
         .zip(diag)
         .map(|(a, d)| {
@@ -413,13 +418,13 @@ mod tests {
         let gs = ps.u.unsqueeze(0).matmul(&js).squeeze();
         let want = g.dot(&gs).double_value(&[])
             / (g.norm().double_value(&[]) * gs.norm().double_value(&[]));
-        let got = gc(&k, &whole, &idx).unwrap().unwrap();
+        let got = gc(&Dense::new(&k), &whole, &idx).unwrap().unwrap();
         assert!((got - want).abs() < 1e-10, "{got} vs {want}");
         // GC of the set with itself is 1.
         let all: Vec<usize> = (0..6).collect();
-        assert!((gc(&k, &whole, &all).unwrap().unwrap() - 1.0).abs() < 1e-10);
+        assert!((gc(&Dense::new(&k), &whole, &all).unwrap().unwrap() - 1.0).abs() < 1e-10);
         // Alignment equals the explicit cosine.
-        let a = alignment(&k, &whole);
+        let a = alignment(&Dense::new(&k), &whole);
         for (i, ai) in a.iter().enumerate() {
             let ji = j.get(i as i64);
             let want = g.dot(&ji).double_value(&[])
@@ -460,9 +465,9 @@ mod tests {
         let js = j.index_select(0, &sel);
         let gs = orient(top(&js.tr().matmul(&js)), &js);
         let want = g.dot(&gs).double_value(&[]);
-        let got = gc(&k, &whole, &idx).unwrap().unwrap();
+        let got = gc(&Dense::new(&k), &whole, &idx).unwrap().unwrap();
         assert!((got - want).abs() < 1e-9, "{got} vs {want}");
-        let a = alignment(&k, &whole);
+        let a = alignment(&Dense::new(&k), &whole);
         for i in [0usize, 13, 699] {
             let ji = j.get(i as i64);
             let want = g.dot(&ji).double_value(&[]) / ji.norm().double_value(&[]);
@@ -480,7 +485,7 @@ mod tests {
         let keep: Vec<usize> = (0..900).filter(|i| i % 9 != 4 && i % 11 != 0).collect();
         assert!(keep.len() as i64 > ITERATIVE_ABOVE && keep.len() < 900);
         let full = principal(&k).unwrap();
-        let got = principal_on(&k, &keep, &full.u).unwrap();
+        let got = principal_on(&Dense::new(&k), &keep, &full.u).unwrap();
         let sel = Tensor::from_slice(&keep.iter().map(|&i| i as i64).collect::<Vec<_>>());
         let sub = k.index_select(0, &sel).index_select(1, &sel);
         let (mut v, lambda) = dense_top(&sub).unwrap();
@@ -493,14 +498,14 @@ mod tests {
             .max()
             .double_value(&[]);
         assert!(diff < 1e-8, "max |Δu| {diff}");
-        let outside = got.u.square().sum(Kind::Double).double_value(&[])
-            - got
-                .u
-                .index_select(0, &sel)
-                .square()
-                .sum(Kind::Double)
-                .double_value(&[]);
-        assert!(outside.abs() < 1e-20, "{outside}");
+        let out: Vec<i64> = (0..900).filter(|i| !keep.contains(&(*i as usize))).collect();
+        let outside = got
+            .u
+            .index_select(0, &Tensor::from_slice(&out))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert_eq!(outside, 0.0, "entries outside the set");
     }
 
     /// 20 samples share one gradient direction, 5 point elsewhere: the bootstrap interval of
@@ -522,7 +527,7 @@ mod tests {
         let b: Vec<usize> = (20..25).collect();
         let all: Vec<usize> = (0..25).collect();
         let groups = [a.as_slice(), b.as_slice(), all.as_slice()];
-        let iv = gc_bootstrap(&k, &groups, 100, 0.05, 3).unwrap();
+        let iv = gc_bootstrap(&Dense::new(&k), &groups, 100, 0.05, 3).unwrap();
         let (a_lo, a_hi) = iv[0].unwrap();
         let (b_lo, b_hi) = iv[1].unwrap();
         assert!(
@@ -534,7 +539,7 @@ mod tests {
         // Half-samples have no duplicates: each interval holds its group's estimate.
         let whole = principal(&k).unwrap();
         for (g, v) in groups.iter().zip(&iv) {
-            let est = gc(&k, &whole, g).unwrap().unwrap();
+            let est = gc(&Dense::new(&k), &whole, g).unwrap().unwrap();
             let (lo, hi) = v.unwrap();
             assert!(
                 lo <= est + 1e-12 && est <= hi + 1e-12,
@@ -543,8 +548,14 @@ mod tests {
         }
         let (w_lo, w_hi) = iv[2].unwrap();
         assert!((w_lo - 1.0).abs() < 1e-9 && (w_hi - 1.0).abs() < 1e-9);
-        assert_eq!(iv, gc_bootstrap(&k, &groups, 100, 0.05, 3).unwrap());
-        assert_ne!(iv[1], gc_bootstrap(&k, &groups, 100, 0.05, 4).unwrap()[1]);
+        assert_eq!(
+            iv,
+            gc_bootstrap(&Dense::new(&k), &groups, 100, 0.05, 3).unwrap()
+        );
+        assert_ne!(
+            iv[1],
+            gc_bootstrap(&Dense::new(&k), &groups, 100, 0.05, 4).unwrap()[1]
+        );
     }
 
     /// The jackknife interval: holds its estimate, is deterministic for a seed, and is narrow
@@ -564,10 +575,10 @@ mod tests {
         let a: Vec<usize> = (0..30).collect();
         let b: Vec<usize> = (30..40).collect();
         let groups = [a.as_slice(), b.as_slice()];
-        let iv = gc_jackknife(&k, &groups, 10, 0.05, 1).unwrap();
+        let iv = gc_jackknife(&Dense::new(&k), &groups, 10, 0.05, 1).unwrap();
         let whole = principal(&k).unwrap();
         for (g, v) in groups.iter().zip(&iv) {
-            let est = gc(&k, &whole, g).unwrap().unwrap();
+            let est = gc(&Dense::new(&k), &whole, g).unwrap().unwrap();
             let (lo, hi) = v.unwrap();
             assert!(
                 lo <= est && est <= hi && -1.0 <= lo && hi <= 1.0,
@@ -576,8 +587,14 @@ mod tests {
         }
         let (w0, w1) = (iv[0].unwrap(), iv[1].unwrap());
         assert!(w0.1 - w0.0 < 0.05 && w1.1 - w1.0 > 0.1, "{iv:?}");
-        assert_eq!(iv, gc_jackknife(&k, &groups, 10, 0.05, 1).unwrap());
-        assert_ne!(iv, gc_jackknife(&k, &groups, 10, 0.05, 2).unwrap());
+        assert_eq!(
+            iv,
+            gc_jackknife(&Dense::new(&k), &groups, 10, 0.05, 1).unwrap()
+        );
+        assert_ne!(
+            iv,
+            gc_jackknife(&Dense::new(&k), &groups, 10, 0.05, 2).unwrap()
+        );
         // The interval formula: bias-corrected centre ± t · se, widened to the estimate.
         let (lo, hi) = jackknife_interval(0.5, &[0.4, 0.42, 0.38, 0.4], 0.05).unwrap();
         // mean 0.4, centre 0.5 + 3 · 0.1 = 0.8, se = √(3/4 · 0.0008) ≈ 0.0245, t(3) ≈ 3.18

@@ -13,6 +13,7 @@ pub mod gc;
 pub mod lanczos;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod op;
 pub mod pipeline;
 pub mod stream;
 pub mod trajectory;
@@ -88,8 +89,7 @@ pub enum Normalize {
 
 /// 1 / √(Θ_ii Θ_jj) for every pair of the square kernel `k` (0 where a sample's Θ_ii is 0).
 fn cosine_scale(k: &Tensor) -> Tensor {
-    let d = k.diagonal(0, 0, 1);
-    let inv = d.gt(0.0).to_kind(Kind::Double) / d.clamp_min(f64::MIN_POSITIVE).sqrt();
+    let inv = op::inverse_norms(&k.diagonal(0, 0, 1));
     inv.outer(&inv)
 }
 

@@ -14,6 +14,7 @@ use tch::{Device, Tensor};
 
 use super::diagnostics::{self, Diagnostics, Warning};
 use super::gc::{self, IntervalMethod, Principal};
+use super::op::{Cosine, Dense, KernelOp};
 use super::stream::{self, StreamPlan, StreamReport, Work};
 use super::{kernel, BlockBy, Kernel, Normalize};
 use crate::capture::job::Job;
@@ -257,11 +258,11 @@ pub fn compute(
             match k {
                 Some(k) => (k, None, Some(rep)),
                 None if matches!(opts.work, Work::Share { .. }) => {
-                    return Ok(NtkOutput::streamed_only(None, rep))
+                    return Ok(NtkOutput::streamed_only(None, Some(rep)))
                 }
                 None => {
                     let samples = job.samples_frame(None, None, &[])?;
-                    return Ok(NtkOutput::streamed_only(Some(samples), rep));
+                    return Ok(NtkOutput::streamed_only(Some(samples), Some(rep)));
                 }
             }
         }
@@ -303,8 +304,29 @@ pub fn from_kernel(
 ) -> Result<NtkOutput> {
     let ids: Vec<&str> = job.samples().iter().map(|s| s.id.as_str()).collect();
     check_finite(&ids, &k)?;
-    let mut summary = NtkSummary {
-        blocks: k.blocks.iter().map(|(name, _)| name.clone()).collect(),
+    if opts.diagonal {
+        let (extra, _) = annotations(job, device)?;
+        let d: Vec<f64> = Vec::try_from(&k.total)?;
+        let mut out = NtkOutput::streamed_only(None, None);
+        out.samples = Some(job.samples_frame(Some(&d), None, &extra)?);
+        out.summary = Some(summary(job, &k, opts));
+        out.kernel = Some(k);
+        return Ok(out);
+    }
+    let names = k.blocks.iter().map(|(name, _)| name.clone()).collect();
+    let mut out = from_op(job, &Dense::new(&k.total), names, opts, device, progress)?;
+    out.kernel = Some(k);
+    Ok(out)
+}
+
+/// The summary of a run before its diagnostics.
+fn summary(job: &Job, k: &Kernel, opts: &NtkOptions) -> NtkSummary {
+    summary_of(job, k.blocks.iter().map(|(n, _)| n.clone()).collect(), opts)
+}
+
+fn summary_of(job: &Job, blocks: Vec<String>, opts: &NtkOptions) -> NtkSummary {
+    NtkSummary {
+        blocks,
         diagnostics: None,
         interval: opts.interval,
         method: job.opts.method,
@@ -316,32 +338,34 @@ pub fn from_kernel(
         seconds: 0.0,
         tensors: job.params.len(),
         warnings: Vec::new(),
-    };
-    let (extra, last) = annotations(job, device)?;
-    let mut out = NtkOutput {
-        summary: None,
-        kernel: None,
-        principal: None,
-        samples: None,
-        gc: Vec::new(),
-        cross: None,
-        batch: None,
-        stream: None,
-    };
-    if opts.diagonal {
-        let d: Vec<f64> = Vec::try_from(&k.total)?;
-        out.samples = Some(job.samples_frame(Some(&d), None, &extra)?);
-        out.summary = Some(summary);
-        out.kernel = Some(k);
-        return Ok(out);
     }
-    let raw_diag = k.total.diagonal(0, 0, 1);
-    let kn = match opts.normalize {
-        Normalize::None => None,
-        Normalize::Cosine => Some(super::cosine(&k.total)),
+}
+
+/// [`from_kernel`] for a full kernel seen through its products ([`KernelOp`]: whole in memory,
+/// or row blocks over MPI ranks, where every rank makes this call): the principal direction,
+/// GC with intervals, diagnostics, warnings and the sample table; no kernel in the output.
+/// `blocks` names the kernel's blocks for the summary.
+pub fn from_op(
+    job: &Job,
+    k: &dyn KernelOp,
+    blocks: Vec<String>,
+    opts: &NtkOptions,
+    device: Device,
+    progress: &dyn Progress,
+) -> Result<NtkOutput> {
+    let mut summary = summary_of(job, blocks, opts);
+    let (extra, last) = annotations(job, device)?;
+    let mut out = NtkOutput::streamed_only(None, None);
+    let raw_diag = k.diag();
+    let cosine;
+    let kt: &dyn KernelOp = match opts.normalize {
+        Normalize::None => k,
+        Normalize::Cosine => {
+            cosine = Cosine::new(k);
+            &cosine
+        }
     };
-    let kt = kn.as_ref().unwrap_or(&k.total);
-    let whole = gc::principal(kt)?;
+    let whole = gc::principal_op(kt, None)?;
     let scores = freq_scores(job)?;
     let bins = quantile_bins(&scores, opts.bins.max(1));
     let groups = groups(job, &bins, &extra);
@@ -360,7 +384,6 @@ pub fn from_kernel(
     };
     out.samples = Some(samples_table(job, &t)?);
     out.summary = Some(summary);
-    out.kernel = Some(k);
     out.principal = Some(whole);
     Ok(out)
 }
@@ -494,9 +517,10 @@ fn check_finite(ids: &[&str], k: &Kernel) -> Result<()> {
 }
 
 impl NtkOutput {
-    /// A streamed kernel that stays in its tiles: one share's work (no other output), or a
-    /// kernel too large to assemble (the sample table only).
-    fn streamed_only(samples: Option<DataFrame>, rep: StreamReport) -> NtkOutput {
+    /// Outputs with nothing computed yet but `samples` and `rep`: one share's work (no other
+    /// output), a kernel too large to assemble (the sample table only), or the start of a full
+    /// one.
+    fn streamed_only(samples: Option<DataFrame>, rep: Option<StreamReport>) -> NtkOutput {
         NtkOutput {
             summary: None,
             kernel: None,
@@ -505,7 +529,7 @@ impl NtkOutput {
             gc: Vec::new(),
             cross: None,
             batch: None,
-            stream: Some(rep),
+            stream: rep,
         }
     }
 }
@@ -607,7 +631,7 @@ fn groups(job: &Job, bins: &[usize], extra: &[(String, Vec<i64>)]) -> Vec<Group>
 
 /// GC and its interval for every group.
 fn gc_rows(
-    k: &Tensor,
+    k: &dyn KernelOp,
     whole: &Principal,
     groups: &[Group],
     scores: &[f64],
@@ -643,7 +667,7 @@ fn gc_rows(
 /// What the per-sample table is made of.
 struct SampleInputs<'a> {
     /// The kernel the direction came from (normalised or not).
-    k: &'a Tensor,
+    k: &'a dyn KernelOp,
     /// Θ_ii before normalisation.
     raw_diag: &'a Tensor,
     whole: &'a Principal,
