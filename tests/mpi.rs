@@ -47,6 +47,11 @@ fn tensors(p: &Path) -> Vec<(String, tch::Tensor)> {
 
 /// Kernels (total and blocks) equal to 1e-10 relative; gc and sample tables equal to 1e-9.
 fn same_outputs(a: &Path, b: &Path) {
+    same_kernels(a, b);
+    same_tables(a, b);
+}
+
+fn same_kernels(a: &Path, b: &Path) {
     let (x, y) = (
         tensors(&a.join("kernel.safetensors")),
         tensors(&b.join("kernel.safetensors")),
@@ -58,6 +63,10 @@ fn same_outputs(a: &Path, b: &Path) {
         let err = (s - u).abs().max().double_value(&[]) / scale;
         assert!(err <= 1e-10, "{n}: {err:e}");
     }
+}
+
+/// GC, interval, self-kernel and alignment columns equal to 1e-9.
+fn same_tables(a: &Path, b: &Path) {
     for (table, cols) in [
         (
             "gc.parquet",
@@ -81,7 +90,7 @@ fn same_outputs(a: &Path, b: &Path) {
 #[test]
 fn mpi_ranks_give_the_one_process_kernel_and_survive_failures() {
     let t = Tmp::new();
-    let corpus = synth(&t, 400);
+    let corpus = synth(&t, 800);
     let spec = tiny_spec(&t, &corpus);
     let model = train_run(&t, &spec, "cse");
     let ntk = |out: &str, extra: &[&str]| -> Vec<String> {
@@ -136,6 +145,36 @@ fn mpi_ranks_give_the_one_process_kernel_and_survive_failures() {
             assert!(field("bytes_sent").iter().all(|&b| b > 0));
         }
     }
+    // Above --assemble-max the ranks compute GC from their rows of the kernel (sub-kernels of
+    // all 26 samples here, by all-reduce), and write no kernel: the same tables.
+    let dir = t.s("rows-3");
+    let o = run_mpi(3, &ntk(&dir, &["--assemble-max", "10"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("exceed --assemble-max 10"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!t.path("rows-3/kernel.safetensors").exists());
+    same_tables(&t.path("plain-one"), &t.path("rows-3"));
+    // 600 samples: the principal pairs of the whole set and of every group above 512 come from
+    // the Lanczos iteration on the ranks' products.
+    let big = |out: &str| -> Vec<String> {
+        let mut v = ntk(out, &["--project", "16", "--assemble-max", "100"]);
+        for (flag, value) in [("--samples", "600"), ("--tile", "128")] {
+            let at = v.iter().position(|a| a == flag).unwrap();
+            v[at + 1] = value.to_string();
+        }
+        v.extend(["--split".to_string(), "train".to_string()]);
+        v
+    };
+    let mut one = big(&t.s("big-one"));
+    let at = one.iter().position(|a| a == "--assemble-max").unwrap();
+    one[at + 1] = "1000".into();
+    ok(&strs(&one));
+    let o = run_mpi(2, &big(&t.s("big-2")));
+    assert!(o.status.success(), "{}", stderr(&o));
+    same_tables(&t.path("big-one"), &t.path("big-2"));
     // Bad input fails on every rank: the job ends with exit 2 and each message names its rank.
     let bad: Vec<String> = ntk(&t.s("bad"), &[])
         .into_iter()

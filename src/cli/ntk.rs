@@ -512,7 +512,7 @@ pub fn print_ntk(job: &Job, out: &std::path::Path, assemble_max: usize, r: &NtkO
             out.display()
         );
     }
-    let (Some(k), Some(s)) = (&r.kernel, &r.summary) else {
+    let Some(s) = &r.summary else {
         println!(
             "{} samples exceed --assemble-max {}: the kernel stays in tiles/ (rows and columns as in tiles.parquet, samples in samples.parquet)",
             job.ids.len(),
@@ -573,11 +573,19 @@ pub fn print_ntk(job: &Job, out: &std::path::Path, assemble_max: usize, r: &NtkO
             c.split.as_str()
         );
     }
-    println!(
-        "wrote {}/kernel.safetensors ({} blocks), samples.parquet, gc.parquet",
-        out.display(),
-        k.blocks.len()
-    );
+    match &r.kernel {
+        Some(k) => println!(
+            "wrote {}/kernel.safetensors ({} blocks), samples.parquet, gc.parquet",
+            out.display(),
+            k.blocks.len()
+        ),
+        None => println!(
+            "{} samples exceed --assemble-max {}: GC came from the ranks' rows of the kernel, which stays in tiles/; wrote {}/samples.parquet, gc.parquet",
+            s.samples,
+            assemble_max,
+            out.display()
+        ),
+    }
 }
 
 /// The interval method in words.

@@ -498,7 +498,9 @@ mod tests {
             .max()
             .double_value(&[]);
         assert!(diff < 1e-8, "max |Δu| {diff}");
-        let out: Vec<i64> = (0..900).filter(|i| !keep.contains(&(*i as usize))).collect();
+        let out: Vec<i64> = (0..900)
+            .filter(|i| !keep.contains(&(*i as usize)))
+            .collect();
         let outside = got
             .u
             .index_select(0, &Tensor::from_slice(&out))

@@ -10,6 +10,9 @@
 //!   its row shard; no rank holds more than its own shards and two visiting sets.
 //! - Rank 0 then finishes as `--assemble` does: the tile index, and up to `--assemble-max`
 //!   samples the kernel, GC and tables, from the same tiles as one process, so the same numbers.
+//!   Above `--assemble-max` every rank reads its rows of the kernel from the tiles and the ranks
+//!   compute the principal direction (Lanczos on products with an all-reduce), GC, alignment
+//!   and their intervals together ([`RowBlocks`]); no rank holds the whole kernel.
 //! - A rank that fails (bad input, panic) aborts the whole job with a message naming the rank;
 //!   the files written are complete (atomic), so rerunning resumes, under any R.
 //!
@@ -19,10 +22,12 @@
 use std::path::Path;
 use std::time::Instant;
 
+use mpi::collective::SystemOperation;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, CommunicatorCollectives, Destination, Source};
 use tch::{Device, Kind, Tensor};
 
+use super::op::{self, KernelOp};
 use super::pipeline::{self, NtkOptions, NtkOutput};
 use super::stream::{self, Work};
 use crate::capture::job::Job;
@@ -257,36 +262,235 @@ pub fn compute_into(
     drop(own);
     drop(visiting);
     // Every rank's report, then rank 0 finishes from the tiles.
-    let mine = rep.to_vec();
+    let counts = rep.to_vec();
     let mut all = vec![0.0; RankReport::FIELDS * size];
-    world.all_gather_into(&mine[..], &mut all[..]);
+    world.all_gather_into(&counts[..], &mut all[..]);
     let reports: Vec<RankReport> = all
         .chunks(RankReport::FIELDS)
         .map(RankReport::from_slice)
         .collect();
-    let output = if rank == 0 {
+    // Rank 0 checks that every tile is there and writes the index; up to --assemble-max samples
+    // it assembles the kernel and finishes as one process would.
+    let assemble = seqs.len() <= opts.assemble_max;
+    let mut output = if rank == 0 {
         let finish = NtkOptions {
             work: Work::AssembleOnly,
             fresh: false,
             ..opts.clone()
         };
-        let mut out = pipeline::compute_into(job, &finish, device, dir, progress)?;
+        Some(pipeline::compute_into(job, &finish, device, dir, progress)?)
+    } else {
+        None
+    };
+    world.barrier();
+    if !assemble {
+        // Above it, the ranks keep their rows of the kernel and compute GC, alignment and
+        // intervals together, never holding the whole kernel.
+        let blocks = RowBlocks::from_tiles(world, dir, tile, seqs.len(), &mine, job)?;
+        let silent = crate::progress::Silent;
+        let p: &dyn Progress = if rank == 0 { progress } else { &silent };
+        let names = blocks.block_names.clone();
+        let out = pipeline::from_op(job, &blocks, names, opts, device, p)?;
+        if rank == 0 {
+            let mut out = out;
+            out.stream = output.and_then(|o| o.stream);
+            out.write(dir)?;
+            output = Some(out);
+        }
+    }
+    if let Some(out) = &mut output {
         if let Some(s) = &mut out.summary {
             s.seconds = started.elapsed().as_secs_f64();
+            // ntk.json carries the whole run's time.
+            let json = serde_json::to_string_pretty(s)
+                .map_err(|e| Error::invalid("ntk summary", e.to_string()))?;
+            crate::io::write_atomic(dir.join("ntk.json"), json.as_bytes())?;
         }
         let json = serde_json::to_string_pretty(&reports)
             .map_err(|e| Error::invalid("ranks.json", e.to_string()))?;
         crate::io::write_atomic(dir.join("ranks.json"), json.as_bytes())?;
-        Some(out)
-    } else {
-        None
-    };
+    }
     // The other ranks wait for rank 0, so the job ends when the outputs are there.
     world.barrier();
     Ok(MpiOutput {
         output,
         ranks: reports,
     })
+}
+
+/// One rank's rows of the kernel, Θ[rows, :] in float64, read from the tiles; the other rows are
+/// on the other ranks. Every [`KernelOp`] call is collective: each rank fills the entries of its
+/// own rows in a full-size buffer of zeros and one all-reduce sums them (each entry has one
+/// owner, so the sum is exact and the same on every rank).
+pub struct RowBlocks<'a> {
+    world: &'a SimpleCommunicator,
+    n: usize,
+    /// Sample index of each local row.
+    rows: Vec<usize>,
+    /// Local row of each sample held here.
+    local: Vec<Option<usize>>,
+    block: Tensor,
+    /// The kernel's block names (`tiles/*` keys without `block.`).
+    pub block_names: Vec<String>,
+}
+
+impl<'a> RowBlocks<'a> {
+    /// The rows of `shards` (this rank's, `tile` samples each, n in all) from the tiles under
+    /// `dir`; refuses non-finite entries, naming the first pair.
+    fn from_tiles(
+        world: &'a SimpleCommunicator,
+        dir: &Path,
+        tile: usize,
+        n: usize,
+        shards: &[usize],
+        job: &Job,
+    ) -> Result<RowBlocks<'a>> {
+        let n_shards = n.div_ceil(tile);
+        let mut rows = Vec::new();
+        let mut parts = Vec::with_capacity(shards.len());
+        let mut block_names = Vec::new();
+        for &a in shards {
+            rows.extend(a * tile..((a + 1) * tile).min(n));
+            let mut cols = Vec::with_capacity(n_shards);
+            for b in 0..n_shards {
+                let (lo, hi) = (a.min(b), a.max(b));
+                let path = stream::tile_path(dir, lo, hi);
+                let t = crate::io::read_tensors(&path)?;
+                if block_names.is_empty() {
+                    block_names = t
+                        .keys()
+                        .filter_map(|k| k.strip_prefix("block."))
+                        .map(str::to_string)
+                        .collect();
+                    block_names.sort();
+                }
+                let total = t.get("total").ok_or_else(|| {
+                    Error::in_file(&path, "no `total` kernel; remove the tile to recompute it")
+                })?;
+                let total = total.to_kind(Kind::Double);
+                cols.push(if a <= b {
+                    total
+                } else {
+                    total.tr().contiguous()
+                });
+            }
+            parts.push(Tensor::cat(&cols, 1));
+        }
+        let block = if parts.is_empty() {
+            Tensor::zeros([0, n as i64], (Kind::Double, Device::Cpu))
+        } else {
+            Tensor::cat(&parts, 0)
+        };
+        let bad = block.isfinite().logical_not().nonzero();
+        if bad.size()[0] > 0 {
+            let ids = job.samples();
+            let (i, j) = (
+                bad.int64_value(&[0, 0]) as usize,
+                bad.int64_value(&[0, 1]) as usize,
+            );
+            return Err(Error::invalid(
+                "kernel",
+                format!(
+                    "{} kernel entries are not finite (NaN or Inf), first Θ({}, {}); the model's \
+                     outputs or gradients overflow on these samples",
+                    bad.size()[0],
+                    ids[rows[i]].id,
+                    ids[j].id
+                ),
+            ));
+        }
+        let mut local = vec![None; n];
+        for (r, &i) in rows.iter().enumerate() {
+            local[i] = Some(r);
+        }
+        Ok(RowBlocks {
+            world,
+            n,
+            rows,
+            local,
+            block,
+            block_names,
+        })
+    }
+
+    /// The sum over ranks of `t` (float64), as a tensor of `t`'s shape.
+    fn all_sum(&self, t: &Tensor) -> Tensor {
+        let mine: Vec<f64> = Vec::try_from(t.flatten(0, -1)).unwrap_or_default();
+        let mut sum = vec![0.0; mine.len()];
+        self.world
+            .all_reduce_into(&mine[..], &mut sum[..], SystemOperation::sum());
+        Tensor::from_slice(&sum).view(t.size().as_slice())
+    }
+
+    fn row_index(&self) -> Tensor {
+        op::index(&self.rows)
+    }
+}
+
+impl KernelOp for RowBlocks<'_> {
+    fn n(&self) -> usize {
+        self.n
+    }
+
+    fn mv(&self, x: &Tensor) -> Tensor {
+        // Θx on this rank's rows, and this rank's rows' share of Θᵀx, summed in one all-reduce.
+        let rows = self.row_index();
+        let mut y = self.block.tr().mv(&x.index_select(0, &rows));
+        if !self.rows.is_empty() {
+            y = y.index_add(0, &rows, &self.block.mv(x));
+        }
+        self.all_sum(&y) / 2.0
+    }
+
+    fn sub(&self, idx: &[usize]) -> Tensor {
+        let m = idx.len() as i64;
+        let (at, here): (Vec<usize>, Vec<usize>) = idx
+            .iter()
+            .enumerate()
+            .filter_map(|(p, &i)| self.local[i].map(|r| (p, r)))
+            .unzip();
+        let mut s = Tensor::zeros([m, m], (Kind::Double, Device::Cpu));
+        if !at.is_empty() {
+            let part = self
+                .block
+                .index_select(0, &op::index(&here))
+                .index_select(1, &op::index(idx));
+            s = s.index_copy(0, &op::index(&at), &part);
+        }
+        let s = self.all_sum(&s);
+        (&s + s.tr()) / 2.0
+    }
+
+    fn diag(&self) -> Tensor {
+        let d = Tensor::zeros([self.n as i64], (Kind::Double, Device::Cpu));
+        let d = if self.rows.is_empty() {
+            d
+        } else {
+            let rows = self.row_index();
+            let mine = self
+                .block
+                .gather(1, &rows.unsqueeze(1), false)
+                .squeeze_dim(1);
+            d.index_copy(0, &rows, &mine)
+        };
+        self.all_sum(&d)
+    }
+
+    fn abs_cosine_sum(&self) -> f64 {
+        let s = op::inverse_norms(&self.diag());
+        let mine = if self.rows.is_empty() {
+            0.0
+        } else {
+            let sr = s.index_select(0, &self.row_index());
+            (self.block.abs() * sr.outer(&s))
+                .sum(Kind::Double)
+                .double_value(&[])
+        };
+        let mut sum = 0.0;
+        self.world
+            .all_reduce_into(&mine, &mut sum, SystemOperation::sum());
+        sum
+    }
 }
 
 /// Elements per message: MPI counts are 32-bit.
