@@ -94,6 +94,46 @@ pub enum ProjectionKind {
     Gaussian,
     /// Entries ±1/√k.
     Rademacher,
+    /// Per Linear weight (out × in), LoGra's Kronecker-factored projection: each position's
+    /// input x_t and output gradient g_t are projected separately, Σ_t (P_gᵀ g_t) ⊗ (P_xᵀ x_t),
+    /// with Gaussian P_x (in × k₁) and P_g (out × k₂), k₁ = k₂ = ⌈√k⌉, so the per-sample gradient
+    /// costs T·(in·k₁ + out·k₂) instead of in·out·k and is never formed. Other parameters
+    /// (biases, norms, embeddings) take the Gaussian projection to k.
+    Kronecker,
+}
+
+impl Projection {
+    /// The side k₁ = k₂ = ⌈√k⌉ of a Kronecker-factored projection.
+    pub fn kronecker_side(&self) -> i64 {
+        let mut side = (self.dim as f64).sqrt().floor() as i64;
+        while side * side < self.dim {
+            side += 1;
+        }
+        side.max(1)
+    }
+
+    /// The Kronecker factors (P_x: in × k₁, P_g: out × k₂) of the Linear weight `name` of shape
+    /// (out, in), Gaussian of variance 1/k₁ and 1/k₂, in `kind` on `device`; the same in every
+    /// process for one seed.
+    pub fn kronecker_factors(
+        &self,
+        name: &str,
+        (out, inp): (i64, i64),
+        kind: Kind,
+        device: Device,
+    ) -> (Tensor, Tensor) {
+        let side = Projection {
+            kind: ProjectionKind::Gaussian,
+            dim: self.kronecker_side(),
+            seed: self.seed,
+        };
+        let px = projection_block(&side, &format!("{name}#kron-in"), inp);
+        let pg = projection_block(&side, &format!("{name}#kron-out"), out);
+        (
+            px.to_kind(kind).to_device(device),
+            pg.to_kind(kind).to_device(device),
+        )
+    }
 }
 
 /// A seeded random projection of per-sample gradients.
@@ -460,6 +500,8 @@ struct Parts<'a> {
     device: Device,
     jac: Vec<Vec<Tensor>>,
     ghost: Vec<Vec<(Tensor, Tensor)>>,
+    /// Kronecker factors (P_x, P_g) of the Linear weights projected that way.
+    kron: Vec<Option<(Tensor, Tensor)>>,
     /// Rows waiting to be projected as one group, and their count.
     pending: Vec<Vec<Tensor>>,
     pending_rows: Vec<i64>,
@@ -485,6 +527,18 @@ impl<'a> Parts<'a> {
                 // all layers (ghost layers would stay unprojected).
                 .map(|(n, t)| {
                     opts.projection.is_none() && ghost_for(opts.method, n, t, model.cfg.max_len)
+                })
+                .collect(),
+            kron: params
+                .iter()
+                .map(|(n, t)| {
+                    let pr = opts
+                        .projection
+                        .filter(|p| p.kind == ProjectionKind::Kronecker)?;
+                    is_linear_weight(n, t).then(|| {
+                        let sz = t.size();
+                        pr.kronecker_factors(n, (sz[0], sz[1]), t.kind(), device)
+                    })
                 })
                 .collect(),
             n_out,
@@ -516,6 +570,11 @@ impl<'a> Parts<'a> {
             } else {
                 self.params[k].1.zeros_like()
             };
+            let g = match &self.kron[k] {
+                // P_gᵀ G P_x: what the batched path forms from the projected factors.
+                Some((px, pg)) => pg.tr().matmul(&g).matmul(px),
+                None => g,
+            };
             self.jac[k].push(g.reshape([1, -1]));
         }
         Ok(())
@@ -535,7 +594,12 @@ impl<'a> Parts<'a> {
         let zs: Vec<&Tensor> = records.iter().map(|r| &r.z).collect();
         let gs = Tensor::f_run_backward(&[&f], &zs, false, false)?;
         let (bsz, t) = b.ids.size2()?;
-        let per = per_sample(&records, &gs, bsz, t, model, &self.names, &self.use_ghost)?;
+        let layers = Layers {
+            names: &self.names,
+            use_ghost: &self.use_ghost,
+            kron: &self.kron,
+        };
+        let per = per_sample(&records, &gs, bsz, t, model, &layers)?;
         let (kind, device) = (self.kind, self.device);
         for (k, item) in per.into_iter().enumerate() {
             match item {
@@ -550,8 +614,11 @@ impl<'a> Parts<'a> {
                     ));
                 }
                 None => {
-                    let numel = self.params[k].1.numel() as i64;
-                    self.jac[k].push(Tensor::zeros([bsz, numel], (kind, device)));
+                    let width = match &self.kron[k] {
+                        Some((px, pg)) => px.size()[1] * pg.size()[1],
+                        None => self.params[k].1.numel() as i64,
+                    };
+                    self.jac[k].push(Tensor::zeros([bsz, width], (kind, device)));
                 }
             }
         }
@@ -574,7 +641,12 @@ impl<'a> Parts<'a> {
             self.pending[k].push(j);
             if last || self.pending_rows[k] * width >= group {
                 let rows = Tensor::cat(&std::mem::take(&mut self.pending[k]), 0);
-                self.projected[k].push(project(&rows, &self.names[k], pr, n_out)?);
+                // Kronecker-projected layers arrive projected.
+                self.projected[k].push(if self.kron[k].is_some() {
+                    rows
+                } else {
+                    project(&rows, &self.names[k], pr, n_out)?
+                });
                 self.pending_rows[k] = 0;
             }
         }
@@ -650,11 +722,16 @@ fn stack_ghost(parts: &[(Tensor, Tensor)], n_out: usize, max_len: i64) -> Vec<(T
         .collect()
 }
 
-fn ghost_for(method: Method, name: &str, t: &Tensor, max_len: i64) -> bool {
-    let is_linear_weight = name.ends_with(".weight")
+/// A Linear layer's weight (out × in): what ghost kernels and Kronecker projections apply to.
+fn is_linear_weight(name: &str, t: &Tensor) -> bool {
+    name.ends_with(".weight")
         && t.dim() == 2
         && !name.starts_with("wte.")
-        && !name.starts_with("wpe.");
+        && !name.starts_with("wpe.")
+}
+
+fn ghost_for(method: Method, name: &str, t: &Tensor, max_len: i64) -> bool {
+    let is_linear_weight = is_linear_weight(name, t);
     match method {
         Method::Ghost => is_linear_weight,
         Method::Auto => {
@@ -681,6 +758,15 @@ fn grid(v: &Tensor, rows: &Option<Tensor>, b: i64, t: i64) -> Tensor {
     }
 }
 
+/// How each selected parameter's per-sample pieces are formed.
+struct Layers<'a> {
+    names: &'a [String],
+    /// Ghost factors instead of per-sample gradients.
+    use_ghost: &'a [bool],
+    /// Kronecker factors (P_x, P_g): the projected per-sample gradient instead.
+    kron: &'a [Option<(Tensor, Tensor)>],
+}
+
 /// Per-sample gradients (b, P_p) of every selected parameter from one batch's records.
 fn per_sample(
     records: &[Record],
@@ -688,10 +774,9 @@ fn per_sample(
     b: i64,
     t: i64,
     model: &Model,
-    names: &[String],
-    use_ghost: &[bool],
+    layers: &Layers,
 ) -> Result<Vec<Option<PerSample>>> {
-    let mut acc = Acc::new(names);
+    let mut acc = Acc::new(layers.names);
     for (rec, g) in records.iter().zip(gs) {
         let g = if g.defined() {
             g.shallow_clone()
@@ -706,7 +791,7 @@ fn per_sample(
                     rec,
                     grid_g,
                     (weight, bias.as_deref()),
-                    use_ghost,
+                    layers,
                     (b, t),
                 );
             }
@@ -785,12 +870,17 @@ fn linear_pieces(
     rec: &Record,
     gg: Tensor,
     (weight, bias): (&str, Option<&str>),
-    use_ghost: &[bool],
+    layers: &Layers,
     (b, t): (i64, i64),
 ) {
     if let Some(k) = acc.wants(weight) {
         let xx = grid(&rec.x, &rec.rows, b, t); // (b, t, in)
-        if use_ghost[k] {
+        if let Some((px, pg)) = &layers.kron[k] {
+            // Σ_t (P_gᵀ g_t) ⊗ (P_xᵀ x_t): (b, k₂·k₁), the (out × in) gradient never formed.
+            let (xp, gp) = (xx.matmul(px), gg.matmul(pg));
+            let gw = Tensor::einsum("btl,btk->blk", &[&gp, &xp], None::<i64>);
+            acc.add(weight, PerSample::Jac(gw.reshape([b, -1])));
+        } else if layers.use_ghost[k] {
             acc.add(weight, PerSample::Ghost(xx, gg.shallow_clone()));
         } else {
             let gw = Tensor::einsum("bto,bti->boi", &[&gg, &xx], None::<i64>);
@@ -892,7 +982,7 @@ fn projection_block(p: &Projection, key: &str, len: i64) -> Tensor {
             ));
             let n = (rows * p.dim) as usize;
             match p.kind {
-                ProjectionKind::Gaussian => (0..n)
+                ProjectionKind::Gaussian | ProjectionKind::Kronecker => (0..n)
                     .map(|_| rng.sample::<f64, _>(rand_distr::StandardNormal) * scale)
                     .collect(),
                 ProjectionKind::Rademacher => (0..n)
