@@ -837,3 +837,79 @@ fn kronecker_projection_matches_its_oracle_and_is_unbiased() {
         single[0]
     );
 }
+
+/// Token-embedding kernels from token matches, Σ_{t,s} [id_it = id_js] (g_it·g_js), with no
+/// (V·d)-wide per-sample scatter: equal to the float64 oracle for untied embeddings (BERT,
+/// Llama) and tied ones (GPT, Llama: the match term, the output layer's ghost term and their
+/// cross terms), full and diagonal, over batches of 4.
+#[test]
+fn embedding_kernels_from_token_matches_equal_the_oracle() {
+    let mut llama = tiny(Arch::Llama, ExpertConfig::Dense);
+    llama.tie_embeddings = false;
+    // A tied embedding takes token matches only where T²(V + d) < V·d: a wide model with a
+    // larger vocabulary.
+    let mut tied = tiny(Arch::Gpt, ExpertConfig::Dense);
+    (tied.d_model, tied.vocab_size, tied.d_ffn) = (128, 1000, 16);
+    let mut tied_llama = llama.clone();
+    (
+        tied_llama.tie_embeddings,
+        tied_llama.d_model,
+        tied_llama.vocab_size,
+    ) = (true, 128, 1000);
+    let s = seqs();
+    let refs: Vec<&[u32]> = s.iter().map(Vec::as_slice).collect();
+    for cfg in [
+        tied,
+        tiny(Arch::Bert, ExpertConfig::Dense),
+        llama,
+        tied_llama,
+    ] {
+        let (vs, model) = build(&cfg);
+        let params = Selection {
+            globs: vec!["wte.weight".into()],
+            ..Selection::default()
+        }
+        .select(&vs)
+        .unwrap();
+        assert_eq!(params.len(), 1);
+        let with = |method| CaptureOptions {
+            method,
+            batch: 4,
+            ..Default::default()
+        };
+        let exact = capture(
+            &model,
+            &params,
+            &refs,
+            &with(Method::Exact),
+            Device::Cpu,
+            &|_| {},
+        )
+        .unwrap();
+        let ghost = capture(
+            &model,
+            &params,
+            &refs,
+            &with(Method::Ghost),
+            Device::Cpu,
+            &|_| {},
+        )
+        .unwrap();
+        assert!(
+            ghost.jac[0].is_none() && ghost.ghost[0].is_some(),
+            "{:?}: the embedding is not captured by token matches",
+            cfg.arch
+        );
+        for diagonal in [false, true] {
+            let a = kernel(&exact, None, BlockBy::None, diagonal).unwrap();
+            let b = kernel(&ghost, None, BlockBy::None, diagonal).unwrap();
+            let e = rel_err(&a.total, &b.total);
+            assert!(
+                e < 1e-10,
+                "{:?} tied {} diagonal {diagonal}: {e:e}",
+                cfg.arch,
+                cfg.tie_embeddings
+            );
+        }
+    }
+}

@@ -526,7 +526,14 @@ impl<'a> Parts<'a> {
                 // A projection needs every per-sample gradient: with one, `auto` materialises
                 // all layers (ghost layers would stay unprojected).
                 .map(|(n, t)| {
-                    opts.projection.is_none() && ghost_for(opts.method, n, t, model.cfg.max_len)
+                    opts.projection.is_none()
+                        && ghost_for(
+                            opts.method,
+                            n,
+                            t,
+                            model.cfg.max_len,
+                            model.cfg.tie_embeddings,
+                        )
                 })
                 .collect(),
             kron: params
@@ -692,12 +699,15 @@ fn stack_ghost(parts: &[(Tensor, Tensor)], n_out: usize, max_len: i64) -> Vec<(T
         .max()
         .unwrap_or(0)
         .max(max_len);
+    // Padded positions have zero factors on the feature side, so they add nothing (token ids
+    // are padded with 0).
     let pad = |t: &Tensor| {
-        let (b, tt, f) = t.size3().expect("(n, T, features)");
+        let mut shape = t.size();
+        shape[1] = width - shape[1];
         Tensor::cat(
             &[
                 t.shallow_clone(),
-                Tensor::zeros([b, width - tt, f], (t.kind(), t.device())),
+                Tensor::zeros(shape.as_slice(), (t.kind(), t.device())),
             ],
             1,
         )
@@ -730,14 +740,31 @@ fn is_linear_weight(name: &str, t: &Tensor) -> bool {
         && !name.starts_with("wpe.")
 }
 
-fn ghost_for(method: Method, name: &str, t: &Tensor, max_len: i64) -> bool {
-    let is_linear_weight = is_linear_weight(name, t);
+/// Whether a parameter's kernel comes from ghost factors: Linear weights (Σ_{t,s} (x_it·x_js)
+/// (g_it·g_js)) and the token embedding (Σ_{t,s} [id_it = id_js] (g_it·g_js), token matches
+/// instead of a (V·d)-wide scatter). `ghost` takes every Linear weight and an untied embedding;
+/// `auto` takes them where cheaper than per-sample gradients: T²(in + out) < in·out, T² < V.
+/// A tied embedding also carries the output layer's term, T²(V + d) per pair against V·d per
+/// sample, so both methods take it only where that is cheaper.
+fn ghost_for(method: Method, name: &str, t: &Tensor, max_len: i64, tied: bool) -> bool {
+    if t.dim() != 2 {
+        return false;
+    }
+    let s = t.size();
+    let t2 = max_len * max_len;
+    let linear = is_linear_weight(name, t);
+    let cheaper = t2 * (s[0] + s[1]) < s[0] * s[1];
+    if name == "wte.weight" {
+        return match (method, tied) {
+            (Method::Ghost | Method::Auto, true) => cheaper,
+            (Method::Ghost, false) => true,
+            (Method::Auto, false) => t2 < s[0],
+            _ => false,
+        };
+    }
     match method {
-        Method::Ghost => is_linear_weight,
-        Method::Auto => {
-            let s = t.size();
-            is_linear_weight && max_len * max_len * (s[0] + s[1]) < s[0] * s[1]
-        }
+        Method::Ghost => linear,
+        Method::Auto => linear && cheaper,
         _ => false,
     }
 }
@@ -802,7 +829,7 @@ fn per_sample(
                     rec,
                     &gg,
                     (weight, positions.as_deref()),
-                    model,
+                    (model, layers),
                     (b, t),
                 );
             }
@@ -857,11 +884,27 @@ impl<'n> Acc<'n> {
             (Some(PerSample::Jac(a)), PerSample::Jac(v)) => PerSample::Jac(a + v),
             (Some(PerSample::Ghost(xa, ga)), PerSample::Ghost(x, g)) => {
                 // Two calls of one weight: their rows are both part of the sum over positions.
+                // A tied embedding's token ids meet the output layer's gradients (b, t, V):
+                // the ids become one-hot rows of that width.
+                let (ga, g) = match (ga.kind() == Kind::Int64, g.kind() == Kind::Int64) {
+                    (true, false) => (one_hot(&ga, &g), g),
+                    (false, true) => {
+                        let g = one_hot(&g, &ga);
+                        (ga, g)
+                    }
+                    _ => (ga, g),
+                };
                 PerSample::Ghost(Tensor::cat(&[xa, x], 1), Tensor::cat(&[ga, g], 1))
             }
             (Some(a), _) => a,
         });
     }
+}
+
+/// Token ids (b, t) as one-hot rows (b, t, V) in the kind and on the device of `like` (b, t', V).
+fn one_hot(ids: &Tensor, like: &Tensor) -> Tensor {
+    let v = like.size()[2];
+    ids.one_hot(v).to_kind(like.kind()).to_device(like.device())
 }
 
 /// A Linear call: weight gradients Σ_t g_t x_tᵀ per sample (or ghost factors), bias Σ_t g_t.
@@ -899,11 +942,18 @@ fn embedding_pieces(
     rec: &Record,
     gg: &Tensor,
     (weight, positions): (&str, Option<&str>),
-    model: &Model,
+    (model, layers): (&Model, &Layers),
     (b, t): (i64, i64),
 ) {
     let d = gg.size()[2];
-    if acc.wants(weight).is_some() {
+    let ghost = acc.wants(weight).map(|k| layers.use_ghost[k]);
+    if ghost == Some(true) {
+        // Ghost factors: the output gradients and the token ids (matched, never scattered).
+        acc.add(
+            weight,
+            PerSample::Ghost(gg.shallow_clone(), rec.x.view([b, t]).to_kind(Kind::Int64)),
+        );
+    } else if ghost == Some(false) {
         let v = model.cfg.vocab_size;
         let ids = rec.x.view([b, t]);
         let offs = Tensor::arange(b, (tch::Kind::Int64, ids.device())).unsqueeze(1) * v;

@@ -228,10 +228,29 @@ pub fn kernel(x: &Captured, y: Option<&Captured>, by: BlockBy, diagonal: bool) -
     })
 }
 
-/// K_ij = Σ_{t,s} (x_it·x_js)(g_it·g_js) over padded positions, tiled over samples.
+/// K_ij = Σ_{t,s} (x_it·x_js)(g_it·g_js) over padded positions, tiled over samples. A `g` of
+/// token ids (n, T) (a token embedding) stands for one-hot rows: g_it·g_js = [id_it = id_js].
 fn ghost_kernel(xx: &Tensor, gx: &Tensor, xy: &Tensor, gy: &Tensor, diagonal: bool) -> Tensor {
-    let cpu = |t: &Tensor| t.to_kind(Kind::Double).to_device(Device::Cpu);
+    let cpu = |t: &Tensor| {
+        let kind = if t.kind() == Kind::Int64 {
+            Kind::Int64
+        } else {
+            Kind::Double
+        };
+        t.to_kind(kind).to_device(Device::Cpu)
+    };
     let (xx, gx, xy, gy) = (cpu(xx), cpu(gx), cpu(xy), cpu(gy));
+    // g_at · g_bs for tiles a (la, T, ·) and b (lb, T, ·): (la, lb, T, T).
+    let gdot = |ga: &Tensor, gb: &Tensor| {
+        if ga.kind() == Kind::Int64 {
+            ga.unsqueeze(1)
+                .unsqueeze(3)
+                .eq_tensor(&gb.unsqueeze(0).unsqueeze(2))
+                .to_kind(Kind::Double)
+        } else {
+            Tensor::einsum("ato,bso->abts", &[ga, gb], None::<i64>)
+        }
+    };
     let (n, m) = (xx.size()[0], xy.size()[0]);
     if diagonal {
         let mut out = Vec::new();
@@ -239,7 +258,13 @@ fn ghost_kernel(xx: &Tensor, gx: &Tensor, xy: &Tensor, gy: &Tensor, diagonal: bo
             let l = GHOST_TILE.min(n - a);
             let (xa, ga) = (xx.narrow(0, a, l), gx.narrow(0, a, l));
             let aa = Tensor::einsum("ati,asi->ats", &[&xa, &xa], None::<i64>);
-            let bb = Tensor::einsum("ato,aso->ats", &[&ga, &ga], None::<i64>);
+            let bb = if ga.kind() == Kind::Int64 {
+                ga.unsqueeze(2)
+                    .eq_tensor(&ga.unsqueeze(1))
+                    .to_kind(Kind::Double)
+            } else {
+                Tensor::einsum("ato,aso->ats", &[&ga, &ga], None::<i64>)
+            };
             out.push((aa * bb).sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Double));
         }
         return Tensor::cat(&out, 0);
@@ -253,7 +278,7 @@ fn ghost_kernel(xx: &Tensor, gx: &Tensor, xy: &Tensor, gy: &Tensor, diagonal: bo
             let lb = GHOST_TILE.min(m - b);
             let (xb, gb) = (xy.narrow(0, b, lb), gy.narrow(0, b, lb));
             let aa = Tensor::einsum("ati,bsi->abts", &[&xa, &xb], None::<i64>);
-            let bb = Tensor::einsum("ato,bso->abts", &[&ga, &gb], None::<i64>);
+            let bb = gdot(&ga, &gb);
             cols.push((aa * bb).sum_dim_intlist([2i64, 3].as_slice(), false, Kind::Double));
         }
         rows.push(Tensor::cat(&cols, 1));
