@@ -913,3 +913,60 @@ fn embedding_kernels_from_token_matches_equal_the_oracle() {
         }
     }
 }
+
+/// `norms_only` (what `ntk --diagonal` captures): each sample's gradient norms, reduced batch by
+/// batch, give the diagonal of the full kernel per block, for mean-loss and logit-trace
+/// outputs, projected or not, with ghost layers beside; a full kernel from them is refused.
+#[test]
+fn diagonals_from_gradient_norms_equal_the_full_kernel() {
+    let (vs, model) = build(&tiny(Arch::Gpt, ExpertConfig::Dense));
+    let params = Selection::default().select(&vs).unwrap();
+    let s = seqs();
+    let refs: Vec<&[u32]> = s.iter().map(Vec::as_slice).collect();
+    let projection = Projection {
+        kind: ProjectionKind::Gaussian,
+        dim: 64,
+        seed: 2,
+    };
+    for output in [OutputKind::MeanLoss, OutputKind::LogitTrace] {
+        for (method, projection) in [
+            (Method::Batched, None),
+            (Method::Batched, Some(projection)),
+            (Method::Ghost, None),
+        ] {
+            let opts = CaptureOptions {
+                output,
+                method,
+                projection,
+                batch: 4,
+                probes: 3,
+                project_group: 40,
+                ..Default::default()
+            };
+            let full = capture(&model, &params, &refs, &opts, Device::Cpu, &|_| {}).unwrap();
+            let want = kernel(&full, None, BlockBy::Param, false).unwrap();
+            let norms = CaptureOptions {
+                norms_only: true,
+                ..opts.clone()
+            };
+            let c = capture(&model, &params, &refs, &norms, Device::Cpu, &|_| {}).unwrap();
+            let widest = c.jac.iter().flatten().map(|j| j.size()[1]).max().unwrap();
+            assert!(
+                widest <= 3,
+                "norms only: at most one column per probe, got {widest}"
+            );
+            let got = kernel(&c, None, BlockBy::Param, true).unwrap();
+            let what = format!("{output:?} {method:?} projected {}", projection.is_some());
+            assert!(
+                rel_err(&want.total.diagonal(0, 0, 1), &got.total) < 1e-12,
+                "{what}"
+            );
+            for ((n, a), (_, b)) in want.blocks.iter().zip(&got.blocks) {
+                let scale = want.total.diagonal(0, 0, 1).abs().max().double_value(&[]);
+                let e = (a.diagonal(0, 0, 1) - b).abs().max().double_value(&[]) / scale;
+                assert!(e < 1e-12, "{what} {n}: {e:e}");
+            }
+            assert!(kernel(&c, None, BlockBy::None, false).is_err());
+        }
+    }
+}

@@ -132,9 +132,21 @@ impl Job {
         device: Device,
         progress: &dyn Progress,
     ) -> Result<Captured> {
+        self.capture_with(seqs, label, &self.opts, device, progress)
+    }
+
+    /// [`Job::capture`] with other capture options (`norms_only` for a diagonal kernel).
+    pub fn capture_with(
+        &self,
+        seqs: &[Vec<u32>],
+        label: &str,
+        opts: &crate::capture::CaptureOptions,
+        device: Device,
+        progress: &dyn Progress,
+    ) -> Result<Captured> {
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         progress.start(label, Some(refs.len() as u64));
-        let c = capture(&self.model, &self.params, &refs, &self.opts, device, &|d| {
+        let c = capture(&self.model, &self.params, &refs, opts, device, &|d| {
             progress.advance_to(d as u64)
         })?;
         progress.finish();

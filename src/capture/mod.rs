@@ -166,6 +166,9 @@ pub struct CaptureOptions {
     /// chunks is projected (default 2^28, 1 GiB in f32). Larger groups generate the projection
     /// matrix fewer times; smaller ones use less memory. Results do not depend on it.
     pub project_group: i64,
+    /// Keep only each sample's gradient norm per parameter (and probe), reduced batch by batch,
+    /// so the n × P Jacobian is never held: for Θ_ii (`ntk --diagonal`).
+    pub norms_only: bool,
 }
 
 impl Default for CaptureOptions {
@@ -178,6 +181,7 @@ impl Default for CaptureOptions {
             probes: 8,
             seed: 0,
             project_group: 1 << 28,
+            norms_only: false,
         }
     }
 }
@@ -401,6 +405,9 @@ pub struct Captured {
     pub ghost: Vec<Option<Vec<(Tensor, Tensor)>>>,
     /// Number of samples.
     pub n: usize,
+    /// `jac` holds each sample's gradient norms (n, directions), not its gradients: enough for
+    /// Θ_ii and nothing else ([`CaptureOptions::norms_only`]).
+    pub norms_only: bool,
 }
 
 /// Capture per-sample gradient information of `seqs` for the selected parameters. What a sample
@@ -453,10 +460,15 @@ pub fn capture(
             let last = done + chunk.len() == seqs.len();
             parts.project_ready(pr, last, opts.project_group)?;
         }
+        if opts.norms_only {
+            parts.reduce_to_norms();
+        }
         done += chunk.len();
         on_progress(done);
     }
-    Ok(parts.finish(model.cfg.max_len, opts.projection.is_some(), seqs.len()))
+    let mut c = parts.finish(model.cfg.max_len, opts.projection.is_some(), seqs.len());
+    c.norms_only = opts.norms_only;
+    Ok(c)
 }
 
 /// Σ_i f(x_i) over a batch, from an evaluation-mode forward pass without the Switch capacity
@@ -660,6 +672,25 @@ impl<'a> Parts<'a> {
         Ok(())
     }
 
+    /// Replace every per-sample gradient piece held (unprojected, or projected) by its row
+    /// norms (rows, 1): Σ over pieces of their squares is each sample's ‖J_i‖² per parameter.
+    /// Pieces still waiting for their projection group stay until they are projected.
+    fn reduce_to_norms(&mut self) {
+        let norms = |t: &mut Tensor| {
+            if t.size()[1] != 1 || t.kind() != Kind::Double {
+                *t = t
+                    .to_kind(Kind::Double)
+                    .square()
+                    .sum_dim_intlist(1, true, Kind::Double)
+                    .sqrt();
+            }
+        };
+        for k in 0..self.params.len() {
+            self.jac[k].iter_mut().for_each(norms);
+            self.projected[k].iter_mut().for_each(norms);
+        }
+    }
+
     /// Stack the pieces: a Jacobian (n, P) (or (n, k) projected) or ghost factors per parameter.
     fn finish(self, max_len: i64, projected: bool, n: usize) -> Captured {
         let mut jac = Vec::with_capacity(self.params.len());
@@ -686,6 +717,7 @@ impl<'a> Parts<'a> {
             jac,
             ghost,
             n,
+            norms_only: false,
         }
     }
 }

@@ -164,6 +164,12 @@ pub fn kernel(x: &Captured, y: Option<&Captured>, by: BlockBy, diagonal: bool) -
             "a cross kernel has no diagonal form",
         ));
     }
+    if (x.norms_only || y.norms_only) && !diagonal {
+        return Err(Error::invalid(
+            "kernel",
+            "these captures hold gradient norms only (for Θ_ii); capture without norms_only",
+        ));
+    }
     if x.names != y.names {
         return Err(Error::invalid(
             "kernel",

@@ -643,6 +643,7 @@ fn unpack(p: &Packed, names: &[String]) -> Result<Vec<(usize, Captured)>> {
                 ghost: names.iter().map(|_| None).collect(),
                 jac,
                 n: rows,
+                norms_only: false,
             },
         ));
     }
@@ -667,6 +668,7 @@ mod tests {
                         Some(Tensor::randn([rows, 5], (Kind::Float, Device::Cpu))),
                     ],
                     n: rows as usize,
+                    norms_only: false,
                 },
             )
         };

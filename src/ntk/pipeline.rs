@@ -266,6 +266,16 @@ pub fn compute(
                 }
             }
         }
+        None if opts.diagonal => {
+            // Θ_ii needs each sample's gradient norms only: reduced batch by batch, the n × P
+            // Jacobian is never held.
+            let norms = crate::capture::CaptureOptions {
+                norms_only: true,
+                ..job.opts.clone()
+            };
+            let cx = job.capture_with(&job.ids, "capturing", &norms, device, progress)?;
+            (kernel(&cx, None, opts.blocks, true)?, None, None)
+        }
         None => {
             let cx = job.capture(&job.ids, "capturing", device, progress)?;
             (

@@ -169,6 +169,7 @@ pub(crate) fn load_shard(path: &Path, names: &[String]) -> Result<Captured> {
         jac,
         ghost: names.iter().map(|_| None).collect(),
         n,
+        norms_only: false,
     })
 }
 
