@@ -141,6 +141,9 @@ pub struct NtkStep {
     /// Samples per pass (default 16).
     #[serde(default)]
     pub batch: Option<usize>,
+    /// Memory budget of capture in GB (default: 80% of the memory available at start).
+    #[serde(default)]
+    pub memory: Option<f64>,
     /// Jackknife groups (or half-samples) of the GC intervals (default 32).
     #[serde(default)]
     pub gc_resamples: Option<usize>,
@@ -424,6 +427,16 @@ fn ntk_step(spec: &Spec, m: &str, seed: u64, device: Device, rep: &mut Reporting
             batch: n.batch.unwrap_or(crate::capture::job::DEFAULT_BATCH),
             probes: crate::capture::job::DEFAULT_PROBES,
             seed,
+            memory: match n.memory {
+                Some(gb) if gb > 0.0 => Some((gb * 1e9) as u64),
+                Some(gb) => {
+                    return Err(Error::invalid(
+                        "[ntk] memory",
+                        format!("must be a positive number of GB, got {gb}"),
+                    ))
+                }
+                None => crate::capture::memory::default_budget(),
+            },
             ..CaptureOptions::default()
         },
     };

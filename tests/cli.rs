@@ -694,6 +694,23 @@ fn capture_and_ntk_from_the_cli() {
     for c in ["self_kernel", "alignment", "freq_score", "freq_bin"] {
         assert!(samples.column(c).is_ok(), "{c}");
     }
+    // A memory budget that cannot hold the run: refused before capture, saying what to change.
+    bad(
+        &[
+            "ntk",
+            "--model",
+            &model,
+            "--corpus",
+            &corpus,
+            "--samples",
+            "24",
+            "--memory",
+            "0.01",
+            "-o",
+            &t.s("ntk-mem"),
+        ],
+        &["--memory", "budget of 0.0 GB", "--project"],
+    );
     // The ghost method writes the same kernel.
     ok(&[
         "ntk",

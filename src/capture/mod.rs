@@ -24,6 +24,7 @@
 //! sample for the same reason.
 
 pub mod job;
+pub mod memory;
 
 use std::collections::BTreeMap;
 
@@ -169,6 +170,10 @@ pub struct CaptureOptions {
     /// Keep only each sample's gradient norm per parameter (and probe), reduced batch by batch,
     /// so the n × P Jacobian is never held: for Θ_ii (`ntk --diagonal`).
     pub norms_only: bool,
+    /// Memory budget in bytes: batches are cut (longer texts in smaller ones, `batch` at most)
+    /// so that what the capture holds and one batch needs stay within it ([`memory`]); `None`:
+    /// batches of `batch`.
+    pub memory: Option<u64>,
 }
 
 impl Default for CaptureOptions {
@@ -182,6 +187,7 @@ impl Default for CaptureOptions {
             seed: 0,
             project_group: 1 << 28,
             norms_only: false,
+            memory: None,
         }
     }
 }
@@ -438,6 +444,20 @@ pub fn capture(
     } else {
         1
     };
+    // Under a memory budget, rows wait for their projection in groups of at most an eighth of
+    // it (results do not depend on the group).
+    let budgeted;
+    let opts = match opts.memory {
+        Some(m) if opts.projection.is_some() => {
+            let value = kind.elt_size_in_bytes().max(1) as i64;
+            budgeted = CaptureOptions {
+                project_group: opts.project_group.min((m / 8) as i64 / value).max(1),
+                ..opts.clone()
+            };
+            &budgeted
+        }
+        _ => opts,
+    };
     let mut parts = Parts::new(model, params, opts, n_out, device);
     let mut done = 0;
     let batch = if opts.method == Method::Exact {
@@ -445,7 +465,38 @@ pub fn capture(
     } else {
         opts.batch.max(1)
     };
-    for chunk in seqs.chunks(batch) {
+    let max_len = model.cfg.max_len.max(1) as usize;
+    let lengths: Vec<usize> = seqs.iter().map(|s| s.len().clamp(1, max_len)).collect();
+    let fp = memory::Footprint::of(model, params, opts, &parts.use_ghost);
+    // The budget is the process's: what it holds already (model, corpus) counts.
+    let held = memory::resident() + fp.held(seqs.len(), None);
+    let plan = memory::plan_batches(&lengths, &fp, opts.memory, held, batch)?;
+    if let Some(budget) = opts.memory {
+        let sizes = plan.iter().map(|r| r.len());
+        let largest = plan
+            .iter()
+            .map(|r| {
+                fp.batch(
+                    r.len(),
+                    lengths[r.clone()].iter().copied().max().unwrap_or(1),
+                )
+            })
+            .max()
+            .unwrap_or(0);
+        tracing::info!(
+            "memory budget {:.1} GB: held {:.1} GB (this process and the capture's results); {} samples in {} batches of {} to {} (longest text {} tokens), largest batch estimated {:.1} GB",
+            budget as f64 / 1e9,
+            held as f64 / 1e9,
+            seqs.len(),
+            plan.len(),
+            sizes.clone().min().unwrap_or(0),
+            sizes.max().unwrap_or(0),
+            lengths.iter().max().copied().unwrap_or(0),
+            largest as f64 / 1e9
+        );
+    }
+    for range in plan {
+        let chunk = &seqs[range];
         let b = capture_batch(model, chunk, opts.seed, device);
         for p in 0..n_out {
             let probe = probes.as_ref().map(|v| v.get(p as i64));
@@ -1011,7 +1062,7 @@ fn embedding_pieces(
 }
 
 /// Rows of projection matrices are generated in blocks of this many parameters.
-const PROJ_BLOCK: i64 = 1 << 16;
+pub(crate) const PROJ_BLOCK: i64 = 1 << 16;
 
 /// Project per-sample gradients `j` (n, P) to (n, k): J R with R (P, k) of entries of variance 1/k,
 /// drawn per (seed, name, block) so every process builds the same R. With several logit-trace

@@ -119,6 +119,21 @@ pub struct CaptureArgs {
     /// Distribution of the projection.
     #[arg(long, value_enum, default_value_t = ProjectionKind::Gaussian, value_name = "KIND", help_heading = "Gradients")]
     pub projection: ProjectionKind,
+    /// Memory budget in GB (default: 80% of the memory available at start); see the long help.
+    #[arg(
+        long,
+        value_name = "GB",
+        value_parser = positive_gb,
+        help_heading = "Gradients",
+        long_help = "Memory budget in GB for capture (default: 80% of the memory the system \
+            reports available at start). What the capture holds (per-sample gradients, projected \
+            or not, ghost factors) and one batch needs (recorded activations, attention scores, \
+            logits, per-sample gradient pieces) are estimated from the model's shapes and each \
+            text's length, and batches are cut to fit, up to --batch samples: long texts go in \
+            smaller batches. If the result alone or one sample cannot fit, the run stops at once \
+            saying what to change. The chosen batches are logged (-v)."
+    )]
+    pub memory: Option<f64>,
     /// Samples per forward/backward pass.
     #[arg(
         long,
@@ -273,6 +288,10 @@ impl CaptureArgs {
                 batch: self.batch,
                 probes: self.probes,
                 seed: g.seed,
+                memory: match self.memory {
+                    Some(gb) => Some((gb * 1e9) as u64),
+                    None => crate::capture::memory::default_budget(),
+                },
                 ..CaptureOptions::default()
             },
         })
@@ -304,6 +323,14 @@ impl NtkArgs {
             },
             seed: g.seed,
         }
+    }
+}
+
+/// A memory budget in GB: a positive number.
+fn positive_gb(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("expected a positive number of GB, got {s:?}")),
     }
 }
 
