@@ -93,30 +93,7 @@ fn mpi_ranks_give_the_one_process_kernel_and_survive_failures() {
     let corpus = synth(&t, 800);
     let spec = tiny_spec(&t, &corpus);
     let model = train_run(&t, &spec, "cse");
-    let ntk = |out: &str, extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "ntk",
-            "--model",
-            &model,
-            "--corpus",
-            &corpus,
-            "--samples",
-            "26",
-            "--tile",
-            "4",
-            "--batch",
-            "4",
-            "--bins",
-            "3",
-            "-o",
-            out,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
+    let ntk = |out: &str, extra: &[&str]| tiled_ntk(&model, &corpus, out, extra);
     // 26 samples in tiles of 4: 7 shards, 28 tiles; 3 ranks hold 3, 2 and 2 shards.
     for (name, extra) in [("plain", vec![]), ("projected", vec!["--project", "48"])] {
         let one = t.s(&format!("{name}-one"));

@@ -572,6 +572,22 @@ fn diagonal_and_cross_kernels_agree_with_the_full_kernel() {
     assert!(rel_err(&block, &cross.total) < 1e-12);
 }
 
+/// The capture options of the streaming tests (batches of 2) and the in-memory kernel by module
+/// they must reproduce.
+fn in_memory(
+    model: &Model,
+    params: &[(String, Tensor)],
+    refs: &[&[u32]],
+) -> (CaptureOptions, Kernel) {
+    let opts = CaptureOptions {
+        batch: 2,
+        ..Default::default()
+    };
+    let c = capture(model, params, refs, &opts, Device::Cpu, &|_| {}).unwrap();
+    let whole = kernel(&c, None, BlockBy::Module, false).unwrap();
+    (opts, whole)
+}
+
 /// Streaming in tiles gives the in-memory kernel, and a rerun after losing files (an interrupted
 /// run) recomputes only what is missing.
 #[test]
@@ -581,17 +597,7 @@ fn streamed_kernels_match_and_resume() {
     let params = Selection::default().select(&vs).unwrap();
     let s = seqs();
     let refs: Vec<&[u32]> = s.iter().map(Vec::as_slice).collect();
-    let opts = CaptureOptions {
-        batch: 2,
-        ..Default::default()
-    };
-    let whole = kernel(
-        &capture(&model, &params, &refs, &opts, Device::Cpu, &|_| {}).unwrap(),
-        None,
-        BlockBy::Module,
-        false,
-    )
-    .unwrap();
+    let (opts, whole) = in_memory(&model, &params, &refs);
     let dir = tempfile::tempdir().unwrap();
     let plan = StreamPlan {
         dir: dir.path(),
@@ -661,17 +667,7 @@ fn shares_of_a_streamed_kernel_give_the_whole_kernel() {
     let params = Selection::default().select(&vs).unwrap();
     let s = seqs();
     let refs: Vec<&[u32]> = s.iter().map(Vec::as_slice).collect();
-    let opts = CaptureOptions {
-        batch: 2,
-        ..Default::default()
-    };
-    let whole = kernel(
-        &capture(&model, &params, &refs, &opts, Device::Cpu, &|_| {}).unwrap(),
-        None,
-        BlockBy::Module,
-        false,
-    )
-    .unwrap();
+    let (opts, whole) = in_memory(&model, &params, &refs);
     let run = |dir: &std::path::Path, work: Work| {
         let plan = StreamPlan {
             dir,
@@ -877,24 +873,8 @@ fn embedding_kernels_from_token_matches_equal_the_oracle() {
             batch: 4,
             ..Default::default()
         };
-        let exact = capture(
-            &model,
-            &params,
-            &refs,
-            &with(Method::Exact),
-            Device::Cpu,
-            &|_| {},
-        )
-        .unwrap();
-        let ghost = capture(
-            &model,
-            &params,
-            &refs,
-            &with(Method::Ghost),
-            Device::Cpu,
-            &|_| {},
-        )
-        .unwrap();
+        let [exact, ghost] = [Method::Exact, Method::Ghost]
+            .map(|m| capture(&model, &params, &refs, &with(m), Device::Cpu, &|_| {}).unwrap());
         assert!(
             ghost.jac[0].is_none() && ghost.ghost[0].is_some(),
             "{:?}: the embedding is not captured by token matches",

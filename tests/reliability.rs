@@ -570,30 +570,7 @@ fn sharded_kernel_over_processes_equals_one_process() {
     let corpus = synth(&t, 400);
     let spec = tiny_spec(&t, &corpus);
     let model = train_run(&t, &spec, "cse");
-    let ntk = |out: &str, extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "ntk",
-            "--model",
-            &model,
-            "--corpus",
-            &corpus,
-            "--samples",
-            "26",
-            "--tile",
-            "4",
-            "--batch",
-            "4",
-            "--bins",
-            "3",
-            "-o",
-            out,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
+    let ntk = |out: &str, extra: &[&str]| tiled_ntk(&model, &corpus, out, extra);
     let with = |mut v: Vec<String>, more: &[&str]| {
         v.extend(more.iter().map(|s| s.to_string()));
         v
@@ -612,19 +589,7 @@ fn sharded_kernel_over_processes_equals_one_process() {
         ok(&refs(&ntk(&t.s(&one), &extra)));
         for n in [2, 3] {
             let dir = format!("{name}-{n}");
-            let children: Vec<_> = (0..n)
-                .map(|i| {
-                    let a = with(ntk(&t.s(&dir), &extra), &["--shard", &format!("{i}/{n}")]);
-                    bin()
-                        .args(&a)
-                        .stdout(Stdio::piped())
-                        .stderr(Stdio::piped())
-                        .spawn()
-                        .unwrap()
-                })
-                .collect();
-            for c in children {
-                let o = c.wait_with_output().unwrap();
+            for o in run_shares(&ntk(&t.s(&dir), &extra), n) {
                 assert!(o.status.success(), "{}", stderr(&o));
                 assert!(stdout(&o).contains("share done"), "{}", stdout(&o));
             }
@@ -658,21 +623,7 @@ fn sharded_kernel_over_processes_equals_one_process() {
         )),
         &["manifest.json", "capture.projection"],
     );
-    let children: Vec<_> = (0..3)
-        .map(|i| {
-            let a = with(ntk(&killed, &[]), &["--shard", &format!("{i}/3")]);
-            bin()
-                .args(&a)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let outputs: Vec<_> = children
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect();
+    let outputs = run_shares(&ntk(&killed, &[]), 3);
     let reused = outputs
         .iter()
         .map(|o| {

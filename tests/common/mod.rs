@@ -185,3 +185,48 @@ pub fn f64s(df: &polars::prelude::DataFrame, col: &str) -> Vec<f64> {
         .map(|v| v.unwrap_or(f64::NAN))
         .collect()
 }
+
+/// `ntk` of 26 validation samples in tiles of 4 (7 shards, 28 tiles), batches of 4 and 3 bins
+/// into `out`, then `extra`: the streamed run the scale-out tests split over processes.
+pub fn tiled_ntk(model: &str, corpus: &str, out: &str, extra: &[&str]) -> Vec<String> {
+    [
+        "ntk",
+        "--model",
+        model,
+        "--corpus",
+        corpus,
+        "--samples",
+        "26",
+        "--tile",
+        "4",
+        "--batch",
+        "4",
+        "--bins",
+        "3",
+        "-o",
+        out,
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Share I of N of `args` (`--shard I/N`) for every I, run at once; their outputs, by I.
+pub fn run_shares(args: &[String], n: usize) -> Vec<Output> {
+    let children: Vec<_> = (0..n)
+        .map(|i| {
+            bin()
+                .args(args)
+                .args(["--shard", &format!("{i}/{n}")])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("the binary starts")
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("the share ends"))
+        .collect()
+}
