@@ -137,6 +137,8 @@ fn manifest(job: &Job, spec: &JobSpec, opts: &NtkOptions) -> Result<Manifest> {
     let weights = job.model.capture_parameters(&job.vs)?;
     let mut rest = spec.clone();
     rest.model = PathBuf::new();
+    // The memory budget decides batches, not results (and follows the free memory).
+    rest.options.memory = None;
     let mut kernel = opts.clone();
     kernel.fresh = false;
     let idx: Vec<u32> = job.idx.iter().map(|&i| i as u32).collect();
