@@ -65,28 +65,6 @@ fn same_kernels(a: &Path, b: &Path) {
     }
 }
 
-/// GC, interval, self-kernel and alignment columns equal to 1e-9.
-fn same_tables(a: &Path, b: &Path) {
-    for (table, cols) in [
-        (
-            "gc.parquet",
-            &["gc", "gc_low", "gc_high", "participation"][..],
-        ),
-        ("samples.parquet", &["self_kernel", "alignment"][..]),
-    ] {
-        let (p, q) = (read_table(&a.join(table)), read_table(&b.join(table)));
-        assert_eq!(p.height(), q.height(), "{table}");
-        for c in cols {
-            for (v, w) in f64s(&p, c).iter().zip(f64s(&q, c)) {
-                assert!(
-                    (v.is_nan() && w.is_nan()) || (v - w).abs() <= 1e-9 * v.abs().max(1.0),
-                    "{table} {c}: {v} against {w}"
-                );
-            }
-        }
-    }
-}
-
 #[test]
 fn mpi_ranks_give_the_one_process_kernel_and_survive_failures() {
     let t = Tmp::new();

@@ -599,6 +599,17 @@ fn sharded_kernel_over_processes_equals_one_process() {
             same_outputs(&one, &dir);
         }
     }
+    // Above --assemble-max, --assemble (and one process) compute GC from the tiles on disk
+    // without assembling the kernel: the same tables.
+    let printed = ok(&refs(&with(
+        ntk(&t.s("plain-3"), &[]),
+        &["--assemble", "--assemble-max", "10", "--memory", "0.000001"],
+    )));
+    assert!(printed.contains("exceed --assemble-max 10"), "{printed}");
+    same_tables(&t.path("plain-one"), &t.path("plain-3"));
+    ok(&refs(&ntk(&t.s("rows-one"), &["--assemble-max", "10"])));
+    assert!(!t.path("rows-one/kernel.safetensors").exists());
+    same_tables(&t.path("plain-one"), &t.path("rows-one"));
     // Share 1 of 2 killed after its first files; then the whole work under 3 shares at once.
     let killed = t.s("killed");
     let args = with(ntk(&killed, &[]), &["--shard", "1/2"]);

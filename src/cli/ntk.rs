@@ -192,8 +192,8 @@ pub struct NtkArgs {
         long_help = "Compute the kernel out of memory: per-sample gradients are written in shards of N \
             samples (shards/), the kernel in N × N tiles (tiles/, indexed by tiles.parquet). Files that \
             exist are complete, so rerunning the same command after an interruption resumes where it \
-            stopped. The tiles are assembled into kernel.safetensors (and GC computed) when the whole \
-            kernel has at most --assemble-max samples. Not with --diagonal, --cross-split or ghost."
+            stopped. The tiles are assembled into kernel.safetensors when the whole kernel has at most \
+            --assemble-max samples; above it GC and the sample table come from the tiles on disk. Not with --diagonal, --cross-split or ghost."
     )]
     pub tile: Option<usize>,
     /// Largest streamed kernel assembled in memory.
@@ -607,7 +607,7 @@ pub fn print_ntk(job: &Job, out: &std::path::Path, assemble_max: usize, r: &NtkO
             k.blocks.len()
         ),
         None => println!(
-            "{} samples exceed --assemble-max {}: GC came from the ranks' rows of the kernel, which stays in tiles/; wrote {}/samples.parquet, gc.parquet",
+            "{} samples exceed --assemble-max {}: GC came from the kernel's tiles (by rows over the ranks under MPI), which stay in tiles/; wrote {}/samples.parquet, gc.parquet",
             s.samples,
             assemble_max,
             out.display()

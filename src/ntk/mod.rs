@@ -16,6 +16,7 @@ pub mod mpi;
 pub mod op;
 pub mod pipeline;
 pub mod stream;
+pub mod tiles;
 pub mod trajectory;
 
 use std::collections::BTreeMap;

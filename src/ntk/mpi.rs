@@ -272,15 +272,20 @@ pub fn compute_into(
     // Rank 0 checks that every tile is there and writes the index; up to --assemble-max samples
     // it assembles the kernel and finishes as one process would.
     let assemble = seqs.len() <= opts.assemble_max;
-    let mut output = if rank == 0 {
-        let finish = NtkOptions {
-            work: Work::AssembleOnly,
-            fresh: false,
-            ..opts.clone()
-        };
-        Some(pipeline::compute_into(job, &finish, device, dir, progress)?)
-    } else {
-        None
+    let mut output = match (rank, assemble) {
+        (0, true) => {
+            let finish = NtkOptions {
+                work: Work::AssembleOnly,
+                fresh: false,
+                ..opts.clone()
+            };
+            Some(pipeline::compute_into(job, &finish, device, dir, progress)?)
+        }
+        (0, false) => {
+            let rep = pipeline::index_tiles(job, opts, tile, dir, device)?;
+            Some(pipeline::NtkOutput::streamed_only(None, Some(rep)))
+        }
+        _ => None,
     };
     world.barrier();
     if !assemble {

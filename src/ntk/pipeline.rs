@@ -261,8 +261,22 @@ pub fn compute(
                     return Ok(NtkOutput::streamed_only(None, Some(rep)))
                 }
                 None => {
-                    let samples = job.samples_frame(None, None, &[])?;
-                    return Ok(NtkOutput::streamed_only(Some(samples), Some(rep)));
+                    // Above --assemble-max: GC, alignment and intervals from the tiles on disk
+                    // (held in memory when the total kernel fits half the memory budget).
+                    let hold = job
+                        .opts
+                        .memory
+                        .or_else(crate::capture::memory::default_budget)
+                        .unwrap_or(0)
+                        / 2;
+                    let tiles = super::tiles::Tiles::open(dir, job.ids.len(), tile, hold)?;
+                    let names = tiles.block_names.clone();
+                    let mut out = from_op(job, &tiles, names, opts, device, progress)?;
+                    out.stream = Some(rep);
+                    if let Some(s) = &mut out.summary {
+                        s.seconds = t0.elapsed().as_secs_f64();
+                    }
+                    return Ok(out);
                 }
             }
         }
@@ -438,6 +452,32 @@ pub fn prepare_stream(job: &Job, opts: &NtkOptions, tile: usize, dir: &Path) -> 
     Ok(())
 }
 
+/// Check that every tile of the streamed kernel under `dir` is there and write `tiles.parquet`;
+/// computes nothing (what finishes an MPI job whose ranks compute GC from their rows).
+pub fn index_tiles(
+    job: &Job,
+    opts: &NtkOptions,
+    tile: usize,
+    dir: &Path,
+    device: Device,
+) -> Result<StreamReport> {
+    let plan = StreamPlan {
+        dir,
+        tile,
+        blocks: opts.blocks,
+        work: Work::AssembleOnly,
+    };
+    stream::stream_kernel(
+        &job.model,
+        &job.params,
+        &job.seqs(),
+        &job.opts,
+        &plan,
+        device,
+        &|_, _| {},
+    )
+}
+
 /// Capture in shards and compute the kernel in tiles under `dir`; the assembled kernel when it
 /// has at most `opts.assemble_max` samples.
 fn streamed(
@@ -530,7 +570,10 @@ impl NtkOutput {
     /// Outputs with nothing computed yet but `samples` and `rep`: one share's work (no other
     /// output), a kernel too large to assemble (the sample table only), or the start of a full
     /// one.
-    fn streamed_only(samples: Option<DataFrame>, rep: Option<StreamReport>) -> NtkOutput {
+    pub(crate) fn streamed_only(
+        samples: Option<DataFrame>,
+        rep: Option<StreamReport>,
+    ) -> NtkOutput {
         NtkOutput {
             summary: None,
             kernel: None,

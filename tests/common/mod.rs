@@ -230,3 +230,25 @@ pub fn run_shares(args: &[String], n: usize) -> Vec<Output> {
         .map(|c| c.wait_with_output().expect("the share ends"))
         .collect()
 }
+
+/// GC, interval, self-kernel and alignment columns equal to 1e-9.
+pub fn same_tables(a: &std::path::Path, b: &std::path::Path) {
+    for (table, cols) in [
+        (
+            "gc.parquet",
+            &["gc", "gc_low", "gc_high", "participation"][..],
+        ),
+        ("samples.parquet", &["self_kernel", "alignment"][..]),
+    ] {
+        let (p, q) = (read_table(&a.join(table)), read_table(&b.join(table)));
+        assert_eq!(p.height(), q.height(), "{table}");
+        for c in cols {
+            for (v, w) in f64s(&p, c).iter().zip(f64s(&q, c)) {
+                assert!(
+                    (v.is_nan() && w.is_nan()) || (v - w).abs() <= 1e-9 * v.abs().max(1.0),
+                    "{table} {c}: {v} against {w}"
+                );
+            }
+        }
+    }
+}
