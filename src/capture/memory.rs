@@ -110,8 +110,13 @@ impl Footprint {
                     let block = super::PROJ_BLOCK.min(widest as i64).max(0) as u64;
                     // The waiting rows and their stacked copy; the block drawn in float64
                     // (per-thread chunks, their concatenation, the tensor) and converted.
+                    let width = match p.kind {
+                        // Columns and values of the nonzeros only.
+                        ProjectionKind::Sparse => super::SPARSE_NONZEROS.min(p.dim) as u64 * 2,
+                        _ => p.dim.max(0) as u64,
+                    };
                     2 * (opts.project_group.max(0) as u64) * value_bytes
-                        + block * p.dim.max(0) as u64 * (3 * 8 + value_bytes)
+                        + block * width * (3 * 8 + value_bytes)
                 }
                 None => 0,
             },

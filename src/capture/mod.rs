@@ -101,7 +101,16 @@ pub enum ProjectionKind {
     /// costs T·(in·k₁ + out·k₂) instead of in·out·k and is never formed. Other parameters
     /// (biases, norms, embeddings) take the Gaussian projection to k.
     Kronecker,
+    /// Sparse Johnson–Lindenstrauss (Kane–Nelson): each parameter's row of R has
+    /// s = min(k, [`SPARSE_NONZEROS`]) nonzero entries ±1/√s in distinct random columns, so R Rᵀ
+    /// is unbiased for the identity, drawing it costs s values per parameter instead of k, and
+    /// projecting costs n·P·s instead of n·P·k.
+    Sparse,
 }
+
+/// Nonzero entries per row of a sparse JL projection (the Kane–Nelson s; 8 keeps the
+/// distortion of 1024-dimensional projections near the dense one's, see the README).
+pub const SPARSE_NONZEROS: i64 = 8;
 
 impl Projection {
     /// The side k₁ = k₂ = ⌈√k⌉ of a Kronecker-factored projection.
@@ -1087,10 +1096,21 @@ pub fn project(j: &Tensor, name: &str, p: &Projection, probes: usize) -> Result<
         while start < per {
             let len = PROJ_BLOCK.min(per - start);
             let key = format!("{name}#{}", start / PROJ_BLOCK);
-            let r = projection_block(p, &key, len);
-            out += jp
-                .narrow(1, start, len)
-                .matmul(&r.to_kind(j.kind()).to_device(j.device()));
+            let block = jp.narrow(1, start, len);
+            if p.kind == ProjectionKind::Sparse {
+                // out[:, c_it] += σ_it · J[:, i] for each of the s nonzeros of row i.
+                let (cols, signs) = sparse_block(p, &key, len);
+                let (cols, signs) = (
+                    cols.to_device(j.device()),
+                    signs.to_kind(j.kind()).to_device(j.device()),
+                );
+                for t in 0..cols.size()[1] {
+                    let _ = out.index_add_(1, &cols.select(1, t), &(&block * signs.select(1, t)));
+                }
+            } else {
+                let r = projection_block(p, &key, len);
+                out += block.matmul(&r.to_kind(j.kind()).to_device(j.device()));
+            }
             start += len;
         }
         parts.push(out);
@@ -1115,7 +1135,9 @@ fn projection_block(p: &Projection, key: &str, len: i64) -> Tensor {
             ));
             let n = (rows * p.dim) as usize;
             match p.kind {
-                ProjectionKind::Gaussian | ProjectionKind::Kronecker => (0..n)
+                // A sparse projection is drawn by `sparse_block`; its dense form is Gaussian.
+                ProjectionKind::Gaussian | ProjectionKind::Kronecker | ProjectionKind::Sparse => (0
+                    ..n)
                     .map(|_| rng.sample::<f64, _>(rand_distr::StandardNormal) * scale)
                     .collect(),
                 ProjectionKind::Rademacher => (0..n)
@@ -1127,9 +1149,81 @@ fn projection_block(p: &Projection, key: &str, len: i64) -> Tensor {
     Tensor::from_slice(&chunks.concat()).view([len, p.dim])
 }
 
+/// The nonzeros of one (len × dim) block of a sparse JL projection: per row, the columns
+/// (len × s, distinct within a row) and the values ±1/√s (len × s, float64), s = min(dim,
+/// [`SPARSE_NONZEROS`]); drawn like [`projection_block`], the same in every process.
+pub(crate) fn sparse_block(p: &Projection, key: &str, len: i64) -> (Tensor, Tensor) {
+    use rayon::prelude::*;
+    const ROWS: i64 = 4096;
+    let s = SPARSE_NONZEROS.min(p.dim).max(1);
+    let value = 1.0 / (s as f64).sqrt();
+    let chunks: Vec<(Vec<i64>, Vec<f64>)> = (0..(len + ROWS - 1) / ROWS)
+        .into_par_iter()
+        .map(|c| {
+            let rows = ROWS.min(len - c * ROWS);
+            let mut rng = ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(
+                p.seed,
+                format!("{key}/sparse/{c}").as_bytes(),
+            ));
+            let mut cols = Vec::with_capacity((rows * s) as usize);
+            let mut vals = Vec::with_capacity((rows * s) as usize);
+            for _ in 0..rows {
+                let row = cols.len();
+                while cols.len() < row + s as usize {
+                    let col = rng.random_range(0..p.dim);
+                    if !cols[row..].contains(&col) {
+                        cols.push(col);
+                        vals.push(if rng.random::<bool>() { value } else { -value });
+                    }
+                }
+            }
+            (cols, vals)
+        })
+        .collect();
+    let (cols, vals): (Vec<Vec<i64>>, Vec<Vec<f64>>) = chunks.into_iter().unzip();
+    (
+        Tensor::from_slice(&cols.concat()).view([len, s]),
+        Tensor::from_slice(&vals.concat()).view([len, s]),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sparse projection is the product with its matrix: s distinct nonzeros ±1/√s per row,
+    /// blocks of rows drawn apart, every probe projected on its own.
+    #[test]
+    fn sparse_projection_is_the_product_with_its_matrix() {
+        let p = Projection {
+            kind: ProjectionKind::Sparse,
+            dim: 40,
+            seed: 5,
+        };
+        let len = PROJ_BLOCK + 300;
+        let (first, second) = (
+            sparse_block(&p, "w#0", PROJ_BLOCK),
+            sparse_block(&p, "w#1", 300),
+        );
+        let dense = |(c, v): &(Tensor, Tensor), rows: i64| {
+            Tensor::zeros([rows, p.dim], (Kind::Double, Device::Cpu)).scatter(1, c, v)
+        };
+        let r = Tensor::cat(&[dense(&first, PROJ_BLOCK), dense(&second, 300)], 0);
+        assert_eq!(r.size(), [len, p.dim]);
+        let nonzero = r.ne(0.0).sum_dim_intlist(1, false, Kind::Int64);
+        assert_eq!(nonzero.min().int64_value(&[]), SPARSE_NONZEROS);
+        assert_eq!(nonzero.max().int64_value(&[]), SPARSE_NONZEROS);
+        let row_norms = r.square().sum_dim_intlist(1, false, Kind::Double);
+        assert!((row_norms - 1.0).abs().max().double_value(&[]) < 1e-12);
+        tch::manual_seed(3);
+        let j = Tensor::randn([3, 2 * len], (Kind::Double, Device::Cpu));
+        let got = project(&j, "w", &p, 2).unwrap();
+        let want = Tensor::cat(
+            &[j.narrow(1, 0, len).mm(&r), j.narrow(1, len, len).mm(&r)],
+            1,
+        );
+        assert!((got - want).abs().max().double_value(&[]) < 1e-12);
+    }
 
     #[test]
     fn globs_and_selections() {
