@@ -64,6 +64,7 @@ fn main() -> anyhow::Result<()> {
                 corpus: spec.data.corpus.clone(),
                 tokenizer: spec.data.tokenizer.clone(),
                 label: "domain".into(),
+                extra_labels: Vec::new(),
                 layer: None,
                 probe_samples: 1000,
                 samples: Some(500),

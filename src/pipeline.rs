@@ -343,6 +343,28 @@ pub fn run(path: &Path, seed: u64, device: Device, rep: &mut Reporting) -> Resul
 
 /// Ingest `input` into the spec's corpus table with `corpus ingest`'s defaults.
 fn ingest_step(spec: &Spec, input: &Path, seed: u64, rep: &mut Reporting) -> Result<()> {
+    let out = &spec.data.corpus;
+    let (corpus, stats, tok_out, vocab) = ingest_default(
+        input,
+        out,
+        spec.data.tokenizer.as_deref(),
+        seed,
+        rep.progress,
+    )?;
+    rep.observer.ingested(&corpus, &stats, out, &tok_out, vocab);
+    Ok(())
+}
+
+/// Ingest `input` into the corpus table `out` with `corpus ingest`'s defaults, training a
+/// tokenizer beside it unless `tokenizer` is given: the corpus, its build statistics, the
+/// tokenizer's path and its vocabulary size.
+pub fn ingest_default(
+    input: &Path,
+    out: &Path,
+    tokenizer: Option<&Path>,
+    seed: u64,
+    progress: &dyn Progress,
+) -> Result<(Corpus, BuildStats, PathBuf, usize)> {
     let records = ingest::read_records(input, &IngestOptions::default())?;
     let build = BuildOptions {
         min_words: crate::corpus::DEFAULT_MIN_WORDS,
@@ -350,19 +372,17 @@ fn ingest_step(spec: &Spec, input: &Path, seed: u64, rep: &mut Reporting) -> Res
         ..BuildOptions::default()
     };
     let (mut corpus, stats) = crate::corpus::build(&input.display().to_string(), records, &build)?;
-    let out = &spec.data.corpus;
     let tok_out = tokenizer::default_path(out);
-    let source = match &spec.data.tokenizer {
-        Some(p) => TokenizerSource::Load(p.clone()),
+    let source = match tokenizer {
+        Some(p) => TokenizerSource::Load(p.to_path_buf()),
         None => TokenizerSource::Train {
             vocab_size: tokenizer::DEFAULT_VOCAB_SIZE,
             min_frequency: tokenizer::DEFAULT_MIN_FREQUENCY,
         },
     };
-    let tok = tokenizer::finish_corpus(&mut corpus, &source, out, &tok_out, rep.progress)?;
-    rep.observer
-        .ingested(&corpus, &stats, out, &tok_out, tok.get_vocab_size(true));
-    Ok(())
+    let tok = tokenizer::finish_corpus(&mut corpus, &source, out, &tok_out, progress)?;
+    let vocab = tok.get_vocab_size(true);
+    Ok((corpus, stats, tok_out, vocab))
 }
 
 /// Train the spec's runs.

@@ -17,6 +17,7 @@
 //! `comparisons.parquet` (a, b, group, mean loss difference a − b and interval), `study.md`, and
 //! `figures/selection_study.{svg,png}`.
 
+pub mod experts;
 pub mod ranking;
 
 use std::collections::{BTreeMap, HashSet};
@@ -465,22 +466,21 @@ pub(crate) fn train_to_end(
     Ok(r)
 }
 
-/// What a study analyses: `samples` sentences of `split` (drawn with `sample_seed`, 0: evenly
-/// spaced) under `model`, their NTK (the default kernel) into `dir/ntk` and their analysis
-/// (`resamples` bootstrap draws) into `dir/analysis`, read back as a selection pool.
+/// The NTK of `samples` sentences of `split` (drawn with `sample_seed`, 0: evenly spaced) under
+/// `model` with the default kernel (the MLPs of the last two blocks, cosine-normalised), written
+/// into `ntk_dir`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn analyse_pool(
+pub(crate) fn default_ntk(
     model: &Path,
     corpus: &Path,
     split: SplitChoice,
     samples: usize,
     sample_seed: u64,
-    resamples: usize,
     seed: u64,
-    dir: &Path,
+    ntk_dir: &Path,
     device: Device,
     progress: &dyn Progress,
-) -> Result<Pool> {
+) -> Result<()> {
     let job = Job::prepare(
         &JobSpec {
             model: model.to_path_buf(),
@@ -497,12 +497,42 @@ pub(crate) fn analyse_pool(
         },
         device,
     )?;
-    let ntk_dir = dir.join("ntk");
     let opts = NtkOptions {
         seed,
         ..NtkOptions::default()
     };
-    ntk_pipeline::compute_into(&job, &opts, device, &ntk_dir, progress)?;
+    ntk_pipeline::compute_into(&job, &opts, device, ntk_dir, progress)?;
+    Ok(())
+}
+
+/// What a study analyses: the default NTK of `samples` sentences of `split` under `model` (see
+/// [`default_ntk`]) into `dir/ntk` and their analysis (`resamples` bootstrap draws) into
+/// `dir/analysis`, read back as a selection pool.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn analyse_pool(
+    model: &Path,
+    corpus: &Path,
+    split: SplitChoice,
+    samples: usize,
+    sample_seed: u64,
+    resamples: usize,
+    seed: u64,
+    dir: &Path,
+    device: Device,
+    progress: &dyn Progress,
+) -> Result<Pool> {
+    let ntk_dir = dir.join("ntk");
+    default_ntk(
+        model,
+        corpus,
+        split,
+        samples,
+        sample_seed,
+        seed,
+        &ntk_dir,
+        device,
+        progress,
+    )?;
     let an_dir = dir.join("analysis");
     let aspec = AnalyzeSpec {
         ntk: ntk_dir,

@@ -1590,6 +1590,115 @@ steps = 4
     bad(&["study", &one_seed], &["one.toml", "seeds"]);
 }
 
+/// The experts study end to end on a tiny setting: every run's perplexity is the one its own
+/// training run measured on the same validation samples, the comparison with the baseline is the
+/// seed-paired relative change recomputed here, routed runs carry isolation and dense ones do
+/// not, a rerun reuses everything and writes the same table, and a baseline that is not a run is
+/// refused naming the file and field.
+#[test]
+fn experts_study_compares_runs_with_the_baseline() {
+    let t = Tmp::new();
+    let corpus = synth(&t, 800);
+    let text = format!(
+        r#"[experts]
+seeds = [1, 2]
+corpus = "{corpus}"
+eval_samples = 60
+probe_samples = 40
+ntk_samples = 24
+out = "{out}"
+{TINY_MODEL}[train]
+steps = 6
+batch_size = 8
+checkpoint_every = 6
+dynamics_every = 3
+probe_samples = 40
+cse_warmup_fraction = 0.34
+[[run]]
+name = "dense"
+[[run]]
+name = "switch"
+experts = {{ kind = "switch", n_experts = 2, last_k = 1 }}
+[[run]]
+name = "cse"
+cse_warmup_fraction = 0.5
+experts = {{ kind = "cse", last_k = 1, proj_dim = 4, sample = 200, min_pts = 3, min_cluster_size = 3 }}
+"#,
+        out = t.s("ex")
+    );
+    let spec = t.file("experts.toml", text.as_bytes());
+    let printed = ok(&["study", &spec]);
+    assert!(
+        printed.contains("| switch |") && printed.contains("long-tail ppl vs dense"),
+        "{printed}"
+    );
+    let rows = read_table(&t.path("ex/results.parquet"));
+    let (seed, run, metric, value) = (
+        f64s(&rows, "seed"),
+        strs(&rows, "run"),
+        strs(&rows, "metric"),
+        f64s(&rows, "value"),
+    );
+    let get = |s: f64, r: &str, m: &str| -> Option<f64> {
+        (0..rows.height())
+            .find(|&i| seed[i] == s && run[i] == r && metric[i] == m)
+            .map(|i| value[i])
+    };
+    for s in [1.0, 2.0] {
+        for r in ["dense", "switch", "cse"] {
+            // The training run's own last validation of the same samples.
+            let val = read_table(&t.path(&format!("ex/seed-{s}/train/{r}/val.parquet")));
+            let (step, group, ppl) = (f64s(&val, "step"), strs(&val, "group"), f64s(&val, "ppl"));
+            let last = (0..val.height())
+                .filter(|&i| group[i] == "all")
+                .max_by(|&a, &b| step[a].total_cmp(&step[b]))
+                .unwrap();
+            let mine = get(s, r, "ppl_all").unwrap();
+            assert!(
+                (mine - ppl[last]).abs() < 1e-4 * ppl[last],
+                "{r}: {mine} vs {}",
+                ppl[last]
+            );
+            assert_eq!(get(s, r, "isolated_h1").is_some(), r != "dense", "{r}");
+            assert!(get(s, r, "clusters_h1").is_some(), "{r}");
+        }
+    }
+    let d: Vec<f64> = [1.0, 2.0]
+        .iter()
+        .map(|&s| {
+            100.0
+                * (get(s, "cse", "ppl_long_tail").unwrap()
+                    / get(s, "dense", "ppl_long_tail").unwrap()
+                    - 1.0)
+        })
+        .collect();
+    let cmp = read_table(&t.path("ex/comparisons.parquet"));
+    let (crun, cmetric, diff) = (strs(&cmp, "run"), strs(&cmp, "metric"), f64s(&cmp, "diff"));
+    let i = (0..cmp.height())
+        .find(|&i| crun[i] == "cse" && cmetric[i] == "ppl_long_tail")
+        .unwrap();
+    assert!(
+        (diff[i] - (d[0] + d[1]) / 2.0).abs() < 1e-9,
+        "{} vs {d:?}",
+        diff[i]
+    );
+    assert!(!crun.contains(&"dense".to_string()));
+    assert!(t.path("ex/figures/cse_study.png").exists());
+    assert!(t.path("ex/seed-2/analysis/cse/isolation.parquet").exists());
+    let first = std::fs::read(t.path("ex/results.parquet")).unwrap();
+    ok(&["study", &spec]);
+    assert_eq!(std::fs::read(t.path("ex/results.parquet")).unwrap(), first);
+    let wrong = t.file(
+        "wrong.toml",
+        text.replace("out = ", "baseline = \"nope\"\nout = ")
+            .as_bytes(),
+    );
+    bad(
+        &["study", &wrong],
+        &["wrong.toml", "experts.baseline", "nope"],
+    );
+}
+
 /// The flag ranking study on corpora with contrasts: the loss criterion's AP equals the one
 /// recomputed here from the analysis's losses and the corpus's `neglected` truth, and the summary
 /// leaves the development seed out.

@@ -12,7 +12,8 @@ use crate::study::{self, StudySpec};
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "Example:\n  \
     tailscope study analyses/selection-study.toml   (writes out/selection-study)\n  \
-    tailscope study analyses/ranking-study.toml     (flag ranking quality; out/ranking-study)")]
+    tailscope study analyses/ranking-study.toml     (flag ranking quality; out/ranking-study)\n  \
+    tailscope study analyses/cse-study.toml         (CSE vs dense vs Switch; out/cse-study)")]
 pub struct StudyArgs {
     /// The study spec (TOML).
     #[arg(
@@ -21,8 +22,11 @@ pub struct StudyArgs {
             [train] (the base model), [select] (pool, top, criteria), [continue] (steps, lr, \
             share: the expected share of selected samples per batch), seeds and out (the selection \
             study); or [ranking] (seeds, fit_seeds, rare_shares, pool, criteria, out), [model] and \
-            [train] (the flag ranking study on corpora with contrasts). See \
-            analyses/selection-study.toml, analyses/ranking-study.toml and the README. Finished \
+            [train] (the flag ranking study on corpora with contrasts); or [experts] (seeds, \
+            corpus, ingest, eval_samples, probe_samples, ntk_samples, baseline, out), [model], \
+            [train] and [[run]]s (CSE against dense and Switch-MoE). See \
+            analyses/selection-study.toml, analyses/ranking-study.toml, analyses/cse-study.toml \
+            and the README. Finished \
             training runs are reused on a rerun."
     )]
     pub spec: PathBuf,
@@ -34,6 +38,9 @@ pub fn run(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&a.spec).map_err(|e| crate::error::Error::io(&a.spec, e))?;
     if text.lines().any(|l| l.trim() == "[ranking]") {
         return run_ranking(a, g);
+    }
+    if text.lines().any(|l| l.trim() == "[experts]") {
+        return run_experts(a, g);
     }
     let spec = StudySpec::read(&a.spec)?;
     let device = crate::device::resolve(g.device)?;
@@ -111,6 +118,34 @@ fn run_ranking(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
     println!(
         "wrote {}/ranking.parquet, summary.parquet, comparisons.parquet, ranking.md",
         r.out.display()
+    );
+    Ok(())
+}
+
+/// `tailscope study` of an `[experts]` spec.
+fn run_experts(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
+    use crate::study::experts::{self, ExpertsSpec};
+    let spec = ExpertsSpec::read(&a.spec)?;
+    let device = crate::device::resolve(g.device)?;
+    let stop = ctrl_c_flag();
+    let s = experts::run(
+        &spec,
+        device,
+        &stop,
+        &Bars::default(),
+        &RunBars::default(),
+        |msg| tracing::info!("{msg}"),
+    )?;
+    println!(
+        "{} seeds; means with 95% t intervals; against {} paired by seed:",
+        spec.experts.seeds.len(),
+        s.baseline
+    );
+    print!("{}", s.markdown());
+    println!(
+        "wrote {}/results.parquet, summary.parquet, comparisons.parquet, experts.md, \
+         figures/cse_study.{{svg,png}}",
+        spec.experts.out.display()
     );
     Ok(())
 }

@@ -262,6 +262,7 @@ impl EvalArgs {
             corpus: self.corpus.clone(),
             tokenizer: self.tokenizer.clone(),
             label: self.label.clone(),
+            extra_labels: Vec::new(),
             layer: self.layer,
             probe_samples: self.probe_samples,
             samples: self.samples,

@@ -25,6 +25,8 @@ pub struct EvalSpec {
     pub tokenizer: Option<PathBuf>,
     /// The column the probe predicts: `domain` or `long_tail`.
     pub label: String,
+    /// Further columns, each probed from the same embeddings ([`EvalReport::extra_probes`]).
+    pub extra_labels: Vec<String>,
     /// Layer of the probed embeddings (default: the last block).
     pub layer: Option<usize>,
     /// Training-split samples that fit the probe (evenly spaced).
@@ -56,6 +58,8 @@ pub struct EvalReport {
     pub layer: usize,
     /// The linear probe.
     pub probe: ProbeResult,
+    /// (label, probe) for every extra label, in order.
+    pub extra_probes: Vec<(String, ProbeResult)>,
     /// Routing of validation sequences per routed block, by domain.
     pub routing: Vec<super::RoutingTable>,
 }
@@ -72,11 +76,25 @@ fn evenly(v: Vec<usize>, n: Option<usize>) -> Vec<usize> {
 fn labels(corpus: &Corpus, label: &str) -> Result<Vec<String>> {
     match label {
         "domain" => Ok(corpus.samples.iter().map(|s| s.domain.clone()).collect()),
-        "long_tail" => Ok(corpus
-            .samples
-            .iter()
-            .map(|s| s.long_tail.map_or("unknown".into(), |b| b.to_string()))
-            .collect()),
+        "long_tail" => {
+            // The corpus's ground truth where it has one (synthetic corpora), else whether the
+            // sample's domain is long-tail by its token share (the perplexity groups' rule).
+            let (shares, _) = domain_shares(corpus, ShareBy::Tokens);
+            let tail: HashSet<&str> = shares
+                .iter()
+                .filter(|d| d.long_tail)
+                .map(|d| d.domain.as_str())
+                .collect();
+            Ok(corpus
+                .samples
+                .iter()
+                .map(|s| {
+                    s.long_tail
+                        .unwrap_or_else(|| tail.contains(s.domain.as_str()))
+                        .to_string()
+                })
+                .collect())
+        }
         other => Err(Error::invalid(
             "--label",
             format!("unknown column {other:?}; use domain or long_tail"),
@@ -91,6 +109,11 @@ pub fn evaluate(spec: &EvalSpec, device: Device, progress: &dyn Progress) -> Res
     let tok =
         crate::source::tokenizer_for(spec.tokenizer.as_deref(), &spec.model, &model, &spec.corpus)?;
     let labels_all = labels(&corpus, &spec.label)?;
+    let extra_all = spec
+        .extra_labels
+        .iter()
+        .map(|l| labels(&corpus, l))
+        .collect::<Result<Vec<_>>>()?;
     let c = &corpus;
     let in_split = |s: Split| (0..c.len()).filter(move |&i| c.samples[i].split == s);
     let val = evenly(in_split(Split::Validation).collect(), spec.samples);
@@ -140,13 +163,22 @@ pub fn evaluate(spec: &EvalSpec, device: Device, progress: &dyn Progress) -> Res
     let layer = spec.layer.unwrap_or(model.cfg.n_layer as usize);
     let enc_val = encode(&model, &slices(&val_ids), 64, device)?;
     let enc_trn = encode(&model, &slices(&trn_ids), 64, device)?;
-    let labels_of = |idx: &[usize]| idx.iter().map(|&i| labels_all[i].clone()).collect();
-    let probe = probe_layer(
-        (&enc_trn, labels_of(&trn)),
-        (&enc_val, labels_of(&val)),
-        layer,
-        model.cfg.n_layer,
-    )?;
+    let probe_of = |all: &[String]| {
+        let of = |idx: &[usize]| idx.iter().map(|&i| all[i].clone()).collect();
+        probe_layer(
+            (&enc_trn, of(&trn)),
+            (&enc_val, of(&val)),
+            layer,
+            model.cfg.n_layer,
+        )
+    };
+    let probe = probe_of(&labels_all)?;
+    let extra_probes = spec
+        .extra_labels
+        .iter()
+        .zip(&extra_all)
+        .map(|(l, all)| Ok((l.clone(), probe_of(all)?)))
+        .collect::<Result<Vec<_>>>()?;
     progress.finish();
     let routing = enc_val
         .routes
@@ -167,6 +199,7 @@ pub fn evaluate(spec: &EvalSpec, device: Device, progress: &dyn Progress) -> Res
         threshold,
         layer,
         probe,
+        extra_probes,
         routing,
     })
 }
@@ -205,6 +238,7 @@ impl EvalReport {
             "model": spec.model, "perplexity": self.groups, "long_tail": self.tail_groups,
             "long_tail_threshold": self.threshold, "probe": self.probe, "layer": self.layer,
             "label": spec.label,
+            "extra_probes": self.extra_probes,
         })
     }
 
