@@ -198,6 +198,22 @@ fn mpi_ranks_give_the_one_process_kernel_and_survive_failures() {
         .map(|x| x["shards_reused"].as_u64().unwrap())
         .sum();
     assert!(reused >= 1, "the killed job's shards are reused: {ranks}");
+    // A panic on one rank (injected) aborts the job within seconds, naming the rank.
+    let started = Instant::now();
+    let o = mpirun(2)
+        .env("TAILSCOPE_TEST_PANIC_RANK", "1")
+        .args(ntk(&t.s("panicked"), &[]))
+        .output()
+        .unwrap();
+    let ended = started.elapsed();
+    eprintln!("the MPI job ended {ended:?} after it started, a rank having panicked");
+    assert!(!o.status.success(), "the job fails when a rank panics");
+    assert!(
+        stderr(&o).contains("rank 1 of 2 panicked"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(ended < Duration::from_secs(60), "{ended:?}");
     // Under other settings the rerun is refused, naming the setting.
     let o = run_mpi(2, &ntk(&killed, &["--project", "48"]));
     assert!(!o.status.success());

@@ -398,6 +398,10 @@ pub fn run_ntk(a: &NtkArgs, g: &Global) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The environment variable that makes one MPI rank panic (for the tests).
+#[cfg(feature = "mpi")]
+const PANIC_RANK_VAR: &str = "TAILSCOPE_TEST_PANIC_RANK";
+
 /// `mpirun -n R tailscope ntk --tile N …`: one streamed kernel over R ranks. A rank that fails
 /// prints its error naming itself and aborts the job, so no rank waits for it.
 #[cfg(feature = "mpi")]
@@ -411,6 +415,15 @@ fn run_ntk_mpi(a: &NtkArgs, g: &Global, device: tch::Device) -> anyhow::Result<(
     let out = &a.capture.out;
     let result = (|| -> crate::Result<_> {
         let job = Job::prepare(&a.capture.job_spec(g)?, device)?;
+        // Fault injection for the MPI tests (tests/mpi.rs): a panic on one rank, while the
+        // others wait for it in the ring exchange, must end the job.
+        if std::env::var(PANIC_RANK_VAR)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            == Some(rank)
+        {
+            panic!("{PANIC_RANK_VAR}={rank}: a panic injected for testing");
+        }
         let silent = crate::progress::Silent;
         let bars = Bars::default();
         let progress: &dyn crate::progress::Progress = if rank == 0 { &bars } else { &silent };
