@@ -71,10 +71,16 @@ pub fn local_rank() -> usize {
 /// the ranks of a host spread over its GPUs; the CPU stays the CPU.
 pub fn for_local_rank(device: tch::Device) -> tch::Device {
     match device {
-        tch::Device::Cuda(_) => {
-            let count = tch::Cuda::device_count().max(1) as usize;
-            tch::Device::Cuda(local_rank() % count)
-        }
+        tch::Device::Cuda(_) => spread(device, local_rank(), tch::Cuda::device_count() as usize),
+        other => other,
+    }
+}
+
+/// `device` for the rank `local` of a host with `count` GPUs: CUDA device local mod count (0
+/// when the count is unknown); any other device as it is.
+pub fn spread(device: tch::Device, local: usize, count: usize) -> tch::Device {
+    match device {
+        tch::Device::Cuda(_) => tch::Device::Cuda(local % count.max(1)),
         other => other,
     }
 }
@@ -82,6 +88,18 @@ pub fn for_local_rank(device: tch::Device) -> tch::Device {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranks_spread_over_a_hosts_gpus() {
+        use tch::Device::{Cpu, Cuda};
+        let on = |local, count| spread(Cuda(0), local, count);
+        assert_eq!(
+            (0..6).map(|r| on(r, 4)).collect::<Vec<_>>(),
+            vec![Cuda(0), Cuda(1), Cuda(2), Cuda(3), Cuda(0), Cuda(1)]
+        );
+        assert_eq!(on(3, 0), Cuda(0));
+        assert_eq!(spread(Cpu, 3, 4), Cpu);
+    }
 
     #[test]
     fn cpu_resolves_and_zero_threads_is_rejected() {
