@@ -32,6 +32,22 @@ pub struct StudyArgs {
     pub spec: PathBuf,
 }
 
+/// A study function run with the CLI's device, Ctrl-C flag (training stops with a checkpoint)
+/// and progress bars.
+fn with_study<T>(
+    g: &Global,
+    f: impl FnOnce(
+        tch::Device,
+        &std::sync::atomic::AtomicBool,
+        &Bars,
+        &RunBars,
+    ) -> crate::error::Result<T>,
+) -> anyhow::Result<T> {
+    let device = crate::device::resolve(g.device)?;
+    let stop = ctrl_c_flag();
+    Ok(f(device, &stop, &Bars::default(), &RunBars::default())?)
+}
+
 /// `tailscope study`: a `[ranking]` spec runs the flag ranking study, any other the selection
 /// study.
 pub fn run(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
@@ -43,16 +59,9 @@ pub fn run(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
         return run_experts(a, g);
     }
     let spec = StudySpec::read(&a.spec)?;
-    let device = crate::device::resolve(g.device)?;
-    let stop = ctrl_c_flag();
-    let s = study::run(
-        &spec,
-        device,
-        &stop,
-        &Bars::default(),
-        &RunBars::default(),
-        |msg| tracing::info!("{msg}"),
-    )?;
+    let s = with_study(g, |d, stop, bars, runs| {
+        study::run(&spec, d, stop, bars, runs, |m| tracing::info!("{m}"))
+    })?;
     println!(
         "held-out mean token loss change against continuing without a selection ({} seeds; \
          negative: the selection helped; 95% t intervals):",
@@ -91,16 +100,9 @@ pub fn run(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
 fn run_ranking(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
     use crate::study::ranking::{self, RankingSpec};
     let spec = RankingSpec::read(&a.spec)?;
-    let device = crate::device::resolve(g.device)?;
-    let stop = ctrl_c_flag();
-    let s = ranking::run(
-        &spec,
-        device,
-        &stop,
-        &Bars::default(),
-        &RunBars::default(),
-        |msg| tracing::info!("{msg}"),
-    )?;
+    let s = with_study(g, |d, stop, bars, runs| {
+        ranking::run(&spec, d, stop, bars, runs, |m| tracing::info!("{m}"))
+    })?;
     let r = &spec.ranking;
     let held: Vec<String> = r
         .seeds
@@ -126,16 +128,9 @@ fn run_ranking(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
 fn run_experts(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
     use crate::study::experts::{self, ExpertsSpec};
     let spec = ExpertsSpec::read(&a.spec)?;
-    let device = crate::device::resolve(g.device)?;
-    let stop = ctrl_c_flag();
-    let s = experts::run(
-        &spec,
-        device,
-        &stop,
-        &Bars::default(),
-        &RunBars::default(),
-        |msg| tracing::info!("{msg}"),
-    )?;
+    let s = with_study(g, |d, stop, bars, runs| {
+        experts::run(&spec, d, stop, bars, runs, |m| tracing::info!("{m}"))
+    })?;
     println!(
         "{} seeds; means with 95% t intervals; against {} paired by seed:",
         spec.experts.seeds.len(),
