@@ -55,10 +55,15 @@ bench-freq: build
 fixture:
 	scripts/build-brown-fixture
 
-# The counterfactual selection study (README, `tailscope study`): 2.6 + 5.3 min on 2 cores.
+# The studies (README, `tailscope study`): the counterfactual selection studies (2.6 + 5.3 min on
+# 2 cores), flag ranking quality (3.8 min) and CSE against dense and Switch-MoE on Brown +
+# fortunes (65 min).
 study: build
 	$(BIN) study analyses/selection-study.toml
 	$(BIN) study analyses/selection-study-mild.toml
+	$(BIN) study analyses/ranking-study.toml
+	bash scripts/fetch-corpora
+	$(BIN) study analyses/cse-study.toml
 
 clean:
 	rm -rf $(OUT)

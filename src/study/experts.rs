@@ -219,7 +219,8 @@ pub struct Measurement {
     pub run: String,
     /// `ppl_all`, `ppl_long_tail`, `ppl_common`, `probe_domain`, `probe_long_tail` (and their
     /// `_balanced` accuracies), `params`;
-    /// per block b: `experts_used_hb`, `isolated_hb`, `nmi_hb`, `separation_hb` (routed runs),
+    /// per block b: `experts_hb` (in the model), `experts_used_hb` (not idle on the kernel's
+    /// texts), `isolated_hb`, `nmi_hb`, `separation_hb` (routed runs),
     /// `clusters_hb`, `cluster_ratio_hb` (every run; DBSCAN at the block's output).
     pub metric: String,
     /// Value.
@@ -489,6 +490,7 @@ fn measure(
             .iter()
             .filter(|x| x.verdict == "isolated")
             .count();
+        m.push((format!("experts_{b}"), rep.experts.len() as f64));
         m.push((format!("experts_used_{b}"), used as f64));
         m.push((format!("isolated_{b}"), isolated as f64));
         m.push((format!("nmi_{b}"), rep.nmi));
@@ -572,6 +574,24 @@ impl ExpertsStudy {
             .map(|s| &s.diff)
     }
 
+    /// A run's parameter count, or its range over seeds (a CSE run's experts differ by seed).
+    fn params(&self, run: &str) -> String {
+        let p: Vec<f64> = self
+            .results
+            .iter()
+            .filter(|x| x.run == run && x.metric == "params")
+            .map(|x| x.value)
+            .collect();
+        let (lo, hi) = p
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+        match p.len() {
+            0 => "–".into(),
+            _ if lo == hi => format!("{lo:.0}"),
+            _ => format!("{lo:.0}–{hi:.0}"),
+        }
+    }
+
     /// The blocks with any per-block metric, sorted.
     fn blocks(&self) -> Vec<String> {
         let mut b: Vec<String> = self
@@ -615,8 +635,7 @@ impl ExpertsStudy {
             };
             s.push_str(&format!(
                 "| {r} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-                self.get(r, "params")
-                    .map_or("–".into(), |p| format!("{:.0}", p.mean)),
+                self.params(r),
                 f(self.get(r, "ppl_all"), 1),
                 f(self.get(r, "ppl_long_tail"), 1),
                 f(self.get(r, "ppl_common"), 1),
@@ -628,15 +647,16 @@ impl ExpertsStudy {
             ));
         }
         s.push_str(
-            "\n| run | block | experts used | isolated experts | NMI(domain, expert) | \
+            "\n| run | block | experts | experts used | isolated experts | NMI(domain, expert) | \
              separation of expert inputs | DBSCAN clusters (probe, last step) | cluster \
-             distance/radius |\n|---|---|---|---|---|---|---|---|\n",
+             distance/radius |\n|---|---|---|---|---|---|---|---|---|\n",
         );
         for r in &self.runs {
             for b in self.blocks() {
                 let g = |m: &str, d| f(self.get(r, &format!("{m}_{b}")), d);
                 s.push_str(&format!(
-                    "| {r} | {b} | {} | {} | {} | {} | {} | {} |\n",
+                    "| {r} | {b} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    g("experts", 2),
                     g("experts_used", 2),
                     g("isolated", 2),
                     g("nmi", 3),
@@ -780,7 +800,7 @@ mod tests {
         assert!(s.cmp("cse", "isolated_h3").is_none());
         assert!((s.get("cse", "isolated_h3").unwrap().mean - 1.5).abs() < 1e-12);
         let md = s.markdown();
-        assert!(md.contains("| cse | h3 | – | 1.50 ["), "{md}");
+        assert!(md.contains("| cse | h3 | – | – | 1.50 ["), "{md}");
         assert!(md.contains("+0.0% ["), "{md}");
         let dir = tempfile::tempdir().unwrap();
         write(&s, dir.path()).unwrap();
