@@ -267,7 +267,10 @@ fn bundled_specs_parse() {
             continue;
         }
         let text = std::fs::read_to_string(&p).unwrap();
-        if text.contains("[[run]]") {
+        if text.contains("[experts]") {
+            let s = tailscope::study::experts::ExpertsSpec::read(&p).unwrap();
+            assert!(s.experts.seeds.len() >= 3, "{p:?}");
+        } else if text.contains("[[run]]") {
             TrainSpec::read(&p).unwrap();
         } else if text.contains("[ranking]") {
             let s = tailscope::study::ranking::RankingSpec::read(&p).unwrap();
