@@ -1145,7 +1145,7 @@ fn declarative_run_and_bad_specs() {
         "run.toml",
         format!(
             "[data]\ncorpus = \"{corpus}\"\n[train]\nconfig = \"{train_spec}\"\nruns = [\"dense\", \"cse\", \"switch\"]\nout = \"{tr}\"\n\
-             [ntk]\nsamples = 16\nbatch = 8\nout = \"{nk}\"\n[analysis]\nmodel = \"cse\"\nbaseline = \"dense\"\nresamples = 50\nout = \"{an}\"\n\
+             [ntk]\nsamples = 16\nbatch = 8\nproject = 24\nprojection = \"sparse\"\nout = \"{nk}\"\n[analysis]\nmodel = \"cse\"\nbaseline = \"dense\"\nresamples = 50\nout = \"{an}\"\n\
              [report]\nout = \"{rp}\"\nnotebook = \"{nb}/run.ipynb\"\ntitle = \"run test\"\n",
             tr = t.s("tr"),
             nk = t.s("nk"),
@@ -1168,6 +1168,28 @@ fn declarative_run_and_bad_specs() {
         assert!(t.path(f).exists(), "{f}");
     }
     check_report(&t.path("rp"), &t.path("nb/deeper/run.ipynb"));
+    // [ntk] project and projection are --project and --projection.
+    ok(&[
+        "ntk",
+        "--model",
+        &t.s("tr/cse/final"),
+        "--corpus",
+        &corpus,
+        "--samples",
+        "16",
+        "--batch",
+        "8",
+        "--project",
+        "24",
+        "--projection",
+        "sparse",
+        "-o",
+        &t.s("cli-sparse"),
+    ]);
+    same_tensors(
+        &t.path("nk/cse/kernel.safetensors"),
+        &t.path("cli-sparse/kernel.safetensors"),
+    );
     // Switch-MoE isolation against the same baseline: one row per expert of the Switch block,
     // loads summing to the samples, a distance/radius ratio when two experts are used.
     let printed = ok(&[

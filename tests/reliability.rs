@@ -109,24 +109,6 @@ fn same_bytes(a: &Path, b: &Path) {
     );
 }
 
-/// Every tensor of two safetensors files is equal, bit for bit.
-fn same_tensors(a: &Path, b: &Path) {
-    let mut x = tch::Tensor::read_safetensors(a).unwrap();
-    let mut y = tch::Tensor::read_safetensors(b).unwrap();
-    x.sort_by(|p, q| p.0.cmp(&q.0));
-    y.sort_by(|p, q| p.0.cmp(&q.0));
-    assert_eq!(x.len(), y.len());
-    for ((n, s), (m, u)) in x.iter().zip(&y) {
-        assert_eq!(n, m);
-        assert!(
-            s.equal(u),
-            "{n} differs between {} and {}",
-            a.display(),
-            b.display()
-        );
-    }
-}
-
 #[test]
 fn train_killed_at_any_moment_resumes_bit_for_bit() {
     let t = Tmp::new();

@@ -252,3 +252,21 @@ pub fn same_tables(a: &std::path::Path, b: &std::path::Path) {
         }
     }
 }
+
+/// Every tensor of two safetensors files is equal, bit for bit.
+pub fn same_tensors(a: &std::path::Path, b: &std::path::Path) {
+    let mut x = tch::Tensor::read_safetensors(a).unwrap();
+    let mut y = tch::Tensor::read_safetensors(b).unwrap();
+    x.sort_by(|p, q| p.0.cmp(&q.0));
+    y.sort_by(|p, q| p.0.cmp(&q.0));
+    assert_eq!(x.len(), y.len());
+    for ((n, s), (m, u)) in x.iter().zip(&y) {
+        assert_eq!(n, m);
+        assert!(
+            s.equal(u),
+            "{n} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
