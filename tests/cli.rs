@@ -1710,6 +1710,26 @@ experts = {{ kind = "cse", last_k = 1, proj_dim = 4, sample = 200, min_pts = 3, 
     let first = std::fs::read(t.path("ex/results.parquet")).unwrap();
     ok(&["study", &spec]);
     assert_eq!(std::fs::read(t.path("ex/results.parquet")).unwrap(), first);
+    // The report of one CSE run's analysis with the study beside it: its findings and figure.
+    let printed = ok(&[
+        "report",
+        "--analysis",
+        &t.s("ex/seed-1/analysis/cse"),
+        "--ntk",
+        &t.s("ex/seed-1/ntk/cse"),
+        "--study",
+        &t.s("ex"),
+        "-o",
+        &t.s("rep"),
+    ]);
+    let said = format!("{:+.1}%", (d[0] + d[1]) / 2.0);
+    assert!(
+        printed.contains("CSE study: cse against dense") && printed.contains(&said),
+        "{said}: {printed}"
+    );
+    let html = std::fs::read_to_string(t.path("rep/report.html")).unwrap();
+    assert!(html.contains("CSE study: switch block h1"));
+    assert!(t.path("rep/figures/cse_study.png").exists());
     let wrong = t.file(
         "wrong.toml",
         text.replace("out = ", "baseline = \"nope\"\nout = ")

@@ -24,7 +24,7 @@ pub struct ReportArgs {
     /// A training run folder (log.parquet, clusters.parquet): adds training curves and cluster dynamics.
     #[arg(long, value_name = "DIR")]
     pub train_run: Option<PathBuf>,
-    /// A `tailscope study` output folder: adds the selection study's findings and figure.
+    /// A `tailscope study` output folder (selection or CSE study): adds its findings and figure.
     #[arg(long, value_name = "DIR")]
     pub study: Option<PathBuf>,
     /// Report title.

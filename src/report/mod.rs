@@ -282,20 +282,38 @@ pub fn build(
     })
 }
 
-/// `r` with a selection study's findings and figure (`tailscope study`'s output folder).
+/// `r` with a study's findings and figure (`tailscope study`'s output folder): a selection study,
+/// or a CSE (`[experts]`) study, told apart by its `experts.md`.
 pub fn with_study(mut r: Report, dir: &Path) -> Result<Report> {
-    let s = crate::study::Study::read(dir)?;
-    r.summary.extend(s.findings());
-    let fig = dir.join("figures").join("selection_study");
+    let (name, caption) = if dir.join("experts.md").exists() {
+        let s = crate::study::experts::ExpertsStudy::read(dir)?;
+        r.summary.extend(s.findings());
+        (
+            "cse_study",
+            format!(
+                "CSE study: held-out perplexity of each run against {} (mean over seeds of the \
+                 seed-paired relative change, 95% t interval).",
+                s.baseline
+            ),
+        )
+    } else {
+        let s = crate::study::Study::read(dir)?;
+        r.summary.extend(s.findings());
+        (
+            "selection_study",
+            "Selection study: held-out loss change of each criterion's continued run against \
+             continuing without a selection (mean over seeds, 95% t interval)."
+                .to_string(),
+        )
+    };
+    let fig = dir.join("figures").join(name);
     let svg_path = fig.with_extension("svg");
     let png_path = fig.with_extension("png");
     let svg = std::fs::read_to_string(&svg_path).map_err(|e| Error::io(&svg_path, e))?;
     let png = std::fs::read(&png_path).map_err(|e| Error::io(&png_path, e))?;
     r.figures.push(Figure {
-        name: "selection_study".into(),
-        caption: "Selection study: held-out loss change of each criterion's continued run against \
-                  continuing without a selection (mean over seeds, 95% t interval)."
-            .into(),
+        name: name.into(),
+        caption,
         plot: plots::Rendered { svg, png },
     });
     r.tables.extend(

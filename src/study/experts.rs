@@ -670,6 +670,92 @@ impl ExpertsStudy {
     }
 }
 
+impl ExpertsStudy {
+    /// A study written into `dir` ([`write`]): its measurements summarised again; the baseline
+    /// is the run without comparisons.
+    pub fn read(dir: &Path) -> Result<ExpertsStudy> {
+        use crate::io::{column_f64, column_str, read_parquet};
+        let p = dir.join("results.parquet");
+        let df = read_parquet(&p)?;
+        let (seed, run, metric, value) = (
+            column_f64(&df, "seed", &p)?,
+            column_str(&df, "run", &p)?,
+            column_str(&df, "metric", &p)?,
+            column_f64(&df, "value", &p)?,
+        );
+        let results: Vec<Measurement> = (0..run.len())
+            .map(|i| Measurement {
+                seed: seed[i] as u64,
+                run: run[i].clone(),
+                metric: metric[i].clone(),
+                value: value[i],
+            })
+            .collect();
+        let mut runs: Vec<String> = Vec::new();
+        for r in &run {
+            if !runs.contains(r) {
+                runs.push(r.clone());
+            }
+        }
+        let q = dir.join("comparisons.parquet");
+        let compared = column_str(&read_parquet(&q)?, "run", &q)?;
+        let baseline = runs
+            .iter()
+            .find(|r| !compared.contains(r))
+            .cloned()
+            .ok_or_else(|| Error::in_file(&q, "every run has comparisons; no baseline"))?;
+        Ok(summarise(results, &runs, &baseline))
+    }
+
+    /// The study in words: each run's perplexity against the baseline (a direction only when
+    /// the interval excludes 0), then its experts per block.
+    pub fn findings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for r in self.runs.iter().filter(|r| **r != self.baseline) {
+            let part = |m: &str, what: &str| {
+                self.cmp(r, m).map(|i| {
+                    format!(
+                        "{what} {:+.1}% [{:+.1}, {:+.1}]{}",
+                        i.mean,
+                        i.low,
+                        i.high,
+                        match i.sign() {
+                            -1 => " (lower)",
+                            1 => " (higher)",
+                            _ => " (no difference is detectable)",
+                        }
+                    )
+                })
+            };
+            let parts: Vec<String> = [("ppl_long_tail", "long-tail"), ("ppl_common", "common")]
+                .iter()
+                .filter_map(|(m, w)| part(m, w))
+                .collect();
+            if !parts.is_empty() {
+                out.push(format!(
+                    "CSE study: {r} against {}, held-out perplexity: {} (mean over seeds, 95% t \
+                     interval, paired by seed).",
+                    self.baseline,
+                    parts.join("; ")
+                ));
+            }
+            for b in self.blocks() {
+                let v = |m: &str| self.get(r, &format!("{m}_{b}")).map(|i| i.mean);
+                if let (Some(made), Some(used), Some(iso)) =
+                    (v("experts"), v("experts_used"), v("isolated"))
+                {
+                    out.push(format!(
+                        "CSE study: {r} block {b}: {made:.2} experts made, {used:.2} used, {iso:.2} \
+                         isolated (means over seeds); NMI(domain, expert) {:.3}.",
+                        v("nmi").unwrap_or(f64::NAN)
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Write the tables, `experts.md` and the figure into `out`.
 pub fn write(s: &ExpertsStudy, out: &Path) -> Result<()> {
     let r = &s.results;
