@@ -72,25 +72,20 @@ fn evenly(v: Vec<usize>, n: Option<usize>) -> Vec<usize> {
     }
 }
 
-/// The label of every corpus sample for the probe.
-fn labels(corpus: &Corpus, label: &str) -> Result<Vec<String>> {
+/// The label of every corpus sample for the probe; `long_tail`: the corpus's long-tail domains
+/// (the perplexity groups' rule, for samples without ground truth).
+fn labels(corpus: &Corpus, label: &str, long_tail: &HashSet<&str>) -> Result<Vec<String>> {
     match label {
         "domain" => Ok(corpus.samples.iter().map(|s| s.domain.clone()).collect()),
         "long_tail" => {
             // The corpus's ground truth where it has one (synthetic corpora), else whether the
-            // sample's domain is long-tail by its token share (the perplexity groups' rule).
-            let (shares, _) = domain_shares(corpus, ShareBy::Tokens);
-            let tail: HashSet<&str> = shares
-                .iter()
-                .filter(|d| d.long_tail)
-                .map(|d| d.domain.as_str())
-                .collect();
+            // sample's domain is long-tail by its token share.
             Ok(corpus
                 .samples
                 .iter()
                 .map(|s| {
                     s.long_tail
-                        .unwrap_or_else(|| tail.contains(s.domain.as_str()))
+                        .unwrap_or_else(|| long_tail.contains(s.domain.as_str()))
                         .to_string()
                 })
                 .collect())
@@ -108,11 +103,17 @@ pub fn evaluate(spec: &EvalSpec, device: Device, progress: &dyn Progress) -> Res
     let corpus = Corpus::read(&spec.corpus)?;
     let tok =
         crate::source::tokenizer_for(spec.tokenizer.as_deref(), &spec.model, &model, &spec.corpus)?;
-    let labels_all = labels(&corpus, &spec.label)?;
+    let (shares, threshold) = domain_shares(&corpus, ShareBy::Tokens);
+    let long_tail: HashSet<&str> = shares
+        .iter()
+        .filter(|d| d.long_tail)
+        .map(|d| d.domain.as_str())
+        .collect();
+    let labels_all = labels(&corpus, &spec.label, &long_tail)?;
     let extra_all = spec
         .extra_labels
         .iter()
-        .map(|l| labels(&corpus, l))
+        .map(|l| labels(&corpus, l, &long_tail))
         .collect::<Result<Vec<_>>>()?;
     let c = &corpus;
     let in_split = |s: Split| (0..c.len()).filter(move |&i| c.samples[i].split == s);
@@ -144,12 +145,6 @@ pub fn evaluate(spec: &EvalSpec, device: Device, progress: &dyn Progress) -> Res
         .map(|&i| corpus.samples[i].domain.as_str())
         .collect();
     let groups = group_losses(&losses, &domains);
-    let (shares, threshold) = domain_shares(&corpus, ShareBy::Tokens);
-    let long_tail: HashSet<&str> = shares
-        .iter()
-        .filter(|d| d.long_tail)
-        .map(|d| d.domain.as_str())
-        .collect();
     let tail_labels: Vec<&str> = domains
         .iter()
         .map(|d| match long_tail.contains(d) {
