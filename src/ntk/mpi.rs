@@ -358,21 +358,10 @@ impl<'a> RowBlocks<'a> {
             rows.extend(a * tile..((a + 1) * tile).min(n));
             let mut cols = Vec::with_capacity(n_shards);
             for b in 0..n_shards {
-                let (lo, hi) = (a.min(b), a.max(b));
-                let path = stream::tile_path(dir, lo, hi);
-                let t = crate::io::read_tensors(&path)?;
+                let (total, names) = super::tiles::read_total(dir, a.min(b), a.max(b))?;
                 if block_names.is_empty() {
-                    block_names = t
-                        .keys()
-                        .filter_map(|k| k.strip_prefix("block."))
-                        .map(str::to_string)
-                        .collect();
-                    block_names.sort();
+                    block_names = names;
                 }
-                let total = t.get("total").ok_or_else(|| {
-                    Error::in_file(&path, "no `total` kernel; remove the tile to recompute it")
-                })?;
-                let total = total.to_kind(Kind::Double);
                 cols.push(if a <= b {
                     total
                 } else {
@@ -386,24 +375,10 @@ impl<'a> RowBlocks<'a> {
         } else {
             Tensor::cat(&parts, 0)
         };
-        let bad = block.isfinite().logical_not().nonzero();
-        if bad.size()[0] > 0 {
-            let ids = job.samples();
-            let (i, j) = (
-                bad.int64_value(&[0, 0]) as usize,
-                bad.int64_value(&[0, 1]) as usize,
-            );
-            return Err(Error::invalid(
-                "kernel",
-                format!(
-                    "{} kernel entries are not finite (NaN or Inf), first Θ({}, {}); the model's \
-                     outputs or gradients overflow on these samples",
-                    bad.size()[0],
-                    ids[rows[i]].id,
-                    ids[j].id
-                ),
-            ));
-        }
+        let ids = job.samples();
+        super::tiles::refuse_non_finite(&block, |i, j| {
+            (ids[rows[i]].id.clone(), ids[j].id.clone())
+        })?;
         let mut local = vec![None; n];
         for (r, &i) in rows.iter().enumerate() {
             local[i] = Some(r);

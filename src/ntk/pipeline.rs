@@ -269,7 +269,9 @@ pub fn compute(
                         .or_else(crate::capture::memory::default_budget)
                         .unwrap_or(0)
                         / 2;
-                    let tiles = super::tiles::Tiles::open(dir, job.ids.len(), tile, hold)?;
+                    let samples = job.samples();
+                    let ids: Vec<&str> = samples.iter().map(|s| s.id.as_str()).collect();
+                    let tiles = super::tiles::Tiles::open(dir, &ids, tile, hold)?;
                     let names = tiles.block_names.clone();
                     let mut out = from_op(job, &tiles, names, opts, device, progress)?;
                     out.stream = Some(rep);

@@ -14,6 +14,47 @@ use super::op::{self, KernelOp};
 use super::stream::tile_path;
 use crate::error::{Error, Result};
 
+/// The `total` kernel of tile (a, b) under `dir`, in float64, and the tile's block names (keys
+/// without `block.`, sorted).
+pub(crate) fn read_total(dir: &Path, a: usize, b: usize) -> Result<(Tensor, Vec<String>)> {
+    let path = tile_path(dir, a, b);
+    let t = crate::io::read_tensors(&path)?;
+    let total = t.get("total").ok_or_else(|| {
+        Error::in_file(&path, "no `total` kernel; remove the tile to recompute it")
+    })?;
+    let mut names: Vec<String> = t
+        .keys()
+        .filter_map(|k| k.strip_prefix("block."))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    Ok((total.to_kind(Kind::Double), names))
+}
+
+/// Refuse a piece of the kernel with NaN or Inf entries, naming the first pair:
+/// `name(row, col)` gives the two samples of a position in the piece.
+pub(crate) fn refuse_non_finite(
+    piece: &Tensor,
+    name: impl Fn(usize, usize) -> (String, String),
+) -> Result<()> {
+    let bad = piece.isfinite().logical_not().nonzero();
+    if bad.size()[0] == 0 {
+        return Ok(());
+    }
+    let (i, j) = name(
+        bad.int64_value(&[0, 0]) as usize,
+        bad.int64_value(&[0, 1]) as usize,
+    );
+    Err(Error::invalid(
+        "kernel",
+        format!(
+            "{} kernel entries are not finite (NaN or Inf), first Θ({i}, {j}); the model's \
+             outputs or gradients overflow on these samples",
+            bad.size()[0]
+        ),
+    ))
+}
+
 /// A kernel of `n` samples in tiles of `tile` under `dir`.
 pub struct Tiles {
     dir: PathBuf,
@@ -26,10 +67,11 @@ pub struct Tiles {
 }
 
 impl Tiles {
-    /// The kernel under `dir`; its tiles' totals are held in memory when n² float64 values fit
-    /// `hold_bytes`. Reads every tile once, refusing a missing `total` or non-finite entries
-    /// (naming the first pair by sample index).
-    pub fn open(dir: &Path, n: usize, tile: usize, hold_bytes: u64) -> Result<Tiles> {
+    /// The kernel of the samples `ids` under `dir`; its tiles' totals are held in memory when n²
+    /// float64 values fit `hold_bytes`. Reads every tile once, refusing a missing `total` or
+    /// non-finite entries (naming the first pair).
+    pub fn open(dir: &Path, ids: &[&str], tile: usize, hold_bytes: u64) -> Result<Tiles> {
+        let n = ids.len();
         if tile == 0 || n == 0 {
             return Err(Error::invalid(
                 "--tile",
@@ -45,36 +87,16 @@ impl Tiles {
             block_names: Vec::new(),
         };
         let mut held = Vec::new();
-        let mut names = Vec::new();
+        me.block_names = read_total(dir, 0, 0)?.1;
         me.each(&mut |a, b, t| {
-            let bad = t.isfinite().logical_not().nonzero();
-            if bad.size()[0] > 0 {
-                return Err(Error::invalid(
-                    "kernel",
-                    format!(
-                        "{} kernel entries are not finite (NaN or Inf), first Θ({}, {}) by \
-                         sample index; the model's outputs or gradients overflow on these \
-                         samples",
-                        bad.size()[0],
-                        a * tile + bad.int64_value(&[0, 0]) as usize,
-                        b * tile + bad.int64_value(&[0, 1]) as usize,
-                    ),
-                ));
-            }
+            refuse_non_finite(t, |i, j| {
+                (ids[a * tile + i].to_string(), ids[b * tile + j].to_string())
+            })?;
             if hold {
                 held.push(t.shallow_clone());
             }
             Ok(())
         })?;
-        let first = crate::io::read_tensors(&tile_path(dir, 0, 0))?;
-        names.extend(
-            first
-                .keys()
-                .filter_map(|k| k.strip_prefix("block."))
-                .map(str::to_string),
-        );
-        names.sort();
-        me.block_names = names;
         me.held = hold.then_some(held);
         Ok(me)
     }
@@ -106,15 +128,11 @@ impl Tiles {
     }
 
     fn read(&self, a: usize, b: usize) -> Result<Tensor> {
-        let path = tile_path(&self.dir, a, b);
-        let t = crate::io::read_tensors(&path)?;
-        let total = t.get("total").ok_or_else(|| {
-            Error::in_file(&path, "no `total` kernel; remove the tile to recompute it")
-        })?;
+        let (total, _) = read_total(&self.dir, a, b)?;
         let want = [self.range(a).1, self.range(b).1];
         if total.size() != want {
             return Err(Error::in_file(
-                &path,
+                tile_path(&self.dir, a, b),
                 format!(
                     "holds a {:?} kernel where {want:?} was expected; the folder's tiles come \
                      from other settings",
@@ -122,7 +140,7 @@ impl Tiles {
                 ),
             ));
         }
-        Ok(total.to_kind(Kind::Double))
+        Ok(total)
     }
 
     /// `each` for the [`KernelOp`] calls, which cannot fail: tiles were read and checked by
@@ -277,8 +295,10 @@ mod tests {
         let dense = Dense::new(&full);
         let x = Tensor::randn([n as i64], (Kind::Double, Device::Cpu));
         let idx = [22, 0, 7, 3, 19, 4, 5, 11];
+        let names: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
+        let ids: Vec<&str> = names.iter().map(String::as_str).collect();
         for hold in [0, u64::MAX] {
-            let t = Tiles::open(dir.path(), n, tile, hold).unwrap();
+            let t = Tiles::open(dir.path(), &ids, tile, hold).unwrap();
             assert_eq!(t.held.is_some(), hold > 0);
             assert_eq!(t.block_names, vec!["mlp".to_string()]);
             assert!(close(&t.mv(&x), &dense.mv(&x)) < 1e-12);
@@ -290,17 +310,38 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_or_misshapen_tile_is_named() {
+    fn a_missing_misshapen_or_non_finite_tile_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let _ = kernel_in_tiles(dir.path(), 12, 4);
+        let full = kernel_in_tiles(dir.path(), 12, 4);
+        let names: Vec<String> = (0..13).map(|i| format!("s{i}")).collect();
+        let ids: Vec<&str> = names.iter().map(String::as_str).collect();
         // Opened as 13 samples: the last tiles have the wrong shape.
-        let e = Tiles::open(dir.path(), 13, 4, 0).err().unwrap().to_string();
+        let e = Tiles::open(dir.path(), &ids, 4, 0)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             e.contains("tile-00000-00003") || e.contains("was expected"),
             "{e}"
         );
+        // A NaN at Θ(5, 9): tile (1, 2), position (1, 1).
+        let v = full.narrow(0, 4, 4).narrow(1, 8, 4).copy();
+        let _ = v.narrow(0, 1, 1).narrow(1, 1, 1).fill_(f64::NAN);
+        let named = vec![("total".to_string(), v)];
+        crate::io::write_tensors(&named, &tile_path(dir.path(), 1, 2)).unwrap();
+        let e = Tiles::open(dir.path(), &ids[..12], 4, 0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("1 kernel entries are not finite") && e.contains("Θ(s5, s9)"),
+            "{e}"
+        );
         std::fs::remove_file(tile_path(dir.path(), 1, 2)).unwrap();
-        let e = Tiles::open(dir.path(), 12, 4, 0).err().unwrap().to_string();
+        let e = Tiles::open(dir.path(), &ids[..12], 4, 0)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("tile-00001-00002"), "{e}");
     }
 }
