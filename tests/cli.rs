@@ -1710,6 +1710,17 @@ experts = {{ kind = "cse", last_k = 1, proj_dim = 4, sample = 200, min_pts = 3, 
     let first = std::fs::read(t.path("ex/results.parquet")).unwrap();
     ok(&["study", &spec]);
     assert_eq!(std::fs::read(t.path("ex/results.parquet")).unwrap(), first);
+    // Other measurement settings measure again (the trained runs are kept).
+    let wider = t.file(
+        "wider.toml",
+        text.replace("ntk_samples = 24", "ntk_samples = 30")
+            .as_bytes(),
+    );
+    ok(&["study", &wider]);
+    let samples = read_table(&t.path("ex/seed-1/ntk/cse/samples.parquet"));
+    assert_eq!(samples.height(), 30);
+    ok(&["study", &spec]);
+    assert_eq!(std::fs::read(t.path("ex/results.parquet")).unwrap(), first);
     // The report of one CSE run's analysis with the study beside it: its findings and figure.
     let printed = ok(&[
         "report",

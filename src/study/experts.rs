@@ -276,12 +276,15 @@ const COMPARED: [&str; 7] = [
 ];
 
 /// Measurements of one finished run, stored beside its evaluation so that a rerun reuses them
-/// while the run's training manifest is unchanged: (metric, value, the value's bits), the bits
-/// read back so that a rerun's tables are the same bytes (JSON's decimal is for reading).
+/// while the run's and the baseline's training manifests and the measurement settings are
+/// unchanged: (metric, value, the value's bits), the bits read back so that a rerun's tables are
+/// the same bytes (JSON's decimal is for reading).
 #[derive(Debug, Serialize, Deserialize)]
 struct Stored {
     manifest: String,
     baseline_manifest: String,
+    /// eval_samples, probe_samples, ntk_samples.
+    settings: [usize; 3],
     metrics: Vec<(String, f64, u64)>,
 }
 
@@ -324,14 +327,15 @@ pub fn run(
     ensure_corpus(e, e.seeds[0], progress)?;
     let data = TrainData::load(&e.corpus, None)?;
     let blocks = spec.reported_blocks();
+    let settings = [e.eval_samples, e.probe_samples, e.ntk_samples];
+    let base_run = spec
+        .runs
+        .iter()
+        .find(|r| r.name == e.baseline)
+        .ok_or_else(|| Error::invalid("experts.baseline", "not a run"))?;
     let mut results = Vec::new();
     for &seed in &e.seeds {
         let sd = e.out.join(format!("seed-{seed}"));
-        let base_run = spec
-            .runs
-            .iter()
-            .find(|r| r.name == e.baseline)
-            .ok_or_else(|| Error::invalid("experts.baseline", "not a run"))?;
         // The baseline first: every other run's isolation is measured against its kernel.
         let order =
             std::iter::once(base_run).chain(spec.runs.iter().filter(|r| r.name != e.baseline));
@@ -358,7 +362,9 @@ pub fn run(
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
                 .filter(|s: &Stored| {
-                    s.manifest == manifest && s.baseline_manifest == baseline_manifest
+                    s.manifest == manifest
+                        && s.baseline_manifest == baseline_manifest
+                        && s.settings == settings
                 });
             let metrics: Vec<(String, f64)> = match stored {
                 Some(s) => s
@@ -371,6 +377,7 @@ pub fn run(
                     let s = Stored {
                         manifest,
                         baseline_manifest: baseline_manifest.clone(),
+                        settings,
                         metrics: m
                             .iter()
                             .map(|(n, v)| (n.clone(), *v, v.to_bits()))
