@@ -996,3 +996,55 @@ fn diagonals_from_gradient_norms_equal_the_full_kernel() {
         }
     }
 }
+
+/// Samples are batched in order of length, then put back: every method's kernel of texts of
+/// mixed lengths (5, 2, 7, 3, 6, 1 tokens) equals the one stacked from captures of each text on
+/// its own, in the caller's order (a permuted kernel fails; shuffled rows would too).
+#[test]
+fn rows_keep_the_callers_order_whatever_the_lengths() {
+    let (vs, model) = build(&tiny(Arch::Gpt, ExpertConfig::Dense));
+    let params = Selection::default().select(&vs).unwrap();
+    let s = seqs();
+    let alone: Vec<Tensor> = s
+        .iter()
+        .map(|q| {
+            let c = capture(
+                &model,
+                &params,
+                &[q.as_slice()],
+                &CaptureOptions::default(),
+                Device::Cpu,
+                &|_| {},
+            )
+            .unwrap();
+            Tensor::cat(&c.jac.iter().flatten().collect::<Vec<_>>(), 1)
+        })
+        .collect();
+    let j = Tensor::cat(&alone, 0);
+    let want = j.mm(&j.tr());
+    let refs: Vec<&[u32]> = s.iter().map(Vec::as_slice).collect();
+    for (method, batch) in [
+        (Method::Exact, 1),
+        (Method::Batched, 6),
+        (Method::Batched, 4),
+        (Method::Ghost, 6),
+    ] {
+        let opts = CaptureOptions {
+            method,
+            batch,
+            ..Default::default()
+        };
+        let c = capture(&model, &params, &refs, &opts, Device::Cpu, &|_| {}).unwrap();
+        let k = kernel(&c, None, BlockBy::Param, false).unwrap();
+        let err = rel_err(&want, &k.total);
+        assert!(err < 1e-9, "{method:?} batch {batch}: {err:.2e}");
+        if let Some(jac) = c.jac.iter().flatten().next() {
+            // the first parameter's rows, one by one
+            let first = alone[2].narrow(1, 0, jac.size()[1]);
+            assert!(
+                rel_err(&first, &jac.get(2).unsqueeze(0)) < 1e-9,
+                "{method:?} row 2"
+            );
+        }
+    }
+}

@@ -475,6 +475,13 @@ pub fn capture(
         opts.batch.max(1)
     };
     let max_len = model.cfg.max_len.max(1) as usize;
+    // Samples are batched in order of length (stable), so a batch pads to texts of about its own
+    // length: on Brown + fortunes with SmolLM2 the padded tokens were half of every batch. What
+    // a sample contributes does not depend on its batch; rows go back to the caller's order.
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| seqs[i].len().clamp(1, max_len));
+    let sorted: Vec<&[u32]> = order.iter().map(|&i| seqs[i]).collect();
+    let seqs = sorted.as_slice();
     let lengths: Vec<usize> = seqs.iter().map(|s| s.len().clamp(1, max_len)).collect();
     let fp = memory::Footprint::of(model, params, opts, &parts.use_ghost);
     // The budget is the process's: what it holds already (model, corpus) counts.
@@ -528,7 +535,31 @@ pub fn capture(
     }
     let mut c = parts.finish(model.cfg.max_len, opts.projection.is_some(), seqs.len());
     c.norms_only = opts.norms_only;
+    c.unsort(&order, device);
     Ok(c)
+}
+
+impl Captured {
+    /// Put rows captured in the order `order` (row r is sample `order[r]`) back in sample order.
+    fn unsort(&mut self, order: &[usize], device: Device) {
+        if order.iter().enumerate().all(|(r, &i)| r == i) {
+            return;
+        }
+        let mut inv = vec![0i64; order.len()];
+        for (r, &i) in order.iter().enumerate() {
+            inv[i] = r as i64;
+        }
+        let inv = Tensor::from_slice(&inv).to_device(device);
+        for t in self.jac.iter_mut().flatten() {
+            *t = t.index_select(0, &inv);
+        }
+        for dirs in self.ghost.iter_mut().flatten() {
+            for (x, g) in dirs.iter_mut() {
+                *x = x.index_select(0, &inv);
+                *g = g.index_select(0, &inv);
+            }
+        }
+    }
 }
 
 /// Σ_i f(x_i) over a batch, from an evaluation-mode forward pass without the Switch capacity
