@@ -115,8 +115,16 @@ impl Footprint {
                         ProjectionKind::Sparse => super::SPARSE_NONZEROS.min(p.dim) as u64 * 2,
                         _ => p.dim.max(0) as u64,
                     };
+                    // Sparse blocks kept between batches (up to their room).
+                    let kept = match p.kind {
+                        ProjectionKind::Sparse => super::sparse_cache_room(opts).min(
+                            piece * super::SPARSE_NONZEROS.min(p.dim) as u64 * (8 + value_bytes),
+                        ),
+                        _ => 0,
+                    };
                     2 * (opts.project_group.max(0) as u64) * value_bytes
                         + block * width * (3 * 8 + value_bytes)
+                        + kept
                 }
                 None => 0,
             },
