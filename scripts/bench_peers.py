@@ -19,9 +19,9 @@ columns; gaussian: N(0, 1/K) generated in row chunks once per group of up to GRO
 the way a user without a projection library would write it).
 Agreement: unprojected kernels of every peer on SUBSET samples against tailscope's and against
 each other (relative max |difference|, goal 1e-5); projected kernels against tailscope's
-unprojected kernel of all N samples (relative Frobenius error). tailscope's unprojected kernels
-are batched for selection a and ghost kernels for b (106 M per-sample gradients of 128 samples
-would take 54 GB).
+unprojected kernel of all N samples (relative Frobenius error); for selection b, whose 106 M
+per-sample gradients of 128 samples would take 54 GB, against the subset's unprojected kernel,
+on the subset's rows and columns of the projected one.
 Throughput: samples/s = N / (capture + projection + kernel), model loading excluded; peak RSS of
 the whole process. Every figure comes from this one run.
 """
@@ -381,10 +381,7 @@ def driver():
     for sel in sels:
         print(f"\n== selection {sel}: " + ("MLPs of the last two blocks" if sel == "a" else "every Linear layer of the 30 blocks"), flush=True)
         # 1. agreement, unprojected, on SUBSET samples
-        # selection b unprojected: ghost kernels (no per-sample gradient of 106 M parameters is
-        # formed; tailscope's ghost kernels equal its batched ones to 1e-10 in float64, tested)
-        exact_method = "batched" if sel == "a" else "ghost"
-        ref, err = ours(sel, subset, "none", "exact-subset", method=exact_method)
+        ref, err = ours(sel, subset, "none", "exact-subset")
         if ref is None:
             raise SystemExit(f"bench-peers: tailscope failed on the subset: {err}")
         peer_k = {}
@@ -405,14 +402,38 @@ def driver():
         for x in range(len(names_)):
             for y in range(x + 1, len(names_)):
                 print(f"  {names_[x]} vs {names_[y]} (peers against each other): max|ΔK|/max|K| = {rel_max(peer_k[names_[x]], peer_k[names_[y]]):.2e}")
-        # 2. reference: tailscope's unprojected kernel of all N samples
-        full, err = ours(sel, n, "none", "exact", method=exact_method)
-        if full is None:
-            raise SystemExit(f"bench-peers: tailscope's unprojected kernel of {n} samples failed: {err}")
-        results.append({"selection": sel, "method": "tailscope", "projection": "none", "samples": n, "seconds": full["seconds"],
-                        "samples_per_s": n / full["seconds"], "rss_gb": full["rss_kib"] * 1024 / 1e9, "error": None})
-        print(f"  tailscope  unprojected, {n} samples: {n / full['seconds']:.2f} samples/s, peak RSS {full['rss_kib'] / 1048576:.2f} GiB", flush=True)
+        # 2. reference: tailscope's unprojected kernel of all N samples; for selection b (106 M
+        # per-sample gradients of N samples would take 54 GB) the subset's, and projected
+        # kernels are compared on the subset's rows and columns (the subset's samples are found
+        # among the N by their tokens)
+        from safetensors.torch import load_file
+
+        if sel == "a":
+            full, err = ours(sel, n, "none", "exact")
+            if full is None:
+                raise SystemExit(f"bench-peers: tailscope's unprojected kernel of {n} samples failed: {err}")
+            results.append({"selection": sel, "method": "tailscope", "projection": "none", "samples": n, "seconds": full["seconds"],
+                            "samples_per_s": n / full["seconds"], "rss_gb": full["rss_kib"] * 1024 / 1e9, "error": None})
+            print(f"  tailscope  unprojected, {n} samples: {n / full['seconds']:.2f} samples/s, peak RSS {full['rss_kib'] / 1048576:.2f} GiB", flush=True)
+        else:
+            full = None
+
+        def error_of(K, batch_file):
+            if full is not None:
+                return rel_fro(K, full["K"])
+            # rows of the N-sample batch holding the subset's texts
+            small, big = load_file(ref["batch"]), load_file(batch_file)
+            rows = []
+            for i in range(small["ids"].shape[0]):
+                L = int(small["mask"][i].sum())
+                hit = [j for j in range(big["ids"].shape[0]) if int(big["mask"][j].sum()) == L and torch.equal(big["ids"][j, :L], small["ids"][i, :L])]
+                if not hit:
+                    raise SystemExit("bench-peers: a subset sample is not among the N samples; choose N a multiple of SUBSET")
+                rows.append(hit[0])
+            idx = torch.tensor(rows)
+            return rel_fro(K[idx][:, idx], ref["K"])
         # 3. projected, timed
+        batch_n = None
         plan = [("tailscope", p) for p in env["BENCH_OURS_PROJ"].split()]
         for method in peers:
             if method == "bergson":
@@ -422,15 +443,18 @@ def driver():
         for method, proj in plan:
             if method == "tailscope":
                 r, err = ours(sel, n, proj, f"k{k}-{proj}")
+                if r is not None:
+                    batch_n = r["batch"]
             else:
-                r, err = peer(sel, method, proj, full["batch"], f"k{k}-{proj}")
+                r, err = peer(sel, method, proj, (full or {}).get("batch") or batch_n, f"k{k}-{proj}")
             row = {"selection": sel, "method": method, "projection": proj, "samples": n, "k": k}
             if r is None:
                 row["error"] = err
                 print(f"  {method:10s} {proj:9s}: FAILED ({err.strip().splitlines()[-1] if err.strip() else err})", flush=True)
             else:
                 row.update(seconds=r["seconds"], samples_per_s=n / r["seconds"], rss_gb=r["rss_kib"] * 1024 / 1e9,
-                           kernel_error=rel_fro(r["K"], full["K"]))
+                           kernel_error=error_of(r["K"], (full or {}).get("batch") or batch_n),
+                           error_on=n if full is not None else subset)
                 print(f"  {method:10s} {proj:9s} K={k}: {row['samples_per_s']:.2f} samples/s ({r['seconds']:.1f} s), "
                       f"peak RSS {r['rss_kib'] / 1048576:.2f} GiB, kernel error {row['kernel_error']:.3f}", flush=True)
             results.append(row)
@@ -444,6 +468,16 @@ def driver():
                 for p in theirs:
                     print(f"    tailscope {m['projection']:9s} (err {m['kernel_error']:.3f}) vs {p['method']:10s} {p['projection']:9s} (err {p['kernel_error']:.3f}): "
                           f"speed {m['samples_per_s'] / p['samples_per_s']:.2f}x, peak memory {m['rss_gb'] / p['rss_gb']:.2f}x")
+    # the same rows as a Markdown table (what the README quotes)
+    lines = ["| selection | method | projection | samples | samples/s | peak RSS (GB) | kernel error | agreement |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        fmt = lambda key, f: (f % r[key]) if r.get(key) is not None else ""
+        lines.append("| %s | %s | %s | %d | %s | %s | %s | %s |" % (
+            r["selection"], r["method"], r["projection"], r["samples"], fmt("samples_per_s", "%.2f"), fmt("rss_gb", "%.2f"),
+            fmt("kernel_error", "%.3f"), fmt("agreement_rel_max", "%.1e") or ("failed" if r.get("error") else "")))
+    tmp = os.path.join(work, "results.md.tmp")
+    open(tmp, "w").write("\n".join(lines) + "\n")
+    os.replace(tmp, os.path.join(work, "results.md"))
     tmp = os.path.join(work, "results.json.tmp")
     json.dump(results, open(tmp, "w"), indent=1)
     os.replace(tmp, os.path.join(work, "results.json"))
