@@ -480,66 +480,43 @@ mod tests {
         }
     }
 
-    /// A resampled set above the threshold (700 of 900 samples) is solved on the masked full
-    /// kernel: its pair equals `eigh` of the copied sub-kernel, with zeros outside the set.
+    /// Subsets above the threshold: a resampled set of more than half the samples (700 of 900)
+    /// is solved on the masked full kernel, a subset of at most half (600 of 1,300) on a copy of
+    /// its kernel; either pair equals `eigh` of the copied sub-kernel, with zeros outside.
     #[test]
-    fn masked_resample_pair_equals_the_copied_sub_kernel() {
-        tch::manual_seed(6);
-        let j = Tensor::randn([900, 30], (Kind::Double, Device::Cpu)) + 0.2;
-        let k = j.matmul(&j.tr());
-        let keep: Vec<usize> = (0..900).filter(|i| i % 9 != 4 && i % 11 != 0).collect();
-        assert!(keep.len() as i64 > ITERATIVE_ABOVE && keep.len() < 900);
-        let full = principal(&k).unwrap();
-        let got = principal_on(&Dense::new(&k), &keep, &full.u).unwrap();
-        let sel = Tensor::from_slice(&keep.iter().map(|&i| i as i64).collect::<Vec<_>>());
-        let sub = k.index_select(0, &sel).index_select(1, &sel);
-        let (mut v, lambda) = dense_top(&sub).unwrap();
-        if v.sum(Kind::Double).double_value(&[]) < 0.0 {
-            v = -v;
+    fn subset_pairs_equal_eigh_of_the_sub_kernel() {
+        type Inside = fn(usize) -> bool;
+        let cases: [(i64, Inside); 2] =
+            [(900, |i| i % 9 != 4 && i % 11 != 0), (1300, |i| i % 13 < 6)];
+        for (seed, (n, inside)) in cases.into_iter().enumerate() {
+            tch::manual_seed(6 + seed as i64);
+            let j = Tensor::randn([n, 30], (Kind::Double, Device::Cpu)) + 0.2;
+            let k = j.matmul(&j.tr());
+            let keep: Vec<usize> = (0..n as usize).filter(|&i| inside(i)).collect();
+            assert!(keep.len() as i64 > ITERATIVE_ABOVE && (keep.len() as i64) < n);
+            let full = principal(&k).unwrap();
+            let got = principal_on(&Dense::new(&k), &keep, &full.u).unwrap();
+            let sel = index(&keep);
+            let sub = k.index_select(0, &sel).index_select(1, &sel);
+            let (mut v, lambda) = dense_top(&sub).unwrap();
+            if v.sum(Kind::Double).double_value(&[]) < 0.0 {
+                v = -v;
+            }
+            assert!((got.lambda - lambda).abs() < 1e-10 * lambda, "n {n}");
+            let diff = (got.u.index_select(0, &sel) - v)
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(diff < 1e-8, "n {n}: max |Δu| {diff}");
+            let out: Vec<i64> = (0..n).filter(|&i| !inside(i as usize)).collect();
+            let outside = got
+                .u
+                .index_select(0, &Tensor::from_slice(&out))
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert_eq!(outside, 0.0, "n {n}: entries outside the set");
         }
-        assert!((got.lambda - lambda).abs() < 1e-10 * lambda);
-        let diff = (got.u.index_select(0, &sel) - v)
-            .abs()
-            .max()
-            .double_value(&[]);
-        assert!(diff < 1e-8, "max |Δu| {diff}");
-        let out: Vec<i64> = (0..900)
-            .filter(|i| !keep.contains(&(*i as usize)))
-            .collect();
-        let outside = got
-            .u
-            .index_select(0, &Tensor::from_slice(&out))
-            .abs()
-            .max()
-            .double_value(&[]);
-        assert_eq!(outside, 0.0, "entries outside the set");
-    }
-
-    /// A subset above the threshold but of at most half the samples (600 of 1,300) is copied and
-    /// solved by Lanczos on the copy: its pair equals `eigh` of the sub-kernel, zero outside.
-    #[test]
-    fn copied_subset_pair_equals_eigh_of_the_sub_kernel() {
-        tch::manual_seed(7);
-        let j = Tensor::randn([1300, 30], (Kind::Double, Device::Cpu)) + 0.2;
-        let k = j.matmul(&j.tr());
-        let keep: Vec<usize> = (0..1300).filter(|i| i % 13 < 6).collect();
-        assert!(keep.len() as i64 > ITERATIVE_ABOVE && 2 * keep.len() <= 1300);
-        let full = principal(&k).unwrap();
-        let got = principal_on(&Dense::new(&k), &keep, &full.u).unwrap();
-        let sel = index(&keep);
-        let (mut v, lambda) = dense_top(&k.index_select(0, &sel).index_select(1, &sel)).unwrap();
-        if v.sum(Kind::Double).double_value(&[]) < 0.0 {
-            v = -v;
-        }
-        assert!((got.lambda - lambda).abs() < 1e-10 * lambda);
-        let diff = (got.u.index_select(0, &sel) - v)
-            .abs()
-            .max()
-            .double_value(&[]);
-        assert!(diff < 1e-8, "max |Δu| {diff}");
-        let outside: Vec<i64> = (0..1300).filter(|i| i % 13 >= 6).collect();
-        let out = got.u.index_select(0, &Tensor::from_slice(&outside));
-        assert_eq!(out.abs().max().double_value(&[]), 0.0);
     }
 
     /// 20 samples share one gradient direction, 5 point elsewhere: the bootstrap interval of
