@@ -115,10 +115,10 @@ def batches_by_length(mask, batch):
 class Projector:
     """Per-module projection of materialised per-sample gradients (b, out, in) -> (b, k)."""
 
-    def __init__(self, kind, k, shapes, seed, group):
+    def __init__(self, kind, k, shapes, seed):
         import torch
 
-        self.kind, self.k, self.seed, self.group = kind, k, seed, group
+        self.kind, self.k, self.seed = kind, k, seed
         self.sparse = {}
         self.kron = {}
         if kind == "sparse":
@@ -188,7 +188,7 @@ def run_peer(method, sel, proj, k, batch_file, model_dir, out_file, batch, group
     n = ids.shape[0]
     groups, lengths = batches_by_length(mask, batch)
     t0 = time.time()
-    projector = Projector(proj, k, shapes, seed=0, group=group) if proj != "none" and method != "bergson" else None
+    projector = Projector(proj, k, shapes, seed=0) if proj != "none" and method != "bergson" else None
     t_setup = time.time() - t0
     # per-module rows of J (projected or not), in sample order
     rows = {nm: [None] * n for nm in params}
