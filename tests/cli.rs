@@ -1312,6 +1312,21 @@ fn declarative_run_and_bad_specs() {
 /// and its notebook is valid nbformat 4 (checked by the `nbformat` package, see scripts/setup)
 /// and runs in a Jupyter kernel from its own folder, as Jupyter opens it (`nbclient`), started
 /// from an unrelated working directory.
+/// `tailscope report` of one analysis with a study folder beside it, into `rep`; its printout.
+fn report_with_study(t: &Tmp, analysis: &str, ntk: &str, study: &str) -> String {
+    ok(&[
+        "report",
+        "--analysis",
+        &t.s(analysis),
+        "--ntk",
+        &t.s(ntk),
+        "--study",
+        &t.s(study),
+        "-o",
+        &t.s("rep"),
+    ])
+}
+
 fn check_report(dir: &Path, notebook: &Path) {
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     let mut stems: Vec<String> = std::fs::read_dir(dir.join("figures"))
@@ -1578,17 +1593,7 @@ steps = 4
     assert!(t.path("study/seed-2/select/flag.parquet").exists());
     assert!(t.path("study/figures/selection_study.png").exists());
     // The report of seed 1's analysis with the study beside it.
-    let printed = ok(&[
-        "report",
-        "--analysis",
-        &t.s("study/seed-1/analysis"),
-        "--ntk",
-        &t.s("study/seed-1/ntk"),
-        "--study",
-        &t.s("study"),
-        "-o",
-        &t.s("rep"),
-    ]);
+    let printed = report_with_study(&t, "study/seed-1/analysis", "study/seed-1/ntk", "study");
     assert!(
         printed.contains("Selection study, long tail: flag against loss"),
         "{printed}"
@@ -1722,17 +1727,7 @@ experts = {{ kind = "cse", last_k = 1, proj_dim = 4, sample = 200, min_pts = 3, 
     ok(&["study", &spec]);
     assert_eq!(std::fs::read(t.path("ex/results.parquet")).unwrap(), first);
     // The report of one CSE run's analysis with the study beside it: its findings and figure.
-    let printed = ok(&[
-        "report",
-        "--analysis",
-        &t.s("ex/seed-1/analysis/cse"),
-        "--ntk",
-        &t.s("ex/seed-1/ntk/cse"),
-        "--study",
-        &t.s("ex"),
-        "-o",
-        &t.s("rep"),
-    ]);
+    let printed = report_with_study(&t, "ex/seed-1/analysis/cse", "ex/seed-1/ntk/cse", "ex");
     let said = format!("{:+.1}%", (d[0] + d[1]) / 2.0);
     assert!(
         printed.contains("CSE study: cse against dense") && printed.contains(&said),
