@@ -73,6 +73,17 @@ pub fn make_batch_keyed(
     pad(rows, (0..seqs.len()).collect(), cfg.special.pad, device)
 }
 
+/// Positions of a text of `n` tokens once encoded (truncated to max_len; BERT's [CLS] and
+/// [SEP] added): what a batch holding it pads to at least.
+pub fn encoded_len(cfg: &ModelConfig, n: usize) -> usize {
+    let max_len = cfg.max_len.max(1) as usize;
+    if cfg.arch.is_causal() {
+        n.clamp(1, max_len)
+    } else {
+        n.min(max_len.saturating_sub(2)) + 2
+    }
+}
+
 /// Input ids and targets of one sample (see the module docs).
 fn encode_row(cfg: &ModelConfig, s: &[u32], rng: &mut ChaCha8Rng) -> (Vec<i64>, Vec<i64>) {
     let max_len = cfg.max_len as usize;

@@ -1048,3 +1048,59 @@ fn rows_keep_the_callers_order_whatever_the_lengths() {
         }
     }
 }
+
+/// Ghost factors and logit-trace probes cover the longest text captured, not the model's
+/// max_len (SmolLM2's 8,192 positions made 8 samples' factors of every Linear layer 100 GB);
+/// sets of different longest texts (7 and 6 tokens here, max_len 64) still give the cross
+/// kernel of the whole set, so probes drawn for either agree on the positions they share.
+#[test]
+fn ghost_factors_and_probes_cover_the_longest_text_not_max_len() {
+    let cfg = ModelConfig {
+        max_len: 64,
+        ..tiny(Arch::Gpt, ExpertConfig::Dense)
+    };
+    let (vs, model) = build(&cfg);
+    let params = Selection::default().select(&vs).unwrap();
+    let s = seqs();
+    let refs: Vec<&[u32]> = s.iter().map(Vec::as_slice).collect();
+    for output in [OutputKind::MeanLoss, OutputKind::LogitTrace] {
+        let opts = |method| CaptureOptions {
+            output,
+            method,
+            batch: 2,
+            probes: 2,
+            seed: 4,
+            ..Default::default()
+        };
+        let run = |method, set: &[&[u32]]| {
+            capture(&model, &params, set, &opts(method), Device::Cpu, &|_| {}).unwrap()
+        };
+        let whole = run(Method::Exact, &refs);
+        let want = kernel(&whole, None, BlockBy::None, false).unwrap().total;
+        let (a, b) = (
+            run(Method::Ghost, &refs[..3]),
+            run(Method::Ghost, &refs[3..]),
+        );
+        for (c, longest) in [(&a, 7), (&b, 6)] {
+            let widths: Vec<i64> = c
+                .ghost
+                .iter()
+                .flatten()
+                .flatten()
+                .map(|(x, _)| x.size()[1])
+                .collect();
+            assert!(!widths.is_empty(), "{output:?}: no ghost factors");
+            // A weight called twice (a tied embedding) holds both calls' positions.
+            assert!(
+                widths.iter().all(|&w| w == longest || w == 2 * longest),
+                "{output:?}: factor widths {widths:?} for a longest text of {longest}"
+            );
+        }
+        let cross = kernel(&a, Some(&b), BlockBy::None, false).unwrap().total;
+        let err = rel_err(&want.narrow(0, 0, 3).narrow(1, 3, 3), &cross);
+        assert!(err < 1e-9, "{output:?} cross kernel: {err:.2e}");
+        let own = kernel(&b, None, BlockBy::None, false).unwrap().total;
+        let err = rel_err(&want.narrow(0, 3, 3).narrow(1, 3, 3), &own);
+        assert!(err < 1e-9, "{output:?} kernel of the second set: {err:.2e}");
+    }
+}

@@ -35,13 +35,14 @@ pub struct Footprint {
 }
 
 impl Footprint {
-    /// The footprint of capturing with `opts` the selected `params` of `model`; `ghost[k]`
-    /// says whether parameter k is captured as ghost factors.
+    /// The footprint of capturing with `opts` the selected `params` of `model` for texts of at
+    /// most `longest` tokens; `ghost[k]` says whether parameter k is captured as ghost factors.
     pub fn of(
         model: &Model,
         params: &[(String, Tensor)],
         opts: &CaptureOptions,
         ghost: &[bool],
+        longest: usize,
     ) -> Footprint {
         let cfg = &model.cfg;
         let value_bytes = match params.first().map(|(_, t)| t.kind()) {
@@ -92,11 +93,16 @@ impl Footprint {
                 (false, Some(p)) => p.dim as u64,
             };
         }
+        // Logit-trace probes: signs drawn as float32, then converted.
+        let trace_probes = match opts.output {
+            super::OutputKind::LogitTrace => probes * longest as u64 * v * (4 + value_bytes),
+            _ => 0,
+        };
         Footprint {
             value_bytes,
             // The pieces, then their stacking copy.
             held_per_sample: 2 * held * probes * value_bytes
-                + factors * cfg.max_len as u64 * probes * value_bytes,
+                + factors * longest as u64 * probes * value_bytes,
             // Per recorded block: inputs and outputs of every Linear and norm (≈ 12 d), the FFN
             // (2 · ffn, per active expert path), their gradients; logits, log-probabilities and
             // their gradients (4 V); ghost factors of the batch.
@@ -105,29 +111,32 @@ impl Footprint {
             per_token2: 3 * recorded * heads * value_bytes,
             // The batch's per-sample gradient pieces and the einsum's output.
             per_sample: 2 * piece * value_bytes,
-            fixed: match opts.projection {
-                Some(p) => {
-                    let block = super::PROJ_BLOCK.min(widest as i64).max(0) as u64;
-                    // The waiting rows and their stacked copy; the block drawn in float64
-                    // (per-thread chunks, their concatenation, the tensor) and converted.
-                    let width = match p.kind {
-                        // Columns and values of the nonzeros only.
-                        ProjectionKind::Sparse => super::SPARSE_NONZEROS.min(p.dim) as u64 * 2,
-                        _ => p.dim.max(0) as u64,
-                    };
-                    // Sparse blocks kept between batches (up to their room).
-                    let kept = match p.kind {
-                        ProjectionKind::Sparse => super::sparse_cache_room(opts).min(
-                            piece * super::SPARSE_NONZEROS.min(p.dim) as u64 * (8 + value_bytes),
-                        ),
-                        _ => 0,
-                    };
-                    2 * (opts.project_group.max(0) as u64) * value_bytes
-                        + block * width * (3 * 8 + value_bytes)
-                        + kept
-                }
-                None => 0,
-            },
+            fixed: trace_probes
+                + match opts.projection {
+                    Some(p) => {
+                        let block = super::PROJ_BLOCK.min(widest as i64).max(0) as u64;
+                        // The waiting rows and their stacked copy; the block drawn in float64
+                        // (per-thread chunks, their concatenation, the tensor) and converted.
+                        let width = match p.kind {
+                            // Columns and values of the nonzeros only.
+                            ProjectionKind::Sparse => super::SPARSE_NONZEROS.min(p.dim) as u64 * 2,
+                            _ => p.dim.max(0) as u64,
+                        };
+                        // Sparse blocks kept between batches (up to their room).
+                        let kept = match p.kind {
+                            ProjectionKind::Sparse => super::sparse_cache_room(opts).min(
+                                piece
+                                    * super::SPARSE_NONZEROS.min(p.dim) as u64
+                                    * (8 + value_bytes),
+                            ),
+                            _ => 0,
+                        };
+                        2 * (opts.project_group.max(0) as u64) * value_bytes
+                            + block * width * (3 * 8 + value_bytes)
+                            + kept
+                    }
+                    None => 0,
+                },
         }
     }
 

@@ -363,18 +363,29 @@ fn sample_key(s: &[u32]) -> u64 {
     crate::seed::stable_hash(0, &bytes)
 }
 
-/// Rademacher output directions of the logit-trace estimate, (probes, max_len, vocab). Drawn with
-/// our own seeded generator, not libtorch's process-wide one, so that concurrent work cannot
-/// change them and every process draws the same.
-fn trace_probes(model: &Model, probes: usize, seed: u64, kind: Kind, device: Device) -> Tensor {
-    let shape = [probes as i64, model.cfg.max_len, model.cfg.vocab_size];
-    let n = (shape[0] * shape[1] * shape[2]) as usize;
-    let mut rng = ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(seed, b"logit-trace"));
-    let signs: Vec<f32> = (0..n)
-        .map(|_| if rng.random::<bool>() { 1.0 } else { -1.0 })
-        .collect();
+/// Rademacher output directions of the logit-trace estimate, (probes, len, vocab) for the first
+/// `len` positions. Drawn with our own seeded generator, not libtorch's process-wide one, so that
+/// concurrent work cannot change them and every process draws the same; one stream per probe,
+/// position-major, so a position's direction does not depend on `len` (sets of different
+/// longest texts share theirs) and only the positions used are drawn, not max_len of them
+/// (SmolLM2: 8,192 × 49,152 signs per probe).
+fn trace_probes(
+    model: &Model,
+    (probes, len): (usize, i64),
+    seed: u64,
+    kind: Kind,
+    device: Device,
+) -> Tensor {
+    let v = model.cfg.vocab_size;
+    let per_probe = (len * v) as usize;
+    let mut signs: Vec<f32> = Vec::with_capacity(probes * per_probe);
+    for p in 0..probes {
+        let key = [b"logit-trace".as_slice(), &(p as u64).to_le_bytes()].concat();
+        let mut rng = ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(seed, &key));
+        signs.extend((0..per_probe).map(|_| if rng.random::<bool>() { 1.0f32 } else { -1.0 }));
+    }
     Tensor::from_slice(&signs)
-        .view(shape)
+        .view([probes as i64, len, v])
         .to_kind(kind)
         .to_device(device)
 }
@@ -446,8 +457,21 @@ pub fn capture(
         ));
     }
     let kind = params[0].1.kind();
-    let probes = (opts.output == OutputKind::LogitTrace)
-        .then(|| trace_probes(model, opts.probes.max(1), opts.seed, kind, device));
+    // The longest text, in positions: what ghost factors and logit-trace probes cover.
+    let longest = seqs
+        .iter()
+        .map(|s| crate::batch::encoded_len(&model.cfg, s.len()))
+        .max()
+        .unwrap_or(1);
+    let probes = (opts.output == OutputKind::LogitTrace).then(|| {
+        trace_probes(
+            model,
+            (opts.probes.max(1), longest as i64),
+            opts.seed,
+            kind,
+            device,
+        )
+    });
     let n_out = if opts.output == OutputKind::LogitTrace {
         opts.probes.max(1)
     } else {
@@ -484,16 +508,16 @@ pub fn capture(
     } else {
         opts.batch.max(1)
     };
-    let max_len = model.cfg.max_len.max(1) as usize;
     // Samples are batched in order of length (stable), so a batch pads to texts of about its own
     // length: on Brown + fortunes with SmolLM2 the padded tokens were half of every batch. What
     // a sample contributes does not depend on its batch; rows go back to the caller's order.
     let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.sort_by_key(|&i| seqs[i].len().clamp(1, max_len));
+    let encoded = |s: &[u32]| crate::batch::encoded_len(&model.cfg, s.len());
+    order.sort_by_key(|&i| encoded(seqs[i]));
     let sorted: Vec<&[u32]> = order.iter().map(|&i| seqs[i]).collect();
     let seqs = sorted.as_slice();
-    let lengths: Vec<usize> = seqs.iter().map(|s| s.len().clamp(1, max_len)).collect();
-    let fp = memory::Footprint::of(model, params, opts, &parts.use_ghost);
+    let lengths: Vec<usize> = seqs.iter().map(|s| encoded(s)).collect();
+    let fp = memory::Footprint::of(model, params, opts, &parts.use_ghost, longest);
     // The budget is the process's: what it holds already (model, corpus) counts.
     let held = memory::resident() + fp.held(seqs.len(), None);
     let plan = memory::plan_batches(&lengths, &fp, opts.memory, held, batch)?;
@@ -543,7 +567,7 @@ pub fn capture(
         done += chunk.len();
         on_progress(done);
     }
-    let mut c = parts.finish(model.cfg.max_len, opts.projection.is_some(), seqs.len());
+    let mut c = parts.finish(opts.projection.is_some(), seqs.len());
     c.norms_only = opts.norms_only;
     c.unsort(&order, device);
     Ok(c)
@@ -796,12 +820,12 @@ impl<'a> Parts<'a> {
     }
 
     /// Stack the pieces: a Jacobian (n, P) (or (n, k) projected) or ghost factors per parameter.
-    fn finish(self, max_len: i64, projected: bool, n: usize) -> Captured {
+    fn finish(self, projected: bool, n: usize) -> Captured {
         let mut jac = Vec::with_capacity(self.params.len());
         let mut ghost = Vec::with_capacity(self.params.len());
         for k in 0..self.params.len() {
             if !self.ghost[k].is_empty() {
-                ghost.push(Some(stack_ghost(&self.ghost[k], self.n_out, max_len)));
+                ghost.push(Some(stack_ghost(&self.ghost[k], self.n_out)));
                 jac.push(None);
             } else if projected {
                 jac.push(Some(Tensor::cat(&self.projected[k], 0)));
@@ -826,15 +850,12 @@ impl<'a> Parts<'a> {
     }
 }
 
-/// Ghost factors of one parameter per output direction, chunks stacked: positions padded to
-/// max_len (twice that for a weight called twice) so chunks stack.
-fn stack_ghost(parts: &[(Tensor, Tensor)], n_out: usize, max_len: i64) -> Vec<(Tensor, Tensor)> {
-    let width = parts
-        .iter()
-        .map(|(x, _)| x.size()[1])
-        .max()
-        .unwrap_or(0)
-        .max(max_len);
+/// Ghost factors of one parameter per output direction, chunks stacked: positions padded to the
+/// widest chunk (its longest text, twice that for a weight called twice) so chunks stack. Not
+/// to max_len: kernels take factors of any two widths, and SmolLM2's 8,192 positions made 8
+/// samples of every Linear layer 100 GB.
+fn stack_ghost(parts: &[(Tensor, Tensor)], n_out: usize) -> Vec<(Tensor, Tensor)> {
+    let width = parts.iter().map(|(x, _)| x.size()[1]).max().unwrap_or(0);
     // Padded positions have zero factors on the feature side, so they add nothing (token ids
     // are padded with 0).
     let pad = |t: &Tensor| {
