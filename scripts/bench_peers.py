@@ -445,6 +445,9 @@ def driver():
                 r, err = ours(sel, n, proj, f"k{k}-{proj}")
                 if r is not None:
                     batch_n = r["batch"]
+            elif not ((full or {}).get("batch") or batch_n):
+                print(f"  {method:10s} {proj:9s}: skipped (no tailscope run of the {n} samples gave their batch; set OURS_PROJ)", flush=True)
+                continue
             else:
                 r, err = peer(sel, method, proj, (full or {}).get("batch") or batch_n, f"k{k}-{proj}")
             row = {"selection": sel, "method": method, "projection": proj, "samples": n, "k": k}
