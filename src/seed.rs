@@ -10,9 +10,21 @@ pub fn stable_hash(seed: u64, bytes: &[u8]) -> u64 {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
+    mix(h)
+}
+
+/// The SplitMix64 finaliser: a bijection of u64 that spreads every input bit over the output.
+/// `mix(key + i · 0x9e3779b97f4a7c15)` is SplitMix64's i-th draw of the stream `key`: a
+/// counter-based generator, any draw computed on its own.
+pub fn mix(mut h: u64) -> u64 {
     h ^= h >> 30;
     h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     h ^= h >> 27;
     h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^ (h >> 31)
+}
+
+/// Draw `i` of the counter-based stream `key` (see [`mix`]).
+pub fn draw(key: u64, i: u64) -> u64 {
+    mix(key.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
 }

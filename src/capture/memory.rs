@@ -118,7 +118,8 @@ impl Footprint {
                         // The waiting rows and their stacked copy; the block drawn in float64
                         // (per-thread chunks, their concatenation, the tensor) and converted.
                         let width = match p.kind {
-                            // Columns and values of the nonzeros only.
+                            // Columns and values of the nonzeros only (int64 hashes, counted
+                            // as float64 draws: temporaries of the same size).
                             ProjectionKind::Sparse => super::SPARSE_NONZEROS.min(p.dim) as u64 * 2,
                             _ => p.dim.max(0) as u64,
                         };

@@ -101,10 +101,11 @@ pub enum ProjectionKind {
     /// costs T·(in·k₁ + out·k₂) instead of in·out·k and is never formed. Other parameters
     /// (biases, norms, embeddings) take the Gaussian projection to k.
     Kronecker,
-    /// Sparse Johnson–Lindenstrauss (Kane–Nelson): each parameter's row of R has
-    /// s = min(k, [`SPARSE_NONZEROS`]) nonzero entries ±1/√s in distinct random columns, so R Rᵀ
-    /// is unbiased for the identity, drawing it costs s values per parameter instead of k, and
-    /// projecting costs n·P·s instead of n·P·k.
+    /// Sparse Johnson–Lindenstrauss, Kane–Nelson's block construction: the k columns are cut
+    /// into s = min(k, [`SPARSE_NONZEROS`]) blocks, and each parameter's row of R has one
+    /// nonzero ±1/√s in each block, at a random column, so R Rᵀ is unbiased for the identity,
+    /// drawing it costs s values per parameter instead of k, and projecting costs n·P·s instead
+    /// of n·P·k.
     Sparse,
 }
 
@@ -1158,10 +1159,10 @@ pub fn project(j: &Tensor, name: &str, p: &Projection, probes: usize) -> Result<
     project_cached(j, name, p, probes, None)
 }
 
-/// Sparse projection blocks drawn once per capture and kept, on the capture's device in its
-/// precision, while they fit `room` bytes; blocks beyond it are drawn again at each use.
+/// Sparse projection blocks drawn once per capture and kept while they fit `room` bytes;
+/// blocks beyond it are drawn again at each use.
 pub(crate) struct SparseCache {
-    blocks: BTreeMap<String, (Tensor, Tensor)>,
+    blocks: BTreeMap<String, std::sync::Arc<SparseRows>>,
     room: u64,
 }
 
@@ -1173,32 +1174,17 @@ impl SparseCache {
         }
     }
 
-    /// The block `key` (columns, signed values) of `len` rows, on `device` in `kind`.
-    fn get(
-        &mut self,
-        p: &Projection,
-        key: &str,
-        len: i64,
-        device: Device,
-        kind: Kind,
-    ) -> (Tensor, Tensor) {
-        if let Some((c, v)) = self.blocks.get(key) {
-            return (c.shallow_clone(), v.shallow_clone());
+    /// The block `key` of `len` rows.
+    fn get(&mut self, p: &Projection, key: &str, len: i64) -> std::sync::Arc<SparseRows> {
+        if let Some(rows) = self.blocks.get(key) {
+            return rows.clone();
         }
-        let (cols, signs) = sparse_block(p, key, len);
-        let (cols, signs) = (
-            cols.to_device(device),
-            signs.to_kind(kind).to_device(device),
-        );
-        let bytes = (cols.numel() * 8 + signs.numel() * kind.elt_size_in_bytes()) as u64;
-        if bytes <= self.room {
-            self.room -= bytes;
-            self.blocks.insert(
-                key.to_string(),
-                (cols.shallow_clone(), signs.shallow_clone()),
-            );
+        let rows = std::sync::Arc::new(SparseRows::draw(p, key, len));
+        if rows.bytes() <= self.room {
+            self.room -= rows.bytes();
+            self.blocks.insert(key.to_string(), rows.clone());
         }
-        (cols, signs)
+        rows
     }
 }
 
@@ -1229,20 +1215,11 @@ pub(crate) fn project_cached(
             let key = format!("{name}#{}", start / PROJ_BLOCK);
             let block = jp.narrow(1, start, len);
             if p.kind == ProjectionKind::Sparse {
-                // out[:, c_it] += σ_it · J[:, i] for each of the s nonzeros of row i.
-                let (cols, signs) = match cache.as_deref_mut() {
-                    Some(c) => c.get(p, &key, len, j.device(), j.kind()),
-                    None => {
-                        let (cols, signs) = sparse_block(p, &key, len);
-                        (
-                            cols.to_device(j.device()),
-                            signs.to_kind(j.kind()).to_device(j.device()),
-                        )
-                    }
+                let rows = match cache.as_deref_mut() {
+                    Some(c) => c.get(p, &key, len),
+                    None => std::sync::Arc::new(SparseRows::draw(p, &key, len)),
                 };
-                for t in 0..cols.size()[1] {
-                    let _ = out.index_add_(1, &cols.select(1, t), &(&block * signs.select(1, t)));
-                }
+                out += rows.project(&block, p.dim)?;
             } else {
                 let r = projection_block(p, &key, len);
                 out += block.matmul(&r.to_kind(j.kind()).to_device(j.device()));
@@ -1271,7 +1248,7 @@ fn projection_block(p: &Projection, key: &str, len: i64) -> Tensor {
             ));
             let n = (rows * p.dim) as usize;
             match p.kind {
-                // A sparse projection is drawn by `sparse_block`; its dense form is Gaussian.
+                // A sparse projection is drawn by `SparseRows`; its dense form is Gaussian.
                 ProjectionKind::Gaussian | ProjectionKind::Kronecker | ProjectionKind::Sparse => (0
                     ..n)
                     .map(|_| rng.sample::<f64, _>(rand_distr::StandardNormal) * scale)
@@ -1285,42 +1262,142 @@ fn projection_block(p: &Projection, key: &str, len: i64) -> Tensor {
     Tensor::from_slice(&chunks.concat()).view([len, p.dim])
 }
 
-/// The nonzeros of one (len × dim) block of a sparse JL projection: per row, the columns
-/// (len × s, distinct within a row) and the values ±1/√s (len × s, float64), s = min(dim,
-/// [`SPARSE_NONZEROS`]); drawn like [`projection_block`], the same in every process.
-pub(crate) fn sparse_block(p: &Projection, key: &str, len: i64) -> (Tensor, Tensor) {
-    use rayon::prelude::*;
-    const ROWS: i64 = 4096;
-    let s = SPARSE_NONZEROS.min(p.dim).max(1);
-    let value = 1.0 / (s as f64).sqrt();
-    let chunks: Vec<(Vec<i64>, Vec<f64>)> = (0..(len + ROWS - 1) / ROWS)
-        .into_par_iter()
-        .map(|c| {
-            let rows = ROWS.min(len - c * ROWS);
-            let mut rng = ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(
-                p.seed,
-                format!("{key}/sparse/{c}").as_bytes(),
-            ));
-            let mut cols = Vec::with_capacity((rows * s) as usize);
-            let mut vals = Vec::with_capacity((rows * s) as usize);
-            for _ in 0..rows {
-                let row = cols.len();
-                while cols.len() < row + s as usize {
-                    let col = rng.random_range(0..p.dim);
-                    if !cols[row..].contains(&col) {
-                        cols.push(col);
-                        vals.push(if rng.random::<bool>() { value } else { -value });
+/// The nonzeros of one (len × dim) block of a sparse JL projection: row r's column in column
+/// block b at `cols[r·s + b]` and whether its value is +1/√s (else −1/√s), s = min(dim,
+/// [`SPARSE_NONZEROS`]).
+pub(crate) struct SparseRows {
+    cols: Vec<u32>,
+    positive: Vec<bool>,
+    s: usize,
+}
+
+impl SparseRows {
+    /// Draw (row, b) of a counter-based SplitMix64 stream keyed by (seed, key) gives the row's
+    /// column in block b (columns [b·k/s, (b+1)·k/s)) and its sign: the same in every process,
+    /// drawn in parallel without rejection (1.5× faster than ChaCha with rejection of repeated
+    /// columns, which the block construction makes needless).
+    pub(crate) fn draw(p: &Projection, key: &str, len: i64) -> SparseRows {
+        use rayon::prelude::*;
+        let s = SPARSE_NONZEROS.min(p.dim).max(1) as usize;
+        let stream = crate::seed::stable_hash(p.seed, format!("{key}/sparse").as_bytes());
+        let edge = |b: usize| (b as u64 * p.dim as u64 / s as u64) as u32;
+        let total = len.max(0) as usize * s;
+        let mut cols = vec![0u32; total];
+        let mut positive = vec![false; total];
+        cols.par_chunks_mut(s)
+            .zip(positive.par_chunks_mut(s))
+            .enumerate()
+            .for_each(|(r, (cs, ps))| {
+                for b in 0..s {
+                    let h = crate::seed::draw(stream, (r * s + b) as u64);
+                    let width = u64::from(edge(b + 1) - edge(b));
+                    // The high 32 bits times the width: bias below 2⁻³²·width.
+                    cs[b] = edge(b) + (((h >> 32) * width) >> 32) as u32;
+                    ps[b] = h & 1 == 1;
+                }
+            });
+        SparseRows { cols, positive, s }
+    }
+
+    /// Bytes held.
+    fn bytes(&self) -> u64 {
+        (self.cols.len() * 5) as u64
+    }
+
+    /// The columns (len × s, int64) and values ±1/√s (len × s, in `kind`), on `device`.
+    pub(crate) fn tensors(&self, device: Device, kind: Kind) -> (Tensor, Tensor) {
+        let s = self.s as i64;
+        let value = 1.0 / (s as f64).sqrt();
+        let cols: Vec<i64> = self.cols.iter().map(|&c| i64::from(c)).collect();
+        let signs = Tensor::from_slice(&self.positive)
+            .to_device(device)
+            .to_kind(kind)
+            * (2.0 * value)
+            - value;
+        (
+            Tensor::from_slice(&cols).view([-1, s]).to_device(device),
+            signs.view([-1, s]),
+        )
+    }
+
+    /// `j` (n × len) times this block's matrix (len × dim): (n × dim) in `j`'s precision. On
+    /// the CPU by hand, each sample's row in one pass summed in float64 (libtorch's index_add
+    /// runs the scatters serially: on SmolLM2's every Linear layer it took half the capture); on
+    /// other devices by index_add.
+    fn project(&self, j: &Tensor, dim: i64) -> Result<Tensor> {
+        let (n, len) = j.size2()?;
+        if j.device() != Device::Cpu {
+            return Ok(self.project_by_index_add(j, dim));
+        }
+        // Jᵀ (len × n): a row's n values side by side, in the gradients' precision (a float64
+        // copy of the transpose took two thirds of the time).
+        let jt = j.tr().contiguous();
+        let out = match j.kind() {
+            Kind::Double => self.project_rows(&Vec::<f64>::try_from(&jt.view([-1]))?, n, dim),
+            _ => {
+                let jt = jt.to_kind(Kind::Float).view([-1]);
+                self.project_rows(&Vec::<f32>::try_from(&jt)?, n, dim)
+            }
+        };
+        let _ = len;
+        Ok(Tensor::from_slice(&out)
+            .view([dim, n])
+            .tr()
+            .to_kind(j.kind())
+            .contiguous())
+    }
+
+    /// The kernel of [`SparseRows::project`]: `jt` (len × n, row-major) to (dim × n), summed in
+    /// float64. Tasks of ROWS rows sum into their own (dim × n), added up in order after, so the
+    /// result does not depend on the threads.
+    fn project_rows<T: Copy + Into<f64> + Send + Sync>(
+        &self,
+        jt: &[T],
+        n: i64,
+        dim: i64,
+    ) -> Vec<f64> {
+        use rayon::prelude::*;
+        const ROWS: usize = 8192;
+        let (s, n, dim) = (self.s, (n as usize).max(1), dim as usize);
+        let value = 1.0 / (s as f64).sqrt();
+        let partials: Vec<Vec<f64>> = jt
+            .par_chunks(ROWS * n)
+            .enumerate()
+            .map(|(task, xs)| {
+                let mut acc = vec![0.0f64; n * dim];
+                for (k, x) in xs.chunks(n).enumerate() {
+                    let at = (task * ROWS + k) * s;
+                    let nonzeros = self.cols[at..at + s].iter().zip(&self.positive[at..at + s]);
+                    for (&c, &plus) in nonzeros {
+                        // Branch-free: the signs are coin flips.
+                        let sign = f64::from(u8::from(plus)) * (2.0 * value) - value;
+                        // (dim × n): the n sums of a column share a cache line.
+                        let to = &mut acc[c as usize * n..(c as usize + 1) * n];
+                        to.iter_mut()
+                            .zip(x)
+                            .for_each(|(a, &xi)| *a += xi.into() * sign);
                     }
                 }
-            }
-            (cols, vals)
-        })
-        .collect();
-    let (cols, vals): (Vec<Vec<i64>>, Vec<Vec<f64>>) = chunks.into_iter().unzip();
-    (
-        Tensor::from_slice(&cols.concat()).view([len, s]),
-        Tensor::from_slice(&vals.concat()).view([len, s]),
-    )
+                acc
+            })
+            .collect();
+        let mut out = vec![0.0f64; n * dim];
+        for part in &partials {
+            out.iter_mut().zip(part).for_each(|(o, p)| *o += p);
+        }
+        out
+    }
+
+    /// [`SparseRows::project`] in libtorch ops, on `j`'s device: out[:, c_rb] += σ_rb · J[:, r]
+    /// for each of the s nonzeros of row r.
+    fn project_by_index_add(&self, j: &Tensor, dim: i64) -> Tensor {
+        let (cols, signs) = self.tensors(j.device(), j.kind());
+        let mut out = Tensor::zeros([j.size()[0], dim], (j.kind(), j.device()));
+        for b in 0..self.s as i64 {
+            let _ = out.index_add_(1, &cols.select(1, b), &(j * signs.select(1, b)));
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -1338,8 +1415,8 @@ mod tests {
         };
         let len = PROJ_BLOCK + 300;
         let (first, second) = (
-            sparse_block(&p, "w#0", PROJ_BLOCK),
-            sparse_block(&p, "w#1", 300),
+            SparseRows::draw(&p, "w#0", PROJ_BLOCK).tensors(Device::Cpu, Kind::Double),
+            SparseRows::draw(&p, "w#1", 300).tensors(Device::Cpu, Kind::Double),
         );
         let dense = |(c, v): &(Tensor, Tensor), rows: i64| {
             Tensor::zeros([rows, p.dim], (Kind::Double, Device::Cpu)).scatter(1, c, v)
@@ -1349,6 +1426,23 @@ mod tests {
         let nonzero = r.ne(0.0).sum_dim_intlist(1, false, Kind::Int64);
         assert_eq!(nonzero.min().int64_value(&[]), SPARSE_NONZEROS);
         assert_eq!(nonzero.max().int64_value(&[]), SPARSE_NONZEROS);
+        // One nonzero in each block of 5 columns, every column of a block taken by some row.
+        let w = p.dim / SPARSE_NONZEROS;
+        for b in 0..SPARSE_NONZEROS {
+            let block = r.narrow(1, b * w, w).ne(0.0);
+            let per_row = block.sum_dim_intlist(1, false, Kind::Int64);
+            assert_eq!(per_row.min().int64_value(&[]), 1, "block {b}");
+            assert_eq!(per_row.max().int64_value(&[]), 1, "block {b}");
+            let per_col = block.sum_dim_intlist(0, false, Kind::Int64);
+            assert!(
+                per_col.min().int64_value(&[]) > 0,
+                "block {b}: an unused column"
+            );
+        }
+        // Signs are balanced: about half of the 8·65,836 nonzeros are positive.
+        let positive = r.gt(0.0).sum(Kind::Int64).int64_value(&[]) as f64;
+        let share = positive / (SPARSE_NONZEROS * len) as f64;
+        assert!((share - 0.5).abs() < 0.005, "share of + signs {share}");
         let row_norms = r.square().sum_dim_intlist(1, false, Kind::Double);
         assert!((row_norms - 1.0).abs().max().double_value(&[]) < 1e-12);
         tch::manual_seed(3);
@@ -1358,7 +1452,15 @@ mod tests {
             &[j.narrow(1, 0, len).mm(&r), j.narrow(1, len, len).mm(&r)],
             1,
         );
-        assert!((got - want).abs().max().double_value(&[]) < 1e-12);
+        assert!((got - &want).abs().max().double_value(&[]) < 1e-12);
+        // The other devices' path, run here on the CPU.
+        let rows = SparseRows::draw(&p, "w#1", 300);
+        let jb = j.narrow(1, PROJ_BLOCK, 300);
+        let by_hand = rows.project(&jb, p.dim).unwrap();
+        let by_torch = rows.project_by_index_add(&jb, p.dim);
+        let want = jb.mm(&dense(&second, 300));
+        assert!((by_hand - &want).abs().max().double_value(&[]) < 1e-12);
+        assert!((by_torch - &want).abs().max().double_value(&[]) < 1e-12);
     }
 
     #[test]
