@@ -255,25 +255,24 @@ pub fn gram(x: &Tensor, y: &Tensor) -> Tensor {
     acc
 }
 
-/// K_ij = Σ_{t,s} (x_it·x_js)(g_it·g_js) over padded positions, tiled over samples. A `g` of
-/// token ids (n, T) (a token embedding) stands for one-hot rows: g_it·g_js = [id_it = id_js].
+/// K_ij = Σ_{t,s} (x_it·x_js)(g_it·g_js) over padded positions, tiled over samples, on the
+/// factors' device (returned on the CPU). The dot products run in the factors' precision (sums
+/// of `in` or `out` terms); the T² products per pair are summed in float64. A `g` of token ids
+/// (n, T) (a token embedding) stands for one-hot rows: g_it·g_js = [id_it = id_js].
 fn ghost_kernel(xx: &Tensor, gx: &Tensor, xy: &Tensor, gy: &Tensor, diagonal: bool) -> Tensor {
-    let cpu = |t: &Tensor| {
-        let kind = if t.kind() == Kind::Int64 {
-            Kind::Int64
-        } else {
-            Kind::Double
-        };
-        t.to_kind(kind).to_device(Device::Cpu)
-    };
-    let (xx, gx, xy, gy) = (cpu(xx), cpu(gx), cpu(xy), cpu(gy));
+    // Token-match factors are 0/1 in the other side's precision.
+    let kind = [gx, xx]
+        .into_iter()
+        .map(|t| t.kind())
+        .find(|&k| k != Kind::Int64)
+        .unwrap_or(Kind::Double);
     // g_at · g_bs for tiles a (la, T, ·) and b (lb, T, ·): (la, lb, T, T).
     let gdot = |ga: &Tensor, gb: &Tensor| {
         if ga.kind() == Kind::Int64 {
             ga.unsqueeze(1)
                 .unsqueeze(3)
                 .eq_tensor(&gb.unsqueeze(0).unsqueeze(2))
-                .to_kind(Kind::Double)
+                .to_kind(kind)
         } else {
             Tensor::einsum("ato,bso->abts", &[ga, gb], None::<i64>)
         }
@@ -286,15 +285,13 @@ fn ghost_kernel(xx: &Tensor, gx: &Tensor, xy: &Tensor, gy: &Tensor, diagonal: bo
             let (xa, ga) = (xx.narrow(0, a, l), gx.narrow(0, a, l));
             let aa = Tensor::einsum("ati,asi->ats", &[&xa, &xa], None::<i64>);
             let bb = if ga.kind() == Kind::Int64 {
-                ga.unsqueeze(2)
-                    .eq_tensor(&ga.unsqueeze(1))
-                    .to_kind(Kind::Double)
+                ga.unsqueeze(2).eq_tensor(&ga.unsqueeze(1)).to_kind(kind)
             } else {
                 Tensor::einsum("ato,aso->ats", &[&ga, &ga], None::<i64>)
             };
             out.push((aa * bb).sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Double));
         }
-        return Tensor::cat(&out, 0);
+        return Tensor::cat(&out, 0).to_device(Device::Cpu);
     }
     let mut rows = Vec::new();
     for a in (0..n).step_by(GHOST_TILE as usize) {
@@ -310,7 +307,7 @@ fn ghost_kernel(xx: &Tensor, gx: &Tensor, xy: &Tensor, gy: &Tensor, diagonal: bo
         }
         rows.push(Tensor::cat(&cols, 1));
     }
-    Tensor::cat(&rows, 0)
+    Tensor::cat(&rows, 0).to_device(Device::Cpu)
 }
 
 #[cfg(test)]

@@ -216,7 +216,8 @@ pub fn compute_into(
             )?;
             rep.shards_captured += 1;
         }
-        let c = stream::load_shard(&path, &names)?;
+        // On the CPU: shards travel the ring as MPI buffers.
+        let c = stream::load_shard(&path, &names, Device::Cpu)?;
         rep.samples += c.n;
         own.push((s, c));
         progress.advance_to(k as u64 + 1);

@@ -148,7 +148,8 @@ pub(crate) fn tile_path(dir: &Path, a: usize, b: usize) -> PathBuf {
         .join(format!("tile-{a:05}-{b:05}.safetensors"))
 }
 
-pub(crate) fn load_shard(path: &Path, names: &[String]) -> Result<Captured> {
+/// A shard's per-sample gradients, read onto `device` (the tiles' GEMMs run there).
+pub(crate) fn load_shard(path: &Path, names: &[String], device: Device) -> Result<Captured> {
     let t = read_tensors(path)?;
     let mut jac = Vec::with_capacity(names.len());
     for n in names {
@@ -158,7 +159,7 @@ pub(crate) fn load_shard(path: &Path, names: &[String]) -> Result<Captured> {
                 format!("missing tensor `{n}`; remove the shard to recompute it"),
             )
         })?;
-        jac.push(Some(j.shallow_clone()));
+        jac.push(Some(j.to_device(device)));
     }
     let n = jac
         .first()
@@ -265,11 +266,11 @@ pub fn stream_kernel(
         if path.exists() {
             report.tiles_reused += 1;
         } else {
-            let xa = rows.get(plan.dir, a, &names)?;
+            let xa = rows.get(plan.dir, a, &names, device)?;
             let xb = if a == b {
                 None
             } else {
-                Some(load_shard(&shard_path(plan.dir, b), &names)?)
+                Some(load_shard(&shard_path(plan.dir, b), &names, device)?)
             };
             write_tile(plan.dir, plan.blocks, (a, xa), xb.as_ref().map(|x| (b, x)))?;
         }
@@ -329,9 +330,11 @@ struct TileCache {
 }
 
 impl TileCache {
-    fn get(&mut self, dir: &Path, a: usize, names: &[String]) -> Result<&Captured> {
+    fn get(&mut self, dir: &Path, a: usize, names: &[String], device: Device) -> Result<&Captured> {
         if !matches!(&self.row, Some((r, _)) if *r == a) {
-            self.row = Some((a, load_shard(&shard_path(dir, a), names)?));
+            // The old row's tensors go before the new row's are read.
+            self.row = None;
+            self.row = Some((a, load_shard(&shard_path(dir, a), names, device)?));
         }
         self.row
             .as_ref()
