@@ -429,6 +429,19 @@ fn resuming_under_other_settings_is_refused_naming_the_difference() {
     assert!(printed.contains("3 shards (0 reused)"), "{printed}");
     let printed = ok(&refs(&call(&["--project", "16"])));
     assert!(printed.contains("3 shards (3 reused)"), "{printed}");
+    // Shards of an older version's random draws (no capture.draws) are not mixed in.
+    let path = t.path("ntk/manifest.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let older: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("\"capture.draws\""))
+        .collect();
+    assert!(older.len() < text.lines().count(), "{text}");
+    std::fs::write(&path, older.join("\n")).unwrap();
+    bad(
+        &refs(&call(&["--project", "16"])),
+        &["capture.draws", "(unset)", "--fresh"],
+    );
     // Shards without any manifest (an older version's) are not trusted.
     std::fs::remove_file(t.path("ntk/manifest.json")).unwrap();
     bad(

@@ -109,6 +109,12 @@ pub enum ProjectionKind {
     Sparse,
 }
 
+/// The version of a capture's random draws (projection matrices, logit-trace probes), recorded
+/// in the manifests of resumable kernels so that outputs drawn by another version are not mixed
+/// with this one's. 2: sparse projections by the block construction from SplitMix64 draws, and
+/// logit-trace probes from one stream per probe.
+pub const DRAWS: u32 = 2;
+
 /// Nonzero entries per row of a sparse JL projection (the Kane–Nelson s; 8 keeps the
 /// distortion of 1024-dimensional projections near the dense one's, see the README).
 pub const SPARSE_NONZEROS: i64 = 8;
@@ -1477,16 +1483,7 @@ mod tests {
     /// group per parameter kept every row of this model waiting).
     #[test]
     fn waiting_rows_are_bounded_over_all_parameters() {
-        let cfg = crate::model::ModelConfig {
-            vocab_size: 17,
-            max_len: 8,
-            n_layer: 2,
-            d_model: 8,
-            n_head: 2,
-            d_ffn: 12,
-            dropout: 0.0,
-            ..Default::default()
-        };
+        let cfg = crate::model::ModelConfig::default();
         tch::manual_seed(0);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Model::new(&vs.root(), &cfg).unwrap();

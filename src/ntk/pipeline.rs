@@ -234,6 +234,7 @@ fn stream_manifest(job: &Job, opts: &NtkOptions, tile: usize) -> Result<Manifest
     .set("capture.batch", c.batch)
     .set("capture.probes", c.probes)
     .set("capture.seed", c.seed)
+    .set("capture.draws", crate::capture::DRAWS)
     .set("blocks", format!("{:?}", opts.blocks))
     .set("tile", tile);
     Ok(m)

@@ -148,7 +148,8 @@ fn manifest(job: &Job, spec: &JobSpec, opts: &NtkOptions) -> Result<Manifest> {
     )
     .set("samples", crate::manifest::fingerprint_ids(&[&idx]))
     .set("job", format!("{rest:?}"))
-    .set("kernel", format!("{kernel:?}"));
+    .set("kernel", format!("{kernel:?}"))
+    .set("capture.draws", crate::capture::DRAWS);
     Ok(m)
 }
 
