@@ -1104,3 +1104,26 @@ fn ghost_factors_and_probes_cover_the_longest_text_not_max_len() {
         assert!(err < 1e-9, "{output:?} kernel of the second set: {err:.2e}");
     }
 }
+
+/// A float32 model: ghost kernels (dot products in float32 on the factors' device, T² products
+/// summed in float64) and batched ones (float32 GEMMs summed in float64) agree with the float32
+/// one-backward-per-sample kernel, and all three with the float64 oracle, to float32 precision.
+#[test]
+fn float32_kernels_of_every_method_agree_to_float32_precision() {
+    for arch in [Arch::Gpt, Arch::Llama] {
+        let cfg = tiny(arch, ExpertConfig::Dense);
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Model::new(&vs.root(), &cfg).unwrap();
+        let exact = ntk(&vs, &model, Method::Exact, OutputKind::MeanLoss, 1);
+        let (vs64, model64) = build(&cfg);
+        let oracle = ntk(&vs64, &model64, Method::Exact, OutputKind::MeanLoss, 1);
+        let err = rel_err(&oracle.total, &exact.total);
+        assert!(err < 1e-5, "{arch:?} float32 exact: {err:.2e}");
+        for (method, batch) in [(Method::Batched, 4), (Method::Ghost, 4)] {
+            let k = ntk(&vs, &model, method, OutputKind::MeanLoss, batch);
+            let err = rel_err(&oracle.total, &k.total);
+            assert!(err < 1e-5, "{arch:?} float32 {method:?}: {err:.2e}");
+        }
+    }
+}
