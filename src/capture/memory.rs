@@ -118,8 +118,9 @@ impl Footprint {
                         // The waiting rows and their stacked copy; the block drawn in float64
                         // (per-thread chunks, their concatenation, the tensor) and converted.
                         let width = match p.kind {
-                            // Columns and values of the nonzeros only (int64 hashes, counted
-                            // as float64 draws: temporaries of the same size).
+                            // Columns and values of the nonzeros only (drawn as u32 and bool,
+                            // counted as the float64 draws of the ChaCha version: an
+                            // overestimate kept so that batches stay as planned).
                             ProjectionKind::Sparse => super::SPARSE_NONZEROS.min(p.dim) as u64 * 2,
                             _ => p.dim.max(0) as u64,
                         };

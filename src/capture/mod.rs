@@ -464,12 +464,20 @@ pub fn capture(
         ));
     }
     let kind = params[0].1.kind();
-    // The longest text, in positions: what ghost factors and logit-trace probes cover.
-    let longest = seqs
+    // Samples are batched in order of length (stable), so a batch pads to texts of about its own
+    // length: on Brown + fortunes with SmolLM2 the padded tokens were half of every batch. What
+    // a sample contributes does not depend on its batch; rows go back to the caller's order.
+    let encoded: Vec<usize> = seqs
         .iter()
         .map(|s| crate::batch::encoded_len(&model.cfg, s.len()))
-        .max()
-        .unwrap_or(1);
+        .collect();
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| encoded[i]);
+    let sorted: Vec<&[u32]> = order.iter().map(|&i| seqs[i]).collect();
+    let seqs = sorted.as_slice();
+    let lengths: Vec<usize> = order.iter().map(|&i| encoded[i]).collect();
+    // The longest text, in positions: what ghost factors and logit-trace probes cover.
+    let longest = lengths.last().copied().unwrap_or(1);
     let probes = (opts.output == OutputKind::LogitTrace).then(|| {
         trace_probes(
             model,
@@ -515,15 +523,6 @@ pub fn capture(
     } else {
         opts.batch.max(1)
     };
-    // Samples are batched in order of length (stable), so a batch pads to texts of about its own
-    // length: on Brown + fortunes with SmolLM2 the padded tokens were half of every batch. What
-    // a sample contributes does not depend on its batch; rows go back to the caller's order.
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
-    let encoded = |s: &[u32]| crate::batch::encoded_len(&model.cfg, s.len());
-    order.sort_by_key(|&i| encoded(seqs[i]));
-    let sorted: Vec<&[u32]> = order.iter().map(|&i| seqs[i]).collect();
-    let seqs = sorted.as_slice();
-    let lengths: Vec<usize> = seqs.iter().map(|s| encoded(s)).collect();
     let fp = memory::Footprint::of(model, params, opts, &parts.use_ghost, longest);
     // The budget is the process's: what it holds already (model, corpus) counts.
     let held = memory::resident() + fp.held(seqs.len(), None);
@@ -1314,6 +1313,11 @@ impl SparseRows {
         SparseRows { cols, positive, s }
     }
 
+    /// The magnitude 1/√s of every nonzero.
+    fn value(&self) -> f64 {
+        1.0 / (self.s as f64).sqrt()
+    }
+
     /// Bytes held.
     fn bytes(&self) -> u64 {
         (self.cols.len() * 5) as u64
@@ -1321,8 +1325,7 @@ impl SparseRows {
 
     /// The columns (len × s, int64) and values ±1/√s (len × s, in `kind`), on `device`.
     pub(crate) fn tensors(&self, device: Device, kind: Kind) -> (Tensor, Tensor) {
-        let s = self.s as i64;
-        let value = 1.0 / (s as f64).sqrt();
+        let (s, value) = (self.s as i64, self.value());
         let cols: Vec<i64> = self.cols.iter().map(|&c| i64::from(c)).collect();
         let signs = Tensor::from_slice(&self.positive)
             .to_device(device)
@@ -1340,7 +1343,7 @@ impl SparseRows {
     /// runs the scatters serially: on SmolLM2's every Linear layer it took half the capture); on
     /// other devices by index_add.
     fn project(&self, j: &Tensor, dim: i64) -> Result<Tensor> {
-        let (n, len) = j.size2()?;
+        let (n, _) = j.size2()?;
         if j.device() != Device::Cpu {
             return Ok(self.project_by_index_add(j, dim));
         }
@@ -1354,7 +1357,6 @@ impl SparseRows {
                 self.project_rows(&Vec::<f32>::try_from(&jt)?, n, dim)
             }
         };
-        let _ = len;
         Ok(Tensor::from_slice(&out)
             .view([dim, n])
             .tr()
@@ -1374,7 +1376,7 @@ impl SparseRows {
         use rayon::prelude::*;
         const ROWS: usize = 8192;
         let (s, n, dim) = (self.s, (n as usize).max(1), dim as usize);
-        let value = 1.0 / (s as f64).sqrt();
+        let value = self.value();
         let partials: Vec<Vec<f64>> = jt
             .par_chunks(ROWS * n)
             .enumerate()

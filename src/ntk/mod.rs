@@ -260,12 +260,8 @@ pub fn gram(x: &Tensor, y: &Tensor) -> Tensor {
 /// of `in` or `out` terms); the T² products per pair are summed in float64. A `g` of token ids
 /// (n, T) (a token embedding) stands for one-hot rows: g_it·g_js = [id_it = id_js].
 fn ghost_kernel(xx: &Tensor, gx: &Tensor, xy: &Tensor, gy: &Tensor, diagonal: bool) -> Tensor {
-    // Token-match factors are 0/1 in the other side's precision.
-    let kind = [gx, xx]
-        .into_iter()
-        .map(|t| t.kind())
-        .find(|&k| k != Kind::Int64)
-        .unwrap_or(Kind::Double);
+    // Token-match factors (ids on the g side) are 0/1 in the x side's precision.
+    let kind = xx.kind();
     // g_at · g_bs for tiles a (la, T, ·) and b (lb, T, ·): (la, lb, T, T).
     let gdot = |ga: &Tensor, gb: &Tensor| {
         if ga.kind() == Kind::Int64 {
