@@ -418,19 +418,22 @@ def driver():
         else:
             full = None
 
+        subset_rows = {}  # N-sample batch file -> rows holding the subset's texts
+
         def error_of(K, batch_file):
             if full is not None:
                 return rel_fro(K, full["K"])
-            # rows of the N-sample batch holding the subset's texts
-            small, big = load_file(ref["batch"]), load_file(batch_file)
-            rows = []
-            for i in range(small["ids"].shape[0]):
-                L = int(small["mask"][i].sum())
-                hit = [j for j in range(big["ids"].shape[0]) if int(big["mask"][j].sum()) == L and torch.equal(big["ids"][j, :L], small["ids"][i, :L])]
-                if not hit:
-                    raise SystemExit("bench-peers: a subset sample is not among the N samples; choose N a multiple of SUBSET")
-                rows.append(hit[0])
-            idx = torch.tensor(rows)
+            if batch_file not in subset_rows:
+                small, big = load_file(ref["batch"]), load_file(batch_file)
+                rows = []
+                for i in range(small["ids"].shape[0]):
+                    L = int(small["mask"][i].sum())
+                    hit = [j for j in range(big["ids"].shape[0]) if int(big["mask"][j].sum()) == L and torch.equal(big["ids"][j, :L], small["ids"][i, :L])]
+                    if not hit:
+                        raise SystemExit("bench-peers: a subset sample is not among the N samples; choose N a multiple of SUBSET")
+                    rows.append(hit[0])
+                subset_rows[batch_file] = torch.tensor(rows)
+            idx = subset_rows[batch_file]
             return rel_fro(K[idx][:, idx], ref["K"])
         # 3. projected, timed
         batch_n = None
@@ -441,22 +444,24 @@ def driver():
             else:
                 plan += [(method, p) for p in env[f"BENCH_PEER_PROJ_{sel.upper()}"].split()]
         for method, proj in plan:
+            batch_file = (full or {}).get("batch") or batch_n
             if method == "tailscope":
                 r, err = ours(sel, n, proj, f"k{k}-{proj}")
                 if r is not None:
                     batch_n = r["batch"]
-            elif not ((full or {}).get("batch") or batch_n):
+                    batch_file = (full or {}).get("batch") or batch_n
+            elif not batch_file:
                 print(f"  {method:10s} {proj:9s}: skipped (no tailscope run of the {n} samples gave their batch; set OURS_PROJ)", flush=True)
                 continue
             else:
-                r, err = peer(sel, method, proj, (full or {}).get("batch") or batch_n, f"k{k}-{proj}")
+                r, err = peer(sel, method, proj, batch_file, f"k{k}-{proj}")
             row = {"selection": sel, "method": method, "projection": proj, "samples": n, "k": k}
             if r is None:
                 row["error"] = err
                 print(f"  {method:10s} {proj:9s}: FAILED ({err.strip().splitlines()[-1] if err.strip() else err})", flush=True)
             else:
                 row.update(seconds=r["seconds"], samples_per_s=n / r["seconds"], rss_gb=r["rss_kib"] * 1024 / 1e9,
-                           kernel_error=error_of(r["K"], (full or {}).get("batch") or batch_n),
+                           kernel_error=error_of(r["K"], batch_file),
                            error_on=n if full is not None else subset)
                 print(f"  {method:10s} {proj:9s} K={k}: {row['samples_per_s']:.2f} samples/s ({r['seconds']:.1f} s), "
                       f"peak RSS {r['rss_kib'] / 1048576:.2f} GiB, kernel error {row['kernel_error']:.3f}", flush=True)
