@@ -138,7 +138,7 @@ pub struct NtkStep {
     /// Projection dimension.
     #[serde(default)]
     pub project: Option<i64>,
-    /// Projection kind (default gaussian; `sparse`, `kronecker`, `rademacher`), as `--projection`.
+    /// Projection kind (default sparse; `gaussian`, `kronecker`, `rademacher`), as `--projection`.
     #[serde(default)]
     pub projection: Option<crate::capture::ProjectionKind>,
     /// Samples per pass (default 16).
@@ -443,9 +443,7 @@ fn ntk_step(spec: &Spec, m: &str, seed: u64, device: Device, rep: &mut Reporting
             output: n.output.unwrap_or_default(),
             method: n.method.unwrap_or_default(),
             projection: n.project.map(|dim| crate::capture::Projection {
-                kind: n
-                    .projection
-                    .unwrap_or(crate::capture::ProjectionKind::Gaussian),
+                kind: n.projection.unwrap_or_default(),
                 dim,
                 seed,
             }),

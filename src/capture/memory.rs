@@ -12,6 +12,7 @@ use std::ops::Range;
 
 use tch::{Kind, Tensor};
 
+use super::projection::{cache_room, PROJ_BLOCK};
 use super::{CaptureOptions, ProjectionKind};
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -114,28 +115,19 @@ impl Footprint {
             fixed: trace_probes
                 + match opts.projection {
                     Some(p) => {
-                        let block = super::PROJ_BLOCK.min(widest as i64).max(0) as u64;
-                        // The waiting rows and their stacked copy; the block drawn in float64
-                        // (per-thread chunks, their concatenation, the tensor) and converted.
-                        let width = match p.kind {
-                            // Columns and values of the nonzeros only (drawn as u32 and bool,
-                            // counted as the float64 draws of the ChaCha version: an
-                            // overestimate kept so that batches stay as planned).
-                            ProjectionKind::Sparse => super::SPARSE_NONZEROS.min(p.dim) as u64 * 2,
-                            _ => p.dim.max(0) as u64,
+                        let block = PROJ_BLOCK.min(widest as i64).max(0) as u64;
+                        let s = super::SPARSE_NONZEROS.min(p.dim).max(1) as u64;
+                        // Bytes of one parameter's row of a drawn block: s nonzeros as a u32
+                        // column and a sign byte, or k values in the working precision.
+                        let row = match p.kind {
+                            ProjectionKind::Sparse => 5 * s,
+                            _ => p.dim.max(0) as u64 * value_bytes,
                         };
-                        // Sparse blocks kept between batches (up to their room).
-                        let kept = match p.kind {
-                            ProjectionKind::Sparse => super::sparse_cache_room(opts).min(
-                                piece
-                                    * super::SPARSE_NONZEROS.min(p.dim) as u64
-                                    * (8 + value_bytes),
-                            ),
-                            _ => 0,
-                        };
+                        // The waiting rows and their stacked copy; a block drawn (the buffer
+                        // and its tensor) and the blocks kept between groups, up to their room.
                         2 * (opts.project_group.max(0) as u64) * value_bytes
-                            + block * width * (3 * 8 + value_bytes)
-                            + kept
+                            + 2 * block * row
+                            + cache_room(opts).min(piece * row)
                     }
                     None => 0,
                 },

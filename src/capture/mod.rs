@@ -11,9 +11,9 @@
 //!   (out × in) per-sample gradients; [`Method::Auto`] picks ghost per layer where T²(in + out) <
 //!   in·out.
 //!
-//! Optionally, per-sample gradients are projected to k dimensions with a seeded Gaussian or
-//! Rademacher matrix (entries of variance 1/k, so E[K̂] = K); the matrix for a parameter depends
-//! only on (seed, parameter name, row block), so processes and shards agree.
+//! Optionally, per-sample gradients are projected to k dimensions ([`projection`]: sparse JL,
+//! Gaussian, Rademacher or Kronecker-factored, so E[K̂] = K); the matrix for a parameter depends
+//! only on (seed, parameter name, row block), so processes, shards and devices agree.
 //!
 //! Outputs f (`--output`): the mean token loss of the sample (default), the summed
 //! log-likelihood, or the trace over output logits, estimated with `probes` Rademacher output
@@ -25,6 +25,10 @@
 
 pub mod job;
 pub mod memory;
+pub mod projection;
+
+pub use projection::{project, Projection, ProjectionKind, DRAWS, SPARSE_NONZEROS};
+use projection::{project_cached, ProjectionCache};
 
 use std::collections::BTreeMap;
 
@@ -83,85 +87,6 @@ pub enum Method {
     Ghost,
     /// Ghost where it is cheaper, batched elsewhere.
     Auto,
-}
-
-/// Random projection of per-sample gradients.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum ProjectionKind {
-    /// Entries N(0, 1/k).
-    Gaussian,
-    /// Entries ±1/√k.
-    Rademacher,
-    /// Per Linear weight (out × in), LoGra's Kronecker-factored projection: each position's
-    /// input x_t and output gradient g_t are projected separately, Σ_t (P_gᵀ g_t) ⊗ (P_xᵀ x_t),
-    /// with Gaussian P_x (in × k₁) and P_g (out × k₂), k₁ = k₂ = ⌈√k⌉, so the per-sample gradient
-    /// costs T·(in·k₁ + out·k₂) instead of in·out·k and is never formed. Other parameters
-    /// (biases, norms, embeddings) take the Gaussian projection to k.
-    Kronecker,
-    /// Sparse Johnson–Lindenstrauss, Kane–Nelson's block construction: the k columns are cut
-    /// into s = min(k, [`SPARSE_NONZEROS`]) blocks, and each parameter's row of R has one
-    /// nonzero ±1/√s in each block, at a random column, so R Rᵀ is unbiased for the identity,
-    /// drawing it costs s values per parameter instead of k, and projecting costs n·P·s instead
-    /// of n·P·k.
-    Sparse,
-}
-
-/// The version of a capture's random draws (projection matrices, logit-trace probes), recorded
-/// in the manifests of resumable kernels so that outputs drawn by another version are not mixed
-/// with this one's. 2: sparse projections by the block construction from SplitMix64 draws, and
-/// logit-trace probes from one stream per probe.
-pub const DRAWS: u32 = 2;
-
-/// Nonzero entries per row of a sparse JL projection (the Kane–Nelson s; 8 keeps the
-/// distortion of 1024-dimensional projections near the dense one's, see the README).
-pub const SPARSE_NONZEROS: i64 = 8;
-
-impl Projection {
-    /// The side k₁ = k₂ = ⌈√k⌉ of a Kronecker-factored projection.
-    pub fn kronecker_side(&self) -> i64 {
-        let mut side = (self.dim as f64).sqrt().floor() as i64;
-        while side * side < self.dim {
-            side += 1;
-        }
-        side.max(1)
-    }
-
-    /// The Kronecker factors (P_x: in × k₁, P_g: out × k₂) of the Linear weight `name` of shape
-    /// (out, in), Gaussian of variance 1/k₁ and 1/k₂, in `kind` on `device`; the same in every
-    /// process for one seed.
-    pub fn kronecker_factors(
-        &self,
-        name: &str,
-        (out, inp): (i64, i64),
-        kind: Kind,
-        device: Device,
-    ) -> (Tensor, Tensor) {
-        let side = Projection {
-            kind: ProjectionKind::Gaussian,
-            dim: self.kronecker_side(),
-            seed: self.seed,
-        };
-        let px = projection_block(&side, &format!("{name}#kron-in"), inp);
-        let pg = projection_block(&side, &format!("{name}#kron-out"), out);
-        (
-            px.to_kind(kind).to_device(device),
-            pg.to_kind(kind).to_device(device),
-        )
-    }
-}
-
-/// A seeded random projection of per-sample gradients.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Projection {
-    /// Gaussian or Rademacher entries.
-    pub kind: ProjectionKind,
-    /// Target dimension per parameter tensor.
-    pub dim: i64,
-    /// Seed of the matrices (the same in every process).
-    pub seed: u64,
 }
 
 /// Capture settings.
@@ -494,12 +419,20 @@ pub fn capture(
     };
     // Under a memory budget, rows wait for their projection in groups of at most an eighth of
     // it (results do not depend on the group). Groups spread the drawing of a dense matrix
-    // over many rows; a sparse one costs s values per parameter to draw, so each batch is
-    // projected as it comes and no unprojected row waits (on SmolLM2's last two MLPs, 128
-    // samples waited as 2.7 GB).
+    // over many rows; a sparse one costs s values per parameter to draw, and a dense one that
+    // fits the blocks' room is drawn once, so then each batch is projected as it comes and no
+    // unprojected row waits (on SmolLM2's last two MLPs, 128 samples waited as 2.7 GB).
     let budgeted;
+    let value = kind.elt_size_in_bytes().max(1) as u64;
+    let drawn_once = opts.projection.is_some_and(|p| {
+        p.kind == ProjectionKind::Sparse
+            || params.iter().map(|(_, t)| t.numel() as u64).sum::<u64>()
+                * p.dim.max(0) as u64
+                * value
+                <= projection::cache_room(opts)
+    });
     let opts = match opts.memory {
-        _ if opts.projection.map(|p| p.kind) == Some(ProjectionKind::Sparse) => {
+        _ if drawn_once => {
             budgeted = CaptureOptions {
                 project_group: 1,
                 ..opts.clone()
@@ -507,9 +440,8 @@ pub fn capture(
             &budgeted
         }
         Some(m) if opts.projection.is_some() => {
-            let value = kind.elt_size_in_bytes().max(1) as i64;
             budgeted = CaptureOptions {
-                project_group: opts.project_group.min((m / 8) as i64 / value).max(1),
+                project_group: opts.project_group.min((m / 8 / value) as i64).max(1),
                 ..opts.clone()
             };
             &budgeted
@@ -648,8 +580,8 @@ struct Parts<'a> {
     /// Rows waiting to be projected as one group (over all parameters).
     pending: Vec<Vec<Tensor>>,
     projected: Vec<Vec<Tensor>>,
-    /// Sparse projection blocks kept between batches.
-    sparse: SparseCache,
+    /// Projection blocks kept between batches.
+    blocks: ProjectionCache,
 }
 
 impl<'a> Parts<'a> {
@@ -699,7 +631,7 @@ impl<'a> Parts<'a> {
             ghost: (0..params.len()).map(|_| Vec::new()).collect(),
             pending: empty(),
             projected: empty(),
-            sparse: SparseCache::new(sparse_cache_room(opts)),
+            blocks: ProjectionCache::new(projection::cache_room(opts)),
         }
     }
 
@@ -809,7 +741,7 @@ impl<'a> Parts<'a> {
             self.projected[k].push(if self.kron[k].is_some() {
                 rows
             } else {
-                project_cached(&rows, &self.names[k], pr, n_out, Some(&mut self.sparse))?
+                project_cached(&rows, &self.names[k], pr, n_out, &mut self.blocks)?
             });
         }
         Ok(())
@@ -1150,335 +1082,9 @@ fn embedding_pieces(
     }
 }
 
-/// Bytes of sparse projection blocks a capture keeps between batches: an eighth of the memory
-/// budget (1 GB without one). Each batch is projected as it comes (no rows wait), so blocks
-/// kept are drawn once instead of once a batch: on SmolLM2's last two MLPs (5.3 M parameters,
-/// 340 MB of blocks) drawing them for each of 8 batches cost a quarter of the capture.
-pub(crate) fn sparse_cache_room(opts: &CaptureOptions) -> u64 {
-    match opts.projection {
-        Some(p) if p.kind == ProjectionKind::Sparse => opts.memory.map_or(1 << 30, |m| m / 8),
-        _ => 0,
-    }
-}
-
-/// Rows of projection matrices are generated in blocks of this many parameters.
-pub(crate) const PROJ_BLOCK: i64 = 1 << 16;
-
-/// Project per-sample gradients `j` (n, P) to (n, k): J R with R (P, k) of entries of variance 1/k,
-/// drawn per (seed, name, block) so every process builds the same R. With several logit-trace
-/// probes concatenated along P, each probe's slice J_p is projected on its own and the results
-/// are concatenated, (n, probes · k): the kernel is then Σ_p J_p R Rᵀ J_pᵀ ≈ Σ_p J_p J_pᵀ, with
-/// no cross-probe terms J_p R Rᵀ J_qᵀ (which a sum of the projections would keep).
-pub fn project(j: &Tensor, name: &str, p: &Projection, probes: usize) -> Result<Tensor> {
-    project_cached(j, name, p, probes, None)
-}
-
-/// Sparse projection blocks drawn once per capture and kept while they fit `room` bytes;
-/// blocks beyond it are drawn again at each use.
-pub(crate) struct SparseCache {
-    blocks: BTreeMap<String, std::sync::Arc<SparseRows>>,
-    room: u64,
-}
-
-impl SparseCache {
-    pub(crate) fn new(room: u64) -> SparseCache {
-        SparseCache {
-            blocks: BTreeMap::new(),
-            room,
-        }
-    }
-
-    /// The block `key` of `len` rows.
-    fn get(&mut self, p: &Projection, key: &str, len: i64) -> std::sync::Arc<SparseRows> {
-        if let Some(rows) = self.blocks.get(key) {
-            return rows.clone();
-        }
-        let rows = std::sync::Arc::new(SparseRows::draw(p, key, len));
-        if rows.bytes() <= self.room {
-            self.room -= rows.bytes();
-            self.blocks.insert(key.to_string(), rows.clone());
-        }
-        rows
-    }
-}
-
-/// [`project`], keeping sparse blocks in `cache` when given.
-pub(crate) fn project_cached(
-    j: &Tensor,
-    name: &str,
-    p: &Projection,
-    probes: usize,
-    mut cache: Option<&mut SparseCache>,
-) -> Result<Tensor> {
-    if p.dim < 1 {
-        return Err(Error::invalid(
-            "--project",
-            "the projection dimension must be at least 1",
-        ));
-    }
-    let (n, total) = j.size2()?;
-    let probes = probes.max(1) as i64;
-    let per = total / probes;
-    let mut parts = Vec::with_capacity(probes as usize);
-    for probe in 0..probes {
-        let jp = j.narrow(1, probe * per, per);
-        let mut out = Tensor::zeros([n, p.dim], (j.kind(), j.device()));
-        let mut start = 0;
-        while start < per {
-            let len = PROJ_BLOCK.min(per - start);
-            let key = format!("{name}#{}", start / PROJ_BLOCK);
-            let block = jp.narrow(1, start, len);
-            if p.kind == ProjectionKind::Sparse {
-                let rows = match cache.as_deref_mut() {
-                    Some(c) => c.get(p, &key, len),
-                    None => std::sync::Arc::new(SparseRows::draw(p, &key, len)),
-                };
-                out += rows.project(&block, p.dim)?;
-            } else {
-                let r = projection_block(p, &key, len);
-                out += block.matmul(&r.to_kind(j.kind()).to_device(j.device()));
-            }
-            start += len;
-        }
-        parts.push(out);
-    }
-    Ok(Tensor::cat(&parts, 1))
-}
-
-/// One (len × dim) block of a projection matrix, entries of variance 1/dim, from ChaCha streams
-/// seeded by (seed, key, row chunk), the chunks drawn in parallel; no libtorch generator is used,
-/// so concurrent work cannot change the matrix and every process draws the same one.
-fn projection_block(p: &Projection, key: &str, len: i64) -> Tensor {
-    use rayon::prelude::*;
-    const ROWS: i64 = 4096;
-    let scale = 1.0 / (p.dim as f64).sqrt();
-    let chunks: Vec<Vec<f64>> = (0..(len + ROWS - 1) / ROWS)
-        .into_par_iter()
-        .map(|c| {
-            let rows = ROWS.min(len - c * ROWS);
-            let mut rng = ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(
-                p.seed,
-                format!("{key}/{c}").as_bytes(),
-            ));
-            let n = (rows * p.dim) as usize;
-            match p.kind {
-                // A sparse projection is drawn by `SparseRows`; its dense form is Gaussian.
-                ProjectionKind::Gaussian | ProjectionKind::Kronecker | ProjectionKind::Sparse => (0
-                    ..n)
-                    .map(|_| rng.sample::<f64, _>(rand_distr::StandardNormal) * scale)
-                    .collect(),
-                ProjectionKind::Rademacher => (0..n)
-                    .map(|_| if rng.random::<bool>() { scale } else { -scale })
-                    .collect(),
-            }
-        })
-        .collect();
-    Tensor::from_slice(&chunks.concat()).view([len, p.dim])
-}
-
-/// The nonzeros of one (len × dim) block of a sparse JL projection: row r's column in column
-/// block b at `cols[r·s + b]` and whether its value is +1/√s (else −1/√s), s = min(dim,
-/// [`SPARSE_NONZEROS`]).
-pub(crate) struct SparseRows {
-    cols: Vec<u32>,
-    positive: Vec<bool>,
-    s: usize,
-}
-
-impl SparseRows {
-    /// Draw (row, b) of a counter-based SplitMix64 stream keyed by (seed, key) gives the row's
-    /// column in block b (columns [b·k/s, (b+1)·k/s)) and its sign: the same in every process,
-    /// drawn in parallel without rejection: 0.06 s per 2.1 M rows on 2 cores, against 0.35 s for
-    /// ChaCha with rejection of repeated columns (which the block construction makes needless).
-    pub(crate) fn draw(p: &Projection, key: &str, len: i64) -> SparseRows {
-        use rayon::prelude::*;
-        let s = SPARSE_NONZEROS.min(p.dim).max(1) as usize;
-        let stream = crate::seed::stable_hash(p.seed, format!("{key}/sparse").as_bytes());
-        let edge = |b: usize| (b as u64 * p.dim as u64 / s as u64) as u32;
-        let total = len.max(0) as usize * s;
-        let mut cols = vec![0u32; total];
-        let mut positive = vec![false; total];
-        cols.par_chunks_mut(s)
-            .zip(positive.par_chunks_mut(s))
-            .enumerate()
-            .for_each(|(r, (cs, ps))| {
-                for b in 0..s {
-                    let h = crate::seed::draw(stream, (r * s + b) as u64);
-                    let width = u64::from(edge(b + 1) - edge(b));
-                    // The high 32 bits times the width: bias below 2⁻³²·width.
-                    cs[b] = edge(b) + (((h >> 32) * width) >> 32) as u32;
-                    ps[b] = h & 1 == 1;
-                }
-            });
-        SparseRows { cols, positive, s }
-    }
-
-    /// The magnitude 1/√s of every nonzero.
-    fn value(&self) -> f64 {
-        1.0 / (self.s as f64).sqrt()
-    }
-
-    /// Bytes held.
-    fn bytes(&self) -> u64 {
-        (self.cols.len() * 5) as u64
-    }
-
-    /// The columns (len × s, int64) and values ±1/√s (len × s, in `kind`), on `device`.
-    pub(crate) fn tensors(&self, device: Device, kind: Kind) -> (Tensor, Tensor) {
-        let (s, value) = (self.s as i64, self.value());
-        let cols: Vec<i64> = self.cols.iter().map(|&c| i64::from(c)).collect();
-        let signs = Tensor::from_slice(&self.positive)
-            .to_device(device)
-            .to_kind(kind)
-            * (2.0 * value)
-            - value;
-        (
-            Tensor::from_slice(&cols).view([-1, s]).to_device(device),
-            signs.view([-1, s]),
-        )
-    }
-
-    /// `j` (n × len) times this block's matrix (len × dim): (n × dim) in `j`'s precision. On
-    /// the CPU by hand, each sample's row in one pass summed in float64 (libtorch's index_add
-    /// runs the scatters serially: on SmolLM2's every Linear layer it took half the capture); on
-    /// other devices by index_add.
-    fn project(&self, j: &Tensor, dim: i64) -> Result<Tensor> {
-        let (n, _) = j.size2()?;
-        if j.device() != Device::Cpu {
-            return Ok(self.project_by_index_add(j, dim));
-        }
-        // Jᵀ (len × n): a row's n values side by side, in the gradients' precision (a float64
-        // copy of the transpose took two thirds of the time).
-        let jt = j.tr().contiguous();
-        let out = match j.kind() {
-            Kind::Double => self.project_rows(&Vec::<f64>::try_from(&jt.view([-1]))?, n, dim),
-            _ => {
-                let jt = jt.to_kind(Kind::Float).view([-1]);
-                self.project_rows(&Vec::<f32>::try_from(&jt)?, n, dim)
-            }
-        };
-        Ok(Tensor::from_slice(&out)
-            .view([dim, n])
-            .tr()
-            .to_kind(j.kind())
-            .contiguous())
-    }
-
-    /// The kernel of [`SparseRows::project`]: `jt` (len × n, row-major) to (dim × n), summed in
-    /// float64. Tasks of ROWS rows sum into their own (dim × n), added up in order after, so the
-    /// result does not depend on the threads.
-    fn project_rows<T: Copy + Into<f64> + Send + Sync>(
-        &self,
-        jt: &[T],
-        n: i64,
-        dim: i64,
-    ) -> Vec<f64> {
-        use rayon::prelude::*;
-        const ROWS: usize = 8192;
-        let (s, n, dim) = (self.s, (n as usize).max(1), dim as usize);
-        let value = self.value();
-        let partials: Vec<Vec<f64>> = jt
-            .par_chunks(ROWS * n)
-            .enumerate()
-            .map(|(task, xs)| {
-                let mut acc = vec![0.0f64; n * dim];
-                for (k, x) in xs.chunks(n).enumerate() {
-                    let at = (task * ROWS + k) * s;
-                    let nonzeros = self.cols[at..at + s].iter().zip(&self.positive[at..at + s]);
-                    for (&c, &plus) in nonzeros {
-                        // Branch-free: the signs are coin flips.
-                        let sign = f64::from(u8::from(plus)) * (2.0 * value) - value;
-                        // (dim × n): the n sums of a column share a cache line.
-                        let to = &mut acc[c as usize * n..(c as usize + 1) * n];
-                        to.iter_mut()
-                            .zip(x)
-                            .for_each(|(a, &xi)| *a += xi.into() * sign);
-                    }
-                }
-                acc
-            })
-            .collect();
-        let mut out = vec![0.0f64; n * dim];
-        for part in &partials {
-            out.iter_mut().zip(part).for_each(|(o, p)| *o += p);
-        }
-        out
-    }
-
-    /// [`SparseRows::project`] in libtorch ops, on `j`'s device: out[:, c_rb] += σ_rb · J[:, r]
-    /// for each of the s nonzeros of row r.
-    fn project_by_index_add(&self, j: &Tensor, dim: i64) -> Tensor {
-        let (cols, signs) = self.tensors(j.device(), j.kind());
-        let mut out = Tensor::zeros([j.size()[0], dim], (j.kind(), j.device()));
-        for b in 0..self.s as i64 {
-            let _ = out.index_add_(1, &cols.select(1, b), &(j * signs.select(1, b)));
-        }
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The sparse projection is the product with its matrix: s distinct nonzeros ±1/√s per row,
-    /// blocks of rows drawn apart, every probe projected on its own.
-    #[test]
-    fn sparse_projection_is_the_product_with_its_matrix() {
-        let p = Projection {
-            kind: ProjectionKind::Sparse,
-            dim: 40,
-            seed: 5,
-        };
-        let len = PROJ_BLOCK + 300;
-        let (first, second) = (
-            SparseRows::draw(&p, "w#0", PROJ_BLOCK).tensors(Device::Cpu, Kind::Double),
-            SparseRows::draw(&p, "w#1", 300).tensors(Device::Cpu, Kind::Double),
-        );
-        let dense = |(c, v): &(Tensor, Tensor), rows: i64| {
-            Tensor::zeros([rows, p.dim], (Kind::Double, Device::Cpu)).scatter(1, c, v)
-        };
-        let r = Tensor::cat(&[dense(&first, PROJ_BLOCK), dense(&second, 300)], 0);
-        assert_eq!(r.size(), [len, p.dim]);
-        let nonzero = r.ne(0.0).sum_dim_intlist(1, false, Kind::Int64);
-        assert_eq!(nonzero.min().int64_value(&[]), SPARSE_NONZEROS);
-        assert_eq!(nonzero.max().int64_value(&[]), SPARSE_NONZEROS);
-        // One nonzero in each block of 5 columns, every column of a block taken by some row.
-        let w = p.dim / SPARSE_NONZEROS;
-        for b in 0..SPARSE_NONZEROS {
-            let block = r.narrow(1, b * w, w).ne(0.0);
-            let per_row = block.sum_dim_intlist(1, false, Kind::Int64);
-            assert_eq!(per_row.min().int64_value(&[]), 1, "block {b}");
-            assert_eq!(per_row.max().int64_value(&[]), 1, "block {b}");
-            let per_col = block.sum_dim_intlist(0, false, Kind::Int64);
-            assert!(
-                per_col.min().int64_value(&[]) > 0,
-                "block {b}: an unused column"
-            );
-        }
-        // Signs are balanced: about half of the 8·65,836 nonzeros are positive.
-        let positive = r.gt(0.0).sum(Kind::Int64).int64_value(&[]) as f64;
-        let share = positive / (SPARSE_NONZEROS * len) as f64;
-        assert!((share - 0.5).abs() < 0.005, "share of + signs {share}");
-        let row_norms = r.square().sum_dim_intlist(1, false, Kind::Double);
-        assert!((row_norms - 1.0).abs().max().double_value(&[]) < 1e-12);
-        tch::manual_seed(3);
-        let j = Tensor::randn([3, 2 * len], (Kind::Double, Device::Cpu));
-        let got = project(&j, "w", &p, 2).unwrap();
-        let want = Tensor::cat(
-            &[j.narrow(1, 0, len).mm(&r), j.narrow(1, len, len).mm(&r)],
-            1,
-        );
-        assert!((got - &want).abs().max().double_value(&[]) < 1e-12);
-        // The other devices' path, run here on the CPU.
-        let rows = SparseRows::draw(&p, "w#1", 300);
-        let jb = j.narrow(1, PROJ_BLOCK, 300);
-        let by_hand = rows.project(&jb, p.dim).unwrap();
-        let by_torch = rows.project_by_index_add(&jb, p.dim);
-        let want = jb.mm(&dense(&second, 300));
-        assert!((by_hand - &want).abs().max().double_value(&[]) < 1e-12);
-        assert!((by_torch - &want).abs().max().double_value(&[]) < 1e-12);
-    }
 
     /// Rows wait for their projection until the values waiting over all parameters make a
     /// group: with a group of one sample's gradient, every sample is projected as it comes (a
