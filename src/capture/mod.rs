@@ -719,9 +719,11 @@ impl<'a> Parts<'a> {
             if self.use_ghost[k] || parts.len() < n_out {
                 continue;
             }
-            let tail = parts.split_off(parts.len() - n_out);
-            let j = Tensor::cat(&tail, 1);
-            self.pending[k].push(j);
+            let mut tail = parts.split_off(parts.len() - n_out);
+            self.pending[k].push(match tail.len() {
+                1 => tail.remove(0),
+                _ => Tensor::cat(&tail, 1),
+            });
         }
         let waiting: i64 = self
             .pending
@@ -736,13 +738,15 @@ impl<'a> Parts<'a> {
             if self.pending[k].is_empty() {
                 continue;
             }
-            let rows = Tensor::cat(&std::mem::take(&mut self.pending[k]), 0);
+            let rows = std::mem::take(&mut self.pending[k]);
             // Kronecker-projected layers arrive projected.
-            self.projected[k].push(if self.kron[k].is_some() {
-                rows
+            if self.kron[k].is_some() {
+                self.projected[k].extend(rows);
             } else {
-                project_cached(&rows, &self.names[k], pr, n_out, &mut self.blocks)?
-            });
+                let names = &self.names[k];
+                let out = project_cached(&rows, names, pr, n_out, &mut self.blocks)?;
+                self.projected[k].extend(out);
+            }
         }
         Ok(())
     }

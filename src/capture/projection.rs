@@ -123,7 +123,14 @@ pub(crate) const PROJ_BLOCK: i64 = 1 << 16;
 /// are concatenated, (n, probes · k): the kernel is then Σ_p J_p R Rᵀ J_pᵀ ≈ Σ_p J_p J_pᵀ, with
 /// no cross-probe terms J_p R Rᵀ J_qᵀ (which a sum of the projections would keep).
 pub fn project(j: &Tensor, name: &str, p: &Projection, probes: usize) -> Result<Tensor> {
-    project_cached(j, name, p, probes, &mut ProjectionCache::new(0))
+    let mut out = project_cached(
+        std::slice::from_ref(j),
+        name,
+        p,
+        probes,
+        &mut ProjectionCache::new(0),
+    )?;
+    Ok(out.remove(0))
 }
 
 /// One block of a projection matrix as it is applied.
@@ -182,41 +189,54 @@ impl ProjectionCache {
     }
 }
 
-/// [`project`], keeping blocks in `cache` while they fit.
+/// [`project`] of several sets of rows `js` (each n_i × P) at once, keeping blocks in `cache`
+/// while they fit: each block is drawn once for all of them, and the rows are never stacked
+/// into one tensor (a copy as large as the rows waiting for a dense projection).
 pub(crate) fn project_cached(
-    j: &Tensor,
+    js: &[Tensor],
     name: &str,
     p: &Projection,
     probes: usize,
     cache: &mut ProjectionCache,
-) -> Result<Tensor> {
+) -> Result<Vec<Tensor>> {
     if p.dim < 1 {
         return Err(Error::invalid(
             "--project",
             "the projection dimension must be at least 1",
         ));
     }
-    let (n, total) = j.size2()?;
+    let Some(first) = js.first() else {
+        return Ok(Vec::new());
+    };
+    let (_, total) = first.size2()?;
     let probes = probes.max(1) as i64;
     let per = total / probes;
-    let mut parts = Vec::with_capacity(probes as usize);
-    for probe in 0..probes {
-        let jp = j.narrow(1, probe * per, per);
-        let mut out = Tensor::zeros([n, p.dim], (j.kind(), j.device()));
-        let mut start = 0;
-        while start < per {
-            let len = PROJ_BLOCK.min(per - start);
-            let key = format!("{name}#{}", start / PROJ_BLOCK);
-            let block = jp.narrow(1, start, len);
-            out += match cache.get(p, &key, len, j.kind(), j.device()) {
-                Block::Sparse(rows) => rows.project(&block, p.dim)?,
-                Block::Dense(r) => block.matmul(&r),
-            };
-            start += len;
+    let mut outs = js
+        .iter()
+        .map(|j| {
+            let n = j.size2()?.0;
+            Ok((0..probes)
+                .map(|_| Tensor::zeros([n, p.dim], (j.kind(), j.device())))
+                .collect::<Vec<_>>())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut start = 0;
+    while start < per {
+        let len = PROJ_BLOCK.min(per - start);
+        let key = format!("{name}#{}", start / PROJ_BLOCK);
+        let block = cache.get(p, &key, len, first.kind(), first.device());
+        for (j, out) in js.iter().zip(outs.iter_mut()) {
+            for (probe, o) in out.iter_mut().enumerate() {
+                let x = j.narrow(1, probe as i64 * per + start, len);
+                *o += match &block {
+                    Block::Sparse(rows) => rows.project(&x, p.dim)?,
+                    Block::Dense(r) => x.matmul(r),
+                };
+            }
         }
-        parts.push(out);
+        start += len;
     }
-    Ok(Tensor::cat(&parts, 1))
+    Ok(outs.into_iter().map(|o| Tensor::cat(&o, 1)).collect())
 }
 
 /// The SplitMix64 stream of a dense block: its entry e (row-major) is, for a Gaussian, the
@@ -696,5 +716,33 @@ mod tests {
         };
         assert_ne!(b2.data_ptr(), b.data_ptr());
         assert!(b2.equal(&b));
+    }
+
+    /// Several sets of rows projected together (each block drawn once for all) give what each
+    /// set gives alone, for every kind and with several probes.
+    #[test]
+    fn row_sets_projected_together_equal_each_projected_alone() {
+        tch::manual_seed(9);
+        let js = [
+            Tensor::randn([2, 2 * (PROJ_BLOCK + 7)], (Kind::Double, Device::Cpu)),
+            Tensor::randn([3, 2 * (PROJ_BLOCK + 7)], (Kind::Double, Device::Cpu)),
+        ];
+        for kind in [ProjectionKind::Sparse, ProjectionKind::Gaussian] {
+            let p = Projection {
+                kind,
+                dim: 16,
+                seed: 3,
+            };
+            let mut cache = ProjectionCache::new(1 << 30);
+            let together = project_cached(&js, "w", &p, 2, &mut cache).unwrap();
+            for (j, t) in js.iter().zip(&together) {
+                let alone = project(j, "w", &p, 2).unwrap();
+                assert_eq!(t.size(), [j.size()[0], 32]);
+                assert!(
+                    (t - alone).abs().max().double_value(&[]) < 1e-12,
+                    "{kind:?}"
+                );
+            }
+        }
     }
 }
