@@ -123,11 +123,11 @@ impl Footprint {
                             ProjectionKind::Sparse => 5 * s,
                             _ => p.dim.max(0) as u64 * value_bytes,
                         };
-                        // The waiting rows (never stacked); a block drawn (the buffer and its
-                        // tensor) and the blocks kept between groups, up to their room.
+                        // The waiting rows (stacked a block at a time); a block drawn and the
+                        // blocks kept between groups, up to their room.
                         opts.project_group.max(0) as u64 * value_bytes
-                            + 2 * block * row
-                            + cache_room(opts).min(piece * row)
+                            + block * row
+                            + cache_room(opts, piece, value_bytes).min(piece * row)
                     }
                     None => 0,
                 },

@@ -424,15 +424,9 @@ pub fn capture(
     // unprojected row waits (on SmolLM2's last two MLPs, 128 samples waited as 2.7 GB).
     let budgeted;
     let value = kind.elt_size_in_bytes().max(1) as u64;
-    let drawn_once = opts.projection.is_some_and(|p| {
-        p.kind == ProjectionKind::Sparse
-            || params.iter().map(|(_, t)| t.numel() as u64).sum::<u64>()
-                * p.dim.max(0) as u64
-                * value
-                <= projection::cache_room(opts)
-    });
+    let numel = params.iter().map(|(_, t)| t.numel() as u64).sum::<u64>();
     let opts = match opts.memory {
-        _ if drawn_once => {
+        _ if projection::drawn_once(opts, numel, value) => {
             budgeted = CaptureOptions {
                 project_group: 1,
                 ..opts.clone()
@@ -631,7 +625,11 @@ impl<'a> Parts<'a> {
             ghost: (0..params.len()).map(|_| Vec::new()).collect(),
             pending: empty(),
             projected: empty(),
-            blocks: ProjectionCache::new(projection::cache_room(opts)),
+            blocks: ProjectionCache::new(projection::cache_room(
+                opts,
+                params.iter().map(|(_, t)| t.numel() as u64).sum(),
+                params[0].1.kind().elt_size_in_bytes() as u64,
+            )),
         }
     }
 
