@@ -149,8 +149,11 @@ pub fn project(j: &Tensor, name: &str, p: &Projection, probes: usize) -> Result<
 
 /// One block of a projection matrix as it is applied.
 enum Block {
-    /// The nonzeros of a sparse block.
+    /// The nonzeros of a sparse block, for the CPU's pass.
     Sparse(Arc<SparseRows>),
+    /// The nonzeros of a sparse block on another device: columns (len × s, int64) and values
+    /// ±1/√s (len × s, in the working precision), for index_add.
+    SparseOnDevice(Tensor, Tensor),
     /// A dense (len × k) block in the working precision on the working device.
     Dense(Tensor),
 }
@@ -159,6 +162,9 @@ impl Block {
     fn bytes(&self) -> u64 {
         match self {
             Block::Sparse(rows) => rows.bytes(),
+            Block::SparseOnDevice(c, v) => {
+                (c.numel() * 8 + v.numel() * v.kind().elt_size_in_bytes()) as u64
+            }
             Block::Dense(t) => (t.numel() * t.kind().elt_size_in_bytes()) as u64,
         }
     }
@@ -166,6 +172,9 @@ impl Block {
     fn shallow_clone(&self) -> Block {
         match self {
             Block::Sparse(rows) => Block::Sparse(rows.clone()),
+            Block::SparseOnDevice(c, v) => {
+                Block::SparseOnDevice(c.shallow_clone(), v.shallow_clone())
+            }
             Block::Dense(t) => Block::Dense(t.shallow_clone()),
         }
     }
@@ -186,13 +195,19 @@ impl ProjectionCache {
         }
     }
 
-    /// The block `key` of `len` rows, dense ones in `kind` on `device`.
+    /// The block `key` of `len` rows, for gradients in `kind` on `device`: drawn there.
     fn get(&mut self, p: &Projection, key: &str, len: i64, kind: Kind, device: Device) -> Block {
         if let Some(b) = self.blocks.get(key) {
             return b.shallow_clone();
         }
         let block = match p.kind {
-            ProjectionKind::Sparse => Block::Sparse(Arc::new(SparseRows::draw(p, key, len))),
+            ProjectionKind::Sparse if device == Device::Cpu => {
+                Block::Sparse(Arc::new(SparseRows::draw(p, key, len)))
+            }
+            ProjectionKind::Sparse => {
+                let (cols, values) = sparse_by_tensor_ops(p, key, len, kind, device);
+                Block::SparseOnDevice(cols, values)
+            }
             _ => Block::Dense(dense_block(p, key, len, kind, device)),
         };
         if block.bytes() <= self.room {
@@ -251,6 +266,7 @@ pub(crate) fn project_cached(
         drop(slices);
         out += match cache.get(p, &key, len, first.kind(), first.device()) {
             Block::Sparse(b) => b.project(&x, p.dim)?,
+            Block::SparseOnDevice(cols, values) => sparse_by_index_add(&x, &cols, &values, p.dim),
             Block::Dense(r) => x.matmul(&r),
         };
         start += len;
@@ -515,7 +531,8 @@ impl SparseRows {
     fn project(&self, j: &Tensor, dim: i64) -> Result<Tensor> {
         let (n, _) = j.size2()?;
         if j.device() != Device::Cpu {
-            return Ok(self.project_by_index_add(j, dim));
+            let (cols, values) = self.tensors(j.device(), j.kind());
+            return Ok(sparse_by_index_add(j, &cols, &values, dim));
         }
         // Jᵀ (len × n): a row's n values side by side, in the gradients' precision (a float64
         // copy of the transpose took two thirds of the time).
@@ -574,17 +591,42 @@ impl SparseRows {
         }
         out
     }
+}
 
-    /// [`SparseRows::project`] in libtorch ops, on `j`'s device: out[:, c_rb] += σ_rb · J[:, r]
-    /// for each of the s nonzeros of row r.
-    fn project_by_index_add(&self, j: &Tensor, dim: i64) -> Tensor {
-        let (cols, signs) = self.tensors(j.device(), j.kind());
-        let mut out = Tensor::zeros([j.size()[0], dim], (j.kind(), j.device()));
-        for b in 0..self.s as i64 {
-            let _ = out.index_add_(1, &cols.select(1, b), &(j * signs.select(1, b)));
-        }
-        out
+/// The product of `j` (n × len) with a sparse block in libtorch ops, on `j`'s device: out[:,
+/// c_rb] += σ_rb · J[:, r] for each of the s nonzeros of row r (`cols`, `values`: len × s).
+fn sparse_by_index_add(j: &Tensor, cols: &Tensor, values: &Tensor, dim: i64) -> Tensor {
+    let mut out = Tensor::zeros([j.size()[0], dim], (j.kind(), j.device()));
+    for b in 0..cols.size()[1] {
+        let _ = out.index_add_(1, &cols.select(1, b), &(j * values.select(1, b)));
     }
+    out
+}
+
+/// [`SparseRows::draw`] in libtorch ops on `device`: the same columns (int64) and values ±1/√s
+/// (in `kind`) from the same draws, as (len × s) tensors.
+fn sparse_by_tensor_ops(
+    p: &Projection,
+    key: &str,
+    len: i64,
+    kind: Kind,
+    device: Device,
+) -> (Tensor, Tensor) {
+    let s = SPARSE_NONZEROS.min(p.dim).max(1);
+    let stream = crate::seed::stable_hash(p.seed, format!("{key}/sparse").as_bytes());
+    let i = Tensor::arange(len.max(0) * s, (Kind::Int64, device));
+    let h = draws_by_tensor_ops(stream, &i);
+    let b = i.remainder(s);
+    let lo = (&b * p.dim).floor_divide_scalar(s);
+    let width = ((b + 1) * p.dim).floor_divide_scalar(s) - &lo;
+    // The high 32 bits times the width, shifted down: below 2⁶³ while the width is below 2³¹.
+    let hi = h
+        .bitwise_right_shift_tensor_scalar(32)
+        .bitwise_and(0xffff_ffffi64);
+    let cols = lo + (hi * width).bitwise_right_shift_tensor_scalar(32);
+    let value = 1.0 / (s as f64).sqrt();
+    let values = h.bitwise_and(1).to_kind(kind) * (2.0 * value) - value;
+    (cols.view([-1, s]), values.view([-1, s]))
 }
 
 #[cfg(test)]
@@ -644,7 +686,8 @@ mod tests {
         let rows = SparseRows::draw(&p, "w#1", 300);
         let jb = j.narrow(1, PROJ_BLOCK, 300);
         let by_hand = rows.project(&jb, p.dim).unwrap();
-        let by_torch = rows.project_by_index_add(&jb, p.dim);
+        let (cols, values) = rows.tensors(Device::Cpu, Kind::Double);
+        let by_torch = sparse_by_index_add(&jb, &cols, &values, p.dim);
         let want = jb.mm(&dense(&second, 300));
         assert!((by_hand - &want).abs().max().double_value(&[]) < 1e-12);
         assert!((by_torch - &want).abs().max().double_value(&[]) < 1e-12);
@@ -777,6 +820,25 @@ mod tests {
                     "{kind:?}"
                 );
             }
+        }
+    }
+
+    /// The sparse draw in libtorch ops (the other devices' path, run here on the CPU) gives the
+    /// CPU draw's columns and signs exactly, for uneven column blocks and for k below s.
+    #[test]
+    fn sparse_draws_agree_between_the_cpu_and_the_device_paths() {
+        for dim in [40, 37, 1000, 5] {
+            let p = Projection {
+                kind: ProjectionKind::Sparse,
+                dim,
+                seed: 7,
+            };
+            let (cols, values) =
+                SparseRows::draw(&p, "w#2", 3001).tensors(Device::Cpu, Kind::Float);
+            let (c, v) = sparse_by_tensor_ops(&p, "w#2", 3001, Kind::Float, Device::Cpu);
+            assert_eq!(c.size(), [3001, SPARSE_NONZEROS.min(dim)]);
+            assert!(c.equal(&cols), "k = {dim}: columns differ");
+            assert!(v.equal(&values), "k = {dim}: signs differ");
         }
     }
 }
