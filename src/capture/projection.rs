@@ -251,8 +251,7 @@ pub(crate) fn project_cached(
         let len = PROJ_BLOCK.min(per - start);
         let key = format!("{name}#{}", start / PROJ_BLOCK);
         // Every set's and probe's slice of this block, stacked (probe-major): one product
-        // reads the block once (a product per set read a dense block from memory once per set,
-        // which made SmolLM2's Gaussian projection 1.3× slower).
+        // reads the block from memory once, not once per set.
         let slices: Vec<Tensor> = (0..probes)
             .flat_map(|probe| {
                 js.iter()
