@@ -95,7 +95,7 @@ impl Projection {
 /// A seeded random projection of per-sample gradients.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Projection {
-    /// Gaussian or Rademacher entries.
+    /// Which matrix: dense Gaussian or Rademacher, Kronecker-factored, or sparse.
     pub kind: ProjectionKind,
     /// Target dimension per parameter tensor.
     pub dim: i64,
