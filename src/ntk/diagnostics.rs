@@ -171,10 +171,10 @@ pub fn warnings(d: &Diagnostics, rows: &[GcRow], normalized: bool) -> Vec<Warnin
     if d.sign_margin < SIGN_MARGIN_MIN {
         out.push(Warning {
             problem: format!(
-                "Ill-determined direction sign: the principal direction's entries nearly cancel (Σu / Σ|u| = {:.3}), so the Σu ≥ 0 convention that sets the sign of every GC is nearly a tie; another sample or checkpoint may flip all of them.",
+                "Ill-determined direction sign: the principal direction's entries nearly cancel (Σu / Σ|u| = {:.3}), so the Σu ≥ 0 convention that sets the sign of every GC and of every per-sample alignment is nearly a tie; another sample or checkpoint may flip all of them, and with them the order of the alignments (and the flags ranked by it).",
                 d.sign_margin
             ),
-            change: "Compare |GC| across groups, or look at the per-sample alignment, whose ordering does not depend on the sign.".into(),
+            change: "Compare |GC| across groups (the report does); read relations with alignment as holding up to that sign.".into(),
         });
     }
     let unsigned: Vec<&&GcRow> = headline

@@ -11,25 +11,43 @@ use std::path::Path;
 use super::{fmt, plots::GcBin, Correlations, GcTable, Samples};
 use crate::error::{Error, Result};
 use crate::io::{column_f64, column_str, read_parquet};
-use crate::ntk::diagnostics::{Diagnostics, Warning};
+use crate::ntk::diagnostics::{Diagnostics, Warning, SIGN_MARGIN_MIN};
+
+/// What the report reads of `ntk.json`.
+#[derive(serde::Deserialize)]
+struct NtkJson {
+    diagnostics: Option<Diagnostics>,
+    #[serde(default)]
+    warnings: Vec<Warning>,
+    #[serde(default)]
+    normalize: Option<String>,
+}
+
+/// `ntk.json` of the kernel folder `ntk`, if it has one.
+fn read_ntk_json(ntk: &Path) -> Result<Option<NtkJson>> {
+    let path = ntk.join("ntk.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::in_file(&path, e.to_string()))
+}
+
+/// Σu / Σ|u| of the whole set's principal direction (`ntk.json`'s diagnostics), if recorded.
+pub(super) fn direction_sign_margin(ntk: &Path) -> Result<Option<f64>> {
+    Ok(read_ntk_json(ntk)?
+        .and_then(|j| j.diagnostics)
+        .map(|d| d.sign_margin))
+}
 
 /// The kernel lines of the report: its diagnostics, then each warning (`Warning: …`), or a line
 /// saying that no rule found it degenerate. Empty for an `ntk.json` without diagnostics.
 pub(super) fn kernel_lines(ntk: &Path) -> Result<Vec<String>> {
-    #[derive(serde::Deserialize)]
-    struct Json {
-        diagnostics: Option<Diagnostics>,
-        #[serde(default)]
-        warnings: Vec<Warning>,
-        #[serde(default)]
-        normalize: Option<String>,
-    }
-    let path = ntk.join("ntk.json");
-    if !path.exists() {
+    let Some(j) = read_ntk_json(ntk)? else {
         return Ok(Vec::new());
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let j: Json = serde_json::from_str(&text).map_err(|e| Error::in_file(&path, e.to_string()))?;
+    };
     let Some(d) = j.diagnostics else {
         return Ok(Vec::new());
     };
@@ -61,15 +79,77 @@ fn with_iv(v: f64, iv: Option<(f64, f64)>) -> String {
     }
 }
 
-/// A comparison of two GCs: a difference only when their intervals are disjoint.
-fn compare_gc(a: (&str, f64, Option<(f64, f64)>), b: (&str, f64, Option<(f64, f64)>)) -> String {
+/// |GC| and its interval: the interval of |x| for x in [lo, hi].
+fn fold(v: f64, iv: Option<(f64, f64)>) -> (f64, Option<(f64, f64)>) {
+    let folded = iv.map(|(lo, hi)| {
+        if lo >= 0.0 {
+            (lo, hi)
+        } else if hi <= 0.0 {
+            (-hi, -lo)
+        } else {
+            (0.0, (-lo).max(hi))
+        }
+    });
+    (v.abs(), folded)
+}
+
+/// How far the signs of two GCs are determined (gc.parquet's `sign_margin` and `ntk.json`'s,
+/// against [`SIGN_MARGIN_MIN`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signs {
+    /// Every sign involved is clear of a tie.
+    Sure,
+    /// The whole set's direction is a near-tie: flipping it negates both GCs, so their order is
+    /// not determined, but whether they have opposite signs is.
+    WholeTie,
+    /// A group's own direction is a near-tie: only |GC| is determined.
+    GroupTie,
+}
+
+/// A comparison of two GCs: a difference only when their intervals are disjoint. Where a sign
+/// is a near-tie of the Σu ≥ 0 convention (which another sample could flip), it compares |GC|,
+/// with the intervals folded, and says so; under a near-tie of the whole set's sign alone, two
+/// GCs of clearly opposite signs are said to point opposite ways, which neither flip changes.
+fn compare_gc(
+    a: (&str, f64, Option<(f64, f64)>),
+    b: (&str, f64, Option<(f64, f64)>),
+    signs: Signs,
+) -> String {
+    let clear = |v: f64, iv: Option<(f64, f64)>| {
+        iv.is_some_and(|(lo, hi)| lo > 0.0 || hi < 0.0) && v != 0.0
+    };
+    if signs == Signs::WholeTie && a.1 * b.1 < 0.0 && clear(a.1, a.2) && clear(b.1, b.2) {
+        return format!(
+            "GC of {} and of {} have opposite signs ({} against {}): their directions point opposite ways along the whole set's principal direction, whose own sign is a near-tie here (see the warnings above), so which of them is negative is not determined.",
+            a.0,
+            b.0,
+            with_iv(a.1, a.2),
+            with_iv(b.1, b.2)
+        );
+    }
+    let (what, a, b, why) = match signs {
+        Signs::Sure => ("GC", a, b, ""),
+        _ => {
+            let ((av, ai), (bv, bi)) = (fold(a.1, a.2), fold(b.1, b.2));
+            (
+                "|GC|",
+                (a.0, av, ai),
+                (b.0, bv, bi),
+                if signs == Signs::WholeTie {
+                    " (compared as |GC|: the whole set's direction, which sets both signs, is a near-tie of the Σu ≥ 0 convention here, see the warnings above)"
+                } else {
+                    " (compared as |GC|: a group's own direction, which sets its sign, is a near-tie of the Σu ≥ 0 convention here, see the warnings above)"
+                },
+            )
+        }
+    };
     let disjoint = match (a.2, b.2) {
         (Some((alo, ahi)), Some((blo, bhi))) => ahi < blo || bhi < alo,
         _ => false,
     };
     if disjoint {
         format!(
-            "GC of {} is {} than of {}: {} against {}.",
+            "{what} of {} is {} than of {}: {} against {}{why}.",
             a.0,
             if a.1 < b.1 { "lower" } else { "higher" },
             b.0,
@@ -78,7 +158,7 @@ fn compare_gc(a: (&str, f64, Option<(f64, f64)>), b: (&str, f64, Option<(f64, f6
         )
     } else {
         format!(
-            "No difference in GC between {} ({}) and {} ({}) is detectable at this sample size: the 95% intervals overlap.",
+            "No difference in {what} between {} ({}) and {} ({}) is detectable at this sample size: the 95% intervals overlap{why}.",
             a.0,
             with_iv(a.1, a.2),
             b.0,
@@ -87,8 +167,19 @@ fn compare_gc(a: (&str, f64, Option<(f64, f64)>), b: (&str, f64, Option<(f64, f6
     }
 }
 
-/// GC by frequency bin (rarest against most frequent) and by long-tail flag.
-fn gc_findings(g: &GcTable, bins: &[GcBin]) -> Vec<String> {
+/// GC by frequency bin (rarest against most frequent) and by long-tail flag; compared as |GC|
+/// where the whole set's direction (`ill_signed`) or either group's own has an ill-determined
+/// sign ([`SIGN_MARGIN_MIN`]).
+fn gc_findings(g: &GcTable, bins: &[GcBin], ill_signed: bool) -> Vec<String> {
+    let signs = |x: &str, y: &str, column: &str| {
+        if g.ill_signed(column, x) || g.ill_signed(column, y) {
+            Signs::GroupTie
+        } else if ill_signed {
+            Signs::WholeTie
+        } else {
+            Signs::Sure
+        }
+    };
     let mut out = Vec::new();
     let defined: Vec<&GcBin> = bins.iter().filter(|b| b.gc.is_some()).collect();
     if let (Some(first), Some(last)) = (defined.first(), defined.last()) {
@@ -104,6 +195,7 @@ fn gc_findings(g: &GcTable, bins: &[GcBin]) -> Vec<String> {
                     last.gc.unwrap_or(f64::NAN),
                     last.interval,
                 ),
+                signs(&first.label, &last.label, "freq_bin"),
             ));
         }
         out.push(format!(
@@ -123,13 +215,16 @@ fn gc_findings(g: &GcTable, bins: &[GcBin]) -> Vec<String> {
         out.push(compare_gc(
             ("long-tail-domain samples", g.gc[t], g.interval(t)),
             ("common-domain samples", g.gc[f], g.interval(f)),
+            signs("true", "false", "long_tail"),
         ));
     }
     out
 }
 
-/// Frequency against alignment and loss, and alignment against loss, in words.
-fn correlation_findings(corr: &Correlations) -> Vec<String> {
+/// Frequency against alignment and loss, and alignment against loss, in words. Alignment takes
+/// its sign from the whole set's direction: with `ill_signed` (that sign a near-tie), a relation
+/// with alignment is said to reverse under the other sign.
+fn correlation_findings(corr: &Correlations, ill_signed: bool) -> Vec<String> {
     let mut out = Vec::new();
     for (x, y, neg, pos) in [
         (
@@ -162,7 +257,12 @@ fn correlation_findings(corr: &Correlations) -> Vec<String> {
             let words = if v < 0.0 { neg } else { pos };
             let mut s = words.to_string();
             s[..1].make_ascii_uppercase();
-            format!("{s}: {x} against {y}, {iv}.")
+            let caveat = if ill_signed && (x == "alignment" || y == "alignment") {
+                " Alignment takes its sign from the principal direction's, set by a near-tie of the Σu ≥ 0 convention here (see the warnings above): under the other sign this relation reverses."
+            } else {
+                ""
+            };
+            format!("{s}: {x} against {y}, {iv}.{caveat}")
         } else {
             format!("No monotone relation between {x} and {y} is detectable: {iv} includes 0.")
         });
@@ -184,7 +284,8 @@ fn wilson(k: usize, n: usize) -> (f64, f64) {
 
 /// Where the flags land: their count, the domains holding most, and the long-tail share of the
 /// flags (Wilson interval) against that of all samples.
-fn flag_findings(a: &Samples, analysis: &Path) -> Result<Vec<String>> {
+/// With `ill_signed`, says that the alignment the flag rule ranks by has an ill-determined sign.
+fn flag_findings(a: &Samples, analysis: &Path, ill_signed: bool) -> Result<Vec<String>> {
     let rank = column_f64(&a.frame, "flag_rank", &a.path)?;
     let lt = column_str(&a.frame, "long_tail_domain", &a.path)?;
     let n = rank.len();
@@ -208,7 +309,7 @@ fn flag_findings(a: &Samples, analysis: &Path) -> Result<Vec<String>> {
         .and_then(|v| v["flag_options"]["long_tail_domains"].as_bool())
         .unwrap_or(false);
     Ok(vec![format!(
-        "{} of {n} samples are flagged as neglected; {k} of them ({:.0}% [{:.0}%, {:.0}%]) come from long-tail domains, which hold {:.0}% of all samples{}. Most flags: {}.",
+        "{} of {n} samples are flagged as neglected; {k} of them ({:.0}% [{:.0}%, {:.0}%]) come from long-tail domains, which hold {:.0}% of all samples{}. Most flags: {}.{}",
         flagged.len(),
         100.0 * k as f64 / flagged.len() as f64,
         100.0 * lo,
@@ -223,7 +324,12 @@ fn flag_findings(a: &Samples, analysis: &Path) -> Result<Vec<String>> {
             .take(4)
             .map(|(d, c)| format!("{d} {c}"))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        if ill_signed {
+            " The flag rule ranks by alignment, whose sign is set by a near-tie here (see the warnings above): under the other sign the least aligned samples would be others."
+        } else {
+            ""
+        }
     )])
 }
 
@@ -271,10 +377,12 @@ pub(super) fn findings(
     bins: &[GcBin],
     corr: &Correlations,
     analysis: &Path,
+    direction_sign_margin: Option<f64>,
 ) -> Result<Vec<String>> {
-    let mut out = gc_findings(g, bins);
-    out.extend(correlation_findings(corr));
-    out.extend(flag_findings(a, analysis)?);
+    let ill_signed = direction_sign_margin.is_some_and(|m| m < SIGN_MARGIN_MIN);
+    let mut out = gc_findings(g, bins, ill_signed);
+    out.extend(correlation_findings(corr, ill_signed));
+    out.extend(flag_findings(a, analysis, ill_signed)?);
     out.extend(expert_findings(analysis)?);
     Ok(out)
 }
@@ -288,6 +396,7 @@ mod tests {
         let s = compare_gc(
             ("a", 0.41, Some((0.30, 0.52))),
             ("b", 0.89, Some((0.85, 0.92))),
+            Signs::Sure,
         );
         assert_eq!(
             s,
@@ -296,8 +405,111 @@ mod tests {
         let s = compare_gc(
             ("a", 0.41, Some((0.30, 0.86))),
             ("b", 0.89, Some((0.85, 0.92))),
+            Signs::Sure,
         );
         assert!(s.starts_with("No difference in GC between a"), "{s}");
+    }
+
+    /// The demo's case: a rarest bin at −0.944 [−1, −0.944] against 0.945 [0.945, 1] is "lower"
+    /// only under the whole set's sign, a near-tie there; that they point opposite ways holds
+    /// under either sign. Where a group's own sign is a near-tie, only |GC| is compared.
+    #[test]
+    fn gc_with_an_ill_determined_sign_is_compared_up_to_that_sign() {
+        let (a, b) = (
+            ("a", -0.944, Some((-1.0, -0.944))),
+            ("b", 0.945, Some((0.945, 1.0))),
+        );
+        assert!(compare_gc(a, b, Signs::Sure).starts_with("GC of a is lower than of b"));
+        let s = compare_gc(a, b, Signs::WholeTie);
+        assert!(
+            s.starts_with(
+                "GC of a and of b have opposite signs (-0.944 [-1.000, -0.944] against 0.945"
+            ),
+            "{s}"
+        );
+        let s = compare_gc(a, b, Signs::GroupTie);
+        assert!(
+            s.starts_with("No difference in |GC| between a (0.944 [0.944, 1.000]) and b (0.945 [0.945, 1.000])"),
+            "{s}"
+        );
+        // Same signs under a whole-set tie: the order would flip with the sign, |GC| would not.
+        let s = compare_gc(
+            ("a", 0.30, Some((0.20, 0.40))),
+            ("b", 0.90, Some((0.85, 0.95))),
+            Signs::WholeTie,
+        );
+        assert!(
+            s.starts_with("|GC| of a is lower than of b: 0.300 [0.200, 0.400]"),
+            "{s}"
+        );
+        // Opposite signs but one interval across 0: not clearly opposite, so |GC|.
+        let s = compare_gc(
+            ("a", -0.2, Some((-0.7, 0.4))),
+            ("b", 0.90, Some((0.85, 0.95))),
+            Signs::WholeTie,
+        );
+        assert!(
+            s.starts_with("|GC| of a is lower than of b: 0.200 [0.000, 0.700]"),
+            "{s}"
+        );
+        assert_eq!(fold(-0.2, Some((-0.7, 0.4))), (0.2, Some((0.0, 0.7))));
+    }
+
+    /// A group's own near-tie sign (gc.parquet's sign_margin) makes its comparison unsigned even
+    /// when the whole set's sign is sure.
+    #[test]
+    fn a_bin_with_its_own_near_tie_sign_is_compared_as_its_absolute_value() {
+        let table = |margin0: f64| GcTable {
+            column: vec!["freq_bin".into(), "freq_bin".into()],
+            group: vec!["0".into(), "1".into()],
+            gc: vec![-0.5, 0.9],
+            n: vec![20.0, 20.0],
+            score: vec![0.1, 0.3],
+            low: vec![-0.6, 0.85],
+            high: vec![-0.4, 0.95],
+            sign_margin: vec![margin0, 0.6],
+        };
+        let sure = table(0.4);
+        let first = &gc_findings(&sure, &sure.bins(), false)[0];
+        assert!(
+            first.starts_with("GC of the rarest frequency bin is lower"),
+            "{first}"
+        );
+        let tie = table(0.05);
+        let first = &gc_findings(&tie, &tie.bins(), false)[0];
+        assert!(
+            first.starts_with("|GC| of the rarest frequency bin is lower"),
+            "{first}"
+        );
+        let first = &gc_findings(&sure, &sure.bins(), true)[0];
+        assert!(first.contains("have opposite signs"), "{first}");
+        let first = &gc_findings(&tie, &tie.bins(), true)[0];
+        assert!(
+            first.starts_with("|GC| of the rarest frequency bin is lower"),
+            "{first}"
+        );
+    }
+
+    #[test]
+    fn relations_with_alignment_carry_the_sign_caveat_only_when_the_sign_is_a_near_tie() {
+        let corr = Correlations {
+            x: vec!["freq_score".into(), "freq_score".into()],
+            y: vec!["loss".into(), "alignment".into()],
+            method: vec!["spearman".into(), "spearman".into()],
+            value: vec![-0.34, 0.29],
+            low: vec![-0.49, 0.14],
+            high: vec![-0.17, 0.44],
+        };
+        let sure = correlation_findings(&corr, false);
+        assert_eq!(sure.len(), 2);
+        assert!(!sure.iter().any(|s| s.contains("reverses")), "{sure:?}");
+        let tie = correlation_findings(&corr, true);
+        assert!(!tie[0].contains("reverses"), "{}", tie[0]);
+        assert!(
+            tie[1].starts_with("Rarer samples align less") && tie[1].contains("reverses"),
+            "{}",
+            tie[1]
+        );
     }
 
     /// Reference: statsmodels `proportion_confint(5, 20, method="wilson")`.

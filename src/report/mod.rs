@@ -72,6 +72,8 @@ struct GcTable {
     score: Vec<f64>,
     low: Vec<f64>,
     high: Vec<f64>,
+    /// Σu′ / Σ|u′| of each group's own direction (NaN where not recorded).
+    sign_margin: Vec<f64>,
 }
 
 fn finite(v: f64) -> Option<f64> {
@@ -98,12 +100,23 @@ impl GcTable {
             score: column_f64(&g, "mean_freq_score", &gp)?,
             low: optional("gc_low")?,
             high: optional("gc_high")?,
+            sign_margin: optional("sign_margin")?,
             column,
         })
     }
 
     fn interval(&self, i: usize) -> Option<(f64, f64)> {
         finite(self.low[i]).zip(finite(self.high[i]))
+    }
+
+    /// Whether the group's own direction has an ill-determined sign (its Σu′ / Σ|u′| below
+    /// [`crate::ntk::diagnostics::SIGN_MARGIN_MIN`]), so its GC's sign is a near-tie.
+    fn ill_signed(&self, column: &str, group: &str) -> bool {
+        (0..self.column.len()).any(|i| {
+            self.column[i] == column
+                && self.group[i] == group
+                && self.sign_margin[i] < crate::ntk::diagnostics::SIGN_MARGIN_MIN
+        })
     }
 
     /// The frequency bins, rarest first.
@@ -256,7 +269,14 @@ pub fn build(
     let corr = Correlations::read(analysis)?;
     let flags = flag_rows(analysis)?;
     let isolation = isolation_lines(analysis)?;
-    let summary = findings::findings(&a, &g, &bins, &corr, analysis)?;
+    let summary = findings::findings(
+        &a,
+        &g,
+        &bins,
+        &corr,
+        analysis,
+        findings::direction_sign_margin(ntk)?,
+    )?;
     let kernel = findings::kernel_lines(ntk)?;
     let tables = [
         "analysis.parquet",
