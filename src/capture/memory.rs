@@ -116,7 +116,7 @@ impl Footprint {
                 + match opts.projection {
                     Some(p) => {
                         let block = PROJ_BLOCK.min(widest as i64).max(0) as u64;
-                        let s = super::SPARSE_NONZEROS.min(p.dim).max(1) as u64;
+                        let s = p.nonzeros() as u64;
                         // Bytes of one parameter's row of a drawn block: s nonzeros as a u32
                         // column and a sign byte, or k values in the working precision.
                         let row = match p.kind {

@@ -61,6 +61,11 @@ pub const DRAWS: u32 = 3;
 pub const SPARSE_NONZEROS: i64 = 8;
 
 impl Projection {
+    /// Nonzeros per row of a sparse projection, s = min(k, [`SPARSE_NONZEROS`]).
+    pub fn nonzeros(&self) -> i64 {
+        SPARSE_NONZEROS.min(self.dim).max(1)
+    }
+
     /// The side k₁ = k₂ = ⌈√k⌉ of a Kronecker-factored projection.
     pub fn kronecker_side(&self) -> i64 {
         let mut side = (self.dim as f64).sqrt().floor() as i64;
@@ -293,6 +298,12 @@ fn dense_stream(p: &Projection, key: &str) -> u64 {
     crate::seed::stable_hash(p.seed, format!("{key}/{what}").as_bytes())
 }
 
+/// The SplitMix64 stream of a sparse block: draw r·s + b gives row r's column in column block b
+/// and its sign.
+fn sparse_stream(p: &Projection, key: &str) -> u64 {
+    crate::seed::stable_hash(p.seed, format!("{key}/sparse").as_bytes())
+}
+
 /// 2⁻³²: a 32-bit integer to [0, 1).
 const TWO_POW_M32: f64 = 1.0 / 4_294_967_296.0;
 
@@ -477,8 +488,8 @@ impl SparseRows {
     /// ChaCha with rejection of repeated columns (which the block construction makes needless).
     pub(crate) fn draw(p: &Projection, key: &str, len: i64) -> SparseRows {
         use rayon::prelude::*;
-        let s = SPARSE_NONZEROS.min(p.dim).max(1) as usize;
-        let stream = crate::seed::stable_hash(p.seed, format!("{key}/sparse").as_bytes());
+        let s = p.nonzeros() as usize;
+        let stream = sparse_stream(p, key);
         let edge = |b: usize| (b as u64 * p.dim as u64 / s as u64) as u32;
         let total = len.max(0) as usize * s;
         let mut cols = vec![0u32; total];
@@ -508,7 +519,9 @@ impl SparseRows {
         (self.cols.len() * 5) as u64
     }
 
-    /// The columns (len × s, int64) and values ±1/√s (len × s, in `kind`), on `device`.
+    /// The columns (len × s, int64) and values ±1/√s (len × s, in `kind`), on `device`: the
+    /// tests' view of a block as index_add takes it.
+    #[cfg(test)]
     pub(crate) fn tensors(&self, device: Device, kind: Kind) -> (Tensor, Tensor) {
         let (s, value) = (self.s as i64, self.value());
         let cols: Vec<i64> = self.cols.iter().map(|&c| i64::from(c)).collect();
@@ -523,16 +536,12 @@ impl SparseRows {
         )
     }
 
-    /// `j` (n × len) times this block's matrix (len × dim): (n × dim) in `j`'s precision. On
-    /// the CPU by hand, each sample's row in one pass summed in float64 (libtorch's index_add
-    /// runs the scatters serially: on SmolLM2's every Linear layer it took half the capture); on
-    /// other devices by index_add.
+    /// `j` (n × len, on the CPU) times this block's matrix (len × dim): (n × dim) in `j`'s
+    /// precision, by hand, each sample's row in one pass summed in float64 (libtorch's index_add
+    /// runs the scatters serially: on SmolLM2's every Linear layer it took half the capture).
+    /// Other devices keep their blocks as [`Block::SparseOnDevice`] and use index_add.
     fn project(&self, j: &Tensor, dim: i64) -> Result<Tensor> {
         let (n, _) = j.size2()?;
-        if j.device() != Device::Cpu {
-            let (cols, values) = self.tensors(j.device(), j.kind());
-            return Ok(sparse_by_index_add(j, &cols, &values, dim));
-        }
         // Jᵀ (len × n): a row's n values side by side, in the gradients' precision (a float64
         // copy of the transpose took two thirds of the time).
         let jt = j.tr().contiguous();
@@ -611,8 +620,8 @@ fn sparse_by_tensor_ops(
     kind: Kind,
     device: Device,
 ) -> (Tensor, Tensor) {
-    let s = SPARSE_NONZEROS.min(p.dim).max(1);
-    let stream = crate::seed::stable_hash(p.seed, format!("{key}/sparse").as_bytes());
+    let s = p.nonzeros();
+    let stream = sparse_stream(p, key);
     let i = Tensor::arange(len.max(0) * s, (Kind::Int64, device));
     let h = draws_by_tensor_ops(stream, &i);
     let b = i.remainder(s);

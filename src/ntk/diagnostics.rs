@@ -36,6 +36,12 @@ pub const WIDTH_MAX: f64 = 1.0;
 /// A rule of thumb, like [`WIDTH_MAX`], not fitted to data.
 pub const SIGN_MARGIN_MIN: f64 = 0.1;
 
+/// Whether a sign margin Σu / Σ|u| leaves the Σu ≥ 0 convention a near tie (below
+/// [`SIGN_MARGIN_MIN`]; NaN, a margin not recorded, is not).
+pub fn sign_near_tie(margin: f64) -> bool {
+    margin < SIGN_MARGIN_MIN
+}
+
 /// The diagnostics of one kernel (written to `ntk.json`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Diagnostics {
@@ -168,7 +174,7 @@ pub fn warnings(d: &Diagnostics, rows: &[GcRow], normalized: bool) -> Vec<Warnin
         .iter()
         .filter(|r| r.interval.is_some_and(|(lo, hi)| hi - lo > WIDTH_MAX))
         .collect();
-    if d.sign_margin < SIGN_MARGIN_MIN {
+    if sign_near_tie(d.sign_margin) {
         out.push(Warning {
             problem: format!(
                 "Ill-determined direction sign: the principal direction's entries nearly cancel (Σu / Σ|u| = {:.3}), so the Σu ≥ 0 convention that sets the sign of every GC and of every per-sample alignment is nearly a tie; another sample or checkpoint may flip all of them, and with them the order of the alignments (and the flags ranked by it).",
@@ -179,7 +185,7 @@ pub fn warnings(d: &Diagnostics, rows: &[GcRow], normalized: bool) -> Vec<Warnin
     }
     let unsigned: Vec<&&GcRow> = headline
         .iter()
-        .filter(|r| r.sign_margin.is_some_and(|m| m < SIGN_MARGIN_MIN) && r.gc.is_some())
+        .filter(|r| r.sign_margin.is_some_and(sign_near_tie) && r.gc.is_some())
         .collect();
     if let Some(u) = unsigned.first() {
         out.push(Warning {

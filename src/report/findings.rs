@@ -11,11 +11,11 @@ use std::path::Path;
 use super::{fmt, plots::GcBin, Correlations, GcTable, Samples};
 use crate::error::{Error, Result};
 use crate::io::{column_f64, column_str, read_parquet};
-use crate::ntk::diagnostics::{Diagnostics, Warning, SIGN_MARGIN_MIN};
+use crate::ntk::diagnostics::{sign_near_tie, Diagnostics, Warning};
 
 /// What the report reads of `ntk.json`.
 #[derive(serde::Deserialize)]
-struct NtkJson {
+pub(super) struct NtkJson {
     diagnostics: Option<Diagnostics>,
     #[serde(default)]
     warnings: Vec<Warning>,
@@ -23,33 +23,36 @@ struct NtkJson {
     normalize: Option<String>,
 }
 
-/// `ntk.json` of the kernel folder `ntk`, if it has one.
-fn read_ntk_json(ntk: &Path) -> Result<Option<NtkJson>> {
-    let path = ntk.join("ntk.json");
-    if !path.exists() {
-        return Ok(None);
+impl NtkJson {
+    /// `ntk.json` of the kernel folder `ntk`, if it has one.
+    pub(super) fn read(ntk: &Path) -> Result<Option<NtkJson>> {
+        let path = ntk.join("ntk.json");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::in_file(&path, e.to_string()))
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::in_file(&path, e.to_string()))
-}
 
-/// Σu / Σ|u| of the whole set's principal direction (`ntk.json`'s diagnostics), if recorded.
-pub(super) fn direction_sign_margin(ntk: &Path) -> Result<Option<f64>> {
-    Ok(read_ntk_json(ntk)?
-        .and_then(|j| j.diagnostics)
-        .map(|d| d.sign_margin))
+    /// Whether the whole set's principal direction has an ill-determined sign
+    /// ([`sign_near_tie`] of its Σu / Σ|u|); false where no diagnostics were recorded.
+    fn sign_near_tie(&self) -> bool {
+        self.diagnostics
+            .as_ref()
+            .is_some_and(|d| sign_near_tie(d.sign_margin))
+    }
 }
 
 /// The kernel lines of the report: its diagnostics, then each warning (`Warning: …`), or a line
-/// saying that no rule found it degenerate. Empty for an `ntk.json` without diagnostics.
-pub(super) fn kernel_lines(ntk: &Path) -> Result<Vec<String>> {
-    let Some(j) = read_ntk_json(ntk)? else {
-        return Ok(Vec::new());
+/// saying that no rule found it degenerate. Empty without an `ntk.json` or its diagnostics.
+pub(super) fn kernel_lines(j: Option<&NtkJson>) -> Vec<String> {
+    let Some(j) = j else {
+        return Vec::new();
     };
-    let Some(d) = j.diagnostics else {
-        return Ok(Vec::new());
+    let Some(d) = &j.diagnostics else {
+        return Vec::new();
     };
     let mut out = vec![format!(
         "Kernel{} of {} samples: the top eigenvalue holds {:.1}% of the trace; the principal direction is carried by {:.1} samples (participation ratio, {:.0}% of them); largest Θ_ii {:.1}× the median; mean |cosine| between samples {:.3}.",
@@ -68,7 +71,7 @@ pub(super) fn kernel_lines(ntk: &Path) -> Result<Vec<String>> {
         out.push("No degeneracy found: the direction is shared by many samples and the headline GC intervals are narrower than half of [−1, 1] (rules in the README).".into());
     }
     out.extend(j.warnings.iter().map(|w| format!("Warning: {w}")));
-    Ok(out)
+    out
 }
 
 /// `v [lo, hi]`.
@@ -94,7 +97,7 @@ fn fold(v: f64, iv: Option<(f64, f64)>) -> (f64, Option<(f64, f64)>) {
 }
 
 /// How far the signs of two GCs are determined (gc.parquet's `sign_margin` and `ntk.json`'s,
-/// against [`SIGN_MARGIN_MIN`]).
+/// by [`sign_near_tie`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Signs {
     /// Every sign involved is clear of a tie.
@@ -169,7 +172,7 @@ fn compare_gc(
 
 /// GC by frequency bin (rarest against most frequent) and by long-tail flag; compared as |GC|
 /// where the whole set's direction (`ill_signed`) or either group's own has an ill-determined
-/// sign ([`SIGN_MARGIN_MIN`]).
+/// sign ([`sign_near_tie`]).
 fn gc_findings(g: &GcTable, bins: &[GcBin], ill_signed: bool) -> Vec<String> {
     let signs = |x: &str, y: &str, column: &str| {
         if g.ill_signed(column, x) || g.ill_signed(column, y) {
@@ -377,9 +380,9 @@ pub(super) fn findings(
     bins: &[GcBin],
     corr: &Correlations,
     analysis: &Path,
-    direction_sign_margin: Option<f64>,
+    ntk_json: Option<&NtkJson>,
 ) -> Result<Vec<String>> {
-    let ill_signed = direction_sign_margin.is_some_and(|m| m < SIGN_MARGIN_MIN);
+    let ill_signed = ntk_json.is_some_and(NtkJson::sign_near_tie);
     let mut out = gc_findings(g, bins, ill_signed);
     out.extend(correlation_findings(corr, ill_signed));
     out.extend(flag_findings(a, analysis, ill_signed)?);

@@ -109,13 +109,13 @@ impl GcTable {
         finite(self.low[i]).zip(finite(self.high[i]))
     }
 
-    /// Whether the group's own direction has an ill-determined sign (its Σu′ / Σ|u′| below
-    /// [`crate::ntk::diagnostics::SIGN_MARGIN_MIN`]), so its GC's sign is a near-tie.
+    /// Whether the group's own direction has an ill-determined sign
+    /// ([`crate::ntk::diagnostics::sign_near_tie`] of its Σu′ / Σ|u′|).
     fn ill_signed(&self, column: &str, group: &str) -> bool {
         (0..self.column.len()).any(|i| {
             self.column[i] == column
                 && self.group[i] == group
-                && self.sign_margin[i] < crate::ntk::diagnostics::SIGN_MARGIN_MIN
+                && crate::ntk::diagnostics::sign_near_tie(self.sign_margin[i])
         })
     }
 
@@ -269,15 +269,9 @@ pub fn build(
     let corr = Correlations::read(analysis)?;
     let flags = flag_rows(analysis)?;
     let isolation = isolation_lines(analysis)?;
-    let summary = findings::findings(
-        &a,
-        &g,
-        &bins,
-        &corr,
-        analysis,
-        findings::direction_sign_margin(ntk)?,
-    )?;
-    let kernel = findings::kernel_lines(ntk)?;
+    let ntk_json = findings::NtkJson::read(ntk)?;
+    let summary = findings::findings(&a, &g, &bins, &corr, analysis, ntk_json.as_ref())?;
+    let kernel = findings::kernel_lines(ntk_json.as_ref());
     let tables = [
         "analysis.parquet",
         "correlations.parquet",
