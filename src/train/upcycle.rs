@@ -4,10 +4,9 @@
 //! one, and it is written beside every model the run saves, so `eval`, `ntk` and `analyze` read
 //! the corpus as the run did.
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use tch::{nn, Device, Tensor};
+use tch::{nn, Device};
 
 use super::spec::{BaseSpec, TrainScope};
 use crate::error::{Error, Result};
@@ -127,65 +126,28 @@ mod tests {
     }
 }
 
-/// The frozen trunk's output per training step: the hidden states entering the first trained
-/// block for the step's batch. Runs of one spec from one base model draw the same batches (a
-/// function of seed and step), so the second and later runs skip the frozen blocks; a run resumed
-/// from a checkpoint recomputes them bit for bit. Kept in memory up to [`TrunkCache::BUDGET`].
-#[derive(Default)]
-pub struct TrunkCache {
-    map: std::sync::Mutex<(HashMap<TrunkKey, Tensor>, usize)>,
-}
+pub use crate::model::trunk::{Trunk, TrunkCache};
 
-/// What a cached trunk output depends on besides the base model's weights: the base model, the
-/// first trained block, the seed, the step, the batch size and the training `max_len`.
-type TrunkKey = (std::path::PathBuf, usize, u64, u64, usize, i64);
-
-impl TrunkCache {
-    /// Bytes of cached hidden states kept at most (4 GiB); later steps are recomputed.
-    pub const BUDGET: usize = 4 << 30;
-
-    /// The hidden states entering block `layer` for `ids`/`mask`, from the cache when `key`
-    /// was seen, else computed by `model` (and kept while the budget allows).
-    pub fn get_or_compute(
-        &self,
-        key: TrunkKey,
-        model: &Model,
-        ids: &Tensor,
-        mask: &Tensor,
-    ) -> Result<Tensor> {
-        if let Ok(g) = self.map.lock() {
-            if let Some(t) = g.0.get(&key) {
-                return Ok(t.shallow_clone());
-            }
-        }
-        let x = model.hidden_before(ids, mask, key.1, true)?;
-        let bytes = x.numel() * x.kind().elt_size_in_bytes();
-        if let Ok(mut g) = self.map.lock() {
-            if g.1 + bytes <= Self::BUDGET {
-                g.1 += bytes;
-                g.0.insert(key, x.shallow_clone());
-            }
-        }
-        Ok(x)
-    }
-}
-
-/// The key of step `step`'s trunk output for runs of `base`.
-pub fn trunk_key(
-    base: &BaseSpec,
+/// The frozen trunk runs from `base` share: the base model's blocks below the first trained
+/// one, served per text by `cache` ([`crate::model::trunk`]). `None` when nothing below is frozen
+/// (`train = "all"`), for BERT (whose inputs are masked afresh at every step, so no text repeats)
+/// or when the cache is off.
+pub fn trunk<'a>(
+    cache: &'a TrunkCache,
+    base: &'a BaseSpec,
     cfg: &ModelConfig,
-    seed: u64,
-    step: u64,
-    batch: usize,
-) -> TrunkKey {
-    (
-        base.model.clone(),
-        first_trained_block(base, cfg),
-        seed,
-        step,
-        batch,
-        base.max_len.unwrap_or(cfg.max_len),
-    )
+) -> Option<Trunk<'a>> {
+    trunk_layer(cache, base, cfg).map(|layer| Trunk {
+        cache,
+        source: &base.model,
+        layer,
+    })
+}
+
+/// The block the trunk of runs from `base` ends before, when [`trunk`] gives one.
+pub fn trunk_layer(cache: &TrunkCache, base: &BaseSpec, cfg: &ModelConfig) -> Option<usize> {
+    let layer = first_trained_block(base, cfg);
+    (cache.is_enabled() && layer > 0 && cfg.arch.is_causal()).then_some(layer)
 }
 
 /// The lowest block whose parameters `base.train` trains (0 when the embeddings are trained).
