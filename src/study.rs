@@ -18,6 +18,7 @@
 //! `figures/selection_study.{svg,png}`.
 
 pub mod experts;
+pub mod facts;
 pub mod ranking;
 
 use std::collections::{BTreeMap, HashSet};
@@ -263,7 +264,7 @@ pub struct ResultRow {
 }
 
 /// A mean over seeds with its t interval.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Interval {
     /// Mean.
     pub mean: f64,
