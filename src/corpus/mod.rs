@@ -65,8 +65,12 @@ pub struct Sample {
     pub long_tail: Option<bool>,
     /// Ground truth from `corpus synth --contrasts`: whether the sample's domain is one a model
     /// fails to learn (rare and varied, or frequent words in inconsistent order), as opposed to
-    /// common text or a rare domain repeated enough to be learned.
+    /// common text or a rare domain repeated enough to be learned. Noise is not neglected: it is
+    /// marked by [`Sample::noise`].
     pub neglected: Option<bool>,
+    /// Ground truth from `corpus synth --contrasts`: whether the sample is noise, text no model
+    /// can learn (frequent words in random order): high loss with nothing to gain by training.
+    pub noise: Option<bool>,
 }
 
 /// A raw record before [`build`]: where it came from (for error messages), an id if the input
@@ -86,6 +90,8 @@ pub struct RawRecord {
     /// Ground truth of synthetic corpora: whether the record's domain is neglected
     /// ([`Sample::neglected`]).
     pub neglected: Option<bool>,
+    /// Ground truth of synthetic corpora: whether the record is noise ([`Sample::noise`]).
+    pub noise: Option<bool>,
 }
 
 /// How raw records become samples.
@@ -247,6 +253,7 @@ pub fn build(
                 n_tokens: 0,
                 long_tail: rec.long_tail,
                 neglected: rec.neglected,
+                noise: rec.noise,
             });
         }
     }
@@ -383,6 +390,12 @@ impl Corpus {
                 s.iter().map(|x| x.neglected).collect::<Vec<_>>(),
             ));
         }
+        if s.iter().any(|x| x.noise.is_some()) {
+            cols.push(Column::new(
+                "noise".into(),
+                s.iter().map(|x| x.noise).collect::<Vec<_>>(),
+            ));
+        }
         DataFrame::new(s.len(), cols).map_err(|e| Error::table("building the corpus table", e))
     }
 
@@ -449,6 +462,7 @@ impl Corpus {
         };
         let long_tail = flag("long_tail")?;
         let neglected = flag("neglected")?;
+        let noise = flag("noise")?;
         let mut samples = Vec::with_capacity(ids.len());
         for (i, (((id, text), domain), split)) in ids
             .into_iter()
@@ -474,6 +488,7 @@ impl Corpus {
                 n_tokens: n_tokens[i],
                 long_tail: long_tail.as_ref().and_then(|v| v[i]),
                 neglected: neglected.as_ref().and_then(|v| v[i]),
+                noise: noise.as_ref().and_then(|v| v[i]),
             });
         }
         if samples.is_empty() {
@@ -495,6 +510,7 @@ mod tests {
             domain: "d".into(),
             long_tail: None,
             neglected: None,
+            noise: None,
         }
     }
 
