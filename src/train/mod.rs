@@ -595,7 +595,7 @@ fn optimise_step(
     let out = match ctx.base {
         // The frozen blocks below the trained ones run once per batch for all runs of the spec.
         Some(b) if upcycle::first_trained_block(b, &live.cfg) > 0 => {
-            let key = upcycle::trunk_key(b, &live.cfg, seed, step, t.batch_size);
+            let key = upcycle::trunk_key(b, &live.cfg, seed, step, &idx);
             let first = key.1;
             let x = data
                 .trunk

@@ -137,8 +137,10 @@ pub struct TrunkCache {
 }
 
 /// What a cached trunk output depends on besides the base model's weights: the base model, the
-/// first trained block, the seed, the step, the batch size and the training `max_len`.
-type TrunkKey = (std::path::PathBuf, usize, u64, u64, usize, i64);
+/// first trained block, the seed, the step, the batch's samples (a hash of their corpus rows:
+/// runs that up-weight different samples draw different batches at the same step) and the
+/// training `max_len`.
+type TrunkKey = (std::path::PathBuf, usize, u64, u64, u64, i64);
 
 impl TrunkCache {
     /// Bytes of cached hidden states kept at most (4 GiB); later steps are recomputed.
@@ -170,20 +172,25 @@ impl TrunkCache {
     }
 }
 
-/// The key of step `step`'s trunk output for runs of `base`.
+/// The key of step `step`'s trunk output, for the batch of corpus rows `rows`, for runs of
+/// `base`.
 pub fn trunk_key(
     base: &BaseSpec,
     cfg: &ModelConfig,
     seed: u64,
     step: u64,
-    batch: usize,
+    rows: &[usize],
 ) -> TrunkKey {
+    let bytes: Vec<u8> = rows
+        .iter()
+        .flat_map(|&r| (r as u64).to_le_bytes())
+        .collect();
     (
         base.model.clone(),
         first_trained_block(base, cfg),
         seed,
         step,
-        batch,
+        crate::seed::stable_hash(rows.len() as u64, &bytes),
         base.max_len.unwrap_or(cfg.max_len),
     )
 }
