@@ -327,7 +327,7 @@ impl NtkArgs {
 }
 
 /// A memory budget in GB: a positive number.
-fn positive_gb(s: &str) -> Result<f64, String> {
+pub(crate) fn positive_gb(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
         _ => Err(format!("expected a positive number of GB, got {s:?}")),

@@ -105,6 +105,8 @@ pub struct NtkSummary {
     pub output: OutputKind,
     /// Number of selected parameter values.
     pub parameters: i64,
+    /// The selected parameters' names (what `analyze` captures its loss gradients over).
+    pub params: Vec<String>,
     /// Projection dimension, if projected.
     pub projection: Option<i64>,
     /// Number of samples.
@@ -360,6 +362,7 @@ fn summary_of(job: &Job, blocks: Vec<String>, opts: &NtkOptions) -> NtkSummary {
         normalize: opts.normalize,
         output: job.opts.output,
         parameters: job.parameter_count(),
+        params: job.params.iter().map(|(n, _)| n.clone()).collect(),
         projection: job.opts.projection.map(|pr| pr.dim),
         samples: job.ids.len(),
         seconds: 0.0,

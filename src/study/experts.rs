@@ -30,7 +30,6 @@ use tch::Device;
 
 use super::{interval_columns, t_interval, Interval};
 use crate::analysis::analyze::{self, AnalyzeSpec};
-use crate::analysis::flags::FlagOptions;
 use crate::corpus::SplitChoice;
 use crate::error::{Error, Result};
 use crate::eval::evaluate::{evaluate, EvalSpec};
@@ -476,16 +475,13 @@ fn measure(
     if matches!(r.experts, ExpertConfig::Dense) {
         return Ok(m);
     }
+    // Isolation needs no learnability statistics; the neglect score then uses none either.
     let aspec = AnalyzeSpec {
-        ntk: ntk_dir,
-        model,
-        corpus: e.corpus.clone(),
-        tokenizer: None,
         resamples: 200,
-        alpha: analyze::DEFAULT_ALPHA,
-        flags: FlagOptions::default(),
         baseline: Some(sd.join("ntk").join(&e.baseline)),
+        learnability: None,
         seed,
+        ..AnalyzeSpec::new(&ntk_dir, &model, &e.corpus)
     };
     let mut an = analyze::analyze(&aspec, device, progress)?;
     an.write(&sd.join("analysis").join(&r.name))?;
