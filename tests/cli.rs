@@ -1747,31 +1747,39 @@ experts = {{ kind = "cse", last_k = 1, proj_dim = 4, sample = 200, min_pts = 3, 
     );
 }
 
-/// The flag ranking study on corpora with contrasts: the loss criterion's AP equals the one
-/// recomputed here from the analysis's losses and the corpus's `neglected` truth, and the summary
-/// leaves the development seed out.
+/// The neglect ranking study end to end on tiny pools: models fitted on the development seeds
+/// only, every pool scored against the synthetic and the counterfactual truth, the permuted-kernel
+/// control, and metrics that agree with independent recomputations: the loss criterion's AP from
+/// a counting formula, and the tie-aware AP of `gc` (constant within a domain, so tied in large
+/// groups) from the mean over random tie-breaks.
 #[test]
-fn ranking_study_scores_rankings_against_neglect() {
+fn ranking_study_fits_on_development_seeds_and_scores_tie_aware() {
     let t = Tmp::new();
     let spec = t.file(
         "ranking.toml",
         format!(
             r#"[ranking]
-seeds = [1, 2, 3]
-fit_seeds = [1]
+seeds = [1, 2, 3, 4]
+fit_seeds = [1, 2]
 rare_shares = [0.1]
 samples = 1500
 vocab_size = 320
 pool = 60
 eval_samples = 50
-criteria = ["flag", "loss", "random"]
+train_samples = 80
+criteria = ["loss", "uncertainty", "gc", "support", "reducible", "random"]
 out = "{out}"
 {TINY_MODEL}[train]
-steps = 10
+steps = 12
 batch_size = 8
-checkpoint_every = 10
+checkpoint_every = 4
+keep_last = 3
 dynamics_every = 0
 probe_samples = 16
+[counterfactual]
+steps = 30
+lr = 0.01
+batch_size = 8
 "#,
             out = t.s("rk")
         )
@@ -1779,55 +1787,118 @@ probe_samples = 16
     );
     let printed = ok(&["study", &spec]);
     assert!(
-        printed.contains("held-out seeds 2, 3") && printed.contains("| loss |"),
+        printed.contains("held-out seeds 3, 4") && printed.contains("**Truth: synthetic**"),
         "{printed}"
     );
     let rows = read_table(&t.path("rk/ranking.parquet"));
-    assert_eq!(rows.height(), 9);
-    let (crit, seed, ap) = (
+    let (crit, seed, ap, truth) = (
         strs(&rows, "criterion"),
         f64s(&rows, "seed"),
         f64s(&rows, "ap"),
+        strs(&rows, "truth"),
     );
-    let i = (0..9)
-        .find(|&i| crit[i] == "loss" && seed[i] == 2.0)
-        .unwrap();
-    // Recompute: the pool ranked by loss, labels from the corpus.
-    let an = read_table(&t.path("rk/share-0.1/seed-2/analysis/analysis.parquet"));
-    let (ids, loss) = (strs(&an, "id"), f64s(&an, "loss"));
-    let corpus = read_table(&t.path("rk/share-0.1/seed-2/corpus.parquet"));
-    let truth: std::collections::HashMap<String, bool> = strs(&corpus, "id")
+    for c in [
+        "loss",
+        "gc",
+        "flag",
+        "flag:kernel-permuted",
+        "fit:default",
+        "fit:all",
+    ] {
+        assert!(crit.iter().any(|x| x == c), "{c} not scored");
+    }
+    assert!(truth.iter().any(|x| x == "counterfactual"));
+    let row = |c: &str, s: f64| {
+        (0..crit.len())
+            .find(|&i| crit[i] == c && seed[i] == s && truth[i] == "synthetic")
+            .unwrap()
+    };
+    let an = read_table(&t.path("rk/share-0.1/seed-3/analysis/analysis.parquet"));
+    let ids = strs(&an, "id");
+    let corpus = read_table(&t.path("rk/share-0.1/seed-3/corpus.parquet"));
+    let neglected: std::collections::HashMap<String, bool> = strs(&corpus, "id")
         .into_iter()
         .zip(f64s(&corpus, "neglected").into_iter().map(|x| x > 0.5))
         .collect();
-    let mut order: Vec<usize> = (0..ids.len()).collect();
-    order.sort_by(|&a, &b| loss[b].total_cmp(&loss[a]));
-    let (mut hits, mut sum) = (0.0, 0.0);
-    for (k, &j) in order.iter().enumerate() {
-        if truth[&ids[j]] {
-            hits += 1.0;
-            sum += hits / (k + 1) as f64;
-        }
-    }
+    let labels: Vec<bool> = ids.iter().map(|id| neglected[id]).collect();
+    // Loss (untied): AP = mean over positives i of #{positives with loss ≥ ℓ_i} / #{loss ≥ ℓ_i}.
+    let loss = f64s(&an, "loss");
+    let pos: Vec<usize> = (0..ids.len()).filter(|&i| labels[i]).collect();
+    let count = |i: usize, only_pos: bool| {
+        (0..ids.len())
+            .filter(|&j| loss[j] >= loss[i] && (!only_pos || labels[j]))
+            .count() as f64
+    };
+    let want = pos
+        .iter()
+        .map(|&i| count(i, true) / count(i, false))
+        .sum::<f64>()
+        / pos.len() as f64;
     assert!(
-        (ap[i] - sum / hits).abs() < 1e-12,
-        "{} vs {}",
-        ap[i],
-        sum / hits
+        (ap[row("loss", 3.0)] - want).abs() < 1e-12,
+        "{} vs {want}",
+        ap[row("loss", 3.0)]
     );
-    // The summary (held-out seeds 2 and 3) is their mean.
+    // gc (|GC| of the domain, lowest first: tied within each domain): the mean AP over 4,000
+    // random tie-breaks.
+    let gc: Vec<f64> = f64s(&an, "domain_gc").into_iter().map(|x| -x).collect();
+    let mut state = 12345u64;
+    let mut total = 0.0;
+    for _ in 0..4000 {
+        let mut key: Vec<(f64, f64, bool)> = (0..ids.len())
+            .map(|i| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let g = if gc[i].is_finite() {
+                    gc[i]
+                } else {
+                    f64::NEG_INFINITY
+                };
+                (g, (state >> 11) as f64, labels[i])
+            })
+            .collect();
+        key.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.total_cmp(&a.1)));
+        let (mut hits, mut sum) = (0.0, 0.0);
+        for (k, x) in key.iter().enumerate() {
+            if x.2 {
+                hits += 1.0;
+                sum += hits / (k + 1) as f64;
+            }
+        }
+        total += sum / hits;
+    }
+    let mc = total / 4000.0;
+    assert!(
+        (ap[row("gc", 3.0)] - mc).abs() < 0.01,
+        "{} vs {mc}",
+        ap[row("gc", 3.0)]
+    );
+    // The summary is over the held-out seeds 3 and 4 only.
     let summary = read_table(&t.path("rk/summary.parquet"));
-    let (sc, ss, sap) = (
+    let (sc, st, sap, slo, shi) = (
         strs(&summary, "criterion"),
-        strs(&summary, "share"),
+        strs(&summary, "truth"),
         f64s(&summary, "ap"),
+        f64s(&summary, "ap_low"),
+        f64s(&summary, "ap_high"),
     );
     let k = (0..sc.len())
-        .find(|&k| sc[k] == "loss" && ss[k] == "all")
+        .find(|&k| sc[k] == "loss" && st[k] == "synthetic")
         .unwrap();
-    let held: Vec<f64> = (0..9)
-        .filter(|&i| crit[i] == "loss" && seed[i] > 1.0)
-        .map(|i| ap[i])
-        .collect();
-    assert!((sap[k] - (held[0] + held[1]) / 2.0).abs() < 1e-12);
+    assert!((sap[k] - (ap[row("loss", 3.0)] + ap[row("loss", 4.0)]) / 2.0).abs() < 1e-12);
+    assert!(slo[k] >= 0.0 && shi[k] <= 1.0);
+    // The fitted model: fitted on seeds 1-2, with its provenance, and readable by analyze.
+    let fitted = std::fs::read_to_string(t.path("rk/fitted-model.toml")).unwrap();
+    assert!(
+        fitted.contains("seeds [1, 2]") && fitted.contains("weights"),
+        "{fitted}"
+    );
+    let models = std::fs::read_to_string(t.path("rk/models.toml")).unwrap();
+    assert!(models.contains("fit:default-no-kernel") && models.contains("cross-validated"));
+    let truth_table = read_table(&t.path("rk/share-0.1/seed-3/counterfactual/truth.parquet"));
+    assert_eq!(truth_table.height(), ids.len());
+    for c in ["loss_now", "loss_control", "loss_targeted", "gain"] {
+        assert!(f64s(&truth_table, c).iter().all(|x| x.is_finite()), "{c}");
+    }
 }

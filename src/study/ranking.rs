@@ -549,7 +549,16 @@ fn counterfactual_truth(
     let cdir = dir.join("counterfactual");
     let path = counterfactual::truth_path(&cdir);
     if path.exists() {
-        return counterfactual::read(&path);
+        // The binary truth follows the spec's threshold, not the one it was written under.
+        let mut rows = counterfactual::read(&path)?;
+        let gain: Vec<f64> = rows.iter().map(|r| r.gain).collect();
+        let now: Vec<f64> = rows.iter().map(|r| r.loss_now).collect();
+        let t =
+            counterfactual::neglected_by_gain(&gain, &now, spec.counterfactual.min_relative_gain);
+        for (r, n) in rows.iter_mut().zip(t) {
+            r.neglected = n;
+        }
+        return Ok(rows);
     }
     // On a real corpus the model and the runs do not depend on the pool: one set of continued
     // runs (trained with the first seed) serves every pool.
