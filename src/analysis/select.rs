@@ -17,7 +17,8 @@
 //! - `alignment`: cos(g(X), J_i), the least aligned first;
 //! - `frequency`: frequency score, the rarest first;
 //! - `loss-slope`, `forgetting`, `self-influence` (analyses with `--checkpoints`): the loss
-//!   falling least, forgotten most, moved most by its own gradient first;
+//!   falling fastest (learnable, and still being learned), forgotten most (noise, by
+//!   second-split forgetting's reading), moved most by its own gradient first;
 //! - `rarity-rule`: the earlier flag rule of [`super::flags`] (rare, misaligned, poorly fitted),
 //!   kept for comparison;
 //! - `random`: a seeded uniform draw.
@@ -76,7 +77,7 @@ pub enum Criterion {
     Alignment,
     /// Lowest frequency score first.
     Frequency,
-    /// Largest loss slope over checkpoints first.
+    /// Steepest fall of the loss over checkpoints first.
     LossSlope,
     /// Most forgetting events first.
     Forgetting,
@@ -149,7 +150,7 @@ impl Criterion {
             Criterion::SelfKernel => ("self_kernel", 1.0),
             Criterion::Alignment => ("alignment", -1.0),
             Criterion::Frequency => ("freq_score", -1.0),
-            Criterion::LossSlope => ("loss_slope", 1.0),
+            Criterion::LossSlope => ("loss_slope", -1.0),
             Criterion::Forgetting => ("forgetting", 1.0),
             Criterion::SelfInfluence => ("self_influence", 1.0),
             Criterion::RarityRule | Criterion::Random => return None,

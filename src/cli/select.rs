@@ -30,7 +30,8 @@ pub struct SelectArgs {
             predicted-decrease, support, support-cos: what the training data lowers least, the \
             most isolated gradients first; gc: lowest |GC| of the sample's domain first; \
             self-kernel: largest Θ_ii; alignment: least aligned; frequency: rarest; loss-slope, \
-            forgetting, self-influence (need analyze --checkpoints); rarity-rule: the earlier \
+            forgetting, self-influence (need analyze --checkpoints; steepest fall, most forgotten, \
+            largest first); rarity-rule: the earlier \
             flag rule; random: a seeded draw. A sample without a score ranks last; ties are \
             broken by a seeded random key."
     )]

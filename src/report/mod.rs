@@ -1,9 +1,12 @@
-//! Reports (`tailscope report`): one self-contained HTML file (inline SVG figures, no network; a
-//! sortable table of the flagged examples with their text) and a Jupyter notebook (nbformat 4)
-//! with the same figures as outputs and cells that reload the Parquet tables, so users can go on
-//! in Python. Inputs are an `analyze` folder and the `ntk` folder(s) it was computed from.
+//! Reports (`tailscope report`): one self-contained HTML file (inline SVG figures, no network) that
+//! opens with what the model neglects — the flagged texts, each with its evidence in words and
+//! its nearest training texts ([`neglected`]) — then the kernel's diagnostics, the findings, the
+//! figures and a sortable table of every flag; and a Jupyter notebook (nbformat 4) with the same
+//! figures as outputs and cells that reload the Parquet tables, so users can go on in Python.
+//! Inputs are an `analyze` folder and the `ntk` folder(s) it was computed from.
 
 mod findings;
+pub mod neglected;
 pub mod plots;
 pub mod runs;
 pub mod trajectory;
@@ -30,6 +33,8 @@ pub struct Figure {
 pub struct Report {
     /// Title of the page.
     pub title: String,
+    /// What the model neglects: the flagged texts with their evidence, best first.
+    pub neglected: neglected::Neglected,
     /// Whether the kernel is informative: its diagnostics and warnings, in words.
     pub kernel: Vec<String>,
     /// The findings, in words with their intervals.
@@ -268,6 +273,7 @@ pub fn build(
     }
     let corr = Correlations::read(analysis)?;
     let flags = flag_rows(analysis)?;
+    let neglected = neglected::Neglected::read(analysis)?;
     let isolation = isolation_lines(analysis)?;
     let ntk_json = findings::NtkJson::read(ntk)?;
     let summary = findings::findings(&a, &g, &bins, &corr, analysis, ntk_json.as_ref())?;
@@ -285,6 +291,7 @@ pub fn build(
     .collect();
     Ok(Report {
         title: title.to_string(),
+        neglected,
         kernel,
         summary,
         correlations: corr.rows(),
@@ -690,10 +697,12 @@ pub fn html(r: &Report) -> String {
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>\
 body{{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}}table{{border-collapse:collapse;font-size:13px;margin:1em 0}}\
 td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top}}th{{background:#eee;cursor:pointer}}figure{{margin:1.5em 0}}\
-figcaption{{font-size:13px;color:#444}}svg{{max-width:100%;height:auto}}.note{{font-size:13px;color:#555}}.warn{{color:#a00}}</style>\
-<script>{js}</script></head><body><h1>{t}</h1>{kernel}<h2>Findings</h2><ul id=\"findings\">{summary}</ul>{runs}<h2>Figures</h2>{figs}\
+figcaption{{font-size:13px;color:#444}}svg{{max-width:100%;height:auto}}.note{{font-size:13px;color:#555}}.warn{{color:#a00}}\
+#neglected li{{margin:0.8em 0}}.text{{font-style:italic}}.evidence{{font-size:14px}}.near{{font-size:13px;color:#444}}</style>\
+<script>{js}</script></head><body><h1>{t}</h1>{lead}{kernel}<h2>Findings</h2><ul id=\"findings\">{summary}</ul>{runs}<h2>Figures</h2>{figs}\
 <h2>Correlations</h2>{corr}{iso}<h2>Flagged examples</h2><p class=\"note\">Click a column to sort.</p>{flags}</body></html>",
         t = esc(&r.title),
+        lead = r.neglected.html(),
         js = SORT_JS,
         corr = table("corr", &["x", "y", "method", "value", "95% low", "95% high"], &r.correlations),
         flags = table("flags", &["rank", "id", "domain", "score", "reasons", "text"], &r.flags),
@@ -721,7 +730,7 @@ fn relative_to(path: &Path, from: &Path) -> String {
 pub fn notebook(r: &Report, figure_dir: &Path, notebook_dir: &Path) -> serde_json::Value {
     let mut cells = vec![json!({
         "cell_type": "markdown", "id": "title", "metadata": {},
-        "source": lines(&format!("# {}\n\n{}\n", r.title, r.kernel.iter().chain(&r.summary).chain(&r.runs).map(|s| format!("- {s}")).collect::<Vec<_>>().join("\n")))
+        "source": lines(&format!("# {}\n\n{}{}\n", r.title, r.neglected.markdown(), r.kernel.iter().chain(&r.summary).chain(&r.runs).map(|s| format!("- {s}")).collect::<Vec<_>>().join("\n")))
     })];
     let paths: Vec<String> = r
         .tables

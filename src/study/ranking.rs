@@ -424,7 +424,7 @@ fn prepare(spec: &RankingSpec, share: f64, seed: u64, ctx: &Ctx) -> Result<PoolD
     };
     let checkpoints = (r.checkpoints && !spec.real()).then(|| dir.join("base"));
     let an_dir = dir.join("analysis");
-    if !an_dir.join("analysis.parquet").exists() {
+    if !an_dir.join("summary.json").exists() {
         super::analyse_pool(
             &model,
             &corpus,
