@@ -792,11 +792,14 @@ fn capture_and_ntk_from_the_cli() {
         "{printed}"
     );
     assert!(
-        printed.contains("against the corpus's ground truth (long_tail): precision"),
+        printed.contains("against the corpus's ground truth: precision")
+            && printed.contains("flagged as neglected"),
         "{printed}"
     );
+    // Frequency against alignment, Θ_ii, loss and excess loss, alignment against loss, length
+    // against loss and excess loss: 7 pairs × 3 methods.
     let corr = read_table(&t.path("an/correlations.parquet"));
-    assert_eq!(corr.height(), 12);
+    assert_eq!(corr.height(), 21);
     let joined = read_table(&t.path("an/analysis.parquet"));
     assert_eq!(joined.height(), 24);
     assert!(joined.column("loss").is_ok() && joined.column("flag_rank").is_ok());
@@ -812,6 +815,9 @@ fn capture_and_ntk_from_the_cli() {
         ("frequency", "freq_score", -1.0),
         ("alignment", "alignment", -1.0),
         ("self-kernel", "self_kernel", 1.0),
+        ("support", "support", -1.0),
+        ("excess-loss", "excess_loss", 1.0),
+        ("flag", "neglect", 1.0),
     ] {
         let o = t.s(&format!("sel-{crit}.parquet"));
         let printed = ok(&[
@@ -1049,6 +1055,62 @@ fn capture_and_ntk_from_the_cli() {
             &t.s("an2"),
         ],
         &["--alpha"],
+    );
+    // The statistics of neglect refuse what they cannot use, naming the flag: no neighbours, a
+    // reference model with another tokenizer, a corpus without a training split to compare with.
+    let an_bad = |extra: &[&str], corpus: &str, needles: &[&str]| {
+        let mut args = vec![
+            "analyze", "--ntk", &out, "--model", &model, "--corpus", corpus, "-o",
+        ];
+        let o = t.s("an-bad");
+        args.push(&o);
+        args.extend_from_slice(extra);
+        bad(&args, needles);
+    };
+    an_bad(&["--neighbours", "0"], &corpus, &["--neighbours"]);
+    ok(&[
+        "corpus",
+        "synth",
+        "--samples",
+        "300",
+        "--vocab-size",
+        "300",
+        "--seed",
+        "9",
+        "-o",
+        &t.s("c2/corpus.parquet"),
+    ]);
+    let reference = t.path("ref-other-tokenizer");
+    std::fs::create_dir_all(&reference).unwrap();
+    for f in std::fs::read_dir(&model).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, reference.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(
+        t.path("c2/tokenizer.json"),
+        reference.join("tokenizer.json"),
+    )
+    .unwrap();
+    an_bad(
+        &["--reference", reference.to_str().unwrap()],
+        &corpus,
+        &["--reference", "tokenises", "tokenizer"],
+    );
+    let all_val = t.path("c3/corpus.parquet");
+    std::fs::create_dir_all(t.path("c3")).unwrap();
+    std::fs::copy(t.path("c/tokenizer.json"), t.path("c3/tokenizer.json")).unwrap();
+    let mut df = read_table(std::path::Path::new(&corpus));
+    let n = df.height();
+    df.with_column(polars::prelude::Column::new(
+        "split".into(),
+        vec!["validation"; n],
+    ))
+    .unwrap();
+    tailscope::io::write_parquet(&mut df, &all_val).unwrap();
+    an_bad(
+        &[],
+        all_val.to_str().unwrap(),
+        &["--train-samples", "training split"],
     );
     // capture with a projection and a selection
     let printed = ok(&[
@@ -1595,7 +1657,7 @@ steps = 4
     // The report of seed 1's analysis with the study beside it.
     let printed = report_with_study(&t, "study/seed-1/analysis", "study/seed-1/ntk", "study");
     assert!(
-        printed.contains("Selection study, long tail: flag against loss"),
+        printed.contains("Selection study, long-tail: flag against loss"),
         "{printed}"
     );
     let html = std::fs::read_to_string(t.path("rep/report.html")).unwrap();

@@ -121,6 +121,13 @@ impl Feature {
         )
     }
 
+    /// Whether the feature's value depends on the arbitrary sign of the principal direction
+    /// (the Σu ≥ 0 convention; only `alignment` does): such a feature is never fitted into a
+    /// neglect model, whose ranking would otherwise flip with that sign.
+    pub fn sign_dependent(self) -> bool {
+        self == Feature::Alignment
+    }
+
     /// What a high value means, for the reasons of a flag.
     pub fn describe(self, high: bool) -> &'static str {
         match (self, high) {

@@ -475,11 +475,18 @@ fn measure(
     if matches!(r.experts, ExpertConfig::Dense) {
         return Ok(m);
     }
-    // Isolation needs no learnability statistics; the neglect score then uses none either.
+    // Isolation is what this study reads; the neglect score's learnability statistics come from
+    // 512 training texts (the default 2,048 would cost more than the analysis it serves).
     let aspec = AnalyzeSpec {
         resamples: 200,
         baseline: Some(sd.join("ntk").join(&e.baseline)),
-        learnability: None,
+        learnability: Some(
+            crate::analysis::learnability::LearnabilityOptions {
+                train_samples: 512,
+                ..Default::default()
+            }
+            .seeded(seed),
+        ),
         seed,
         ..AnalyzeSpec::new(&ntk_dir, &model, &e.corpus)
     };

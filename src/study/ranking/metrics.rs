@@ -126,14 +126,14 @@ pub struct FeatureSet {
     pub features: Vec<Feature>,
 }
 
-/// The features every analysis has (no reference model, no checkpoints needed).
-pub const ALWAYS: [Feature; 10] = [
+/// The features every analysis has (no reference model, no checkpoints needed), less the
+/// sign-dependent alignment ([`Feature::sign_dependent`]).
+pub const ALWAYS: [Feature; 9] = [
     Feature::Loss,
     Feature::ExcessLoss,
     Feature::Uncertainty,
     Feature::FreqScore,
     Feature::GradNorm,
-    Feature::Alignment,
     Feature::DomainGc,
     Feature::PredictedDecrease,
     Feature::Support,
@@ -141,9 +141,10 @@ pub const ALWAYS: [Feature; 10] = [
 ];
 
 /// The four feature sets compared: with and without the optional statistics (reducible loss,
-/// trajectory), with and without the kernel's, each restricted to what every pool has.
+/// trajectory), with and without the kernel's, each restricted to what every pool has and to
+/// features that do not depend on the principal direction's arbitrary sign.
 pub fn feature_sets(pools: &[PoolData]) -> Vec<FeatureSet> {
-    let present = |f: &Feature| pools.iter().all(|p| p.has(*f));
+    let present = |f: &Feature| !f.sign_dependent() && pools.iter().all(|p| p.has(*f));
     let all: Vec<Feature> = Feature::ALL.iter().copied().filter(present).collect();
     let always: Vec<Feature> = ALWAYS.iter().copied().filter(present).collect();
     let no_kernel = |v: &[Feature]| v.iter().copied().filter(|f| !f.is_kernel()).collect();
