@@ -71,7 +71,7 @@ fn one() -> f64 {
 /// any normalisation (the spread is about gradient norms).
 pub fn diagnose(k: &dyn KernelOp, whole: &Principal, raw_diag: &Tensor) -> Result<Diagnostics> {
     let n = k.n();
-    let kd = k.diag();
+    let kd = k.diag()?;
     let trace = kd.sum(Kind::Double).double_value(&[]);
     let mut d: Vec<f64> = Vec::try_from(raw_diag.to_kind(Kind::Double).to_device(Device::Cpu))?;
     let max = d.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -85,7 +85,7 @@ pub fn diagnose(k: &dyn KernelOp, whole: &Principal, raw_diag: &Tensor) -> Resul
     };
     // Σ|cos_ij| off the diagonal: every sample of non-zero norm has cos_ii = 1.
     let on = kd.gt(0.0).sum(Kind::Double).double_value(&[]);
-    let off = k.abs_cosine_sum() - on;
+    let off = k.abs_cosine_sum()? - on;
     let pr = participation(&whole.u);
     Ok(Diagnostics {
         diag_spread: if median > 0.0 {

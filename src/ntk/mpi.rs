@@ -11,8 +11,9 @@
 //! - Rank 0 then finishes as `--assemble` does: the tile index, and up to `--assemble-max`
 //!   samples the kernel, GC and tables, from the same tiles as one process, so the same numbers.
 //!   Above `--assemble-max` every rank reads its rows of the kernel from the tiles and the ranks
-//!   compute the principal direction (Lanczos on products with an all-reduce), GC, alignment
-//!   and their intervals together ([`RowBlocks`]); no rank holds the whole kernel.
+//!   compute the principal direction (Lanczos on products with an all-reduce, several vectors
+//!   per all-reduce), GC, alignment and their intervals together ([`RowBlocks`]); no rank holds
+//!   the whole kernel or a sub-kernel of it.
 //! - A rank that fails (bad input, panic) aborts the whole job with a message naming the rank;
 //!   the files written are complete (atomic), so rerunning resumes, under any R.
 //!
@@ -473,22 +474,24 @@ fn write_run_files(
 /// One rank's rows of the kernel, Θ[rows, :] in float64, read from the tiles; the other rows are
 /// on the other ranks. Every [`KernelOp`] call is collective: each rank fills the entries of its
 /// own rows in a full-size buffer of zeros and one all-reduce sums them (each entry has one
-/// owner, so the sum is exact and the same on every rank).
+/// owner, so the sum is exact and the same on every rank). No sub-kernel is given out
+/// ([`KernelOp::sub`] is `None`): GC works through products, several vectors per all-reduce.
 pub struct RowBlocks<'a> {
     world: &'a SimpleCommunicator,
     n: usize,
     /// Sample index of each local row.
     rows: Vec<usize>,
-    /// Local row of each sample held here.
-    local: Vec<Option<usize>>,
     block: Tensor,
+    /// Θ_ii of every sample (gathered once).
+    diag: Tensor,
     /// The kernel's block names (`tiles/*` keys without `block.`).
     pub block_names: Vec<String>,
 }
 
 impl<'a> RowBlocks<'a> {
     /// The rows of `shards` (this rank's, `tile` samples each, n in all) from the tiles under
-    /// `dir`; refuses non-finite entries, naming the first pair.
+    /// `dir`; refuses non-finite entries, naming the first pair. Collective (the diagonal is
+    /// gathered by an all-reduce).
     fn from_tiles(
         world: &'a SimpleCommunicator,
         dir: &Path,
@@ -526,27 +529,38 @@ impl<'a> RowBlocks<'a> {
         super::tiles::refuse_non_finite(&block, |i, j| {
             (ids[rows[i]].id.clone(), ids[j].id.clone())
         })?;
-        let mut local = vec![None; n];
-        for (r, &i) in rows.iter().enumerate() {
-            local[i] = Some(r);
-        }
-        Ok(RowBlocks {
+        let mut me = RowBlocks {
             world,
             n,
             rows,
-            local,
             block,
+            diag: Tensor::zeros([n as i64], (Kind::Double, Device::Cpu)),
             block_names,
-        })
+        };
+        me.diag = me.gather_diag()?;
+        Ok(me)
+    }
+
+    /// Θ_ii of every sample: each rank's own, summed over ranks.
+    fn gather_diag(&self) -> Result<Tensor> {
+        let d = Tensor::zeros([self.n as i64], (Kind::Double, Device::Cpu));
+        if self.rows.is_empty() {
+            return self.all_sum(&d);
+        }
+        let rows = self.row_index();
+        let mine = self
+            .block
+            .gather(1, &rows.unsqueeze(1), false)
+            .squeeze_dim(1);
+        self.all_sum(&d.index_copy(0, &rows, &mine))
     }
 
     /// The sum over ranks of `t` (float64), as a tensor of `t`'s shape.
-    fn all_sum(&self, t: &Tensor) -> Tensor {
-        let mine: Vec<f64> = Vec::try_from(t.flatten(0, -1)).unwrap_or_default();
-        let mut sum = vec![0.0; mine.len()];
-        self.world
-            .all_reduce_into(&mine[..], &mut sum[..], SystemOperation::sum());
-        Tensor::from_slice(&sum).view(t.size().as_slice())
+    fn all_sum(&self, t: &Tensor) -> Result<Tensor> {
+        sum_with(t, &|mine, sum| {
+            self.world
+                .all_reduce_into(mine, sum, SystemOperation::sum())
+        })
     }
 
     fn row_index(&self) -> Tensor {
@@ -554,57 +568,41 @@ impl<'a> RowBlocks<'a> {
     }
 }
 
+/// `t` (float64) reduced by `reduce(mine, sum)` over its values, as a tensor of `t`'s shape;
+/// an error, not a vector of the wrong length, where `t` cannot be read as float64 values.
+fn sum_with(t: &Tensor, reduce: &dyn Fn(&[f64], &mut [f64])) -> Result<Tensor> {
+    let mine: Vec<f64> = Vec::try_from(&t.f_flatten(0, -1)?)?;
+    let mut sum = vec![0.0; mine.len()];
+    reduce(&mine[..], &mut sum[..]);
+    Ok(Tensor::from_slice(&sum).f_view(t.size().as_slice())?)
+}
+
 impl KernelOp for RowBlocks<'_> {
     fn n(&self) -> usize {
         self.n
     }
 
-    fn mv(&self, x: &Tensor) -> Tensor {
-        // Θx on this rank's rows, and this rank's rows' share of Θᵀx, summed in one all-reduce.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        // Θ X on this rank's rows, and this rank's rows' share of Θᵀ X, summed in one
+        // all-reduce.
         let rows = self.row_index();
-        let mut y = self.block.tr().mv(&x.index_select(0, &rows));
+        let mut y = self.block.tr().f_mm(&x.f_index_select(0, &rows)?)?;
         if !self.rows.is_empty() {
-            y = y.index_add(0, &rows, &self.block.mv(x));
+            y = y.f_index_add(0, &rows, &self.block.f_mm(x)?)?;
         }
-        self.all_sum(&y) / 2.0
+        Ok(self.all_sum(&y)? / 2.0)
     }
 
-    fn sub(&self, idx: &[usize]) -> Tensor {
-        let m = idx.len() as i64;
-        let (at, here): (Vec<usize>, Vec<usize>) = idx
-            .iter()
-            .enumerate()
-            .filter_map(|(p, &i)| self.local[i].map(|r| (p, r)))
-            .unzip();
-        let mut s = Tensor::zeros([m, m], (Kind::Double, Device::Cpu));
-        if !at.is_empty() {
-            let part = self
-                .block
-                .index_select(0, &op::index(&here))
-                .index_select(1, &op::index(idx));
-            s = s.index_copy(0, &op::index(&at), &part);
-        }
-        let s = self.all_sum(&s);
-        (&s + s.tr()) / 2.0
+    fn sub(&self, _idx: &[usize]) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 
-    fn diag(&self) -> Tensor {
-        let d = Tensor::zeros([self.n as i64], (Kind::Double, Device::Cpu));
-        let d = if self.rows.is_empty() {
-            d
-        } else {
-            let rows = self.row_index();
-            let mine = self
-                .block
-                .gather(1, &rows.unsqueeze(1), false)
-                .squeeze_dim(1);
-            d.index_copy(0, &rows, &mine)
-        };
-        self.all_sum(&d)
+    fn diag(&self) -> Result<Tensor> {
+        Ok(self.diag.shallow_clone())
     }
 
-    fn abs_cosine_sum(&self) -> f64 {
-        let s = op::inverse_norms(&self.diag());
+    fn abs_cosine_sum(&self) -> Result<f64> {
+        let s = op::inverse_norms(&self.diag);
         let mine = if self.rows.is_empty() {
             0.0
         } else {
@@ -616,7 +614,7 @@ impl KernelOp for RowBlocks<'_> {
         let mut sum = 0.0;
         self.world
             .all_reduce_into(&mine, &mut sum, SystemOperation::sum());
-        sum
+        Ok(sum)
     }
 }
 
@@ -774,6 +772,22 @@ fn unpack(p: &Packed, names: &[String]) -> Result<Vec<(usize, Captured)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ranks' sum keeps the tensor's shape; a tensor that cannot be read as values is an
+    /// error, not an empty vector that the reduction would turn into a tensor of no values.
+    #[test]
+    fn sums_keep_the_shape_and_refuse_what_cannot_be_read() {
+        let t = Tensor::from_slice(&[1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0]).view([2, 3]);
+        let double = |mine: &[f64], sum: &mut [f64]| {
+            for (o, i) in sum.iter_mut().zip(mine) {
+                *o = 2.0 * i;
+            }
+        };
+        let s = sum_with(&t, &double).unwrap();
+        assert_eq!(s.size(), [2, 3]);
+        assert!(s.equal(&(&t * 2.0)));
+        assert!(sum_with(&Tensor::new(), &double).is_err());
+    }
 
     /// Both ends count a payload's messages from its length: none for an empty payload, one
     /// for up to a chunk, one more per chunk begun.
