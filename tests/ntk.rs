@@ -1127,3 +1127,96 @@ fn float32_kernels_of_every_method_agree_to_float32_precision() {
         }
     }
 }
+
+/// Above `--assemble-max` a kernel stays in its tiles (30 samples in tiles of 7: 5 shards, 15
+/// tiles, read from disk at every pass): GC, the groups' shapes, jackknife and half-sample
+/// intervals and the alignment equal those of the assembled kernel in memory to 1e-8. The
+/// tiles give out no sub-kernel; each product pass reads every tile once and multiplies several
+/// vectors, so the jackknife's 41 Lanczos solves (6 leave-out sets, then 5 groups in each of
+/// them and in the whole set) take fewer passes than there are solves.
+#[test]
+fn tiles_above_assemble_max_give_the_in_memory_gc_reading_each_tile_once_per_pass() {
+    use tailscope::ntk::gc::{self, LOCKSTEP};
+    use tailscope::ntk::op::{Dense, KernelOp};
+    use tailscope::ntk::stream::{assemble, stream_kernel, StreamPlan, Work};
+    use tailscope::ntk::tiles::Tiles;
+    let (vs, model) = build(&tiny(Arch::Gpt, ExpertConfig::Dense));
+    let params = Selection::default().select(&vs).unwrap();
+    let s: Vec<Vec<u32>> = (0..30u32)
+        .map(|i| (0..3 + i % 5).map(|t| 1 + (i * 7 + t * 3) % 16).collect())
+        .collect();
+    let refs: Vec<&[u32]> = s.iter().map(Vec::as_slice).collect();
+    let (opts, _) = in_memory(&model, &params, &refs);
+    let dir = tempfile::tempdir().unwrap();
+    let plan = StreamPlan {
+        dir: dir.path(),
+        tile: 7,
+        blocks: BlockBy::Module,
+        work: Work::All,
+    };
+    stream_kernel(
+        &model,
+        &params,
+        &refs,
+        &opts,
+        &plan,
+        Device::Cpu,
+        &|_, _| {},
+    )
+    .unwrap();
+    let dense = Dense::new(&assemble(dir.path(), 30, 7).unwrap()[0].1);
+    let names: Vec<String> = (0..30).map(|i| format!("s{i}")).collect();
+    let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+    let tiles = Tiles::open(dir.path(), &ids, 7, 0).unwrap();
+    assert!(tiles.sub(&[0, 1]).unwrap().is_none());
+    let groups: Vec<Vec<usize>> = (0..3)
+        .map(|b| (0..30).filter(|i| i % 3 == b).collect())
+        .chain([(0..8).collect(), (25..30).collect()])
+        .collect();
+    let refs: Vec<&[usize]> = groups.iter().map(Vec::as_slice).collect();
+    let (wd, wt) = (
+        gc::principal_op(&dense, None).unwrap(),
+        gc::principal_op(&tiles, None).unwrap(),
+    );
+    assert!((wd.lambda - wt.lambda).abs() < 1e-10 * wd.lambda);
+    assert!((&wd.u - &wt.u).abs().max().double_value(&[]) < 1e-8);
+    let near = |a: f64, b: f64| (a - b).abs() < 1e-8 * a.abs().max(1.0);
+    let (sd, st) = (
+        gc::subsets(&dense, &wd, &refs).unwrap(),
+        gc::subsets(&tiles, &wt, &refs).unwrap(),
+    );
+    for (a, b) in sd.iter().zip(&st) {
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert!(
+            near(a.gc, b.gc) && near(a.participation, b.participation),
+            "{a:?} {b:?}"
+        );
+        assert!(near(a.top_share, b.top_share) && near(a.sign_margin, b.sign_margin));
+    }
+    let same = |p: Vec<Option<(f64, f64)>>, q: Vec<Option<(f64, f64)>>| {
+        for (a, b) in p.iter().zip(&q) {
+            let (a, b) = (a.unwrap(), b.unwrap());
+            assert!(near(a.0, b.0) && near(a.1, b.1), "{a:?} against {b:?}");
+        }
+    };
+    let before = tiles.counts();
+    let jt = gc::gc_jackknife(&tiles, &wt, &refs, 6, 0.05, 1).unwrap();
+    let after = tiles.counts();
+    same(
+        gc::gc_jackknife(&dense, &wd, &refs, 6, 0.05, 1).unwrap(),
+        jt,
+    );
+    let passes = after.passes - before.passes;
+    assert_eq!(after.reads - before.reads, 15 * passes, "{after:?}");
+    assert!(passes < 6 + 7 * groups.len(), "{passes} passes");
+    assert!(after.widest > 1 && after.widest <= LOCKSTEP, "{after:?}");
+    same(
+        gc::gc_bootstrap(&dense, &wd, &refs, 5, 0.05, 1).unwrap(),
+        gc::gc_bootstrap(&tiles, &wt, &refs, 5, 0.05, 1).unwrap(),
+    );
+    let (ad, at) = (
+        gc::alignment(&dense, &wd).unwrap(),
+        gc::alignment(&tiles, &wt).unwrap(),
+    );
+    assert!(ad.iter().zip(&at).all(|(a, b)| near(*a, *b)));
+}

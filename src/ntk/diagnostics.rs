@@ -71,7 +71,7 @@ fn one() -> f64 {
 /// any normalisation (the spread is about gradient norms).
 pub fn diagnose(k: &dyn KernelOp, whole: &Principal, raw_diag: &Tensor) -> Result<Diagnostics> {
     let n = k.n();
-    let kd = k.diag();
+    let kd = k.diag()?;
     let trace = kd.sum(Kind::Double).double_value(&[]);
     let mut d: Vec<f64> = Vec::try_from(raw_diag.to_kind(Kind::Double).to_device(Device::Cpu))?;
     let max = d.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -85,7 +85,7 @@ pub fn diagnose(k: &dyn KernelOp, whole: &Principal, raw_diag: &Tensor) -> Resul
     };
     // Σ|cos_ij| off the diagonal: every sample of non-zero norm has cos_ii = 1.
     let on = kd.gt(0.0).sum(Kind::Double).double_value(&[]);
-    let off = k.abs_cosine_sum() - on;
+    let off = k.abs_cosine_sum()? - on;
     let pr = participation(&whole.u);
     Ok(Diagnostics {
         diag_spread: if median > 0.0 {
@@ -129,6 +129,14 @@ impl std::fmt::Display for Warning {
 /// `normalized` says whether the direction came from the cosine kernel (then the spread of
 /// gradient norms no longer matters).
 pub fn warnings(d: &Diagnostics, rows: &[GcRow], normalized: bool) -> Vec<Warning> {
+    let mut out = kernel_warnings(d, normalized);
+    out.extend(group_warnings(rows));
+    out
+}
+
+/// The warnings about the whole kernel: a degenerate or nearly diagonal direction, a dominant
+/// sample, an ill-determined direction sign.
+fn kernel_warnings(d: &Diagnostics, normalized: bool) -> Vec<Warning> {
     let n = d.samples as f64;
     let mut out = Vec::new();
     let handful = PR_MIN.max(PR_SHARE_MIN * n);
@@ -166,14 +174,6 @@ pub fn warnings(d: &Diagnostics, rows: &[GcRow], normalized: bool) -> Vec<Warnin
             change: "Use --normalize cosine, or look at that sample (the largest self_kernel in samples.parquet).".into(),
         });
     }
-    let headline: Vec<&GcRow> = rows
-        .iter()
-        .filter(|r| r.column == "freq_bin" || r.column == "long_tail")
-        .collect();
-    let wide: Vec<&&GcRow> = headline
-        .iter()
-        .filter(|r| r.interval.is_some_and(|(lo, hi)| hi - lo > WIDTH_MAX))
-        .collect();
     if sign_near_tie(d.sign_margin) {
         out.push(Warning {
             problem: format!(
@@ -183,6 +183,21 @@ pub fn warnings(d: &Diagnostics, rows: &[GcRow], normalized: bool) -> Vec<Warnin
             change: "Compare |GC| across groups (the report does); read relations with alignment as holding up to that sign.".into(),
         });
     }
+    out
+}
+
+/// The warnings about the frequency-bin and long-tail groups: an ill-determined GC sign, an
+/// undetermined (wide) interval.
+fn group_warnings(rows: &[GcRow]) -> Vec<Warning> {
+    let mut out = Vec::new();
+    let headline: Vec<&GcRow> = rows
+        .iter()
+        .filter(|r| r.column == "freq_bin" || r.column == "long_tail")
+        .collect();
+    let wide: Vec<&&GcRow> = headline
+        .iter()
+        .filter(|r| r.interval.is_some_and(|(lo, hi)| hi - lo > WIDTH_MAX))
+        .collect();
     let unsigned: Vec<&&GcRow> = headline
         .iter()
         .filter(|r| r.sign_margin.is_some_and(sign_near_tie) && r.gc.is_some())

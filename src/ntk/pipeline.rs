@@ -264,19 +264,7 @@ pub fn compute(
                     return Ok(NtkOutput::streamed_only(None, Some(rep)))
                 }
                 None => {
-                    // Above --assemble-max: GC, alignment and intervals from the tiles on disk
-                    // (held in memory when the total kernel fits half the memory budget).
-                    let hold = job
-                        .opts
-                        .memory
-                        .or_else(crate::capture::memory::default_budget)
-                        .unwrap_or(0)
-                        / 2;
-                    let samples = job.samples();
-                    let ids: Vec<&str> = samples.iter().map(|s| s.id.as_str()).collect();
-                    let tiles = super::tiles::Tiles::open(dir, &ids, tile, hold)?;
-                    let names = tiles.block_names.clone();
-                    let mut out = from_op(job, &tiles, names, opts, device, progress)?;
+                    let mut out = from_tiles(job, opts, (dir, tile), device, progress)?;
                     out.stream = Some(rep);
                     if let Some(s) = &mut out.summary {
                         s.seconds = t0.elapsed().as_secs_f64();
@@ -317,6 +305,38 @@ pub fn compute(
         })?;
         out.cross = Some(cross(job, cx, split, n, opts.blocks, device, progress)?);
     }
+    Ok(out)
+}
+
+/// Above `--assemble-max`: GC, alignment and intervals from the kernel's tiles under `dir`
+/// (held in memory when the total kernel fits half the memory budget, read from disk at every
+/// product pass otherwise), never assembled; the tiles read and passes are logged.
+fn from_tiles(
+    job: &Job,
+    opts: &NtkOptions,
+    (dir, tile): (&Path, usize),
+    device: Device,
+    progress: &dyn Progress,
+) -> Result<NtkOutput> {
+    let hold = job
+        .opts
+        .memory
+        .or_else(crate::capture::memory::default_budget)
+        .unwrap_or(0)
+        / 2;
+    let samples = job.samples();
+    let ids: Vec<&str> = samples.iter().map(|s| s.id.as_str()).collect();
+    let tiles = super::tiles::Tiles::open(dir, &ids, tile, hold)?;
+    let names = tiles.block_names.clone();
+    let out = from_op(job, &tiles, names, opts, device, progress)?;
+    let c = tiles.counts();
+    tracing::info!(
+        "kernel of {} samples from its tiles: {} tile reads, {} product passes of up to {} vectors",
+        ids.len(),
+        c.reads,
+        c.passes,
+        c.widest
+    );
     Ok(out)
 }
 
@@ -386,12 +406,12 @@ pub fn from_op(
     let mut summary = summary_of(job, blocks, opts);
     let (extra, last) = annotations(job, device)?;
     let mut out = NtkOutput::streamed_only(None, None);
-    let raw_diag = k.diag();
+    let raw_diag = k.diag()?;
     let cosine;
     let kt: &dyn KernelOp = match opts.normalize {
         Normalize::None => k,
         Normalize::Cosine => {
-            cosine = Cosine::new(k);
+            cosine = Cosine::new(k)?;
             &cosine
         }
     };
@@ -702,12 +722,13 @@ fn gc_rows(
         None,
     );
     let refs: Vec<&[usize]> = groups.iter().map(|g| g.2.as_slice()).collect();
-    let intervals = gc::gc_intervals(k, &refs, opts.interval, opts.gc_resamples, 0.05, opts.seed)?;
+    let (method, resamples, seed) = (opts.interval, opts.gc_resamples, opts.seed);
+    let intervals = gc::gc_intervals(k, whole, &refs, method, resamples, 0.05, seed)?;
     progress.finish();
+    let subsets = gc::subsets(k, whole, &refs)?;
     let mut rows = Vec::with_capacity(groups.len());
-    for ((column, group, members), interval) in groups.iter().zip(intervals) {
+    for (((column, group, members), interval), sub) in groups.iter().zip(intervals).zip(subsets) {
         let mean = members.iter().map(|&i| scores[i]).sum::<f64>() / members.len() as f64;
-        let sub = gc::subset(k, whole, members)?;
         rows.push(GcRow {
             column: column.clone(),
             group: group.clone(),
@@ -740,7 +761,7 @@ struct SampleInputs<'a> {
 /// principal components of the last block's embeddings and the frequency score.
 fn samples_table(job: &Job, t: &SampleInputs) -> Result<DataFrame> {
     let (scores, last) = (t.scores, t.last);
-    let align = gc::alignment(t.k, t.whole);
+    let align = gc::alignment(t.k, t.whole)?;
     let diag: Vec<f64> = Vec::try_from(t.raw_diag)?;
     let mut extra2 = t.extra.to_vec();
     extra2.push((
