@@ -271,7 +271,7 @@ pub fn build(
     let isolation = isolation_lines(analysis)?;
     let ntk_json = findings::NtkJson::read(ntk)?;
     let summary = findings::findings(&a, &g, &bins, &corr, analysis, ntk_json.as_ref())?;
-    let kernel = findings::kernel_lines(ntk_json.as_ref());
+    let kernel = findings::kernel_lines(ntk_json.as_ref(), &g);
     let tables = [
         "analysis.parquet",
         "correlations.parquet",
