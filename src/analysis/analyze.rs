@@ -98,10 +98,8 @@ impl NtkSamples {
     fn read(ntk: &Path) -> Result<NtkSamples> {
         let path = ntk.join("samples.parquet");
         let frame = read_parquet(&path)?;
-        let bins = column_f64(&frame, "freq_bin", &path)?
-            .iter()
-            .map(|b| *b as usize)
-            .collect();
+        // A sample with no frequency score has no bin (null): its own loss peers, not bin 0.
+        let bins = flags::peer_bins(&column_f64(&frame, "freq_bin", &path)?);
         Ok(NtkSamples {
             ids: column_str(&frame, "id", &path)?,
             domains: column_str(&frame, "domain", &path)?,
@@ -272,8 +270,15 @@ fn correlations(s: &NtkSamples, losses: &[f64], spec: &AnalyzeSpec) -> Vec<CorrR
     ];
     let mut rows = Vec::new();
     for (xn, x, yn, y) in pairs {
+        // Samples missing either value (NaN: no frequency score) are left out of the pair.
+        let (x, y): (Vec<f64>, Vec<f64>) = x
+            .iter()
+            .zip(y)
+            .filter(|(a, b)| !a.is_nan() && !b.is_nan())
+            .map(|(a, b)| (*a, *b))
+            .unzip();
         for kind in [Corr::Spearman, Corr::Pearson, Corr::Kendall] {
-            if let Some(e) = bootstrap(kind, x, y, spec.resamples, spec.alpha, spec.seed) {
+            if let Some(e) = bootstrap(kind, &x, &y, spec.resamples, spec.alpha, spec.seed) {
                 rows.push(CorrRow {
                     x: xn.to_string(),
                     y: yn.to_string(),

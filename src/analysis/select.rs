@@ -130,13 +130,14 @@ impl Pool {
             f("freq_bin")?,
             f("long_tail_domain")?,
         );
+        let peers = flags::peer_bins(&bins);
         let metrics = (0..freq.len())
             .map(|i| SampleMetrics {
                 freq_score: freq[i],
                 long_tail_domain: lt[i] > 0.5,
                 alignment: align[i],
                 loss: loss[i],
-                bin: bins[i].max(0.0) as usize,
+                bin: peers[i],
             })
             .collect();
         let sp = dir.join("summary.json");
