@@ -722,8 +722,70 @@ mod tests {
                 assert_eq!(ops.kind(), work);
                 let diff = (&cpu - &ops).abs().max().double_value(&[]);
                 assert!(diff < tol, "{kind:?} {work:?}: paths differ by {diff}");
-                let via = dense_block(&p, "w#0", len, work, Device::Cpu);
-                assert!(cpu.equal(&via));
+            }
+        }
+    }
+
+    /// SplitMix64 written out here from its definition: output n of the generator seeded with
+    /// `seed` is mix(seed + n·γ); draw i of a stream σ is mix(σ + i·γ).
+    fn splitmix(stream: u64, i: u64) -> u64 {
+        let mut z = stream.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Entry (r, c) of a dense block of width k from the formula, in float64: entry e = r·k + c
+    /// is the cosine (e even) or sine (e odd) of the Box–Muller pair of draw ⌊e/2⌋ of the stream
+    /// hashed from "{key}/gaussian", u₁ = (high 32 bits + ½)/2³², u₂ = low 32 bits/2³², over √k;
+    /// for a Rademacher block, −1/√k where draw e of "{key}/rademacher" has its top bit set.
+    fn entry_by_formula(p: &Projection, key: &str, r: i64, c: i64) -> f64 {
+        let e = (r * p.dim + c) as u64;
+        let scale = 1.0 / (p.dim as f64).sqrt();
+        if p.kind == ProjectionKind::Rademacher {
+            let stream = crate::seed::stable_hash(p.seed, format!("{key}/rademacher").as_bytes());
+            return if splitmix(stream, e) >> 63 == 1 {
+                -scale
+            } else {
+                scale
+            };
+        }
+        let stream = crate::seed::stable_hash(p.seed, format!("{key}/gaussian").as_bytes());
+        let h = splitmix(stream, e / 2);
+        let u1 = ((h >> 32) as f64 + 0.5) / 4_294_967_296.0;
+        let u2 = (h & 0xffff_ffff) as f64 / 4_294_967_296.0;
+        let radius = (-2.0 * u1.ln()).sqrt();
+        let angle = 2.0 * std::f64::consts::PI * u2;
+        scale * radius * if e % 2 == 0 { angle.cos() } else { angle.sin() }
+    }
+
+    /// Dense blocks, drawn on the CPU and by the other devices' libtorch ops (run here on the
+    /// CPU), in both precisions, hold the entries the formula gives, computed here on its own:
+    /// the first pair, a pair straddling two rows of an odd width, and the last entry.
+    #[test]
+    fn dense_entries_are_the_splitmix_box_muller_formula() {
+        // SplitMix64 seeded with 0: its published first output.
+        assert_eq!(splitmix(0, 1), 0xe220_a839_7b1d_cdaf);
+        let len = 301;
+        for kind in [ProjectionKind::Gaussian, ProjectionKind::Rademacher] {
+            let p = Projection {
+                kind,
+                dim: 37,
+                seed: 11,
+            };
+            for (work, tol) in [(Kind::Double, 1e-13), (Kind::Float, 1e-6)] {
+                let cpu = dense_block(&p, "w#3", len, work, Device::Cpu);
+                let ops = dense_by_tensor_ops(&p, "w#3", len, work, Device::Cpu, 80);
+                for (r, c) in [(0, 0), (0, 1), (0, 36), (1, 0), (150, 17), (len - 1, 36)] {
+                    let want = entry_by_formula(&p, "w#3", r, c);
+                    for (path, t) in [("cpu", &cpu), ("ops", &ops)] {
+                        let got = t.double_value(&[r, c]);
+                        assert!(
+                            (got - want).abs() < tol,
+                            "{kind:?} {work:?} {path} ({r}, {c}): {got} against {want}"
+                        );
+                    }
+                }
             }
         }
     }
