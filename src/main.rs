@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     match tailscope::cli::run(std::env::args_os()) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("tailscope: {err:#}");
+            eprintln!("tailscope: {}", tailscope::cli::message(&err));
             ExitCode::from(tailscope::cli::exit_code(&err))
         }
     }

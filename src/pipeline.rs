@@ -442,11 +442,19 @@ fn ntk_step(spec: &Spec, m: &str, seed: u64, device: Device, rep: &mut Reporting
         options: CaptureOptions {
             output: n.output.unwrap_or_default(),
             method: n.method.unwrap_or_default(),
-            projection: n.project.map(|dim| crate::capture::Projection {
-                kind: n.projection.unwrap_or_default(),
-                dim,
-                seed,
-            }),
+            projection: match (n.project, n.projection) {
+                (None, Some(_)) => {
+                    return Err(Error::invalid(
+                        "[ntk] projection",
+                        "applies to a projection, and none was asked for: add `project = K` (the dimension to project to), or drop `projection`",
+                    ))
+                }
+                (dim, kind) => dim.map(|dim| crate::capture::Projection {
+                    kind: kind.unwrap_or_default(),
+                    dim,
+                    seed,
+                }),
+            },
             batch: n.batch.unwrap_or(crate::capture::job::DEFAULT_BATCH),
             probes: crate::capture::job::DEFAULT_PROBES,
             seed,

@@ -306,6 +306,16 @@ pub fn rank(
     amount: Amount,
     seed: u64,
 ) -> Result<Selection> {
+    match amount {
+        Amount::Top(0) => return Err(Error::invalid("--top", "must be at least 1")),
+        Amount::Threshold(t) if !t.is_finite() => {
+            return Err(Error::invalid(
+                "--threshold",
+                format!("must be a finite number, got {t}"),
+            ))
+        }
+        _ => {}
+    }
     if let Some(i) = scored.iter().position(|(s, _)| s.is_nan()) {
         return Err(Error::invalid(
             "--criterion",

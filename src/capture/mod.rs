@@ -267,18 +267,64 @@ impl Selection {
 
     /// [`Selection::select`] over a list of named parameters (e.g. a TorchScript module's).
     pub fn select_from(&self, named: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+        if let Some((l, e)) = self.expert {
+            check_expert(&named, l, e)?;
+        }
         let params: Vec<(String, Tensor)> = named
             .into_iter()
             .filter(|(n, t)| t.requires_grad() && self.matches(n))
             .collect();
         if params.is_empty() {
             return Err(Error::invalid(
-                "--params",
+                self.options_given(),
                 "the selection matches no trainable parameter",
             ));
         }
         Ok(params)
     }
+
+    /// The options that made this selection, as the command line spells them (`--params`
+    /// where none narrows it).
+    fn options_given(&self) -> String {
+        let given: Vec<&str> = [
+            (!self.globs.is_empty(), "--params"),
+            (self.layers.is_some(), "--layers"),
+            (self.expert.is_some(), "--expert"),
+            (self.last_blocks.is_some(), "--last-blocks"),
+            (self.mlp_only, "--mlp-only"),
+        ]
+        .into_iter()
+        .filter_map(|(on, flag)| on.then_some(flag))
+        .collect();
+        if given.is_empty() {
+            "--params".into()
+        } else {
+            given.join(", ")
+        }
+    }
+}
+
+/// `--expert L:E` must name an expert of the model: refused, naming the option and the experts
+/// block L has (none in a dense block), when no parameter `h.L.mlp.experts.E.*` exists.
+fn check_expert(named: &[(String, Tensor)], l: i64, e: i64) -> Result<()> {
+    let prefix = format!("h.{l}.mlp.experts.");
+    let experts: std::collections::BTreeSet<i64> = named
+        .iter()
+        .filter_map(|(n, _)| n.strip_prefix(&prefix)?.split('.').next()?.parse().ok())
+        .collect();
+    if experts.contains(&e) {
+        return Ok(());
+    }
+    let has = if experts.is_empty() {
+        format!("block {l} of this model has no experts (a dense FFN, or no block {l}); select its parameters with --layers {l}..{l} or --params")
+    } else {
+        let list: Vec<String> = experts.iter().map(|x| x.to_string()).collect();
+        format!("block {l} has experts {}", list.join(", "))
+    };
+    Err(Error::invalid(
+        "--expert",
+        format!("{l}:{e} names no expert of this model: {has}"),
+    ))
 }
 
 /// A batch of samples for capture. A BERT sample's mask is seeded by (`seed`, its tokens), so a

@@ -228,16 +228,34 @@ fn stream_manifest(job: &Job, opts: &NtkOptions, tile: usize) -> Result<Manifest
         "samples.tokens",
         crate::manifest::fingerprint_ids(&job.seqs()),
     )
-    .set("capture.output", format!("{:?}", c.output))
-    .set("capture.method", format!("{:?}", c.method))
-    .set("capture.projection", format!("{:?}", c.projection))
-    .set("capture.batch", c.batch)
-    .set("capture.probes", c.probes)
-    .set("capture.seed", c.seed)
+    .set("capture.output", typed("--output", c.output))
+    .set("capture.method", typed("--method", c.method))
+    .set("capture.projection", projection_flags(c.projection))
+    .set("capture.batch", format!("--batch {}", c.batch))
+    .set("capture.probes", format!("--probes {}", c.probes))
+    .set("capture.seed", format!("--seed {}", c.seed))
     .set("capture.draws", crate::capture::DRAWS)
-    .set("blocks", format!("{:?}", opts.blocks))
-    .set("tile", tile);
+    .set("blocks", typed("--blocks", opts.blocks))
+    .set("tile", format!("--tile {tile}"));
     Ok(m)
+}
+
+/// An option and its value as the command line spells them (`--method batched`), so that a
+/// resume refused under other settings names what the user typed.
+fn typed<T: clap::ValueEnum>(flag: &str, value: T) -> String {
+    match value.to_possible_value() {
+        Some(v) => format!("{flag} {}", v.get_name()),
+        None => flag.to_string(),
+    }
+}
+
+/// A capture's projection as the command line asks for it: `--project 256 --projection sparse`,
+/// or `no --project`.
+fn projection_flags(p: Option<crate::capture::Projection>) -> String {
+    match p {
+        Some(p) => format!("--project {} {}", p.dim, typed("--projection", p.kind)),
+        None => "no --project".into(),
+    }
 }
 
 /// Compute the NTK of a prepared job. `dir` is where a streamed kernel (`opts.tile`) keeps its
@@ -958,5 +976,23 @@ mod tests {
         assert!(msg.contains("2 kernel entries are not finite"), "{msg}");
         assert!(msg.contains("Θ(b, c)") && msg.contains("Θ(c, b)"), "{msg}");
         assert!(!msg.contains("Θ(a,"), "{msg}");
+    }
+
+    /// The settings a streamed kernel records read as the command line spells them.
+    #[test]
+    fn recorded_settings_read_as_typed() {
+        use crate::capture::{Method, Projection, ProjectionKind};
+        let p = Projection {
+            kind: ProjectionKind::Sparse,
+            dim: 256,
+            seed: 0,
+        };
+        assert_eq!(
+            projection_flags(Some(p)),
+            "--project 256 --projection sparse"
+        );
+        assert_eq!(projection_flags(None), "no --project");
+        assert_eq!(typed("--method", Method::Batched), "--method batched");
+        assert_eq!(typed("--blocks", BlockBy::Module), "--blocks module");
     }
 }
