@@ -306,15 +306,14 @@ pub fn rank(
     amount: Amount,
     seed: u64,
 ) -> Result<Selection> {
-    match amount {
-        Amount::Top(0) => return Err(Error::invalid("--top", "must be at least 1")),
-        Amount::Threshold(t) if !t.is_finite() => {
+    // (Top(0) ranks without selecting, as the ranking study does; the CLI refuses `--top 0`.)
+    if let Amount::Threshold(t) = amount {
+        if !t.is_finite() {
             return Err(Error::invalid(
                 "--threshold",
-                format!("must be a finite number, got {t}"),
-            ))
+                format!("must be a finite number, got {t}: no score is at least it"),
+            ));
         }
-        _ => {}
     }
     if let Some(i) = scored.iter().position(|(s, _)| s.is_nan()) {
         return Err(Error::invalid(

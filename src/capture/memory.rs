@@ -174,9 +174,10 @@ impl Footprint {
 }
 
 /// Bytes a projection holds once (none without one): the unprojected rows waiting for it (a
-/// group, [`CaptureOptions::project_group`] values, where blocks are not kept), one block being drawn (its peak on
-/// `device`, [`projection::draw_bytes`]), the blocks kept between groups (as kept on `device`,
-/// [`projection::kept_row_bytes`], up to their room, [`cache_room`]) and the Kronecker factors.
+/// group, [`CaptureOptions::project_group`] values, where blocks are not kept), one block being
+/// drawn (its peak on `device`, [`projection::draw_bytes`]), the blocks kept between groups (as
+/// kept on `device`, [`projection::kept_row_bytes`], up to their room, [`cache_room`]) and the
+/// Kronecker factors.
 fn projection_bytes(opts: &CaptureOptions, pv: &ParamValues, value: u64, device: Device) -> u64 {
     let Some(p) = opts.projection else {
         return 0;
