@@ -282,9 +282,14 @@ impl Spec {
             .filter(|_| !self.data.corpus.exists())
     }
 
-    /// Name what is missing before anything runs.
+    /// Name what is missing, or asked for in vain, before anything runs.
     pub fn check_inputs(&self, path: &Path) -> Result<()> {
         let missing = |what: String| Err(Error::in_file(path, what));
+        if self.ntk.projection.is_some() && self.ntk.project.is_none() {
+            return missing(
+                "ntk.projection applies to a projection, and none was asked for: add `project = K` (the dimension to project to) under [ntk], or drop `projection`".into(),
+            );
+        }
         match &self.train {
             Some(t) if !t.config.exists() => {
                 return missing(format!("train.config: {} not found", t.config.display()))
@@ -442,19 +447,11 @@ fn ntk_step(spec: &Spec, m: &str, seed: u64, device: Device, rep: &mut Reporting
         options: CaptureOptions {
             output: n.output.unwrap_or_default(),
             method: n.method.unwrap_or_default(),
-            projection: match (n.project, n.projection) {
-                (None, Some(_)) => {
-                    return Err(Error::invalid(
-                        "[ntk] projection",
-                        "applies to a projection, and none was asked for: add `project = K` (the dimension to project to), or drop `projection`",
-                    ))
-                }
-                (dim, kind) => dim.map(|dim| crate::capture::Projection {
-                    kind: kind.unwrap_or_default(),
-                    dim,
-                    seed,
-                }),
-            },
+            projection: n.project.map(|dim| crate::capture::Projection {
+                kind: n.projection.unwrap_or_default(),
+                dim,
+                seed,
+            }),
             batch: n.batch.unwrap_or(crate::capture::job::DEFAULT_BATCH),
             probes: crate::capture::job::DEFAULT_PROBES,
             seed,

@@ -1862,6 +1862,19 @@ fn wrong_answers_to_bad_input_are_refused() {
         &["--projection", "--project K"],
     );
     assert!(!t.path("n-proj").exists(), "nothing is written");
+    let spec = t.file(
+        "proj.toml",
+        format!(
+            "[data]\ncorpus = \"{corpus}\"\n[ntk]\nout = \"{}\"\nprojection = \"kronecker\"\n[analysis]\nmodel = \"{model}\"\nout = \"{}\"\n",
+            t.s("spec-ntk"),
+            t.s("spec-an")
+        )
+        .as_bytes(),
+    );
+    bad(
+        &["run", &spec],
+        &["proj.toml", "ntk.projection", "project = K"],
+    );
     // An expert of a dense model named --params.
     let o = run(&ntk(&["--expert", "1:3"], &t.s("n-expert"))
         .iter()

@@ -444,7 +444,9 @@ fn run_ntk_mpi(a: &NtkArgs, g: &Global, device: tch::Device) -> anyhow::Result<(
         Ok(x) => x,
         Err(e) => {
             let code = if e.is_bad_input() { 2 } else { 1 };
-            eprintln!("tailscope: rank {rank} of {size}: {e}; aborting the job");
+            // One write, so that ranks failing together do not interleave their lines.
+            let line = format!("tailscope: rank {rank} of {size}: {e}; aborting the job\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             ranks.abort(code);
         }
     };
