@@ -287,9 +287,14 @@ impl Spec {
             .filter(|_| !self.data.corpus.exists())
     }
 
-    /// Name what is missing before anything runs.
+    /// Name what is missing, or asked for in vain, before anything runs.
     pub fn check_inputs(&self, path: &Path) -> Result<()> {
         let missing = |what: String| Err(Error::in_file(path, what));
+        if self.ntk.projection.is_some() && self.ntk.project.is_none() {
+            return missing(
+                "ntk.projection applies to a projection, and none was asked for: add `project = K` (the dimension to project to) under [ntk], or drop `projection`".into(),
+            );
+        }
         match &self.train {
             Some(t) if !t.config.exists() => {
                 return missing(format!("train.config: {} not found", t.config.display()))

@@ -1964,3 +1964,198 @@ batch_size = 8
         assert!(f64s(&truth_table, c).iter().all(|x| x.is_finite()), "{c}");
     }
 }
+
+/// Bad input a new user tries, each refused with exit 2 and one line naming the option or the
+/// file (issue 31): a projection kind without a projection, selections that select nothing, an
+/// output path that cannot be one, a folder that is not a study, an expert a dense model does
+/// not have, and a resume under other settings, named as the command line spells them.
+#[test]
+fn wrong_answers_to_bad_input_are_refused() {
+    let t = Tmp::new();
+    let corpus = synth(&t, 300);
+    let spec = tiny_spec(&t, &corpus);
+    let model = train_run(&t, &spec, "dense");
+    let ntk = |extra: &[&str], out: &str| -> Vec<String> {
+        let mut v: Vec<String> = ["ntk", "--model", &model, "--corpus", &corpus]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(["--samples", "12", "--bins", "2", "-o", out].map(String::from));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run_bad = |v: Vec<String>, needles: &[&str]| {
+        let args: Vec<&str> = v.iter().map(String::as_str).collect();
+        bad(&args, needles);
+    };
+    // --projection with no --project was ignored: the kernel came out unprojected.
+    let out = t.s("n-proj");
+    run_bad(
+        ntk(&["--projection", "kronecker"], &out),
+        &["--projection", "--project K"],
+    );
+    assert!(!t.path("n-proj").exists(), "nothing is written");
+    let spec = t.file(
+        "proj.toml",
+        format!(
+            "[data]\ncorpus = \"{corpus}\"\n[ntk]\nout = \"{}\"\nprojection = \"kronecker\"\n[analysis]\nmodel = \"{model}\"\nout = \"{}\"\n",
+            t.s("spec-ntk"),
+            t.s("spec-an")
+        )
+        .as_bytes(),
+    );
+    bad(
+        &["run", &spec],
+        &["proj.toml", "ntk.projection", "project = K"],
+    );
+    // An expert of a dense model named --params.
+    let o = run(&ntk(&["--expert", "1:3"], &t.s("n-expert"))
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--expert") && err.contains("block 1 of this model has no experts"),
+        "{err}"
+    );
+    assert!(!err.contains("--params:"), "{err}");
+    // select --top 0 and --threshold NaN selected nothing and succeeded.
+    usage_bad(
+        &["select", "--analysis", "a", "--top", "0", "-o", "s.parquet"],
+        &["--top", "at least 1"],
+    );
+    usage_bad(
+        &[
+            "select",
+            "--analysis",
+            "a",
+            "--threshold",
+            "NaN",
+            "-o",
+            "s.parquet",
+        ],
+        &["--threshold", "finite"],
+    );
+    // An output path that is an existing file exited 1 with the system's "File exists".
+    let file = t.file("plain.txt", b"not a folder");
+    run_bad(ntk(&[], &file), &["-o", "plain.txt is an existing file"]);
+    bad(
+        &["freq", "--corpus", &corpus, "-o", &file],
+        &["-o", "existing file", "folder"],
+    );
+    let below = format!("{file}/x.parquet");
+    bad(
+        &["select", "--analysis", "a", "--top", "3", "-o", &below],
+        &[
+            "-o",
+            "plain.txt is an existing file",
+            "cannot be made under it",
+        ],
+    );
+    bad(
+        &["select", "--analysis", "a", "--top", "3", "-o", &t.s("c")],
+        &["-o", "existing folder"],
+    );
+    // report --study on a folder that is not a study named a missing summary.parquet.
+    let report = |study: &str| -> Vec<String> {
+        [
+            "report",
+            "--analysis",
+            "a",
+            "--ntk",
+            "n",
+            "--study",
+            study,
+            "-o",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([t.s("r")])
+        .collect()
+    };
+    run_bad(
+        report(&t.s("c")),
+        &[
+            "--study",
+            "is not a study's output folder",
+            "study.md",
+            "experts.md",
+        ],
+    );
+    t.file("ranking/ranking.md", b"# ranking");
+    run_bad(report(&t.s("ranking")), &["--study", "ranking study"]);
+    run_bad(report(&t.s("nowhere")), &["--study", "does not exist"]);
+    // A resume under other settings named them in Rust debug text.
+    let tiled = t.s("tiled");
+    ok(&ntk(&["--tile", "5"], &tiled)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let o = run(&ntk(&["--tile", "5", "--project", "16"], &tiled)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("written with capture.projection = no --project, this run has capture.projection = --project 16 --projection sparse"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("Some(") && !err.contains("Projection {"),
+        "{err}"
+    );
+    // A missing input named its system error twice ("No such file …: No such file …").
+    let o = run(&["freq", "--corpus", &t.s("none.parquet"), "-o", &t.s("f")]);
+    let err = stderr(&o);
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+}
+
+/// `scripts/check-report-browser` run as it is, under a Python without selenium (the system's,
+/// or any with `-S`, which leaves out every installed package), runs itself again under the
+/// project's Python; where that has no selenium either, one line says how to install it.
+#[test]
+fn the_browser_check_runs_under_the_projects_python() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check-report-browser");
+    let t = Tmp::new();
+    let (page, shot) = (t.s("missing.html"), t.s("shot.png"));
+    // As the README runs it: its #! line picks python3 from PATH.
+    let o = Command::new(&script).args([&page, &shot]).output().unwrap();
+    let err = stderr(&o);
+    assert!(err.contains("missing.html: no such file"), "{err}");
+    assert!(!err.contains("ModuleNotFoundError"), "{err}");
+    // Under a Python with no packages at all: run again under the project's.
+    let o = Command::new("python3")
+        .arg("-S")
+        .arg(&script)
+        .args([&page, &shot])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(err.contains("missing.html: no such file"), "{err}");
+    // No project Python with selenium: one line saying how.
+    let python3 = String::from_utf8(
+        Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let o = Command::new(python3.trim())
+        .arg("-S")
+        .arg(&script)
+        .args([&page, &shot])
+        .env("TAILSCOPE_PYTHON", python3.trim())
+        .env("TAILSCOPE_TORCH_HOME", t.s("no-venv"))
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("selenium not installed") && err.contains("scripts/setup --test-deps"),
+        "{err}"
+    );
+}

@@ -681,8 +681,15 @@ fn correlations(s: &NtkSamples, table: &FeatureTable, spec: &AnalyzeSpec) -> Vec
     ];
     let mut rows = Vec::new();
     for (xn, x, yn, y) in pairs {
+        // Samples missing either value (NaN: no frequency score) are left out of the pair.
+        let (x, y): (Vec<f64>, Vec<f64>) = x
+            .iter()
+            .zip(y)
+            .filter(|(a, b)| !a.is_nan() && !b.is_nan())
+            .map(|(a, b)| (*a, *b))
+            .unzip();
         for kind in [Corr::Spearman, Corr::Pearson, Corr::Kendall] {
-            if let Some(e) = bootstrap(kind, x, y, spec.resamples, spec.alpha, spec.seed) {
+            if let Some(e) = bootstrap(kind, &x, &y, spec.resamples, spec.alpha, spec.seed) {
                 rows.push(CorrRow {
                     x: xn.to_string(),
                     y: yn.to_string(),

@@ -263,13 +263,15 @@ impl Pool {
             self.column("freq_bin", c)?,
             self.column("long_tail_domain", c)?,
         );
+        // A sample with no frequency score has no bin (null): its own loss peers, not bin 0.
+        let peers = flags::peer_bins(bins);
         Ok((0..freq.len())
             .map(|i| SampleMetrics {
                 freq_score: freq[i],
                 long_tail_domain: lt[i] > 0.5,
                 alignment: align[i],
                 loss: loss[i],
-                bin: bins[i].max(0.0) as usize,
+                bin: peers[i],
             })
             .collect())
     }
@@ -383,6 +385,15 @@ pub fn rank(
     amount: Amount,
     seed: u64,
 ) -> Result<Selection> {
+    // (Top(0) ranks without selecting, as the ranking study does; the CLI refuses `--top 0`.)
+    if let Amount::Threshold(t) = amount {
+        if !t.is_finite() {
+            return Err(Error::invalid(
+                "--threshold",
+                format!("must be a finite number, got {t}: no score is at least it"),
+            ));
+        }
+    }
     let mut rng =
         rand_chacha::ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(seed, b"select-ties"));
     let ties: Vec<u64> = (0..scored.len()).map(|_| rng.random()).collect();

@@ -42,11 +42,12 @@ pub struct SelectArgs {
         value_name = "M",
         conflicts_with = "threshold",
         required_unless_present = "threshold",
+        value_parser = super::at_least_one,
         help_heading = "Selection"
     )]
     pub top: Option<usize>,
-    /// Select every sample whose score is at least T.
-    #[arg(long, value_name = "T", help_heading = "Selection")]
+    /// Select every sample whose score is at least T (a finite number).
+    #[arg(long, value_name = "T", value_parser = finite, help_heading = "Selection")]
     pub threshold: Option<f64>,
     /// Unused by analyses of this version (kept for scripts that pass it).
     #[arg(long, value_name = "DIR", help_heading = "Input")]
@@ -60,6 +61,17 @@ pub struct SelectArgs {
     /// The selection table to write (Parquet: id, domain, score, rank, selected, flagged, criterion).
     #[arg(short, long, value_name = "FILE", help_heading = "Output")]
     pub out: PathBuf,
+}
+
+/// A score threshold: a finite number (no sample's score is at least NaN).
+fn finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(_) => Err(format!(
+            "expected a finite number, got {s:?}: no score is at least it"
+        )),
+        Err(_) => Err(format!("expected a number, got {s:?}")),
+    }
 }
 
 /// `tailscope select`.

@@ -46,8 +46,10 @@ impl NtkJson {
 }
 
 /// The kernel lines of the report: its diagnostics, then each warning (`Warning: …`), or a line
-/// saying that no rule found it degenerate. Empty without an `ntk.json` or its diagnostics.
-pub(super) fn kernel_lines(j: Option<&NtkJson>) -> Vec<String> {
+/// saying that no rule found it degenerate and which of those rules could be checked (the width
+/// rule only where `g`'s headline groups have intervals). Empty without an `ntk.json` or its
+/// diagnostics.
+pub(super) fn kernel_lines(j: Option<&NtkJson>, g: &GcTable) -> Vec<String> {
     let Some(j) = j else {
         return Vec::new();
     };
@@ -68,10 +70,41 @@ pub(super) fn kernel_lines(j: Option<&NtkJson>) -> Vec<String> {
         d.mean_abs_cosine
     )];
     if j.warnings.is_empty() {
-        out.push("No degeneracy found: the direction is shared by many samples and the headline GC intervals are narrower than half of [−1, 1] (rules in the README).".into());
+        out.push(no_degeneracy(g));
     }
     out.extend(j.warnings.iter().map(|w| format!("Warning: {w}")));
     out
+}
+
+/// The line for a kernel no rule found degenerate. The interval-width rule holds only for the
+/// headline groups (frequency bins, long-tail flag) that have an interval: the line says how many
+/// of them had one, and that the width was not checked where none had (`--gc-resamples` below 2).
+fn no_degeneracy(g: &GcTable) -> String {
+    let headline: Vec<usize> = (0..g.column.len())
+        .filter(|&i| g.column[i] == "freq_bin" || g.column[i] == "long_tail")
+        .collect();
+    let with = headline
+        .iter()
+        .filter(|&&i| g.interval(i).is_some())
+        .count();
+    let widths = if with == 0 {
+        format!(
+            "no GC intervals were computed for the {} frequency-bin and long-tail groups (--gc-resamples below 2), so whether GC is determined was not checked",
+            headline.len()
+        )
+    } else if with == headline.len() {
+        format!(
+            "the {with} headline GC intervals (frequency bins, long-tail flag) are narrower than half of [−1, 1]"
+        )
+    } else {
+        format!(
+            "the {with} headline GC intervals computed (of {} frequency-bin and long-tail groups; the others have none) are narrower than half of [−1, 1]",
+            headline.len()
+        )
+    };
+    format!(
+        "No degeneracy found: the direction is shared by many samples and {widths} (rules in the README)."
+    )
 }
 
 /// `v [lo, hi]`.
@@ -148,7 +181,20 @@ fn compare_gc(
     };
     let disjoint = match (a.2, b.2) {
         (Some((alo, ahi)), Some((blo, bhi))) => ahi < blo || bhi < alo,
-        _ => false,
+        (None, _) | (_, None) => {
+            let missing = match (a.2, b.2) {
+                (None, None) => "neither has a".to_string(),
+                (None, _) => format!("{} has no", a.0),
+                _ => format!("{} has no", b.0),
+            };
+            return format!(
+                "No difference in {what} between {} ({}) and {} ({}) can be stated: {missing} 95% interval (intervals need --gc-resamples of at least 2){why}.",
+                a.0,
+                with_iv(a.1, a.2),
+                b.0,
+                with_iv(b.1, b.2)
+            );
+        }
     };
     if disjoint {
         format!(
@@ -170,6 +216,43 @@ fn compare_gc(
     }
 }
 
+/// How the GC comparison names the bins it compares, `first` and `last` (the rarest and the most
+/// frequent of `bins` that have a GC): "the rarest frequency bin" and "the most frequent" when
+/// they are the ends of `bins`; otherwise by label, saying which bins beyond them have no GC.
+fn end_bin_names(bins: &[GcBin], first: &GcBin, last: &GcBin) -> (String, String) {
+    let none = |range: &[GcBin]| match range {
+        [one] => format!("bin {} has none", one.label),
+        many => format!(
+            "bins {} have none",
+            many.iter()
+                .map(|b| b.label.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let at = |b: &GcBin| bins.iter().position(|x| x.label == b.label).unwrap_or(0);
+    let (i, j) = (at(first), at(last));
+    let rare = if i == 0 {
+        "the rarest frequency bin".to_string()
+    } else {
+        format!(
+            "frequency bin {} (the rarest with a GC; {})",
+            first.label,
+            none(&bins[..i])
+        )
+    };
+    let common = if j + 1 >= bins.len() {
+        "the most frequent".to_string()
+    } else {
+        format!(
+            "frequency bin {} (the most frequent with a GC; {})",
+            last.label,
+            none(&bins[j + 1..])
+        )
+    };
+    (rare, common)
+}
+
 /// GC by frequency bin (rarest against most frequent) and by long-tail flag; compared as |GC|
 /// where the whole set's direction (`ill_signed`) or either group's own has an ill-determined
 /// sign ([`sign_near_tie`]).
@@ -187,17 +270,10 @@ fn gc_findings(g: &GcTable, bins: &[GcBin], ill_signed: bool) -> Vec<String> {
     let defined: Vec<&GcBin> = bins.iter().filter(|b| b.gc.is_some()).collect();
     if let (Some(first), Some(last)) = (defined.first(), defined.last()) {
         if defined.len() > 1 {
+            let (rare, common) = end_bin_names(bins, first, last);
             out.push(compare_gc(
-                (
-                    "the rarest frequency bin",
-                    first.gc.unwrap_or(f64::NAN),
-                    first.interval,
-                ),
-                (
-                    "the most frequent",
-                    last.gc.unwrap_or(f64::NAN),
-                    last.interval,
-                ),
+                (&rare, first.gc.unwrap_or(f64::NAN), first.interval),
+                (&common, last.gc.unwrap_or(f64::NAN), last.interval),
                 signs(&first.label, &last.label, "freq_bin"),
             ));
         }
@@ -512,6 +588,118 @@ mod tests {
             tie[1].starts_with("Rarer samples align less") && tie[1].contains("reverses"),
             "{}",
             tie[1]
+        );
+    }
+
+    /// A GC table of frequency bins 0..gcs.len() and the long-tail groups, with intervals
+    /// where `iv` has them (NaN columns otherwise, as `--gc-resamples 0` writes them).
+    fn bins_table(gcs: &[f64], iv: &[Option<(f64, f64)>]) -> GcTable {
+        let n = gcs.len();
+        let mut column: Vec<String> = vec!["freq_bin".into(); n];
+        let mut group: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+        column.extend(["long_tail".into(), "long_tail".into()]);
+        group.extend(["true".into(), "false".into()]);
+        let mut gc = gcs.to_vec();
+        gc.extend([0.3, 0.8]);
+        let mut iv = iv.to_vec();
+        iv.extend([iv[0], iv[n - 1]]);
+        GcTable {
+            n: vec![10.0; n + 2],
+            score: vec![0.1; n + 2],
+            low: iv.iter().map(|x| x.map_or(f64::NAN, |x| x.0)).collect(),
+            high: iv.iter().map(|x| x.map_or(f64::NAN, |x| x.1)).collect(),
+            sign_margin: vec![0.6; n + 2],
+            gc,
+            column,
+            group,
+        }
+    }
+
+    /// Without intervals (`--gc-resamples` below 2) no sentence says that intervals overlap:
+    /// it says that there are none.
+    #[test]
+    fn gc_without_intervals_is_not_said_to_overlap() {
+        let g = bins_table(&[0.2, 0.5, 0.9], &[None; 3]);
+        let lines = gc_findings(&g, &g.bins(), false);
+        assert_eq!(
+            lines[0],
+            "No difference in GC between the rarest frequency bin (0.200) and the most frequent (0.900) can be stated: neither has a 95% interval (intervals need --gc-resamples of at least 2)."
+        );
+        assert!(lines.iter().all(|l| !l.contains("overlap")), "{lines:?}");
+        let one = compare_gc(
+            ("a", 0.41, Some((0.30, 0.52))),
+            ("b", 0.89, None),
+            Signs::Sure,
+        );
+        assert!(
+            one.ends_with("can be stated: b has no 95% interval (intervals need --gc-resamples of at least 2)."),
+            "{one}"
+        );
+    }
+
+    /// Where the rarest bin has no GC, the comparison names the bin it compares and says that
+    /// the rarer one has none; likewise at the frequent end.
+    #[test]
+    fn the_gc_comparison_names_the_bins_it_compares() {
+        let iv = Some((0.1, 0.2));
+        let g = bins_table(
+            &[f64::NAN, 0.15, 0.5, 0.85, f64::NAN],
+            &[None, iv, Some((0.45, 0.55)), Some((0.8, 0.9)), None],
+        );
+        let first = &gc_findings(&g, &g.bins(), false)[0];
+        assert!(
+            first.starts_with("GC of frequency bin 1 (the rarest with a GC; bin 0 has none) is lower than of frequency bin 3 (the most frequent with a GC; bin 4 has none): 0.150 [0.100, 0.200] against 0.850"),
+            "{first}"
+        );
+        let g = bins_table(
+            &[f64::NAN, f64::NAN, 0.15, 0.85],
+            &[None, None, iv, Some((0.8, 0.9))],
+        );
+        let first = &gc_findings(&g, &g.bins(), false)[0];
+        assert!(
+            first.starts_with("GC of frequency bin 2 (the rarest with a GC; bins 0, 1 have none) is lower than of the most frequent:"),
+            "{first}"
+        );
+    }
+
+    fn ntk_json() -> NtkJson {
+        NtkJson {
+            diagnostics: Some(Diagnostics {
+                diag_spread: 2.0,
+                mean_abs_cosine: 0.3,
+                participation: 40.0,
+                participation_share: 0.5,
+                samples: 80,
+                sign_margin: 0.6,
+                top_share: 0.4,
+            }),
+            warnings: Vec::new(),
+            normalize: None,
+        }
+    }
+
+    /// "No degeneracy found" claims narrow intervals only where there were intervals.
+    #[test]
+    fn no_degeneracy_claims_narrow_intervals_only_where_they_were_computed() {
+        let j = ntk_json();
+        let none = bins_table(&[0.2, 0.9], &[None; 2]);
+        let line = &kernel_lines(Some(&j), &none)[1];
+        assert!(!line.contains("narrower"), "{line}");
+        assert!(
+            line.contains("no GC intervals were computed for the 4 frequency-bin and long-tail groups (--gc-resamples below 2)"),
+            "{line}"
+        );
+        let all = bins_table(&[0.2, 0.9], &[Some((0.1, 0.3)), Some((0.8, 1.0))]);
+        let line = &kernel_lines(Some(&j), &all)[1];
+        assert!(
+            line.contains("the 4 headline GC intervals (frequency bins, long-tail flag) are narrower than half of [−1, 1]"),
+            "{line}"
+        );
+        let some = bins_table(&[0.2, 0.9], &[None, Some((0.8, 1.0))]);
+        let line = &kernel_lines(Some(&j), &some)[1];
+        assert!(
+            line.contains("the 2 headline GC intervals computed (of 4 frequency-bin and long-tail groups; the others have none)"),
+            "{line}"
         );
     }
 

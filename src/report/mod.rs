@@ -141,6 +141,40 @@ impl GcTable {
     }
 }
 
+/// Whether `dir` is the output folder of a selection study (false) or a CSE study (true), by
+/// the file `tailscope study` writes last there: `study.md` or `experts.md`. A ranking study
+/// (`ranking.md`) has no report section, and any other folder is not a study's.
+fn study_kind(dir: &Path) -> Result<bool> {
+    let not = |what: &str| {
+        Err(Error::invalid(
+            "--study",
+            format!(
+                "{} {what}; give the output folder of a selection or CSE study (`tailscope study`, which writes study.md or experts.md there)",
+                dir.display()
+            ),
+        ))
+    };
+    if !dir.is_dir() {
+        return not(if dir.exists() {
+            "is a file, not a study's output folder"
+        } else {
+            "does not exist"
+        });
+    }
+    if dir.join("experts.md").is_file() {
+        return Ok(true);
+    }
+    if dir.join("study.md").is_file() {
+        return Ok(false);
+    }
+    if dir.join("ranking.md").is_file() {
+        return not(
+            "is a ranking study's folder, which the report does not show (read its ranking.md)",
+        );
+    }
+    not("is not a study's output folder: it has neither study.md (a selection study) nor experts.md (a CSE study)")
+}
+
 /// The per-sample columns of `analysis.parquet` the figures use.
 struct Samples {
     path: PathBuf,
@@ -212,6 +246,10 @@ impl ReportSpec {
 
 /// Build the report of `spec` and write the page, figures and notebook.
 pub fn render(spec: &ReportSpec) -> Result<Report> {
+    // A folder that is not a study's is refused before any work.
+    if let Some(dir) = &spec.study {
+        study_kind(dir)?;
+    }
     let r = build(
         &spec.analysis,
         &spec.ntk,
@@ -277,7 +315,7 @@ pub fn build(
     let isolation = isolation_lines(analysis)?;
     let ntk_json = findings::NtkJson::read(ntk)?;
     let summary = findings::findings(&a, &g, &bins, &corr, analysis, ntk_json.as_ref())?;
-    let kernel = findings::kernel_lines(ntk_json.as_ref());
+    let kernel = findings::kernel_lines(ntk_json.as_ref(), &g);
     let tables = [
         "analysis.parquet",
         "correlations.parquet",
@@ -304,9 +342,10 @@ pub fn build(
 }
 
 /// `r` with a study's findings and figure (`tailscope study`'s output folder): a selection study,
-/// or a CSE (`[experts]`) study, told apart by its `experts.md`.
+/// or a CSE (`[experts]`) study, told apart by its `experts.md` (a selection study writes
+/// `study.md`). Any other folder is refused, saying what it is not.
 pub fn with_study(mut r: Report, dir: &Path) -> Result<Report> {
-    let (name, caption) = if dir.join("experts.md").exists() {
+    let (name, caption) = if study_kind(dir)? {
         let s = crate::study::experts::ExpertsStudy::read(dir)?;
         r.summary.extend(s.findings());
         (
