@@ -271,7 +271,10 @@ fn bundled_specs_parse() {
             continue;
         }
         let text = std::fs::read_to_string(&p).unwrap();
-        if text.contains("[experts]") {
+        if text.contains("\nweights = [") {
+            let m = tailscope::analysis::neglect::NeglectModel::read(&p).unwrap();
+            assert_eq!(m.weights.len(), m.features.len(), "{p:?}");
+        } else if text.contains("[experts]") {
             let s = tailscope::study::experts::ExpertsSpec::read(&p).unwrap();
             assert!(s.experts.seeds.len() >= 3, "{p:?}");
         } else if text.contains("[[run]]") {

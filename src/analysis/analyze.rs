@@ -261,7 +261,8 @@ pub fn analyze(spec: &AnalyzeSpec, device: Device, progress: &dyn Progress) -> R
         table.extend(trajectory(spec, dir, &ld, device, progress)?);
     }
     let scores = neglect.score(&table)?;
-    finish(spec, s, ld, table, scores, learn, device)
+    let fin = finish(spec, s, ld, table, scores, learn, device)?;
+    Ok(fin.with_model_features(&neglect))
 }
 
 /// Everything after the statistics: flags, tables, correlations, truth, isolation, summary.
@@ -919,6 +920,14 @@ fn gc_by_bin(ntk: &Path) -> Result<Vec<(String, f64)>> {
 }
 
 impl Analysis {
+    /// Record the neglect model's features in `summary.json` (`neglect_features`), so that a
+    /// report knows whether the flags depend on the principal direction's sign.
+    fn with_model_features(mut self, model: &NeglectModel) -> Analysis {
+        self.summary["neglect_features"] =
+            serde_json::json!(model.features.iter().map(|f| f.name()).collect::<Vec<_>>());
+        self
+    }
+
     /// Write the tables and `summary.json` into `dir`, as the folder's only writer.
     pub fn write(&mut self, dir: &Path) -> Result<()> {
         let _lock = crate::lock::OutputLock::acquire(dir, "tailscope analyze")?;

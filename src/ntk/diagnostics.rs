@@ -135,7 +135,9 @@ pub fn warnings(d: &Diagnostics, rows: &[GcRow], normalized: bool) -> Vec<Warnin
 }
 
 /// The warnings about the whole kernel: a degenerate or nearly diagonal direction, a dominant
-/// sample, an ill-determined direction sign.
+/// sample. (A near-tie of the direction's sign is no warning: the report and the flags read
+/// |GC| and statistics that do not depend on that sign; `sign_margin` stays in `ntk.json` and
+/// `gc.parquet` for readers of the signed values, alignment among them.)
 fn kernel_warnings(d: &Diagnostics, normalized: bool) -> Vec<Warning> {
     let n = d.samples as f64;
     let mut out = Vec::new();
@@ -174,20 +176,10 @@ fn kernel_warnings(d: &Diagnostics, normalized: bool) -> Vec<Warning> {
             change: "Use --normalize cosine, or look at that sample (the largest self_kernel in samples.parquet).".into(),
         });
     }
-    if sign_near_tie(d.sign_margin) {
-        out.push(Warning {
-            problem: format!(
-                "Ill-determined direction sign: the principal direction's entries nearly cancel (Σu / Σ|u| = {:.3}), so the Σu ≥ 0 convention that sets the sign of every GC and of every per-sample alignment is nearly a tie; another sample or checkpoint may flip all of them, and with them the order of the alignments (and the flags ranked by it).",
-                d.sign_margin
-            ),
-            change: "Compare |GC| across groups (the report does); read relations with alignment as holding up to that sign.".into(),
-        });
-    }
     out
 }
 
-/// The warnings about the frequency-bin and long-tail groups: an ill-determined GC sign, an
-/// undetermined (wide) interval.
+/// The warnings about the frequency-bin and long-tail groups: an undetermined (wide) interval.
 fn group_warnings(rows: &[GcRow]) -> Vec<Warning> {
     let mut out = Vec::new();
     let headline: Vec<&GcRow> = rows
@@ -198,24 +190,6 @@ fn group_warnings(rows: &[GcRow]) -> Vec<Warning> {
         .iter()
         .filter(|r| r.interval.is_some_and(|(lo, hi)| hi - lo > WIDTH_MAX))
         .collect();
-    let unsigned: Vec<&&GcRow> = headline
-        .iter()
-        .filter(|r| r.sign_margin.is_some_and(sign_near_tie) && r.gc.is_some())
-        .collect();
-    if let Some(u) = unsigned.first() {
-        out.push(Warning {
-            problem: format!(
-                "Ill-determined GC sign: the principal direction of {} of {} frequency-bin and long-tail groups has entries that nearly cancel (e.g. {} {}: Σu / Σ|u| = {:.3}, GC {:+.3}), so the Σu ≥ 0 convention that sets the sign of its GC is nearly a tie.",
-                unsigned.len(),
-                headline.len(),
-                u.column,
-                u.group,
-                u.sign_margin.unwrap_or(f64::NAN),
-                u.gc.unwrap_or(f64::NAN)
-            ),
-            change: "Read |GC| for such groups (gc.parquet's sign_margin column says which), or compare them through the per-sample alignment, which does not depend on a group's own sign.".into(),
-        });
-    }
     if let Some(w) = wide.first() {
         let (lo, hi) = w.interval.unwrap_or((f64::NAN, f64::NAN));
         out.push(Warning {
@@ -253,9 +227,10 @@ mod tests {
 
     /// The cosine kernel has a unit diagonal and its blocks still sum to it; a zero-gradient
     /// sample stays zero instead of dividing by zero.
-    /// A cancelling group direction, or whole direction, gets a sign warning; sound ones none.
+    /// A cancelling group direction, or whole direction, is no warning (|GC| and the flags do
+    /// not depend on the sign); a wide interval is.
     #[test]
-    fn near_tie_signs_are_warned() {
+    fn near_tie_signs_are_not_warned_and_wide_intervals_are() {
         let sound = Diagnostics {
             diag_spread: 1.0,
             mean_abs_cosine: 0.5,
@@ -268,16 +243,14 @@ mod tests {
         let mut rows = vec![gc_row("freq_bin", (0.5, 0.7))];
         assert!(warnings(&sound, &rows, true).is_empty());
         rows[0].sign_margin = Some(0.05);
-        let w = warnings(&sound, &rows, true);
-        assert_eq!(w.len(), 1);
-        assert!(w[0].problem.contains("Ill-determined GC sign") && w[0].problem.contains("0.050"));
         let tie = Diagnostics {
             sign_margin: 0.02,
             ..sound
         };
-        let w = warnings(&tie, &[gc_row("freq_bin", (0.5, 0.7))], true);
+        assert!(warnings(&tie, &rows, true).is_empty());
+        let w = warnings(&tie, &[gc_row("freq_bin", (-0.5, 0.7))], true);
         assert!(
-            w.len() == 1 && w[0].problem.contains("Ill-determined direction sign"),
+            w.len() == 1 && w[0].problem.contains("Undetermined GC"),
             "{w:?}"
         );
         // Σu / Σ|u| by hand: (1 − 1 + 0.5) / 2.5.

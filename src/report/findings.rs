@@ -116,7 +116,7 @@ fn with_iv(v: f64, iv: Option<(f64, f64)>) -> String {
 }
 
 /// |GC| and its interval: the interval of |x| for x in [lo, hi].
-fn fold(v: f64, iv: Option<(f64, f64)>) -> (f64, Option<(f64, f64)>) {
+pub(crate) fn fold(v: f64, iv: Option<(f64, f64)>) -> (f64, Option<(f64, f64)>) {
     let folded = iv.map(|(lo, hi)| {
         if lo >= 0.0 {
             (lo, hi)
@@ -142,10 +142,11 @@ enum Signs {
     GroupTie,
 }
 
-/// A comparison of two GCs: a difference only when their intervals are disjoint. Where a sign
-/// is a near-tie of the Σu ≥ 0 convention (which another sample could flip), it compares |GC|,
-/// with the intervals folded, and says so; under a near-tie of the whole set's sign alone, two
-/// GCs of clearly opposite signs are said to point opposite ways, which neither flip changes.
+/// A comparison of two GCs, sign-free: |GC| with the intervals folded (the Σu ≥ 0 convention that
+/// sets a GC's sign is arbitrary, and a near-tie of it would flip the sign; |GC| does not
+/// depend on it), a difference only when the folded intervals are disjoint. Two GCs whose
+/// intervals clearly lie on opposite sides of 0 are said to point opposite ways, which flipping
+/// the whole set's direction does not change; not where a group's own sign is a near-tie.
 fn compare_gc(
     a: (&str, f64, Option<(f64, f64)>),
     b: (&str, f64, Option<(f64, f64)>),
@@ -154,31 +155,22 @@ fn compare_gc(
     let clear = |v: f64, iv: Option<(f64, f64)>| {
         iv.is_some_and(|(lo, hi)| lo > 0.0 || hi < 0.0) && v != 0.0
     };
-    if signs == Signs::WholeTie && a.1 * b.1 < 0.0 && clear(a.1, a.2) && clear(b.1, b.2) {
+    if signs != Signs::GroupTie && a.1 * b.1 < 0.0 && clear(a.1, a.2) && clear(b.1, b.2) {
         return format!(
-            "GC of {} and of {} have opposite signs ({} against {}): their directions point opposite ways along the whole set's principal direction, whose own sign is a near-tie here (see the warnings above), so which of them is negative is not determined.",
+            "GC of {} and of {} have opposite signs ({} against {}): their gradients point opposite ways along the whole set's principal direction{}.",
             a.0,
             b.0,
             with_iv(a.1, a.2),
-            with_iv(b.1, b.2)
+            with_iv(b.1, b.2),
+            if signs == Signs::WholeTie {
+                ", whose own sign is a near-tie here, so which of them is negative is not determined"
+            } else {
+                ""
+            }
         );
     }
-    let (what, a, b, why) = match signs {
-        Signs::Sure => ("GC", a, b, ""),
-        _ => {
-            let ((av, ai), (bv, bi)) = (fold(a.1, a.2), fold(b.1, b.2));
-            (
-                "|GC|",
-                (a.0, av, ai),
-                (b.0, bv, bi),
-                if signs == Signs::WholeTie {
-                    " (compared as |GC|: the whole set's direction, which sets both signs, is a near-tie of the Σu ≥ 0 convention here, see the warnings above)"
-                } else {
-                    " (compared as |GC|: a group's own direction, which sets its sign, is a near-tie of the Σu ≥ 0 convention here, see the warnings above)"
-                },
-            )
-        }
-    };
+    let ((av, ai), (bv, bi)) = (fold(a.1, a.2), fold(b.1, b.2));
+    let (what, a, b, why) = ("|GC|", (a.0, av, ai), (b.0, bv, bi), "");
     let disjoint = match (a.2, b.2) {
         (Some((alo, ahi)), Some((blo, bhi))) => ahi < blo || bhi < alo,
         (None, _) | (_, None) => {
@@ -278,9 +270,14 @@ fn gc_findings(g: &GcTable, bins: &[GcBin], ill_signed: bool) -> Vec<String> {
             ));
         }
         out.push(format!(
-            "GC by frequency bin, rarest first [95% interval]: {}.",
+            "|GC| by frequency bin, rarest first [95% interval]: {}.",
             bins.iter()
-                .map(|b| b.gc.map_or("–".into(), |v| with_iv(v, b.interval)))
+                .map(|b| {
+                    b.gc.map_or("–".into(), |v| {
+                        let (v, iv) = fold(v, b.interval);
+                        with_iv(v, iv)
+                    })
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
@@ -337,7 +334,7 @@ fn correlation_findings(corr: &Correlations, ill_signed: bool) -> Vec<String> {
             let mut s = words.to_string();
             s[..1].make_ascii_uppercase();
             let caveat = if ill_signed && (x == "alignment" || y == "alignment") {
-                " Alignment takes its sign from the principal direction's, set by a near-tie of the Σu ≥ 0 convention here (see the warnings above): under the other sign this relation reverses."
+                " Alignment takes its sign from the principal direction's, set by a near-tie of the Σu ≥ 0 convention here (ntk.json's sign_margin): under the other sign this relation reverses."
             } else {
                 ""
             };
@@ -363,7 +360,8 @@ fn wilson(k: usize, n: usize) -> (f64, f64) {
 
 /// Where the flags land: their count, the domains holding most, and the long-tail share of the
 /// flags (Wilson interval) against that of all samples.
-/// With `ill_signed`, says that the alignment the flag rule ranks by has an ill-determined sign.
+/// With `ill_signed`, says that the flags hang on an ill-determined sign when the neglect model
+/// uses alignment (the default model does not: `summary.json`'s `neglect_features`).
 fn flag_findings(a: &Samples, analysis: &Path, ill_signed: bool) -> Result<Vec<String>> {
     let rank = column_f64(&a.frame, "flag_rank", &a.path)?;
     let lt = column_str(&a.frame, "long_tail_domain", &a.path)?;
@@ -381,12 +379,22 @@ fn flag_findings(a: &Samples, analysis: &Path, ill_signed: bool) -> Result<Vec<S
     let k = flagged.iter().filter(|&&i| lt[i] == "true").count();
     let all = lt.iter().filter(|v| *v == "true").count();
     let (lo, hi) = wilson(k, flagged.len());
-    // Whether the flag rule counted a long-tail domain as rarity (summary.json's flag options).
-    let by_rule = std::fs::read_to_string(analysis.join("summary.json"))
+    let summary = std::fs::read_to_string(analysis.join("summary.json"))
         .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    // Whether the flag rule counted a long-tail domain as rarity (analyses of earlier versions).
+    let by_rule = summary
+        .as_ref()
         .and_then(|v| v["flag_options"]["long_tail_domains"].as_bool())
         .unwrap_or(false);
+    // Whether the flags rank by alignment: the rule of earlier versions did; a neglect model
+    // does when its features include it.
+    let uses_alignment = summary
+        .as_ref()
+        .is_none_or(|v| match v["neglect_features"].as_array() {
+            Some(f) => f.iter().any(|x| x == "alignment"),
+            None => v.get("flag_options").is_some(),
+        });
     Ok(vec![format!(
         "{} of {n} samples are flagged as neglected; {k} of them ({:.0}% [{:.0}%, {:.0}%]) come from long-tail domains, which hold {:.0}% of all samples{}. Most flags: {}.{}",
         flagged.len(),
@@ -404,8 +412,8 @@ fn flag_findings(a: &Samples, analysis: &Path, ill_signed: bool) -> Result<Vec<S
             .map(|(d, c)| format!("{d} {c}"))
             .collect::<Vec<_>>()
             .join(", "),
-        if ill_signed {
-            " The flag rule ranks by alignment, whose sign is set by a near-tie here (see the warnings above): under the other sign the least aligned samples would be others."
+        if ill_signed && uses_alignment {
+            " The flags rank by alignment, whose sign is set by a near-tie here (ntk.json's sign_margin): under the other sign the least aligned samples would be others."
         } else {
             ""
         }
@@ -479,14 +487,25 @@ mod tests {
         );
         assert_eq!(
             s,
-            "GC of a is lower than of b: 0.410 [0.300, 0.520] against 0.890 [0.850, 0.920]."
+            "|GC| of a is lower than of b: 0.410 [0.300, 0.520] against 0.890 [0.850, 0.920]."
         );
         let s = compare_gc(
             ("a", 0.41, Some((0.30, 0.86))),
             ("b", 0.89, Some((0.85, 0.92))),
             Signs::Sure,
         );
-        assert!(s.starts_with("No difference in GC between a"), "{s}");
+        assert!(s.starts_with("No difference in |GC| between a"), "{s}");
+        // A negative GC is compared by its size: -0.41 against 0.89 with overlapping folded
+        // intervals is no difference, though the signed intervals are disjoint.
+        let s = compare_gc(
+            ("a", -0.80, Some((-0.95, 0.10))),
+            ("b", 0.89, Some((0.85, 0.92))),
+            Signs::Sure,
+        );
+        assert!(
+            s.starts_with("No difference in |GC| between a (0.800 [0.000, 0.950])"),
+            "{s}"
+        );
     }
 
     /// The demo's case: a rarest bin at −0.944 [−1, −0.944] against 0.945 [0.945, 1] is "lower"
@@ -498,12 +517,16 @@ mod tests {
             ("a", -0.944, Some((-1.0, -0.944))),
             ("b", 0.945, Some((0.945, 1.0))),
         );
-        assert!(compare_gc(a, b, Signs::Sure).starts_with("GC of a is lower than of b"));
+        let s = compare_gc(a, b, Signs::Sure);
+        assert!(
+            s.starts_with("GC of a and of b have opposite signs") && !s.contains("near-tie"),
+            "{s}"
+        );
         let s = compare_gc(a, b, Signs::WholeTie);
         assert!(
             s.starts_with(
                 "GC of a and of b have opposite signs (-0.944 [-1.000, -0.944] against 0.945"
-            ),
+            ) && s.contains("near-tie"),
             "{s}"
         );
         let s = compare_gc(a, b, Signs::GroupTie);
@@ -550,10 +573,7 @@ mod tests {
         };
         let sure = table(0.4);
         let first = &gc_findings(&sure, &sure.bins(), false)[0];
-        assert!(
-            first.starts_with("GC of the rarest frequency bin is lower"),
-            "{first}"
-        );
+        assert!(first.contains("have opposite signs"), "{first}");
         let tie = table(0.05);
         let first = &gc_findings(&tie, &tie.bins(), false)[0];
         assert!(
@@ -623,7 +643,7 @@ mod tests {
         let lines = gc_findings(&g, &g.bins(), false);
         assert_eq!(
             lines[0],
-            "No difference in GC between the rarest frequency bin (0.200) and the most frequent (0.900) can be stated: neither has a 95% interval (intervals need --gc-resamples of at least 2)."
+            "No difference in |GC| between the rarest frequency bin (0.200) and the most frequent (0.900) can be stated: neither has a 95% interval (intervals need --gc-resamples of at least 2)."
         );
         assert!(lines.iter().all(|l| !l.contains("overlap")), "{lines:?}");
         let one = compare_gc(
@@ -648,7 +668,7 @@ mod tests {
         );
         let first = &gc_findings(&g, &g.bins(), false)[0];
         assert!(
-            first.starts_with("GC of frequency bin 1 (the rarest with a GC; bin 0 has none) is lower than of frequency bin 3 (the most frequent with a GC; bin 4 has none): 0.150 [0.100, 0.200] against 0.850"),
+            first.starts_with("|GC| of frequency bin 1 (the rarest with a GC; bin 0 has none) is lower than of frequency bin 3 (the most frequent with a GC; bin 4 has none): 0.150 [0.100, 0.200] against 0.850"),
             "{first}"
         );
         let g = bins_table(
@@ -657,7 +677,7 @@ mod tests {
         );
         let first = &gc_findings(&g, &g.bins(), false)[0];
         assert!(
-            first.starts_with("GC of frequency bin 2 (the rarest with a GC; bins 0, 1 have none) is lower than of the most frequent:"),
+            first.starts_with("|GC| of frequency bin 2 (the rarest with a GC; bins 0, 1 have none) is lower than of the most frequent:"),
             "{first}"
         );
     }

@@ -141,6 +141,27 @@ impl GcTable {
     }
 }
 
+/// The bins with |GC| and folded intervals ([`findings::fold`]), as the figure shows them.
+fn folded(bins: &[plots::GcBin]) -> Vec<plots::GcBin> {
+    bins.iter()
+        .map(|b| {
+            let (gc, interval) = match b.gc {
+                Some(v) => {
+                    let (v, iv) = findings::fold(v, b.interval);
+                    (Some(v), iv)
+                }
+                None => (None, b.interval),
+            };
+            plots::GcBin {
+                gc,
+                interval,
+                label: b.label.clone(),
+                ..*b
+            }
+        })
+        .collect()
+}
+
 /// Whether `dir` is the output folder of a selection study (false) or a CSE study (true), by
 /// the file `tailscope study` writes last there: `study.md` or `experts.md`. A ranking study
 /// (`ranking.md`) has no report section, and any other folder is not a study's.
@@ -279,8 +300,8 @@ pub fn build(
     let mut figures = vec![
         Figure {
             name: "gc_by_frequency".into(),
-            caption: "Gradient consistency of each 1-gram frequency bin with the whole sample set, with 95% intervals (top), and the samples per bin (bottom); paper Fig. 2a.".into(),
-            plot: plots::gc_by_frequency(&bins, "GC by data frequency")?,
+            caption: "Gradient consistency of each 1-gram frequency bin with the whole sample set as |GC|, with 95% intervals folded the same way (the sign of a GC follows the Σu ≥ 0 convention, which is arbitrary; |GC| does not depend on it) (top), and the samples per bin (bottom); paper Fig. 2a.".into(),
+            plot: plots::gc_by_frequency(&folded(&bins), "|GC| by data frequency")?,
         },
         Figure {
             name: "frequency_vs_alignment".into(),
