@@ -134,6 +134,7 @@ fn principal_pairs() {
     let t = Instant::now();
     let iv = gc::gc_intervals(
         &tailscope::ntk::op::Dense::new(&k),
+        &whole,
         &refs,
         gc::IntervalMethod::Jackknife,
         32,

@@ -11,7 +11,9 @@ fn main() -> ExitCode {
     match tailscope::cli::run(std::env::args_os()) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("tailscope: {err:#}");
+            // One write: processes failing together (MPI ranks) do not interleave lines.
+            let line = format!("tailscope: {}\n", tailscope::cli::message(&err));
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             ExitCode::from(tailscope::cli::exit_code(&err))
         }
     }

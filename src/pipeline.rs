@@ -35,7 +35,6 @@ use serde::Deserialize;
 use tch::Device;
 
 use crate::analysis::analyze::{self, Analysis, AnalyzeSpec};
-use crate::analysis::flags::FlagOptions;
 use crate::capture::job::{Job, JobSpec};
 use crate::capture::{CaptureOptions, Method, OutputKind, Selection};
 use crate::corpus::ingest::{self, IngestOptions};
@@ -178,6 +177,12 @@ pub struct AnalysisStep {
     /// Bootstrap resamples of each correlation (default 1000).
     #[serde(default)]
     pub resamples: Option<usize>,
+    /// Training texts of the learnability statistics (default 2048; 0: none).
+    #[serde(default)]
+    pub train_samples: Option<usize>,
+    /// A reference model (run name or path) for the reducible loss.
+    #[serde(default)]
+    pub reference: Option<String>,
 }
 
 /// `[report]`.
@@ -282,9 +287,14 @@ impl Spec {
             .filter(|_| !self.data.corpus.exists())
     }
 
-    /// Name what is missing before anything runs.
+    /// Name what is missing, or asked for in vain, before anything runs.
     pub fn check_inputs(&self, path: &Path) -> Result<()> {
         let missing = |what: String| Err(Error::in_file(path, what));
+        if self.ntk.projection.is_some() && self.ntk.project.is_none() {
+            return missing(
+                "ntk.projection applies to a projection, and none was asked for: add `project = K` (the dimension to project to) under [ntk], or drop `projection`".into(),
+            );
+        }
         match &self.train {
             Some(t) if !t.config.exists() => {
                 return missing(format!("train.config: {} not found", t.config.display()))
@@ -480,16 +490,27 @@ fn ntk_step(spec: &Spec, m: &str, seed: u64, device: Device, rep: &mut Reporting
 /// The analysis of the model (with isolation against the baseline).
 fn analysis_step(spec: &Spec, seed: u64, device: Device, rep: &mut Reporting) -> Result<()> {
     let an = &spec.analysis;
+    let defaults = crate::analysis::learnability::LearnabilityOptions::default();
+    let train_samples = an.train_samples.unwrap_or(defaults.train_samples);
     let aspec = AnalyzeSpec {
-        ntk: spec.ntk_dir(&an.model),
-        model: spec.model_dir(&an.model),
-        corpus: spec.data.corpus.clone(),
         tokenizer: spec.data.tokenizer.clone(),
         resamples: an.resamples.unwrap_or(analyze::DEFAULT_RESAMPLES),
-        alpha: analyze::DEFAULT_ALPHA,
-        flags: FlagOptions::default(),
         baseline: an.baseline.as_deref().map(|b| spec.ntk_dir(b)),
+        learnability: (train_samples > 0).then_some(
+            crate::analysis::learnability::LearnabilityOptions {
+                train_samples,
+                sample_seed: seed.max(1),
+                ..defaults
+            },
+        ),
+        reference: an.reference.as_deref().map(|r| spec.model_dir(r)),
+        memory: crate::capture::memory::default_budget(),
         seed,
+        ..AnalyzeSpec::new(
+            &spec.ntk_dir(&an.model),
+            &spec.model_dir(&an.model),
+            &spec.data.corpus,
+        )
     };
     let mut a = analyze::analyze(&aspec, device, rep.progress)?;
     a.write(&an.out)?;

@@ -275,6 +275,97 @@ pub fn auroc(truth: &[bool]) -> Option<f64> {
     (positives > 0 && negatives > 0).then(|| correct as f64 / (positives * negatives) as f64)
 }
 
+/// Groups of tied scores, best first: (items in the group, positives in it). Higher scores rank
+/// first; a non-finite score (NaN, ±∞ below every finite one) ranks last, all of them tied.
+fn tie_groups(scores: &[f64], truth: &[bool]) -> Vec<(usize, usize)> {
+    let key = |x: f64| if x.is_finite() { x } else { f64::NEG_INFINITY };
+    let mut idx: Vec<usize> = (0..scores.len().min(truth.len())).collect();
+    idx.sort_by(|&a, &b| key(scores[b]).total_cmp(&key(scores[a])));
+    let mut groups = Vec::new();
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && key(scores[idx[j + 1]]) == key(scores[idx[i]]) {
+            j += 1;
+        }
+        let pos = idx[i..=j].iter().filter(|&&k| truth[k]).count();
+        groups.push((j + 1 - i, pos));
+        i = j + 1;
+    }
+    groups
+}
+
+/// Average precision of ranking by `scores` (higher first) against `truth`, in expectation over
+/// the orders of tied scores (every tie-break equally likely; McSherry and Najork, ECIR 2008):
+/// a positive placed at position i of a tied group of t items with r positives, after N items
+/// with R positives, has expected precision (R + 1 + (i − 1)(r − 1)/(t − 1)) / (N + i), and lands
+/// at i with probability r/t. Non-finite scores rank last, tied. `None` without positives.
+pub fn average_precision_tied(scores: &[f64], truth: &[bool]) -> Option<f64> {
+    let groups = tie_groups(scores, truth);
+    let total: usize = groups.iter().map(|g| g.1).sum();
+    if total == 0 {
+        return None;
+    }
+    let (mut before, mut pos_before, mut sum) = (0usize, 0usize, 0.0);
+    for &(t, r) in &groups {
+        if r > 0 {
+            let within = |i: usize| {
+                if t == 1 {
+                    0.0
+                } else {
+                    (i - 1) as f64 * (r - 1) as f64 / (t - 1) as f64
+                }
+            };
+            let part: f64 = (1..=t)
+                .map(|i| (pos_before as f64 + 1.0 + within(i)) / (before + i) as f64)
+                .sum();
+            sum += r as f64 / t as f64 * part;
+        }
+        before += t;
+        pos_before += r;
+    }
+    Some(sum / total as f64)
+}
+
+/// AUROC of ranking by `scores` (higher first) against `truth`: the share of (positive,
+/// negative) pairs ordered correctly, a tied pair counting one half (the Mann–Whitney U
+/// statistic over P·N). Non-finite scores rank last, tied. `None` without both classes.
+pub fn auroc_tied(scores: &[f64], truth: &[bool]) -> Option<f64> {
+    let groups = tie_groups(scores, truth);
+    let pos: usize = groups.iter().map(|g| g.1).sum();
+    let neg: usize = groups.iter().map(|g| g.0 - g.1).sum();
+    if pos == 0 || neg == 0 {
+        return None;
+    }
+    let (mut neg_above, mut u) = (0usize, 0.0);
+    for &(t, r) in &groups {
+        let n_here = t - r;
+        // Positives here beat every negative below this group and tie with those in it.
+        u += r as f64 * ((neg - neg_above - n_here) as f64 + 0.5 * n_here as f64);
+        neg_above += n_here;
+    }
+    Some(u / (pos * neg) as f64)
+}
+
+/// Precision among the top `k` by `scores` (higher first), in expectation over the orders of
+/// tied scores: a tied group cut by the k-th place contributes its positives in proportion to
+/// the places it gets. Non-finite scores rank last. `None` for k = 0.
+pub fn precision_at_tied(scores: &[f64], truth: &[bool], k: usize) -> Option<f64> {
+    if k == 0 {
+        return None;
+    }
+    let (mut taken, mut hits) = (0usize, 0.0);
+    for (t, r) in tie_groups(scores, truth) {
+        if taken >= k {
+            break;
+        }
+        let places = t.min(k - taken);
+        hits += r as f64 * places as f64 / t as f64;
+        taken += places;
+    }
+    Some(hits / k.min(taken.max(1)) as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +381,80 @@ mod tests {
         assert_eq!(auroc(&[false, true]), Some(0.0));
         assert_eq!(average_precision(&[false, false]), None);
         assert_eq!(auroc(&[true]), None);
+    }
+
+    /// The tie-aware metrics against an independent oracle: the plain (untied) AP, AUROC and
+    /// precision of every order of the tied groups, averaged (exhaustive enumeration).
+    #[test]
+    fn tie_aware_metrics_equal_the_mean_over_tie_breaks() {
+        fn permutations(v: &[usize]) -> Vec<Vec<usize>> {
+            if v.len() <= 1 {
+                return vec![v.to_vec()];
+            }
+            let mut out = Vec::new();
+            for i in 0..v.len() {
+                let mut rest = v.to_vec();
+                let x = rest.remove(i);
+                for mut p in permutations(&rest) {
+                    p.insert(0, x);
+                    out.push(p);
+                }
+            }
+            out
+        }
+        let cases: [(&[f64], &[bool]); 4] = [
+            (
+                &[0.9, 0.5, 0.5, 0.5, 0.2, 0.2, 0.1],
+                &[false, true, false, true, true, false, false],
+            ),
+            (&[1.0, 1.0, 1.0, 1.0], &[true, false, false, true]),
+            (
+                &[3.0, f64::NAN, 2.0, 2.0, f64::NEG_INFINITY, 1.0],
+                &[false, true, true, false, true, false],
+            ),
+            (&[0.3, 0.7, 0.1, 0.5], &[true, false, false, true]),
+        ];
+        for (scores, truth) in cases {
+            // Every order of the items consistent with the scores (non-finite last, tied).
+            let key = |x: f64| if x.is_finite() { x } else { f64::NEG_INFINITY };
+            let idx: Vec<usize> = (0..scores.len()).collect();
+            let orders: Vec<Vec<usize>> = permutations(&idx)
+                .into_iter()
+                .filter(|p| p.windows(2).all(|w| key(scores[w[0]]) >= key(scores[w[1]])))
+                .collect();
+            let mean = |f: &dyn Fn(&[bool]) -> f64| {
+                orders
+                    .iter()
+                    .map(|p| f(&p.iter().map(|&i| truth[i]).collect::<Vec<_>>()))
+                    .sum::<f64>()
+                    / orders.len() as f64
+            };
+            let ap = mean(&|t| average_precision(t).unwrap());
+            let au = mean(&|t| auroc(t).unwrap());
+            let npos = truth.iter().filter(|&&t| t).count();
+            let pk = mean(&|t| t[..npos].iter().filter(|&&x| x).count() as f64 / npos as f64);
+            assert!(
+                (average_precision_tied(scores, truth).unwrap() - ap).abs() < 1e-12,
+                "{scores:?}"
+            );
+            assert!(
+                (auroc_tied(scores, truth).unwrap() - au).abs() < 1e-12,
+                "{scores:?}"
+            );
+            assert!(
+                (precision_at_tied(scores, truth, npos).unwrap() - pk).abs() < 1e-12,
+                "{scores:?}"
+            );
+        }
+        // All tied: AP is the expected AP of a random order, not 1 or the base rate.
+        let all = average_precision_tied(&[0.0; 4], &[true, false, false, true]).unwrap();
+        assert!(all > 0.5 && all < 0.75, "{all}");
+        assert_eq!(
+            auroc_tied(&[0.0; 4], &[true, false, false, true]),
+            Some(0.5)
+        );
+        assert_eq!(average_precision_tied(&[1.0, 2.0], &[false, false]), None);
+        assert_eq!(auroc_tied(&[1.0, 2.0], &[true, true]), None);
     }
 
     const X: [f64; 10] = [1.0, 2.5, 2.5, 4.0, 7.0, 3.0, 9.5, 6.0, 6.0, 0.5];

@@ -17,6 +17,7 @@
 //! `comparisons.parquet` (a, b, group, mean loss difference a − b and interval), `study.md`, and
 //! `figures/selection_study.{svg,png}`.
 
+pub mod counterfactual;
 pub mod experts;
 pub mod facts;
 pub mod ranking;
@@ -30,7 +31,6 @@ use serde::Deserialize;
 use tch::Device;
 
 use crate::analysis::analyze::{self, AnalyzeSpec};
-use crate::analysis::flags::FlagOptions;
 use crate::analysis::select::{self, Amount, Criterion, Pool, Sources};
 use crate::capture::job::{Job, JobSpec};
 use crate::capture::{CaptureOptions, Selection as ParamSelection};
@@ -94,6 +94,10 @@ pub struct StudySynth {
     /// Generator seed.
     #[serde(default = "one")]
     pub seed: u64,
+    /// Add the contrast domains and the `neglected` and `noise` truths (`corpus synth
+    /// --contrasts`): the results then also report the neglected and noise samples' loss.
+    #[serde(default)]
+    pub contrasts: bool,
 }
 
 /// `[select]`.
@@ -308,6 +312,33 @@ pub fn t_interval(xs: &[f64]) -> Interval {
     }
 }
 
+/// The mean of `xs`, values bounded to [lo, hi], with a 95% t interval computed on the logit
+/// scale of (x − lo)/(hi − lo) and mapped back, so it stays inside the bounds (a t interval of
+/// AUROCs near 1 otherwise runs past 1). Values at a bound are moved 1e-6 of the range inside.
+pub fn bounded_interval(xs: &[f64], lo: f64, hi: f64) -> Interval {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return Interval {
+            mean,
+            low: f64::NAN,
+            high: f64::NAN,
+        };
+    }
+    let w = hi - lo;
+    let to = |x: f64| {
+        let u = ((x - lo) / w).clamp(1e-6, 1.0 - 1e-6);
+        (u / (1.0 - u)).ln()
+    };
+    let back = |z: f64| lo + w / (1.0 + (-z).exp());
+    let t = t_interval(&xs.iter().map(|&x| to(x)).collect::<Vec<_>>());
+    Interval {
+        mean,
+        low: back(t.low).min(mean),
+        high: back(t.high).max(mean),
+    }
+}
+
 /// One row of `summary.parquet`: a criterion's loss change against the control.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SummaryRow {
@@ -360,6 +391,7 @@ fn ensure_corpus(spec: &StudySpec, progress: &dyn Progress) -> Result<()> {
             samples: s.samples,
             rare_share: s.rare_share,
             seed: s.seed,
+            contrasts: s.contrasts,
             ..Default::default()
         },
         s.vocab_size,
@@ -403,14 +435,48 @@ fn targeted_loss(v: &ValLosses, mix: &BTreeMap<String, f64>) -> f64 {
     acc.0 / acc.1.max(1e-300)
 }
 
-/// A run's rows: its loss and the control's on all, long-tail and common held-out sentences, and
-/// on the selection's domains (`targeted`) when `mix` is given.
+/// The held-out samples of a corpus's truths (`corpus synth --contrasts`), by corpus row.
+#[derive(Debug, Clone, Default)]
+struct Truths {
+    neglected: HashSet<u64>,
+    noise: HashSet<u64>,
+}
+
+impl Truths {
+    fn of(c: &crate::corpus::Corpus) -> Truths {
+        let rows = |f: &dyn Fn(&crate::corpus::Sample) -> bool| {
+            c.samples
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| f(s))
+                .map(|(i, _)| i as u64)
+                .collect()
+        };
+        Truths {
+            neglected: rows(&|s| s.neglected == Some(true)),
+            noise: rows(&|s| s.noise == Some(true)),
+        }
+    }
+}
+
+/// Mean token loss over the samples whose corpus rows are in `set`.
+fn mean_loss_of(v: &ValLosses, set: &HashSet<u64>) -> f64 {
+    let (l, t) = v
+        .iter()
+        .filter(|x| set.contains(&x.0))
+        .fold((0.0, 0i64), |(l, t), x| (l + x.2, t + x.3));
+    l / t.max(1) as f64
+}
+
+/// A run's rows: its loss and the control's on all, long-tail and common held-out sentences, on
+/// the neglected and noise ones when the corpus has those truths, and on the selection's
+/// domains (`targeted`) when `mix` is given.
 fn group_rows(
     seed: u64,
     criterion: &str,
     v: &ValLosses,
     control: &ValLosses,
-    long_tail: &HashSet<String>,
+    (long_tail, truths): (&HashSet<String>, &Truths),
     mix: Option<&BTreeMap<String, f64>>,
 ) -> Vec<ResultRow> {
     let row = |group: &str, loss: f64, ctl: f64| ResultRow {
@@ -428,6 +494,11 @@ fn group_rows(
         ("common", by(&|d| !long_tail.contains(d))),
     ] {
         out.push(row(group, l, c));
+    }
+    for (group, set) in [("neglected", &truths.neglected), ("noise", &truths.noise)] {
+        if v.iter().any(|x| set.contains(&x.0)) {
+            out.push(row(group, mean_loss_of(v, set), mean_loss_of(control, set)));
+        }
     }
     if let Some(mix) = mix {
         out.push(row(
@@ -468,8 +539,9 @@ pub(crate) fn train_to_end(
 }
 
 /// The NTK of `samples` sentences of `split` (drawn with `sample_seed`, 0: evenly spaced) under
-/// `model` with the default kernel (the MLPs of the last two blocks, cosine-normalised), written
-/// into `ntk_dir`.
+/// `model` with the default kernel (the MLPs of the last two blocks, cosine-normalised; projected
+/// like the learnability statistics above [`analyze::PROJECT_ABOVE`] values), written into
+/// `ntk_dir`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn default_ntk(
     model: &Path,
@@ -482,7 +554,7 @@ pub(crate) fn default_ntk(
     device: Device,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let job = Job::prepare(
+    let mut job = Job::prepare(
         &JobSpec {
             model: model.to_path_buf(),
             corpus: corpus.to_path_buf(),
@@ -498,6 +570,15 @@ pub(crate) fn default_ntk(
         },
         device,
     )?;
+    // A pretrained model's last two MLPs (5.3 M values on SmolLM2) are projected, as the
+    // learnability statistics are: 512 unprojected gradients would take 11 GB.
+    if job.parameter_count() > analyze::PROJECT_ABOVE {
+        job.opts.projection = Some(crate::capture::projection::Projection {
+            kind: crate::capture::projection::ProjectionKind::Sparse,
+            dim: analyze::LEARNABILITY_PROJECTION,
+            seed,
+        });
+    }
     let opts = NtkOptions {
         seed,
         ..NtkOptions::default()
@@ -508,7 +589,8 @@ pub(crate) fn default_ntk(
 
 /// What a study analyses: the default NTK of `samples` sentences of `split` under `model` (see
 /// [`default_ntk`]) into `dir/ntk` and their analysis (`resamples` bootstrap draws) into
-/// `dir/analysis`, read back as a selection pool.
+/// `dir/analysis` (its settings those of [`AnalyzeSpec::new`], changed by `tune`), read back as
+/// a selection pool.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn analyse_pool(
     model: &Path,
@@ -521,6 +603,7 @@ pub(crate) fn analyse_pool(
     dir: &Path,
     device: Device,
     progress: &dyn Progress,
+    tune: &dyn Fn(&mut AnalyzeSpec),
 ) -> Result<Pool> {
     let ntk_dir = dir.join("ntk");
     default_ntk(
@@ -535,17 +618,13 @@ pub(crate) fn analyse_pool(
         progress,
     )?;
     let an_dir = dir.join("analysis");
-    let aspec = AnalyzeSpec {
-        ntk: ntk_dir,
-        model: model.to_path_buf(),
-        corpus: corpus.to_path_buf(),
-        tokenizer: None,
+    let mut aspec = AnalyzeSpec {
         resamples,
-        alpha: analyze::DEFAULT_ALPHA,
-        flags: FlagOptions::default(),
-        baseline: None,
         seed,
+        ..AnalyzeSpec::new(&ntk_dir, model, corpus)
     };
+    aspec.learnability = aspec.learnability.map(|l| l.seeded(seed));
+    tune(&mut aspec);
     analyze::analyze(&aspec, device, progress)?.write(&an_dir)?;
     Pool::read(&an_dir)
 }
@@ -567,6 +646,7 @@ pub fn run(
         .filter(|d| d.long_tail)
         .map(|d| d.domain.clone())
         .collect();
+    let truths = Truths::of(&data.corpus);
     let m = spec.select.top;
     let n = data.train.len();
     // share = w m / (w m + n − m)  ⇔  w = share (n − m) / ((1 − share) m).
@@ -593,6 +673,7 @@ pub fn run(
             &sd,
             device,
             progress,
+            &|_| {},
         )?;
         let control = {
             let s = spec.continued_spec(&base_final, CONTROL, None);
@@ -608,7 +689,14 @@ pub fn run(
         };
         let base_losses = final_losses(&base);
         for (name, v) in [("base", &base_losses), (CONTROL, &control)] {
-            results.extend(group_rows(seed, name, v, &control, &long_tail, None));
+            results.extend(group_rows(
+                seed,
+                name,
+                v,
+                &control,
+                (&long_tail, &truths),
+                None,
+            ));
         }
         for &c in &spec.select.criteria {
             say(&format!("seed {seed}: {} selection", c.name()));
@@ -642,7 +730,7 @@ pub fn run(
                 c.name(),
                 &v,
                 &control,
-                &long_tail,
+                (&long_tail, &truths),
                 Some(&mix),
             ));
         }
@@ -720,9 +808,25 @@ impl Study {
     /// The summary as a Markdown table (criterion × group: Δ loss against the control, 95%
     /// interval).
     pub fn markdown(&self) -> String {
-        let groups = ["all", "long-tail", "common", "targeted"];
-        let mut s = String::from(
-            "| criterion | Δ loss, all | Δ loss, long-tail | Δ loss, common | Δ loss, targeted domains |\n|---|---|---|---|---|\n",
+        let groups: Vec<&str> = [
+            "all",
+            "long-tail",
+            "common",
+            "neglected",
+            "noise",
+            "targeted",
+        ]
+        .into_iter()
+        .filter(|g| self.summary.iter().any(|r| r.group == *g))
+        .collect();
+        let mut s = format!(
+            "| criterion | {} |\n|---|{}\n",
+            groups
+                .iter()
+                .map(|g| format!("Δ loss, {g}"))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            "---|".repeat(groups.len())
         );
         let mut crits: Vec<&str> = Vec::new();
         for r in &self.summary {
@@ -810,6 +914,12 @@ impl Study {
     /// score against each other criterion on the long tail; a direction is stated only when the
     /// interval excludes 0.
     pub fn findings(&self) -> Vec<String> {
+        // The neglected samples where the corpus marks them, else the long tail.
+        let focus = if self.summary.iter().any(|r| r.group == "neglected") {
+            "neglected"
+        } else {
+            "long-tail"
+        };
         let word = |i: &Interval, lower: &str, higher: &str| match i.sign() {
             -1 => lower.to_string(),
             1 => higher.to_string(),
@@ -819,14 +929,14 @@ impl Study {
         for r in self
             .summary
             .iter()
-            .filter(|r| r.group == "long-tail" && r.criterion != CONTROL && r.criterion != "base")
+            .filter(|r| r.group == focus && r.criterion != CONTROL && r.criterion != "base")
         {
             let all = self
                 .summary
                 .iter()
                 .find(|x| x.criterion == r.criterion && x.group == "all");
             out.push(format!(
-                "Selection study: continuing on the {} selection changed long-tail held-out loss by \
+                "Selection study: continuing on the {} selection changed {focus} held-out loss by \
                  {:+.3} [{:+.3}, {:+.3}] nats against no selection ({}){}.",
                 r.criterion,
                 r.delta.mean,
@@ -842,10 +952,10 @@ impl Study {
         for c in self
             .comparisons
             .iter()
-            .filter(|c| c.a == "flag" && c.group == "long-tail" && c.b != CONTROL && c.b != "base")
+            .filter(|c| c.a == "flag" && c.group == focus && c.b != CONTROL && c.b != "base")
         {
             out.push(format!(
-                "Selection study, long tail: flag against {}: {:+.3} [{:+.3}, {:+.3}] nats ({}).",
+                "Selection study, {focus}: flag against {}: {:+.3} [{:+.3}, {:+.3}] nats ({}).",
                 c.b,
                 c.diff.mean,
                 c.diff.low,

@@ -792,11 +792,14 @@ fn capture_and_ntk_from_the_cli() {
         "{printed}"
     );
     assert!(
-        printed.contains("against the corpus's ground truth (long_tail): precision"),
+        printed.contains("against the corpus's ground truth: precision")
+            && printed.contains("flagged as neglected"),
         "{printed}"
     );
+    // Frequency against alignment, Θ_ii, loss and excess loss, alignment against loss, length
+    // against loss and excess loss: 7 pairs × 3 methods.
     let corr = read_table(&t.path("an/correlations.parquet"));
-    assert_eq!(corr.height(), 12);
+    assert_eq!(corr.height(), 21);
     let joined = read_table(&t.path("an/analysis.parquet"));
     assert_eq!(joined.height(), 24);
     assert!(joined.column("loss").is_ok() && joined.column("flag_rank").is_ok());
@@ -812,6 +815,9 @@ fn capture_and_ntk_from_the_cli() {
         ("frequency", "freq_score", -1.0),
         ("alignment", "alignment", -1.0),
         ("self-kernel", "self_kernel", 1.0),
+        ("support", "support", -1.0),
+        ("excess-loss", "excess_loss", 1.0),
+        ("flag", "neglect", 1.0),
     ] {
         let o = t.s(&format!("sel-{crit}.parquet"));
         let printed = ok(&[
@@ -1049,6 +1055,62 @@ fn capture_and_ntk_from_the_cli() {
             &t.s("an2"),
         ],
         &["--alpha"],
+    );
+    // The statistics of neglect refuse what they cannot use, naming the flag: no neighbours, a
+    // reference model with another tokenizer, a corpus without a training split to compare with.
+    let an_bad = |extra: &[&str], corpus: &str, needles: &[&str]| {
+        let mut args = vec![
+            "analyze", "--ntk", &out, "--model", &model, "--corpus", corpus, "-o",
+        ];
+        let o = t.s("an-bad");
+        args.push(&o);
+        args.extend_from_slice(extra);
+        bad(&args, needles);
+    };
+    an_bad(&["--neighbours", "0"], &corpus, &["--neighbours"]);
+    ok(&[
+        "corpus",
+        "synth",
+        "--samples",
+        "300",
+        "--vocab-size",
+        "300",
+        "--seed",
+        "9",
+        "-o",
+        &t.s("c2/corpus.parquet"),
+    ]);
+    let reference = t.path("ref-other-tokenizer");
+    std::fs::create_dir_all(&reference).unwrap();
+    for f in std::fs::read_dir(&model).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, reference.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(
+        t.path("c2/tokenizer.json"),
+        reference.join("tokenizer.json"),
+    )
+    .unwrap();
+    an_bad(
+        &["--reference", reference.to_str().unwrap()],
+        &corpus,
+        &["--reference", "tokenises", "tokenizer"],
+    );
+    let all_val = t.path("c3/corpus.parquet");
+    std::fs::create_dir_all(t.path("c3")).unwrap();
+    std::fs::copy(t.path("c/tokenizer.json"), t.path("c3/tokenizer.json")).unwrap();
+    let mut df = read_table(std::path::Path::new(&corpus));
+    let n = df.height();
+    df.with_column(polars::prelude::Column::new(
+        "split".into(),
+        vec!["validation"; n],
+    ))
+    .unwrap();
+    tailscope::io::write_parquet(&mut df, &all_val).unwrap();
+    an_bad(
+        &[],
+        all_val.to_str().unwrap(),
+        &["--train-samples", "training split"],
     );
     // capture with a projection and a selection
     let printed = ok(&[
@@ -1595,7 +1657,7 @@ steps = 4
     // The report of seed 1's analysis with the study beside it.
     let printed = report_with_study(&t, "study/seed-1/analysis", "study/seed-1/ntk", "study");
     assert!(
-        printed.contains("Selection study, long tail: flag against loss"),
+        printed.contains("Selection study, long-tail: flag against loss"),
         "{printed}"
     );
     let html = std::fs::read_to_string(t.path("rep/report.html")).unwrap();
@@ -1747,31 +1809,39 @@ experts = {{ kind = "cse", last_k = 1, proj_dim = 4, sample = 200, min_pts = 3, 
     );
 }
 
-/// The flag ranking study on corpora with contrasts: the loss criterion's AP equals the one
-/// recomputed here from the analysis's losses and the corpus's `neglected` truth, and the summary
-/// leaves the development seed out.
+/// The neglect ranking study end to end on tiny pools: models fitted on the development seeds
+/// only, every pool scored against the synthetic and the counterfactual truth, the permuted-kernel
+/// control, and metrics that agree with independent recomputations: the loss criterion's AP from
+/// a counting formula, and the tie-aware AP of `gc` (constant within a domain, so tied in large
+/// groups) from the mean over random tie-breaks.
 #[test]
-fn ranking_study_scores_rankings_against_neglect() {
+fn ranking_study_fits_on_development_seeds_and_scores_tie_aware() {
     let t = Tmp::new();
     let spec = t.file(
         "ranking.toml",
         format!(
             r#"[ranking]
-seeds = [1, 2, 3]
-fit_seeds = [1]
+seeds = [1, 2, 3, 4]
+fit_seeds = [1, 2]
 rare_shares = [0.1]
 samples = 1500
 vocab_size = 320
 pool = 60
 eval_samples = 50
-criteria = ["flag", "loss", "random"]
+train_samples = 80
+criteria = ["loss", "uncertainty", "gc", "support", "reducible", "random"]
 out = "{out}"
 {TINY_MODEL}[train]
-steps = 10
+steps = 12
 batch_size = 8
-checkpoint_every = 10
+checkpoint_every = 4
+keep_last = 3
 dynamics_every = 0
 probe_samples = 16
+[counterfactual]
+steps = 30
+lr = 0.01
+batch_size = 8
 "#,
             out = t.s("rk")
         )
@@ -1779,55 +1849,313 @@ probe_samples = 16
     );
     let printed = ok(&["study", &spec]);
     assert!(
-        printed.contains("held-out seeds 2, 3") && printed.contains("| loss |"),
+        printed.contains("held-out seeds 3, 4") && printed.contains("**Truth: synthetic**"),
         "{printed}"
     );
     let rows = read_table(&t.path("rk/ranking.parquet"));
-    assert_eq!(rows.height(), 9);
-    let (crit, seed, ap) = (
+    let (crit, seed, ap, truth) = (
         strs(&rows, "criterion"),
         f64s(&rows, "seed"),
         f64s(&rows, "ap"),
+        strs(&rows, "truth"),
     );
-    let i = (0..9)
-        .find(|&i| crit[i] == "loss" && seed[i] == 2.0)
-        .unwrap();
-    // Recompute: the pool ranked by loss, labels from the corpus.
-    let an = read_table(&t.path("rk/share-0.1/seed-2/analysis/analysis.parquet"));
-    let (ids, loss) = (strs(&an, "id"), f64s(&an, "loss"));
-    let corpus = read_table(&t.path("rk/share-0.1/seed-2/corpus.parquet"));
-    let truth: std::collections::HashMap<String, bool> = strs(&corpus, "id")
+    for c in [
+        "loss",
+        "gc",
+        "flag",
+        "flag:kernel-permuted",
+        "fit:default",
+        "fit:all",
+    ] {
+        assert!(crit.iter().any(|x| x == c), "{c} not scored");
+    }
+    assert!(truth.iter().any(|x| x == "counterfactual"));
+    let row = |c: &str, s: f64| {
+        (0..crit.len())
+            .find(|&i| crit[i] == c && seed[i] == s && truth[i] == "synthetic")
+            .unwrap()
+    };
+    let an = read_table(&t.path("rk/share-0.1/seed-3/analysis/analysis.parquet"));
+    let ids = strs(&an, "id");
+    let corpus = read_table(&t.path("rk/share-0.1/seed-3/corpus.parquet"));
+    let neglected: std::collections::HashMap<String, bool> = strs(&corpus, "id")
         .into_iter()
         .zip(f64s(&corpus, "neglected").into_iter().map(|x| x > 0.5))
         .collect();
-    let mut order: Vec<usize> = (0..ids.len()).collect();
-    order.sort_by(|&a, &b| loss[b].total_cmp(&loss[a]));
-    let (mut hits, mut sum) = (0.0, 0.0);
-    for (k, &j) in order.iter().enumerate() {
-        if truth[&ids[j]] {
-            hits += 1.0;
-            sum += hits / (k + 1) as f64;
-        }
-    }
+    let labels: Vec<bool> = ids.iter().map(|id| neglected[id]).collect();
+    // Loss (untied): AP = mean over positives i of #{positives with loss ≥ ℓ_i} / #{loss ≥ ℓ_i}.
+    let loss = f64s(&an, "loss");
+    let pos: Vec<usize> = (0..ids.len()).filter(|&i| labels[i]).collect();
+    let count = |i: usize, only_pos: bool| {
+        (0..ids.len())
+            .filter(|&j| loss[j] >= loss[i] && (!only_pos || labels[j]))
+            .count() as f64
+    };
+    let want = pos
+        .iter()
+        .map(|&i| count(i, true) / count(i, false))
+        .sum::<f64>()
+        / pos.len() as f64;
     assert!(
-        (ap[i] - sum / hits).abs() < 1e-12,
-        "{} vs {}",
-        ap[i],
-        sum / hits
+        (ap[row("loss", 3.0)] - want).abs() < 1e-12,
+        "{} vs {want}",
+        ap[row("loss", 3.0)]
     );
-    // The summary (held-out seeds 2 and 3) is their mean.
+    // gc (|GC| of the domain, lowest first: tied within each domain): the mean AP over 4,000
+    // random tie-breaks.
+    let gc: Vec<f64> = f64s(&an, "domain_gc").into_iter().map(|x| -x).collect();
+    let mut state = 12345u64;
+    let mut total = 0.0;
+    for _ in 0..4000 {
+        let mut key: Vec<(f64, f64, bool)> = (0..ids.len())
+            .map(|i| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let g = if gc[i].is_finite() {
+                    gc[i]
+                } else {
+                    f64::NEG_INFINITY
+                };
+                (g, (state >> 11) as f64, labels[i])
+            })
+            .collect();
+        key.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.total_cmp(&a.1)));
+        let (mut hits, mut sum) = (0.0, 0.0);
+        for (k, x) in key.iter().enumerate() {
+            if x.2 {
+                hits += 1.0;
+                sum += hits / (k + 1) as f64;
+            }
+        }
+        total += sum / hits;
+    }
+    let mc = total / 4000.0;
+    assert!(
+        (ap[row("gc", 3.0)] - mc).abs() < 0.01,
+        "{} vs {mc}",
+        ap[row("gc", 3.0)]
+    );
+    // The summary is over the held-out seeds 3 and 4 only.
     let summary = read_table(&t.path("rk/summary.parquet"));
-    let (sc, ss, sap) = (
+    let (sc, st, sap, slo, shi) = (
         strs(&summary, "criterion"),
-        strs(&summary, "share"),
+        strs(&summary, "truth"),
         f64s(&summary, "ap"),
+        f64s(&summary, "ap_low"),
+        f64s(&summary, "ap_high"),
     );
     let k = (0..sc.len())
-        .find(|&k| sc[k] == "loss" && ss[k] == "all")
+        .find(|&k| sc[k] == "loss" && st[k] == "synthetic")
         .unwrap();
-    let held: Vec<f64> = (0..9)
-        .filter(|&i| crit[i] == "loss" && seed[i] > 1.0)
-        .map(|i| ap[i])
-        .collect();
-    assert!((sap[k] - (held[0] + held[1]) / 2.0).abs() < 1e-12);
+    assert!((sap[k] - (ap[row("loss", 3.0)] + ap[row("loss", 4.0)]) / 2.0).abs() < 1e-12);
+    assert!(slo[k] >= 0.0 && shi[k] <= 1.0);
+    // The fitted model: fitted on seeds 1-2, with its provenance, and readable by analyze.
+    let fitted = std::fs::read_to_string(t.path("rk/fitted-model.toml")).unwrap();
+    assert!(
+        fitted.contains("seeds [1, 2]") && fitted.contains("weights"),
+        "{fitted}"
+    );
+    let models = std::fs::read_to_string(t.path("rk/models.toml")).unwrap();
+    assert!(models.contains("fit:default-no-kernel") && models.contains("cross-validated"));
+    let truth_table = read_table(&t.path("rk/share-0.1/seed-3/counterfactual/truth.parquet"));
+    assert_eq!(truth_table.height(), ids.len());
+    for c in ["loss_now", "loss_control", "loss_targeted", "gain"] {
+        assert!(f64s(&truth_table, c).iter().all(|x| x.is_finite()), "{c}");
+    }
+}
+
+/// Bad input a new user tries, each refused with exit 2 and one line naming the option or the
+/// file (issue 31): a projection kind without a projection, selections that select nothing, an
+/// output path that cannot be one, a folder that is not a study, an expert a dense model does
+/// not have, and a resume under other settings, named as the command line spells them.
+#[test]
+fn wrong_answers_to_bad_input_are_refused() {
+    let t = Tmp::new();
+    let corpus = synth(&t, 300);
+    let spec = tiny_spec(&t, &corpus);
+    let model = train_run(&t, &spec, "dense");
+    let ntk = |extra: &[&str], out: &str| -> Vec<String> {
+        let mut v: Vec<String> = ["ntk", "--model", &model, "--corpus", &corpus]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(["--samples", "12", "--bins", "2", "-o", out].map(String::from));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run_bad = |v: Vec<String>, needles: &[&str]| {
+        let args: Vec<&str> = v.iter().map(String::as_str).collect();
+        bad(&args, needles);
+    };
+    // --projection with no --project was ignored: the kernel came out unprojected.
+    let out = t.s("n-proj");
+    run_bad(
+        ntk(&["--projection", "kronecker"], &out),
+        &["--projection", "--project K"],
+    );
+    assert!(!t.path("n-proj").exists(), "nothing is written");
+    let spec = t.file(
+        "proj.toml",
+        format!(
+            "[data]\ncorpus = \"{corpus}\"\n[ntk]\nout = \"{}\"\nprojection = \"kronecker\"\n[analysis]\nmodel = \"{model}\"\nout = \"{}\"\n",
+            t.s("spec-ntk"),
+            t.s("spec-an")
+        )
+        .as_bytes(),
+    );
+    bad(
+        &["run", &spec],
+        &["proj.toml", "ntk.projection", "project = K"],
+    );
+    // An expert of a dense model named --params.
+    let o = run(&ntk(&["--expert", "1:3"], &t.s("n-expert"))
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--expert") && err.contains("block 1 of this model has no experts"),
+        "{err}"
+    );
+    assert!(!err.contains("--params:"), "{err}");
+    // select --top 0 and --threshold NaN selected nothing and succeeded.
+    usage_bad(
+        &["select", "--analysis", "a", "--top", "0", "-o", "s.parquet"],
+        &["--top", "at least 1"],
+    );
+    usage_bad(
+        &[
+            "select",
+            "--analysis",
+            "a",
+            "--threshold",
+            "NaN",
+            "-o",
+            "s.parquet",
+        ],
+        &["--threshold", "finite"],
+    );
+    // An output path that is an existing file exited 1 with the system's "File exists".
+    let file = t.file("plain.txt", b"not a folder");
+    run_bad(ntk(&[], &file), &["-o", "plain.txt is an existing file"]);
+    bad(
+        &["freq", "--corpus", &corpus, "-o", &file],
+        &["-o", "existing file", "folder"],
+    );
+    let below = format!("{file}/x.parquet");
+    bad(
+        &["select", "--analysis", "a", "--top", "3", "-o", &below],
+        &[
+            "-o",
+            "plain.txt is an existing file",
+            "cannot be made under it",
+        ],
+    );
+    bad(
+        &["select", "--analysis", "a", "--top", "3", "-o", &t.s("c")],
+        &["-o", "existing folder"],
+    );
+    // report --study on a folder that is not a study named a missing summary.parquet.
+    let report = |study: &str| -> Vec<String> {
+        [
+            "report",
+            "--analysis",
+            "a",
+            "--ntk",
+            "n",
+            "--study",
+            study,
+            "-o",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([t.s("r")])
+        .collect()
+    };
+    run_bad(
+        report(&t.s("c")),
+        &[
+            "--study",
+            "is not a study's output folder",
+            "study.md",
+            "experts.md",
+        ],
+    );
+    t.file("ranking/ranking.md", b"# ranking");
+    run_bad(report(&t.s("ranking")), &["--study", "ranking study"]);
+    run_bad(report(&t.s("nowhere")), &["--study", "does not exist"]);
+    // A resume under other settings named them in Rust debug text.
+    let tiled = t.s("tiled");
+    ok(&ntk(&["--tile", "5"], &tiled)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let o = run(&ntk(&["--tile", "5", "--project", "16"], &tiled)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("written with capture.projection = no --project, this run has capture.projection = --project 16 --projection sparse"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("Some(") && !err.contains("Projection {"),
+        "{err}"
+    );
+    // A missing input named its system error twice ("No such file …: No such file …").
+    let o = run(&["freq", "--corpus", &t.s("none.parquet"), "-o", &t.s("f")]);
+    let err = stderr(&o);
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+}
+
+/// `scripts/check-report-browser` run as it is, under a Python without selenium (the system's,
+/// or any with `-S`, which leaves out every installed package), runs itself again under the
+/// project's Python; where that has no selenium either, one line says how to install it.
+#[test]
+fn the_browser_check_runs_under_the_projects_python() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check-report-browser");
+    let t = Tmp::new();
+    let (page, shot) = (t.s("missing.html"), t.s("shot.png"));
+    // As the README runs it: its #! line picks python3 from PATH.
+    let o = Command::new(&script).args([&page, &shot]).output().unwrap();
+    let err = stderr(&o);
+    assert!(err.contains("missing.html: no such file"), "{err}");
+    assert!(!err.contains("ModuleNotFoundError"), "{err}");
+    // Under a Python with no packages at all: run again under the project's.
+    let o = Command::new("python3")
+        .arg("-S")
+        .arg(&script)
+        .args([&page, &shot])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(err.contains("missing.html: no such file"), "{err}");
+    // No project Python with selenium: one line saying how.
+    let python3 = String::from_utf8(
+        Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let o = Command::new(python3.trim())
+        .arg("-S")
+        .arg(&script)
+        .args([&page, &shot])
+        .env("TAILSCOPE_PYTHON", python3.trim())
+        .env("TAILSCOPE_TORCH_HOME", t.s("no-venv"))
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("selenium not installed") && err.contains("scripts/setup --test-deps"),
+        "{err}"
+    );
 }

@@ -194,10 +194,7 @@ fn cached_trunk_states_equal_recomputed_ones() {
     let diff = ((&cached - &direct) * &real).abs().max().double_value(&[]);
     assert!(diff < 1e-5, "cached and recomputed trunk differ by {diff}");
     let pads: Tensor = 1.0 - &real;
-    let padded = (&cached * &pads)
-        .abs()
-        .sum(Kind::Float)
-        .double_value(&[]);
+    let padded = (&cached * &pads).abs().sum(Kind::Float).double_value(&[]);
     assert_eq!(padded, 0.0, "padding positions hold zeros");
     // Another cache, asked in another order and after other batches: the same bits.
     let fresh = TrunkCache::default();

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
 use tailscope::analysis::analyze::{analyze, AnalyzeSpec};
+use tailscope::analysis::learnability::LearnabilityOptions;
 use tailscope::capture::job::{Job, JobSpec};
 use tailscope::capture::{CaptureOptions, Selection};
 use tailscope::corpus::synth::{generate, SynthOptions};
@@ -210,15 +211,10 @@ fn library_and_cli_agree() {
     // Analysis: the same correlations and flags.
     let a = analyze(
         &AnalyzeSpec {
-            ntk: lib_ntk.clone(),
-            model: model.clone(),
-            corpus: table.clone(),
-            tokenizer: None,
             resamples: 50,
-            alpha: 0.05,
-            flags: Default::default(),
-            baseline: None,
+            learnability: Some(LearnabilityOptions::default().seeded(3)),
             seed: 3,
+            ..AnalyzeSpec::new(&lib_ntk, &model, &table)
         },
         Device::Cpu,
         &Silent,
@@ -253,6 +249,14 @@ fn library_and_cli_agree() {
     }
     let flags = tailscope::io::read_parquet(cli_an.join("flags.parquet")).unwrap();
     assert_eq!(flags.height(), a.flagged.len());
+    // The same statistics of neglect, learnability included, and the same score.
+    let an = tailscope::io::read_parquet(cli_an.join("analysis.parquet")).unwrap();
+    for f in ["neglect", "support", "predicted_decrease", "excess_loss"] {
+        let cli_v = tailscope::io::column_f64(&an, f, &cli_an).unwrap();
+        let lib_v = tailscope::io::column_f64(&a.joined, f, &cli_an).unwrap();
+        assert_eq!(cli_v, lib_v, "{f}");
+        assert!(lib_v.iter().all(|x| x.is_finite()), "{f}");
+    }
 }
 
 /// Every bundled spec under analyses/ reads as a pipeline, training or study spec (their enum
@@ -267,7 +271,10 @@ fn bundled_specs_parse() {
             continue;
         }
         let text = std::fs::read_to_string(&p).unwrap();
-        if text.contains("[experts]") {
+        if text.contains("\nweights = [") {
+            let m = tailscope::analysis::neglect::NeglectModel::read(&p).unwrap();
+            assert_eq!(m.weights.len(), m.features.len(), "{p:?}");
+        } else if text.contains("[experts]") {
             let s = tailscope::study::experts::ExpertsSpec::read(&p).unwrap();
             assert!(s.experts.seeds.len() >= 3, "{p:?}");
         } else if text.contains("[[run]]") {

@@ -219,3 +219,86 @@ fn mpi_ranks_give_the_one_process_kernel_and_survive_failures() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("capture.projection"), "{}", stderr(&o));
 }
+
+/// `args` with the value after `flag` replaced by `value`.
+fn with_value(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    let at = args
+        .iter()
+        .position(|a| a == flag)
+        .expect("the flag is there");
+    args[at + 1] = value.to_string();
+    args
+}
+
+/// The ring exchange when the ranks' payloads differ in size and in number of messages: more
+/// ranks than shards (1 shard on 3 ranks, 2 on 4: ranks with nothing to send), uneven shares
+/// (4 shards of 3, 3, 3 and 1 samples on 3 ranks) and payloads of several messages
+/// (`TAILSCOPE_MPI_CHUNK` set to 1,000 values, so a shard's gradients cross in tens of
+/// messages and a rank's last message is shorter than its neighbour's). Every run gives the
+/// one-process kernel, GC and sample tables; a chunk size that is not a positive count is
+/// refused, naming the variable.
+#[test]
+fn mpi_exchange_agrees_on_message_counts_whatever_the_shares() {
+    let t = Tmp::new();
+    let corpus = synth(&t, 400);
+    let spec = tiny_spec(&t, &corpus);
+    let model = train_run(&t, &spec, "dense");
+    let args = |out: &str, samples: usize, tile: usize| {
+        let v = tiled_ntk(&model, &corpus, out, &[]);
+        with_value(
+            with_value(v, "--samples", &samples.to_string()),
+            "--tile",
+            &tile.to_string(),
+        )
+    };
+    // (samples, tile, ranks, values per message)
+    let cases: [(usize, usize, usize, Option<&str>); 4] = [
+        (8, 8, 3, None),
+        (8, 4, 4, None),
+        (10, 3, 3, Some("1000")),
+        (8, 8, 3, Some("1000")),
+    ];
+    for (k, (samples, tile, ranks, chunk)) in cases.into_iter().enumerate() {
+        let one = t.s(&format!("one-{k}"));
+        ok(&strs(&args(&one, samples, tile)));
+        let dir = t.s(&format!("ranks-{k}"));
+        let mut cmd = mpirun(ranks);
+        if let Some(c) = chunk {
+            cmd.env("TAILSCOPE_MPI_CHUNK", c);
+        }
+        let o = cmd.args(args(&dir, samples, tile)).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{samples} samples in tiles of {tile} on {ranks} ranks, chunk {chunk:?}: {}",
+            stderr(&o)
+        );
+        same_outputs(Path::new(&one), Path::new(&dir));
+        let ranks_json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(Path::new(&dir).join("ranks.json")).unwrap())
+                .unwrap();
+        let samples_per_rank: Vec<u64> = ranks_json
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["samples"].as_u64().unwrap())
+            .collect();
+        let want: Vec<u64> = (0..ranks)
+            .map(|r| {
+                (0..samples.div_ceil(tile))
+                    .filter(|s| s % ranks == r)
+                    .map(|s| (samples.min((s + 1) * tile) - s * tile) as u64)
+                    .sum()
+            })
+            .collect();
+        assert_eq!(samples_per_rank, want, "case {k}");
+    }
+    for bad in ["0", "many"] {
+        let o = mpirun(2)
+            .env("TAILSCOPE_MPI_CHUNK", bad)
+            .args(args(&t.s(&format!("bad-{bad}")), 8, 4))
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("TAILSCOPE_MPI_CHUNK"), "{}", stderr(&o));
+    }
+}

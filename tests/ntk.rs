@@ -847,36 +847,76 @@ fn unbiased_and_shrinking(kind: ProjectionKind) {
     );
 }
 
-/// The sparse JL projection (s nonzeros ±1/√s per row): the batched path equals projecting the
-/// exact path's per-sample gradients to 1e-10 in float64; the kernel is unbiased and its error
-/// shrinks as k grows.
+/// SplitMix64's draw `i` of the stream `stream`, mix(stream + i·γ), written out here.
+fn splitmix(stream: u64, i: u64) -> u64 {
+    let mut z = stream.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The sparse JL matrix (rows × k, float64) of the parameter `name`, built here from its
+/// definition (README, `ProjectionKind::Sparse`): rows in blocks of 65,536, block q's stream
+/// hashed from "{name}#{q}/sparse"; row r's nonzero in column block b (columns
+/// [b·k/s, (b+1)·k/s), s = min(k, 8)) from draw r·s + b: the column offset is the draw's high
+/// 32 bits times the block's width over 2³², the value +1/√s where the draw is odd, else −1/√s.
+fn sparse_matrix(name: &str, rows: i64, k: i64, seed: u64) -> Tensor {
+    let s = k.min(tailscope::capture::SPARSE_NONZEROS);
+    let mut r = vec![0.0f64; (rows * k) as usize];
+    for row in 0..rows {
+        let (q, local) = (row / 65536, row % 65536);
+        let key = format!("{name}#{q}/sparse");
+        let stream = tailscope::seed::stable_hash(seed, key.as_bytes());
+        for b in 0..s {
+            let h = splitmix(stream, (local * s + b) as u64);
+            let (lo, hi) = (b * k / s, (b + 1) * k / s);
+            let col = lo + (((h >> 32) * (hi - lo) as u64) >> 32) as i64;
+            let sign = if h & 1 == 1 { 1.0 } else { -1.0 };
+            r[(row * k + col) as usize] = sign / (s as f64).sqrt();
+        }
+    }
+    Tensor::from_slice(&r).view([rows, k])
+}
+
+/// The sparse JL projection (s nonzeros ±1/√s per row): each parameter's projected gradients,
+/// by the exact and by the batched path, equal the unprojected exact gradients times the sparse
+/// matrix built in this test (an explicit product) to 1e-10 in float64, for k above s and
+/// below it; the kernel is unbiased and its error shrinks as k grows.
 #[test]
 fn sparse_projection_matches_its_oracle_and_is_unbiased() {
     let s = seqs();
     let refs: Vec<&[u32]> = s.iter().map(Vec::as_slice).collect();
     let (vs, model) = build(&tiny(Arch::Gpt, ExpertConfig::Dense));
     let params = Selection::default().select(&vs).unwrap();
-    let opts = |method| CaptureOptions {
-        method,
-        batch: 4,
-        projection: Some(Projection {
-            kind: ProjectionKind::Sparse,
-            dim: 100,
-            seed: 7,
-        }),
+    let cap =
+        |o: &CaptureOptions| capture(&model, &params, &refs, o, Device::Cpu, &|_| {}).unwrap();
+    let plain = cap(&CaptureOptions {
+        method: Method::Exact,
         ..Default::default()
-    };
-    let k_of = |o: &CaptureOptions| {
-        kernel(
-            &capture(&model, &params, &refs, o, Device::Cpu, &|_| {}).unwrap(),
-            None,
-            BlockBy::Param,
-            false,
-        )
-        .unwrap()
-    };
-    let (fast, oracle) = (k_of(&opts(Method::Batched)), k_of(&opts(Method::Exact)));
-    assert!(rel_err(&oracle.total, &fast.total) < 1e-10);
+    });
+    for dim in [100, 5] {
+        let opts = |method| CaptureOptions {
+            method,
+            batch: 4,
+            projection: Some(Projection {
+                kind: ProjectionKind::Sparse,
+                dim,
+                seed: 7,
+            }),
+            ..Default::default()
+        };
+        for method in [Method::Batched, Method::Exact] {
+            let projected = cap(&opts(method));
+            for (k, name) in plain.names.iter().enumerate() {
+                let j = plain.jac[k].as_ref().unwrap();
+                let want = j.mm(&sparse_matrix(name, j.size()[1], dim, 7));
+                let got = projected.jac[k].as_ref().unwrap();
+                assert_eq!(got.size(), want.size(), "{name}");
+                let e = rel_err(&want, got);
+                assert!(e < 1e-10, "{method:?} k = {dim} {name}: {e:e}");
+            }
+        }
+    }
     unbiased_and_shrinking(ProjectionKind::Sparse);
 }
 
@@ -1126,4 +1166,97 @@ fn float32_kernels_of_every_method_agree_to_float32_precision() {
             assert!(err < 1e-5, "{arch:?} float32 {method:?}: {err:.2e}");
         }
     }
+}
+
+/// Above `--assemble-max` a kernel stays in its tiles (30 samples in tiles of 7: 5 shards, 15
+/// tiles, read from disk at every pass): GC, the groups' shapes, jackknife and half-sample
+/// intervals and the alignment equal those of the assembled kernel in memory to 1e-8. The
+/// tiles give out no sub-kernel; each product pass reads every tile once and multiplies several
+/// vectors, so the jackknife's 41 Lanczos solves (6 leave-out sets, then 5 groups in each of
+/// them and in the whole set) take fewer passes than there are solves.
+#[test]
+fn tiles_above_assemble_max_give_the_in_memory_gc_reading_each_tile_once_per_pass() {
+    use tailscope::ntk::gc::{self, LOCKSTEP};
+    use tailscope::ntk::op::{Dense, KernelOp};
+    use tailscope::ntk::stream::{assemble, stream_kernel, StreamPlan, Work};
+    use tailscope::ntk::tiles::Tiles;
+    let (vs, model) = build(&tiny(Arch::Gpt, ExpertConfig::Dense));
+    let params = Selection::default().select(&vs).unwrap();
+    let s: Vec<Vec<u32>> = (0..30u32)
+        .map(|i| (0..3 + i % 5).map(|t| 1 + (i * 7 + t * 3) % 16).collect())
+        .collect();
+    let refs: Vec<&[u32]> = s.iter().map(Vec::as_slice).collect();
+    let (opts, _) = in_memory(&model, &params, &refs);
+    let dir = tempfile::tempdir().unwrap();
+    let plan = StreamPlan {
+        dir: dir.path(),
+        tile: 7,
+        blocks: BlockBy::Module,
+        work: Work::All,
+    };
+    stream_kernel(
+        &model,
+        &params,
+        &refs,
+        &opts,
+        &plan,
+        Device::Cpu,
+        &|_, _| {},
+    )
+    .unwrap();
+    let dense = Dense::new(&assemble(dir.path(), 30, 7).unwrap()[0].1);
+    let names: Vec<String> = (0..30).map(|i| format!("s{i}")).collect();
+    let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+    let tiles = Tiles::open(dir.path(), &ids, 7, 0).unwrap();
+    assert!(tiles.sub(&[0, 1]).unwrap().is_none());
+    let groups: Vec<Vec<usize>> = (0..3)
+        .map(|b| (0..30).filter(|i| i % 3 == b).collect())
+        .chain([(0..8).collect(), (25..30).collect()])
+        .collect();
+    let refs: Vec<&[usize]> = groups.iter().map(Vec::as_slice).collect();
+    let (wd, wt) = (
+        gc::principal_op(&dense, None).unwrap(),
+        gc::principal_op(&tiles, None).unwrap(),
+    );
+    assert!((wd.lambda - wt.lambda).abs() < 1e-10 * wd.lambda);
+    assert!((&wd.u - &wt.u).abs().max().double_value(&[]) < 1e-8);
+    let near = |a: f64, b: f64| (a - b).abs() < 1e-8 * a.abs().max(1.0);
+    let (sd, st) = (
+        gc::subsets(&dense, &wd, &refs).unwrap(),
+        gc::subsets(&tiles, &wt, &refs).unwrap(),
+    );
+    for (a, b) in sd.iter().zip(&st) {
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert!(
+            near(a.gc, b.gc) && near(a.participation, b.participation),
+            "{a:?} {b:?}"
+        );
+        assert!(near(a.top_share, b.top_share) && near(a.sign_margin, b.sign_margin));
+    }
+    let same = |p: Vec<Option<(f64, f64)>>, q: Vec<Option<(f64, f64)>>| {
+        for (a, b) in p.iter().zip(&q) {
+            let (a, b) = (a.unwrap(), b.unwrap());
+            assert!(near(a.0, b.0) && near(a.1, b.1), "{a:?} against {b:?}");
+        }
+    };
+    let before = tiles.counts();
+    let jt = gc::gc_jackknife(&tiles, &wt, &refs, 6, 0.05, 1).unwrap();
+    let after = tiles.counts();
+    same(
+        gc::gc_jackknife(&dense, &wd, &refs, 6, 0.05, 1).unwrap(),
+        jt,
+    );
+    let passes = after.passes - before.passes;
+    assert_eq!(after.reads - before.reads, 15 * passes, "{after:?}");
+    assert!(passes < 6 + 7 * groups.len(), "{passes} passes");
+    assert!(after.widest > 1 && after.widest <= LOCKSTEP, "{after:?}");
+    same(
+        gc::gc_bootstrap(&dense, &wd, &refs, 5, 0.05, 1).unwrap(),
+        gc::gc_bootstrap(&tiles, &wt, &refs, 5, 0.05, 1).unwrap(),
+    );
+    let (ad, at) = (
+        gc::alignment(&dense, &wd).unwrap(),
+        gc::alignment(&tiles, &wt).unwrap(),
+    );
+    assert!(ad.iter().zip(&at).all(|(a, b)| near(*a, *b)));
 }

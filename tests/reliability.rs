@@ -602,6 +602,30 @@ fn sharded_kernel_over_processes_equals_one_process() {
     )));
     assert!(printed.contains("exceed --assemble-max 10"), "{printed}");
     same_tables(&t.path("plain-one"), &t.path("plain-3"));
+    // Not held in memory (--memory near 0), the 28 tiles are read once when opened (tile 0-0
+    // once more for its block names) and once per product pass, each pass multiplying several
+    // vectors (the log says how many).
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tailscope"))
+        .args(with(
+            ntk(&t.s("plain-3"), &[]),
+            &["--assemble", "--assemble-max", "10", "--memory", "0.000001"],
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = stderr(&o);
+    let counts: Vec<usize> = log
+        .lines()
+        .find_map(|l| l.find("kernel of").map(|at| &l[at..]))
+        .unwrap_or_else(|| panic!("no tile count in {log}"))
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let [_, reads, passes, widest] = counts[..] else {
+        panic!("{counts:?} in {log}")
+    };
+    assert_eq!(reads, 28 * (passes + 1) + 1, "{log}");
+    assert!(widest > 1, "{log}");
     ok(&refs(&ntk(&t.s("rows-one"), &["--assemble-max", "10"])));
     assert!(!t.path("rows-one/kernel.safetensors").exists());
     same_tables(&t.path("plain-one"), &t.path("rows-one"));

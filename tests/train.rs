@@ -521,6 +521,55 @@ fn continued_training_up_weights_a_selection_and_resumes_exactly() {
     assert_ne!(finals[0], finals[2], "the sampling weight changed no batch");
     assert_ne!(finals[1], finals[2]);
 
+    // Runs of one spec family that train only the top FFN share the frozen trunk's outputs per
+    // step; a run that up-weights a selection draws other batches, so it must not be given the
+    // trunk outputs of another run's batch at the same step: trained after the plain run on the
+    // same data, the weighted run ends exactly where it ends on data of its own.
+    let mlp = |how: &str, name: &str| -> TrainSpec {
+        let s = continued(how, name);
+        let text = std::fs::read_to_string(dir.path().join(format!("{name}.toml")))
+            .unwrap()
+            .replace("train = \"all\"", "train = \"mlp\"");
+        std::fs::write(dir.path().join(format!("{name}.toml")), text).unwrap();
+        let _ = s;
+        TrainSpec::read(&dir.path().join(format!("{name}.toml"))).unwrap()
+    };
+    let (mlp_plain, mlp_weight) = (
+        mlp("", "mlp-plain"),
+        mlp(&sel("weight = 5.0"), "mlp-weight"),
+    );
+    let shared = TrainData::for_spec(&mlp_plain).unwrap();
+    let run_on = |spec: &TrainSpec, data: &TrainData, out: &str| {
+        train::train_run(
+            spec,
+            &spec.runs[0],
+            data,
+            &dir.path().join(out),
+            Device::Cpu,
+            7,
+            false,
+            &never,
+            &train::Silent,
+        )
+        .unwrap()
+        .state
+        .log
+        .iter()
+        .map(|x| x.loss)
+        .collect::<Vec<_>>()
+    };
+    run_on(&mlp_plain, &shared, "mlp-plain");
+    let after_plain = run_on(&mlp_weight, &shared, "mlp-weight-shared");
+    let alone = run_on(
+        &mlp_weight,
+        &TrainData::for_spec(&mlp_weight).unwrap(),
+        "mlp-weight-alone",
+    );
+    assert_eq!(
+        after_plain, alone,
+        "a run was given another run's trunk outputs"
+    );
+
     // Resuming under another up-weighting is refused, naming the selection.
     let repeat2 = continued(&sel("repeat = 2"), "repeat2");
     let err = train::train_run(

@@ -1,6 +1,8 @@
 //! Under-memorised long-tail flags. A sample is flagged when it is
-//! 1. rare: its frequency score is in the lowest `rare_quantile` of the analysed samples, or its
-//!    domain is long-tail (when `long_tail_domains` is on);
+//! 1. rare: its frequency percentile (the fraction of the other samples whose score is strictly
+//!    below its own, so samples tied at the lowest score are at 0) is below `rare_quantile`, or
+//!    its domain is long-tail (when `long_tail_domains` is on); a sample with no frequency score
+//!    (NaN) is rare only by its domain;
 //! 2. poorly aligned: its alignment cos(g(X), J_i) is in the lowest `align_quantile`;
 //! 3. poorly fitted: its loss exceeds the median loss of its frequency-bin peers by at least
 //!    `loss_z` robust standard deviations (1.4826 × the bin's median absolute deviation).
@@ -46,7 +48,7 @@ pub struct SampleMetrics {
     pub alignment: f64,
     /// Mean token loss.
     pub loss: f64,
-    /// Frequency bin (peers for the loss comparison).
+    /// Frequency bin (peers for the loss comparison; see [`peer_bins`] for samples without one).
     pub bin: usize,
 }
 
@@ -57,9 +59,10 @@ pub struct Flag {
     pub index: usize,
     /// Ranking score (higher: more neglected).
     pub rank_score: f64,
-    /// Percentile of its frequency score.
+    /// Percentile of its frequency score ([`percentiles`]: the fraction of the other samples
+    /// strictly below; NaN without a score).
     pub freq_percentile: f64,
-    /// Percentile of its alignment.
+    /// Percentile of its alignment ([`percentiles`]).
     pub align_percentile: f64,
     /// Robust z-score of its loss within its frequency bin.
     pub loss_z: f64,
@@ -67,11 +70,41 @@ pub struct Flag {
     pub reasons: Vec<String>,
 }
 
-/// Fraction of values strictly below each value (0 = lowest).
-fn percentiles(v: &[f64]) -> Vec<f64> {
-    let r = crate::stats::ranks(v);
-    let n = v.len().max(2) as f64;
-    r.iter().map(|x| (x - 1.0) / (n - 1.0)).collect()
+/// The percentile of each value: the fraction of the other values strictly below it,
+/// #{j ≠ i : v_j < v_i} / (n − 1). The lowest value, and every value tied with it, is at 0;
+/// without ties this is (rank − 1) / (n − 1). A NaN (a missing value) has a NaN percentile and
+/// is not counted among the n values of the others.
+pub fn percentiles(v: &[f64]) -> Vec<f64> {
+    let mut sorted: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    sorted.sort_by(f64::total_cmp);
+    let others = sorted.len().saturating_sub(1).max(1) as f64;
+    v.iter()
+        .map(|&x| {
+            if x.is_nan() {
+                return f64::NAN;
+            }
+            sorted.partition_point(|&y| y < x) as f64 / others
+        })
+        .collect()
+}
+
+/// The loss-peer group of each sample from its frequency bin as a table holds it (`freq_bin`,
+/// NaN where the sample has no frequency score and so no bin): its bin, and for samples with
+/// no bin one group of their own after the last bin.
+pub fn peer_bins(bins: &[f64]) -> Vec<usize> {
+    let missing = bins
+        .iter()
+        .filter(|b| b.is_finite())
+        .fold(0.0f64, |m, &b| m.max(b + 1.0)) as usize;
+    bins.iter()
+        .map(|&b| {
+            if b.is_finite() {
+                b.max(0.0) as usize
+            } else {
+                missing
+            }
+        })
+        .collect()
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -170,6 +203,60 @@ mod tests {
             loss,
             bin,
         }
+    }
+
+    /// The percentile is the fraction of the other values strictly below: samples tied at the
+    /// minimum are at 0 (average ranks put them at 0.25), ties elsewhere share the fraction
+    /// below them, and a NaN is left out of the others' fractions.
+    #[test]
+    fn percentiles_are_the_fraction_strictly_below_under_ties() {
+        let p = percentiles(&[0.0, 0.0, 0.0, 0.5, 1.0]);
+        assert_eq!(p, vec![0.0, 0.0, 0.0, 0.75, 1.0]);
+        let p = percentiles(&[3.0, 1.0, 3.0, 2.0, 5.0]);
+        assert_eq!(p, vec![0.5, 0.0, 0.5, 0.25, 1.0]);
+        let p = percentiles(&[2.0, f64::NAN, 1.0, 3.0]);
+        assert_eq!((p[0], p[2], p[3]), (0.5, 0.0, 1.0));
+        assert!(p[1].is_nan());
+        assert_eq!(percentiles(&[7.0]), vec![0.0]);
+    }
+
+    /// The rarest samples, tied at the lowest frequency score, are rare (percentile 0 below
+    /// 0.2); under average ranks they were at 0.25 and never rare.
+    #[test]
+    fn samples_tied_at_the_lowest_frequency_are_rare() {
+        let mut m: Vec<SampleMetrics> = (0..10)
+            .map(|i| {
+                s(
+                    0.1 * i as f64,
+                    false,
+                    0.1 * i as f64,
+                    1.0 + i as f64 / 10.0,
+                    0,
+                )
+            })
+            .collect();
+        for (k, x) in m.iter_mut().take(5).enumerate() {
+            x.freq_score = 0.0;
+            x.alignment = -1.0 + 0.1 * k as f64;
+            x.loss = 10.0 + k as f64;
+        }
+        let f = flag(
+            &m,
+            &FlagOptions {
+                long_tail_domains: false,
+                ..Default::default()
+            },
+        );
+        assert_eq!(f.len(), 5, "{f:?}");
+        assert!(f.iter().all(|x| x.freq_percentile == 0.0));
+        assert!(f[0].reasons[0].contains("(percentile 0.00)"), "{:?}", f[0]);
+    }
+
+    /// Samples with no frequency bin (NaN) are their own loss peers after the last bin.
+    #[test]
+    fn samples_without_a_bin_are_their_own_peers() {
+        assert_eq!(peer_bins(&[0.0, f64::NAN, 2.0, 1.0]), vec![0, 3, 2, 1]);
+        assert_eq!(peer_bins(&[f64::NAN, f64::NAN]), vec![0, 0]);
     }
 
     /// Ten samples in one bin, losses 1..=10 (median 5.5, MAD 2.5 → scale 3.7065).

@@ -1,20 +1,30 @@
 //! What to train on next (`tailscope select`): rank the samples of an analysis by a criterion
 //! and choose the top m, or those at or above a score threshold.
 //!
-//! Every criterion is a score where higher means "select first":
-//! - `flag` (default): the flag rank score (1 − frequency percentile) + (1 − alignment
-//!   percentile) + loss z ([`super::flags`]), with the samples that meet all three flag
-//!   conditions ahead of those that do not;
-//! - `alignment`: −cos(g(X), J_i), the least aligned first;
-//! - `gc`: −GC of the sample's domain (from the NTK run's `gc.parquet`), the least consistent
-//!   domain first;
-//! - `self-kernel`: Θ_ii, the largest per-sample gradient first (GraNd-like);
+//! Every criterion is a score where higher means "select first"; each reads a column of the
+//! analysis's `analysis.parquet` ([`super::analyze`]):
+//! - `flag` (default): the neglect probability ([`super::neglect`]), flagged samples first;
 //! - `loss`: mean token loss, the worst fitted first;
-//! - `frequency`: −frequency score, the rarest first;
 //! - `uncertainty`: the model's mean token entropy (nats), the least certain first;
+//! - `excess-loss`: position-matched excess loss, the hardest tokens for their context first;
+//! - `reducible`: loss minus the reference model's (analyses with `--reference`), largest first;
+//! - `predicted-decrease`: the loss decrease training on the data predicts, smallest first (what
+//!   the data does not teach);
+//! - `support`: ridge leverage on the training gradients, smallest first (isolated gradients);
+//! - `support-cos`: mean positive cosine with the training gradients, smallest first;
+//! - `gc`: |GC| of the sample's domain, smallest first (undefined GCs last);
+//! - `self-kernel`: Θ_ii, the largest per-sample gradient first (GraNd-like);
+//! - `alignment`: cos(g(X), J_i), the least aligned first;
+//! - `frequency`: frequency score, the rarest first;
+//! - `loss-slope`, `forgetting`, `self-influence` (analyses with `--checkpoints`): the loss
+//!   falling fastest (learnable, and still being learned), forgotten most (noise, by
+//!   second-split forgetting's reading), moved most by its own gradient first;
+//! - `rarity-rule`: the earlier flag rule of [`super::flags`] (rare, misaligned, poorly fitted),
+//!   kept for comparison;
 //! - `random`: a seeded uniform draw.
 //!
-//! Ties are broken by a seeded random key, so the same seed gives the same selection.
+//! A sample without a score (NaN: an undefined domain GC, a statistic not computed for it) ranks
+//! last. Ties are broken by a seeded random key, so the same seed gives the same selection.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -42,35 +52,62 @@ use crate::io::{column_f64, column_str, read_parquet};
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum Criterion {
-    /// Flag rank score, flagged samples first.
+    /// Neglect probability, flagged samples first.
     #[default]
     Flag,
-    /// Lowest alignment first.
-    Alignment,
-    /// Lowest GC of the sample's domain first.
+    /// Largest loss first.
+    Loss,
+    /// Largest mean token entropy first.
+    Uncertainty,
+    /// Largest position-matched excess loss first.
+    ExcessLoss,
+    /// Largest reducible loss first.
+    Reducible,
+    /// Smallest predicted decrease first.
+    PredictedDecrease,
+    /// Smallest ridge leverage first.
+    Support,
+    /// Smallest mean positive cosine first.
+    SupportCos,
+    /// Smallest |GC| of the sample's domain first.
     Gc,
     /// Largest Θ_ii first.
     SelfKernel,
-    /// Largest loss first.
-    Loss,
+    /// Lowest alignment first.
+    Alignment,
     /// Lowest frequency score first.
     Frequency,
-    /// Largest mean token entropy first.
-    Uncertainty,
+    /// Steepest fall of the loss over checkpoints first.
+    LossSlope,
+    /// Most forgetting events first.
+    Forgetting,
+    /// Largest self-influence first.
+    SelfInfluence,
+    /// The earlier rarity rule's rank score, its flagged samples first.
+    RarityRule,
     /// Seeded random order.
     Random,
 }
 
 impl Criterion {
     /// Every criterion, in the order of the docs.
-    pub const ALL: [Criterion; 8] = [
+    pub const ALL: [Criterion; 17] = [
         Criterion::Flag,
-        Criterion::Alignment,
+        Criterion::Loss,
+        Criterion::Uncertainty,
+        Criterion::ExcessLoss,
+        Criterion::Reducible,
+        Criterion::PredictedDecrease,
+        Criterion::Support,
+        Criterion::SupportCos,
         Criterion::Gc,
         Criterion::SelfKernel,
-        Criterion::Loss,
+        Criterion::Alignment,
         Criterion::Frequency,
-        Criterion::Uncertainty,
+        Criterion::LossSlope,
+        Criterion::Forgetting,
+        Criterion::SelfInfluence,
+        Criterion::RarityRule,
         Criterion::Random,
     ];
 
@@ -78,13 +115,59 @@ impl Criterion {
     pub fn name(self) -> &'static str {
         match self {
             Criterion::Flag => "flag",
-            Criterion::Alignment => "alignment",
+            Criterion::Loss => "loss",
+            Criterion::Uncertainty => "uncertainty",
+            Criterion::ExcessLoss => "excess-loss",
+            Criterion::Reducible => "reducible",
+            Criterion::PredictedDecrease => "predicted-decrease",
+            Criterion::Support => "support",
+            Criterion::SupportCos => "support-cos",
             Criterion::Gc => "gc",
             Criterion::SelfKernel => "self-kernel",
-            Criterion::Loss => "loss",
+            Criterion::Alignment => "alignment",
             Criterion::Frequency => "frequency",
-            Criterion::Uncertainty => "uncertainty",
+            Criterion::LossSlope => "loss-slope",
+            Criterion::Forgetting => "forgetting",
+            Criterion::SelfInfluence => "self-influence",
+            Criterion::RarityRule => "rarity-rule",
             Criterion::Random => "random",
+        }
+    }
+
+    /// The `analysis.parquet` column a criterion reads and its sign (+1: high first), for the
+    /// criteria that are one column.
+    pub fn column(self) -> Option<(&'static str, f64)> {
+        Some(match self {
+            Criterion::Flag => ("neglect", 1.0),
+            Criterion::Loss => ("loss", 1.0),
+            Criterion::Uncertainty => ("uncertainty", 1.0),
+            Criterion::ExcessLoss => ("excess_loss", 1.0),
+            Criterion::Reducible => ("reducible_loss", 1.0),
+            Criterion::PredictedDecrease => ("predicted_decrease", -1.0),
+            Criterion::Support => ("support", -1.0),
+            Criterion::SupportCos => ("support_cos", -1.0),
+            Criterion::Gc => ("domain_gc", -1.0),
+            Criterion::SelfKernel => ("self_kernel", 1.0),
+            Criterion::Alignment => ("alignment", -1.0),
+            Criterion::Frequency => ("freq_score", -1.0),
+            Criterion::LossSlope => ("loss_slope", -1.0),
+            Criterion::Forgetting => ("forgetting", 1.0),
+            Criterion::SelfInfluence => ("self_influence", 1.0),
+            Criterion::RarityRule | Criterion::Random => return None,
+        })
+    }
+
+    /// What the analysis needs for the criterion, when it is not always there.
+    fn needs(self) -> &'static str {
+        match self {
+            Criterion::Reducible => "analyze --reference MODEL",
+            Criterion::LossSlope | Criterion::Forgetting | Criterion::SelfInfluence => {
+                "analyze --checkpoints RUN"
+            }
+            Criterion::PredictedDecrease | Criterion::Support | Criterion::SupportCos => {
+                "analyze with the learnability statistics (--train-samples above 0)"
+            }
+            _ => "a rerun of analyze with this version",
         }
     }
 }
@@ -105,16 +188,15 @@ pub struct Pool {
     pub ids: Vec<String>,
     /// Domains.
     pub domains: Vec<String>,
-    /// Texts (for the uncertainty criterion's forward pass).
+    /// Texts.
     pub texts: Vec<String>,
-    /// Per-sample metrics of the flag rule.
-    pub metrics: Vec<SampleMetrics>,
-    /// Θ_ii.
-    pub self_kernel: Vec<f64>,
-    /// The flag options the analysis used.
-    pub flags: FlagOptions,
+    /// Every numeric column of `analysis.parquet`, by name.
+    pub columns: HashMap<String, Vec<f64>>,
+    /// Whether each sample is flagged (has a `flag_rank`).
+    pub flagged: Vec<bool>,
     /// The inputs the analysis recorded (ntk, model, corpus, tokenizer), when it did.
     pub inputs: HashMap<String, PathBuf>,
+    path: PathBuf,
 }
 
 impl Pool {
@@ -122,35 +204,21 @@ impl Pool {
     pub fn read(dir: &Path) -> Result<Pool> {
         let path = dir.join("analysis.parquet");
         let df = read_parquet(&path)?;
-        let f = |name: &str| column_f64(&df, name, &path);
-        let (freq, align, loss, bins, lt) = (
-            f("freq_score")?,
-            f("alignment")?,
-            f("loss")?,
-            f("freq_bin")?,
-            f("long_tail_domain")?,
-        );
-        let metrics = (0..freq.len())
-            .map(|i| SampleMetrics {
-                freq_score: freq[i],
-                long_tail_domain: lt[i] > 0.5,
-                alignment: align[i],
-                loss: loss[i],
-                bin: bins[i].max(0.0) as usize,
-            })
+        let mut columns = HashMap::new();
+        for c in df.columns() {
+            if c.dtype().is_primitive_numeric() || c.dtype().is_bool() {
+                columns.insert(c.name().to_string(), column_f64(&df, c.name(), &path)?);
+            }
+        }
+        let flagged = column_f64(&df, "flag_rank", &path)?
+            .iter()
+            .map(|r| r.is_finite())
             .collect();
         let sp = dir.join("summary.json");
         let summary: serde_json::Value = match std::fs::read_to_string(&sp) {
             Ok(s) => serde_json::from_str(&s).map_err(|e| Error::in_file(&sp, e.to_string()))?,
             Err(e) => return Err(Error::io(&sp, e)),
         };
-        let flags: FlagOptions = summary
-            .get("flag_options")
-            .cloned()
-            .map(serde_json::from_value)
-            .transpose()
-            .map_err(|e| Error::in_file(&sp, format!("flag_options: {e}")))?
-            .unwrap_or_default();
         let inputs = summary
             .get("inputs")
             .and_then(|v| v.as_object())
@@ -164,40 +232,64 @@ impl Pool {
             ids: column_str(&df, "id", &path)?,
             domains: column_str(&df, "domain", &path)?,
             texts: column_str(&df, "text", &path)?,
-            self_kernel: f("self_kernel")?,
-            metrics,
-            flags,
+            columns,
+            flagged,
             inputs,
+            path,
         })
     }
 
-    /// An input the analysis recorded, or the override.
-    fn input(&self, key: &str, given: Option<&Path>, flag: &str) -> Result<PathBuf> {
-        given
-            .map(Path::to_path_buf)
-            .or_else(|| self.inputs.get(key).cloned())
-            .ok_or_else(|| {
-                Error::invalid(
-                    flag,
-                    format!("the analysis does not record its {key}; give {flag}"),
-                )
+    /// A column of `analysis.parquet`, or an error saying what analysis it needs.
+    pub fn column(&self, name: &str, criterion: Criterion) -> Result<&[f64]> {
+        self.columns.get(name).map(Vec::as_slice).ok_or_else(|| {
+            Error::in_file(
+                &self.path,
+                format!(
+                    "no column `{name}`, which --criterion {} ranks by; it needs {}",
+                    criterion.name(),
+                    criterion.needs()
+                ),
+            )
+        })
+    }
+
+    /// The metrics of the earlier rarity rule.
+    fn rarity_metrics(&self) -> Result<Vec<SampleMetrics>> {
+        let c = Criterion::RarityRule;
+        let (freq, align, loss, bins, lt) = (
+            self.column("freq_score", c)?,
+            self.column("alignment", c)?,
+            self.column("loss", c)?,
+            self.column("freq_bin", c)?,
+            self.column("long_tail_domain", c)?,
+        );
+        // A sample with no frequency score has no bin (null): its own loss peers, not bin 0.
+        let peers = flags::peer_bins(bins);
+        Ok((0..freq.len())
+            .map(|i| SampleMetrics {
+                freq_score: freq[i],
+                long_tail_domain: lt[i] > 0.5,
+                alignment: align[i],
+                loss: loss[i],
+                bin: peers[i],
             })
+            .collect())
     }
 }
 
-/// Where the criteria that need more than the analysis table find it.
+/// Where older analyses (without the `uncertainty` column) find the model for it.
 #[derive(Debug, Clone, Default)]
 pub struct Sources {
-    /// The NTK folder (its `gc.parquet`), for `gc`; default: the one the analysis used.
+    /// The NTK folder; unused by analyses of this version (kept for the CLI's `--ntk`).
     pub ntk: Option<PathBuf>,
-    /// The model, for `uncertainty`; default: the one the analysis used.
+    /// The model, for `uncertainty` of an analysis without that column.
     pub model: Option<PathBuf>,
-    /// The tokenizer, for `uncertainty`; default: the model's, else the corpus's.
+    /// The tokenizer, for `uncertainty` of an analysis without that column.
     pub tokenizer: Option<PathBuf>,
 }
 
-/// Every sample's score under `criterion` (higher: select first) and whether it is flagged
-/// (for `flag`; false otherwise).
+/// Every sample's score under `criterion` (higher: select first; NaN: none) and whether it is
+/// flagged (for `flag` and `rarity-rule`; false otherwise).
 pub fn scores(
     pool: &Pool,
     criterion: Criterion,
@@ -207,32 +299,10 @@ pub fn scores(
 ) -> Result<Vec<(f64, bool)>> {
     let plain = |v: Vec<f64>| v.into_iter().map(|x| (x, false)).collect();
     Ok(match criterion {
-        Criterion::Flag => flags::score_all(&pool.metrics, &pool.flags)
+        Criterion::RarityRule => flags::score_all(&pool.rarity_metrics()?, &FlagOptions::default())
             .into_iter()
             .map(|(f, s)| (s, f.is_some()))
             .collect(),
-        Criterion::Alignment => plain(pool.metrics.iter().map(|m| -m.alignment).collect()),
-        Criterion::Loss => plain(pool.metrics.iter().map(|m| m.loss).collect()),
-        Criterion::Frequency => plain(pool.metrics.iter().map(|m| -m.freq_score).collect()),
-        Criterion::SelfKernel => plain(pool.self_kernel.clone()),
-        Criterion::Gc => {
-            let ntk = pool.input("ntk", sources.ntk.as_deref(), "--ntk")?;
-            let by_domain = domain_gc(&ntk.join("gc.parquet"))?;
-            let v = pool
-                .domains
-                .iter()
-                .map(|d| {
-                    by_domain.get(d).map(|g| -g).ok_or_else(|| {
-                        Error::in_file(
-                            ntk.join("gc.parquet"),
-                            format!("no GC for domain {d:?} (column `domain`)"),
-                        )
-                    })
-                })
-                .collect::<Result<Vec<f64>>>()?;
-            plain(v)
-        }
-        Criterion::Uncertainty => plain(uncertainty(pool, sources, device, seed)?),
         Criterion::Random => {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(
                 seed,
@@ -240,26 +310,35 @@ pub fn scores(
             ));
             plain((0..pool.ids.len()).map(|_| rng.random::<f64>()).collect())
         }
+        Criterion::Uncertainty if !pool.columns.contains_key("uncertainty") => {
+            plain(uncertainty(pool, sources, device, seed)?)
+        }
+        c => {
+            let (name, sign) = c
+                .column()
+                .ok_or_else(|| Error::invalid("--criterion", "no column"))?;
+            let v = pool.column(name, c)?;
+            let flagged = c == Criterion::Flag;
+            v.iter()
+                .zip(&pool.flagged)
+                .map(|(&x, &f)| (sign * x, flagged && f))
+                .collect()
+        }
     })
 }
 
-/// GC of each domain group in a `gc.parquet`.
-fn domain_gc(path: &Path) -> Result<HashMap<String, f64>> {
-    let gc = read_parquet(path)?;
-    let (col, group, val) = (
-        column_str(&gc, "column", path)?,
-        column_str(&gc, "group", path)?,
-        column_f64(&gc, "gc", path)?,
-    );
-    Ok((0..col.len())
-        .filter(|&i| col[i] == "domain" && val[i].is_finite())
-        .map(|i| (group[i].clone(), val[i]))
-        .collect())
-}
-
-/// Mean token entropy of each sample under the model.
+/// Mean token entropy of each sample under the model (analyses that predate the column).
 fn uncertainty(pool: &Pool, sources: &Sources, device: Device, seed: u64) -> Result<Vec<f64>> {
-    let model_path = pool.input("model", sources.model.as_deref(), "--model")?;
+    let model_path = sources
+        .model
+        .clone()
+        .or_else(|| pool.inputs.get("model").cloned())
+        .ok_or_else(|| {
+            Error::invalid(
+                "--model",
+                "the analysis does not record its model; give --model",
+            )
+        })?;
     let (_vs, model) = crate::source::load_model(&model_path, device)?;
     let corpus = pool.inputs.get("corpus").cloned().unwrap_or_default();
     let tok = crate::source::tokenizer_for(
@@ -297,26 +376,38 @@ pub struct Selection {
     pub selected: usize,
 }
 
-/// Rank `scores` (module docs: flagged first under `flag`, then score, then a seeded random key)
-/// and cut by `amount`; under a threshold the samples at or above it lead.
+/// Rank `scores` (module docs: flagged first under `flag` and `rarity-rule`, then score, samples
+/// without one (NaN) last, then a seeded random key) and cut by `amount`; under a threshold the
+/// samples at or above it lead.
 pub fn rank(
     scored: &[(f64, bool)],
     criterion: Criterion,
     amount: Amount,
     seed: u64,
 ) -> Result<Selection> {
-    if let Some(i) = scored.iter().position(|(s, _)| s.is_nan()) {
-        return Err(Error::invalid(
-            "--criterion",
-            format!("sample {i} has no {} score (NaN)", criterion.name()),
-        ));
+    // (Top(0) ranks without selecting, as the ranking study does; the CLI refuses `--top 0`.)
+    if let Amount::Threshold(t) = amount {
+        if !t.is_finite() {
+            return Err(Error::invalid(
+                "--threshold",
+                format!("must be a finite number, got {t}: no score is at least it"),
+            ));
+        }
     }
     let mut rng =
         rand_chacha::ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(seed, b"select-ties"));
     let ties: Vec<u64> = (0..scored.len()).map(|_| rng.random()).collect();
     // Only `flag` ranks flagged samples first; a threshold then counts on the score alone, so
     // the flagged samples it passes lead and a flagged sample below it is not selected.
-    let flag_first = criterion == Criterion::Flag;
+    let flag_first = matches!(criterion, Criterion::Flag | Criterion::RarityRule);
+    let key = |i: usize| {
+        let x = scored[i].0;
+        if x.is_nan() {
+            f64::NEG_INFINITY
+        } else {
+            x
+        }
+    };
     let passes = |i: usize| match amount {
         Amount::Threshold(t) => scored[i].0 >= t,
         Amount::Top(_) => true,
@@ -326,7 +417,7 @@ pub fn rank(
         passes(b)
             .cmp(&passes(a))
             .then((flag_first && scored[b].1).cmp(&(flag_first && scored[a].1)))
-            .then(scored[b].0.total_cmp(&scored[a].0))
+            .then(key(b).total_cmp(&key(a)))
             .then(ties[a].cmp(&ties[b]))
     });
     let selected = match amount {
@@ -463,6 +554,14 @@ mod tests {
         let f = rank(&scored, Criterion::Flag, Amount::Threshold(0.6), 1).unwrap();
         assert_eq!(f.selected, 4);
         assert!(!f.order[..4].contains(&2));
-        assert!(rank(&[(f64::NAN, false)], Criterion::Loss, Amount::Top(1), 0).is_err());
+        // A sample without a score ranks last, below every scored one.
+        let nan = rank(
+            &[(f64::NAN, false), (-5.0, false)],
+            Criterion::Gc,
+            Amount::Top(1),
+            0,
+        )
+        .unwrap();
+        assert_eq!(nan.order, vec![1, 0]);
     }
 }

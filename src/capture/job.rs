@@ -109,6 +109,22 @@ impl Job {
         })
     }
 
+    /// The same job over other samples of its corpus (corpus rows `idx`).
+    pub fn with_samples(mut self, idx: Vec<usize>) -> Result<Job> {
+        if let Some(&bad) = idx.iter().find(|&&i| i >= self.all_ids.len()) {
+            return Err(Error::invalid(
+                "samples",
+                format!(
+                    "corpus row {bad} is beyond the corpus's {} rows",
+                    self.all_ids.len()
+                ),
+            ));
+        }
+        self.ids = idx.iter().map(|&i| self.all_ids[i].clone()).collect();
+        self.idx = idx;
+        Ok(self)
+    }
+
     /// The chosen samples' token ids as slices.
     pub fn seqs(&self) -> Vec<&[u32]> {
         self.ids.iter().map(Vec::as_slice).collect()

@@ -10,10 +10,10 @@
 
 use std::ops::Range;
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use super::projection::{cache_room, PROJ_BLOCK};
-use super::{CaptureOptions, ProjectionKind};
+use super::projection::{self, PROJ_BLOCK};
+use super::{CaptureOptions, Method, OutputKind, ProjectionKind};
 use crate::error::{Error, Result};
 use crate::model::Model;
 
@@ -30,20 +30,85 @@ pub struct Footprint {
     pub per_token2: u64,
     /// Per sample of a batch, independent of length (its per-sample gradient pieces).
     pub per_sample: u64,
-    /// Once, whatever the number of samples: with a projection, a group of unprojected rows
-    /// waiting to be projected and one block of the projection matrix (float64 and converted).
+    /// Once, whatever the number of samples: logit-trace probes and, with a projection, a group
+    /// of unprojected rows waiting to be projected, one block being drawn, the blocks kept
+    /// between batches and the Kronecker factors (see [`projection_bytes`]).
     pub fixed: u64,
 }
 
+/// What the selected parameters cost, in values.
+#[derive(Debug, Default)]
+struct ParamValues {
+    /// Held per sample and output direction: the gradient, its projection, or its norm.
+    held: u64,
+    /// One sample's per-sample gradient pieces in a batch (a Kronecker-projected layer's batched
+    /// piece is its k₁ × k₂ projection; the exact path forms the whole gradient first).
+    piece: u64,
+    /// Ghost factors per position: in + out per Linear weight.
+    factors: u64,
+    /// The largest parameter projected block by block.
+    widest: u64,
+    /// Parameters projected block by block: the rows of the projection matrix.
+    projected: u64,
+    /// The Kronecker factors P_x (in × k₁) and P_g (out × k₂) of every Linear weight.
+    kron: u64,
+    /// Every selected parameter (what the capture sizes the blocks' room by).
+    total: u64,
+}
+
+impl ParamValues {
+    /// The values of capturing `params` with `opts`; `ghost[k]`: parameter k as ghost factors.
+    fn of(params: &[(String, Tensor)], opts: &CaptureOptions, ghost: &[bool]) -> ParamValues {
+        let side = opts
+            .projection
+            .filter(|p| p.kind == ProjectionKind::Kronecker)
+            .map(|p| p.kronecker_side() as u64);
+        let mut v = ParamValues::default();
+        for ((name, t), &g) in params.iter().zip(ghost) {
+            let numel = t.numel() as u64;
+            v.total += numel;
+            let size: Vec<u64> = t.size().iter().map(|&x| x.max(0) as u64).collect();
+            if g {
+                v.factors += if size.len() == 2 {
+                    size[0] + size[1]
+                } else {
+                    numel
+                };
+                continue;
+            }
+            let kron = side.filter(|_| super::is_linear_weight(name, t));
+            v.piece += match kron {
+                Some(k) if opts.method != Method::Exact => k * k,
+                _ => numel,
+            };
+            v.held += match (opts.norms_only, kron, opts.projection) {
+                (true, _, _) => 1,
+                (false, Some(k), _) => k * k,
+                (false, None, None) => numel,
+                (false, None, Some(p)) => p.dim.max(0) as u64,
+            };
+            if let Some(k) = kron {
+                v.kron += (size[0] + size[1]) * k;
+            } else if opts.projection.is_some() {
+                v.widest = v.widest.max(numel);
+                v.projected += numel;
+            }
+        }
+        v
+    }
+}
+
 impl Footprint {
-    /// The footprint of capturing with `opts` the selected `params` of `model` for texts of at
-    /// most `longest` tokens; `ghost[k]` says whether parameter k is captured as ghost factors.
+    /// The footprint of capturing with `opts` the selected `params` of `model` on `device` for
+    /// texts of at most `longest` tokens; `ghost[k]` says whether parameter k is captured as
+    /// ghost factors.
     pub fn of(
         model: &Model,
         params: &[(String, Tensor)],
         opts: &CaptureOptions,
         ghost: &[bool],
         longest: usize,
+        device: Device,
     ) -> Footprint {
         let cfg = &model.cfg;
         let value_bytes = match params.first().map(|(_, t)| t.kind()) {
@@ -51,10 +116,9 @@ impl Footprint {
             Some(Kind::Half | Kind::BFloat16) => 2,
             _ => 4,
         };
-        let probes = if opts.output == super::OutputKind::LogitTrace {
-            opts.probes.max(1) as u64
-        } else {
-            1
+        let probes = match opts.output {
+            OutputKind::LogitTrace => opts.probes.max(1) as u64,
+            _ => 1,
         };
         let first = model.first_block_of(params.iter().map(|(n, _)| n.as_str())) as i64;
         let recorded = (cfg.n_layer - first).max(0) as u64 + 1;
@@ -68,69 +132,26 @@ impl Footprint {
             crate::model::ExpertConfig::Dense => 1,
             _ => 2,
         };
-        let (mut held, mut piece, mut factors, mut widest) = (0u64, 0u64, 0u64, 0u64);
-        for ((_, t), &g) in params.iter().zip(ghost) {
-            let numel = t.numel() as u64;
-            let size = t.size();
-            if g {
-                // Ghost factors (T × (in + out)) per position, held for the whole set.
-                let width = if size.len() == 2 {
-                    (size[0] + size[1]) as u64
-                } else {
-                    numel
-                };
-                factors += width;
-                continue;
-            }
-            piece += numel;
-            widest = widest.max(numel);
-            held += match (opts.norms_only, opts.projection) {
-                (true, _) => 1,
-                (false, None) => numel,
-                (false, Some(p)) if p.kind == ProjectionKind::Kronecker && size.len() == 2 => {
-                    let side = p.kronecker_side() as u64;
-                    side * side
-                }
-                (false, Some(p)) => p.dim as u64,
-            };
-        }
+        let pv = ParamValues::of(params, opts, ghost);
+        let longest = longest as u64;
         // Logit-trace probes: signs drawn as float32, then converted.
         let trace_probes = match opts.output {
-            super::OutputKind::LogitTrace => probes * longest as u64 * v * (4 + value_bytes),
+            OutputKind::LogitTrace => probes * longest * v * (4 + value_bytes),
             _ => 0,
         };
         Footprint {
             value_bytes,
             // The pieces, then their stacking copy.
-            held_per_sample: 2 * held * probes * value_bytes
-                + factors * longest as u64 * probes * value_bytes,
+            held_per_sample: (2 * pv.held + pv.factors * longest) * probes * value_bytes,
             // Per recorded block: inputs and outputs of every Linear and norm (≈ 12 d), the FFN
             // (2 · ffn, per active expert path), their gradients; logits, log-probabilities and
             // their gradients (4 V); ghost factors of the batch.
-            per_token: (2 * recorded * (12 * d + 2 * ffn * experts) + 4 * v + factors)
+            per_token: (2 * recorded * (12 * d + 2 * ffn * experts) + 4 * v + pv.factors)
                 * value_bytes,
             per_token2: 3 * recorded * heads * value_bytes,
             // The batch's per-sample gradient pieces and the einsum's output.
-            per_sample: 2 * piece * value_bytes,
-            fixed: trace_probes
-                + match opts.projection {
-                    Some(p) => {
-                        let block = PROJ_BLOCK.min(widest as i64).max(0) as u64;
-                        let s = p.nonzeros() as u64;
-                        // Bytes of one parameter's row of a drawn block: s nonzeros as a u32
-                        // column and a sign byte, or k values in the working precision.
-                        let row = match p.kind {
-                            ProjectionKind::Sparse => 5 * s,
-                            _ => p.dim.max(0) as u64 * value_bytes,
-                        };
-                        // The waiting rows (stacked a block at a time); a block drawn and the
-                        // blocks kept between groups, up to their room.
-                        opts.project_group.max(0) as u64 * value_bytes
-                            + block * row
-                            + cache_room(opts, piece, value_bytes).min(piece * row)
-                    }
-                    None => 0,
-                },
+            per_sample: 2 * pv.piece * value_bytes,
+            fixed: trace_probes + projection_bytes(opts, &pv, value_bytes, device),
         }
     }
 
@@ -152,11 +173,234 @@ impl Footprint {
     }
 }
 
+/// Bytes a projection holds once (none without one): the unprojected rows waiting for it (a
+/// group, [`CaptureOptions::project_group`] values, where blocks are not kept), one block being
+/// drawn (its peak on `device`, [`projection::draw_bytes`]), the blocks kept between groups (as
+/// kept on `device`, [`projection::kept_row_bytes`], up to their room, [`cache_room`]) and the
+/// Kronecker factors.
+fn projection_bytes(opts: &CaptureOptions, pv: &ParamValues, value: u64, device: Device) -> u64 {
+    let Some(p) = opts.projection else {
+        return 0;
+    };
+    let block = PROJ_BLOCK.min(pv.widest as i64).max(0);
+    let matrix = pv.projected * projection::kept_row_bytes(&p, value, device);
+    let room = cache_room(opts, pv.total, value, device);
+    // Rows wait for blocks drawn again for each group; where blocks are drawn once, each batch
+    // is projected as it comes ([`drawn_once`]), and Kronecker-projected layers arrive projected.
+    let waiting = if pv.projected > 0 && room == 0 {
+        opts.project_group.max(0) as u64 * value
+    } else {
+        0
+    };
+    waiting + projection::draw_bytes(&p, block, value, device) + room.min(matrix) + pv.kron * value
+}
+
+/// Bytes of projection blocks a capture keeps between batches: an eighth of the memory of the
+/// device that holds them ([`blocks_budget`]; 1 GB where unknown), for sparse blocks and for a
+/// dense matrix only when the whole of it fits (`numel`: the parameters projected; `value`:
+/// bytes per value). Blocks kept are drawn once instead of once a group: on SmolLM2's last two
+/// MLPs (5.3 M parameters, 340 MB of sparse blocks) drawing them for each of 8 batches cost a
+/// quarter of the capture. Keeping part of a larger dense matrix saved a tenth of its draws
+/// there for 2 GB, so none of it is kept. Kronecker factors are kept apart, whatever their size.
+pub(crate) fn cache_room(opts: &CaptureOptions, numel: u64, value: u64, device: Device) -> u64 {
+    let budget = blocks_budget(opts.memory, device, device_free);
+    room_in(opts, numel, value, budget)
+}
+
+/// [`cache_room`] under a given budget (`None`: unknown).
+fn room_in(opts: &CaptureOptions, numel: u64, value: u64, budget: Option<u64>) -> u64 {
+    let Some(p) = opts.projection else {
+        return 0;
+    };
+    let room = budget.map_or(1 << 30, |m| m / 8);
+    match p.kind {
+        ProjectionKind::Sparse => room,
+        _ if numel.saturating_mul(p.dim.max(0) as u64 * value) <= room => room,
+        _ => 0,
+    }
+}
+
+/// `opts` with the group its unprojected rows wait in ([`CaptureOptions::project_group`]) for
+/// capturing `params` on `device`. Under a memory budget, rows wait for their projection in
+/// groups of at most an eighth of it (results do not depend on the group). Groups spread the
+/// drawing of a dense matrix over many rows; a sparse one costs s values per parameter to draw,
+/// and a dense one that fits the blocks' room is drawn once ([`drawn_once`]), so then each batch
+/// is projected as it comes and no unprojected row waits (on SmolLM2's last two MLPs, 128
+/// samples waited as 2.7 GB).
+pub(crate) fn with_groups(
+    opts: &CaptureOptions,
+    params: &[(String, Tensor)],
+    device: Device,
+) -> CaptureOptions {
+    let value = params
+        .first()
+        .map_or(4, |(_, t)| t.kind().elt_size_in_bytes().max(1) as u64);
+    let numel = params.iter().map(|(_, t)| t.numel() as u64).sum::<u64>();
+    let group = match opts.memory {
+        _ if drawn_once(opts, numel, value, device) => 1,
+        Some(m) if opts.projection.is_some() => {
+            opts.project_group.min((m / 8 / value) as i64).max(1)
+        }
+        _ => opts.project_group,
+    };
+    CaptureOptions {
+        project_group: group,
+        ..opts.clone()
+    }
+}
+
+/// Whether a capture draws each block of its projection once (a sparse one, or a dense one that
+/// fits the blocks' room), so batches are projected as they come with no rows waiting.
+pub(crate) fn drawn_once(opts: &CaptureOptions, numel: u64, value: u64, device: Device) -> bool {
+    cache_room(opts, numel, value, device) > 0
+}
+
+/// The memory budget of what lives on `device`: the process's (`memory`, `--memory`) on the
+/// CPU; on a CUDA device 80% of its free memory (`free`: [`device_free`]), as
+/// [`default_budget`] takes of the host's, since blocks drawn there use none of the host's.
+fn blocks_budget(
+    memory: Option<u64>,
+    device: Device,
+    free: impl Fn(Device) -> Option<u64>,
+) -> Option<u64> {
+    match device {
+        Device::Cpu => memory,
+        other => free(other).map(|f| f / 10 * 8),
+    }
+}
+
+/// Free memory of a CUDA device in bytes, `cudaMemGetInfo` of the CUDA runtime libtorch has
+/// loaded (tch exposes no memory query; this is the runtime's documented one, with no
+/// nvidia-smi); `None` for another device, or where no runtime is loaded or the call fails.
+pub fn device_free(device: Device) -> Option<u64> {
+    match device {
+        Device::Cuda(index) => cuda_free(index),
+        _ => None,
+    }
+}
+
+/// The loaded libraries whose file name contains `libcudart.so` (the CUDA runtime).
+fn loaded_cudart() -> Vec<std::ffi::CString> {
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: `data` is the Vec passed below; `info` and its name are valid for this call.
+        let (names, name) = unsafe {
+            (
+                &mut *(data as *mut Vec<std::ffi::CString>),
+                (*info).dlpi_name,
+            )
+        };
+        if !name.is_null() {
+            // SAFETY: a loaded object's name is a NUL-terminated string.
+            let name = unsafe { std::ffi::CStr::from_ptr(name) };
+            if name.to_bytes().windows(12).any(|w| w == b"libcudart.so") {
+                names.push(name.to_owned());
+            }
+        }
+        0
+    }
+    let mut names: Vec<std::ffi::CString> = Vec::new();
+    // SAFETY: the callback only reads each entry and pushes onto `names`, which outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(visit), &mut names as *mut _ as *mut libc::c_void) };
+    names
+}
+
+/// `cudaMemGetInfo` of device `index` through the loaded CUDA runtime, the current device set
+/// to it for the call and restored after.
+fn cuda_free(index: usize) -> Option<u64> {
+    type GetInfo = unsafe extern "C" fn(*mut libc::size_t, *mut libc::size_t) -> libc::c_int;
+    type GetDevice = unsafe extern "C" fn(*mut libc::c_int) -> libc::c_int;
+    type SetDevice = unsafe extern "C" fn(libc::c_int) -> libc::c_int;
+    for name in loaded_cudart() {
+        // SAFETY: RTLD_NOLOAD only takes a library already loaded, and the symbols are the CUDA
+        // runtime's, called with their documented signatures; the handle is closed after.
+        unsafe {
+            let lib = libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+            if lib.is_null() {
+                continue;
+            }
+            let sym = |s: &[u8]| libc::dlsym(lib, s.as_ptr() as *const libc::c_char);
+            let (info, get, set) = (
+                sym(b"cudaMemGetInfo\0"),
+                sym(b"cudaGetDevice\0"),
+                sym(b"cudaSetDevice\0"),
+            );
+            let mut out = None;
+            if !info.is_null() && !get.is_null() && !set.is_null() {
+                let (info, get, set): (GetInfo, GetDevice, SetDevice) = (
+                    std::mem::transmute::<*mut libc::c_void, GetInfo>(info),
+                    std::mem::transmute::<*mut libc::c_void, GetDevice>(get),
+                    std::mem::transmute::<*mut libc::c_void, SetDevice>(set),
+                );
+                let mut was: libc::c_int = 0;
+                if get(&mut was) == 0 && set(index as libc::c_int) == 0 {
+                    let (mut free, mut total): (libc::size_t, libc::size_t) = (0, 0);
+                    if info(&mut free, &mut total) == 0 {
+                        out = Some(free as u64);
+                    }
+                    set(was);
+                }
+            }
+            libc::dlclose(lib);
+            if out.is_some() {
+                return out;
+            }
+        }
+    }
+    None
+}
+
 /// The model's estimates times 1.25: on four captures (README) the unscaled estimate of the
 /// peak was 19% under to 7% over the measured one; the allocator's cached blocks and copies
 /// the model leaves out take the rest.
 fn margin(bytes: u64) -> u64 {
     bytes + bytes / 4
+}
+
+/// The batches of a capture of samples of `lengths` tokens (in capture order) under `budget`,
+/// the process's: what it holds now ([`resident`]: the model, the corpus) and what the capture
+/// will hold ([`Footprint::held`]) leave the room each batch is cut to ([`plan_batches`]).
+/// Logs the plan under a budget, and the estimate in bytes at debug level (`-v`), beside the
+/// resident size it adds to: what the tests compare with measured peaks.
+pub fn plan(
+    fp: &Footprint,
+    lengths: &[usize],
+    budget: Option<u64>,
+    max_batch: usize,
+) -> Result<Vec<Range<usize>>> {
+    let resident = resident();
+    let holds = fp.held(lengths.len(), None);
+    let plan = plan_batches(lengths, fp, budget, resident + holds, max_batch)?;
+    let longest = |r: &Range<usize>| lengths[r.clone()].iter().copied().max().unwrap_or(1);
+    let largest = plan
+        .iter()
+        .map(|r| fp.batch(r.len(), longest(r)))
+        .max()
+        .unwrap_or(0);
+    tracing::debug!(
+        resident,
+        held = holds,
+        largest_batch = largest,
+        "capture memory estimate in bytes"
+    );
+    if let Some(budget) = budget {
+        let sizes = plan.iter().map(|r| r.len());
+        tracing::info!(
+            "memory budget {:.1} GB: held {:.1} GB (this process and the capture's results); {} samples in {} batches of {} to {} (longest text {} tokens), largest batch estimated {:.1} GB",
+            budget as f64 / 1e9,
+            (resident + holds) as f64 / 1e9,
+            lengths.len(),
+            plan.len(),
+            sizes.clone().min().unwrap_or(0),
+            sizes.max().unwrap_or(0),
+            lengths.iter().max().copied().unwrap_or(0),
+            largest as f64 / 1e9
+        );
+    }
+    Ok(plan)
 }
 
 /// Consecutive batches of at most `max_batch` samples, each cut so that its estimate stays
@@ -257,39 +501,164 @@ pub fn default_budget() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::capture::{Projection, Selection};
+    use crate::model::ModelConfig;
 
-    fn fp() -> Footprint {
-        Footprint {
-            value_bytes: 4,
-            held_per_sample: 100,
-            per_token: 10,
-            per_token2: 1,
-            per_sample: 50,
-            fixed: 0,
+    /// A two-block GPT (d = 16, FFN 32, 64 tokens of vocabulary, float32) and its parameters,
+    /// all of them or the named ones.
+    fn tiny(globs: &[&str]) -> (tch::nn::VarStore, Model, Vec<(String, Tensor)>) {
+        let cfg = ModelConfig {
+            vocab_size: 64,
+            max_len: 32,
+            d_model: 16,
+            n_head: 2,
+            d_ffn: 32,
+            ..ModelConfig::default()
+        };
+        tch::manual_seed(0);
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let model = Model::new(&vs.root(), &cfg).unwrap();
+        let selection = Selection {
+            globs: globs.iter().map(|g| g.to_string()).collect(),
+            ..Selection::default()
+        };
+        let params = selection.select(&vs).unwrap();
+        (vs, model, params)
+    }
+
+    fn projected(kind: ProjectionKind, dim: i64) -> CaptureOptions {
+        CaptureOptions {
+            projection: Some(Projection { kind, dim, seed: 3 }),
+            ..CaptureOptions::default()
         }
     }
 
+    /// Batches are planned from [`Footprint::of`]: short texts go in batches of `max_batch`, a
+    /// long text takes a smaller batch, and what cannot fit is refused naming the sample or the
+    /// remedies.
     #[test]
     fn batches_shrink_for_long_texts_and_refuse_what_cannot_fit() {
-        let f = fp();
-        // A 5-token sample: 50 + 10·5 + 5² = 125 bytes, 156 with the margin (two: 312).
-        assert_eq!(f.batch(2, 5), 312);
+        let (_vs, model, params) = tiny(&[]);
+        let ghost = vec![false; params.len()];
+        let f = Footprint::of(
+            &model,
+            &params,
+            &CaptureOptions::default(),
+            &ghost,
+            40,
+            Device::Cpu,
+        );
         let lengths = [5, 5, 5, 5, 40, 5, 5];
         let plan = plan_batches(&lengths, &f, None, 0, 3).unwrap();
         assert_eq!(plan, vec![0..3, 3..6, 6..7]);
-        // 1,000 bytes of room: short samples fit (156 each), but with the 40-token text in a
-        // batch every sample counts at 40 tokens (1.25 × (50 + 400 + 1600) = 2,562): alone,
-        // still too big.
-        let err = plan_batches(&lengths, &f, Some(1100), 100, 8).unwrap_err();
-        assert!(err.to_string().contains("sample 4 (40 tokens)"), "{err}");
-        let plan = plan_batches(&lengths, &f, Some(6100), 100, 8).unwrap();
-        assert_eq!(plan, vec![0..4, 4..6, 6..7]);
-        for r in &plan {
+        // Room for four short texts, not five, and for two with the long one but not three.
+        let (short, long) = (f.batch(4, 5), f.batch(2, 40));
+        assert!(f.batch(5, 5) > short && f.batch(3, 40) > long);
+        let room = short.max(long);
+        let plan = plan_batches(&lengths, &f, Some(room + 100), 100, 8).unwrap();
+        let fits = |r: &Range<usize>| {
             let t = lengths[r.clone()].iter().max().copied().unwrap();
-            assert!(f.batch(r.len(), t) <= 6000);
-        }
+            f.batch(r.len(), t) <= room
+        };
+        assert!(plan.iter().all(fits), "{plan:?}");
+        assert_eq!(plan[0], 0..4, "{plan:?}");
+        assert!(
+            plan.iter().any(|r| r.contains(&4) && r.len() <= 2),
+            "{plan:?}"
+        );
+        // The long text alone does not fit: refused, naming it.
+        let err = plan_batches(&lengths, &f, Some(f.batch(1, 40) + 99), 100, 8).unwrap_err();
+        assert!(err.to_string().contains("sample 4 (40 tokens)"), "{err}");
         // What is held alone exceeds the budget: refused, naming the remedies.
         let err = plan_batches(&lengths, &f, Some(100), 100, 8).unwrap_err();
         assert!(err.to_string().contains("--project"), "{err}");
+    }
+
+    /// Kronecker factors are held for the whole capture: with only Linear weights projected that
+    /// way, the fixed bytes are exactly those of the factors the capture draws.
+    #[test]
+    fn kronecker_factors_are_counted() {
+        let (_vs, model, params) = tiny(&["h.*.weight"]);
+        let linear: Vec<(String, Tensor)> = params
+            .into_iter()
+            .filter(|(n, t)| super::super::is_linear_weight(n, t))
+            .collect();
+        assert_eq!(linear.len(), 8);
+        let opts = projected(ProjectionKind::Kronecker, 30);
+        let ghost = vec![false; linear.len()];
+        let f = Footprint::of(&model, &linear, &opts, &ghost, 16, Device::Cpu);
+        let pr = opts.projection.unwrap();
+        let drawn: u64 = linear
+            .iter()
+            .map(|(n, t)| {
+                let s = t.size();
+                let (px, pg) = pr.kronecker_factors(n, (s[0], s[1]), t.kind(), Device::Cpu);
+                ((px.numel() + pg.numel()) * px.kind().elt_size_in_bytes()) as u64
+            })
+            .sum();
+        assert!(drawn > 0);
+        assert_eq!(f.fixed, drawn);
+        // Each sample holds its k₁ × k₂ = 6 × 6 projection per layer, twice (the stacking copy).
+        assert_eq!(f.held_per_sample, 2 * 8 * 36 * 4);
+    }
+
+    /// Sparse blocks on another device are int64 columns and values in the working precision,
+    /// 12·s bytes a row in float32 (on the CPU u32 columns and sign bytes, 5·s): the fixed bytes
+    /// cover every block kept as the device path draws it (run here on the CPU).
+    #[test]
+    fn sparse_blocks_on_a_device_are_counted_as_drawn_there() {
+        let (_vs, model, params) = tiny(&[]);
+        let opts = projected(ProjectionKind::Sparse, 64);
+        let ghost = vec![false; params.len()];
+        let pr = opts.projection.unwrap();
+        let (s, rows) = (
+            pr.nonzeros() as u64,
+            params.iter().map(|(_, t)| t.numel() as u64).sum::<u64>(),
+        );
+        let on_device: u64 = params
+            .iter()
+            .map(|(n, t)| projection::sparse_block_bytes_on_device(&pr, n, t.numel() as i64))
+            .sum();
+        assert_eq!(on_device, rows * 12 * s);
+        // The device's free memory is unknown here (no GPU): its blocks' room falls back to 1 GB,
+        // which they fit.
+        let cuda = Footprint::of(&model, &params, &opts, &ghost, 16, Device::Cuda(0));
+        let cpu = Footprint::of(&model, &params, &opts, &ghost, 16, Device::Cpu);
+        assert!(cuda.fixed >= on_device, "{} < {on_device}", cuda.fixed);
+        assert!(
+            cpu.fixed >= rows * 5 * s && cpu.fixed < on_device,
+            "{}",
+            cpu.fixed
+        );
+    }
+
+    /// The blocks' room on a CUDA device is an eighth of 80% of its free memory, whatever the
+    /// host's budget; on the CPU an eighth of the process's budget.
+    #[test]
+    fn the_blocks_room_follows_the_memory_of_their_device() {
+        let gb = 1_000_000_000u64;
+        let free = |d: Device| (d == Device::Cuda(1)).then_some(100 * gb);
+        assert_eq!(
+            blocks_budget(Some(8 * gb), Device::Cuda(1), free),
+            Some(80 * gb)
+        );
+        assert_eq!(blocks_budget(Some(8 * gb), Device::Cpu, free), Some(8 * gb));
+        assert_eq!(blocks_budget(Some(8 * gb), Device::Cuda(0), free), None);
+        // A Gaussian matrix of 3.2 GB (10 M parameters × 80 × 4 bytes) is kept on that device
+        // (room 10 GB), not under the host's 8 GB budget (room 1 GB).
+        let opts = projected(ProjectionKind::Gaussian, 80);
+        let numel = 10_000_000;
+        assert_eq!(room_in(&opts, numel, 4, Some(80 * gb)), 10 * gb);
+        assert_eq!(room_in(&opts, numel, 4, Some(8 * gb)), 0);
+        assert_eq!(
+            room_in(&projected(ProjectionKind::Sparse, 80), numel, 4, None),
+            1 << 30
+        );
+        // The query itself answers only where libtorch sees a GPU.
+        assert_eq!(
+            device_free(Device::Cuda(0)).is_some(),
+            tch::Cuda::is_available()
+        );
+        assert_eq!(device_free(Device::Cpu), None);
     }
 }

@@ -267,18 +267,64 @@ impl Selection {
 
     /// [`Selection::select`] over a list of named parameters (e.g. a TorchScript module's).
     pub fn select_from(&self, named: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+        if let Some((l, e)) = self.expert {
+            check_expert(&named, l, e)?;
+        }
         let params: Vec<(String, Tensor)> = named
             .into_iter()
             .filter(|(n, t)| t.requires_grad() && self.matches(n))
             .collect();
         if params.is_empty() {
             return Err(Error::invalid(
-                "--params",
+                self.options_given(),
                 "the selection matches no trainable parameter",
             ));
         }
         Ok(params)
     }
+
+    /// The options that made this selection, as the command line spells them (`--params`
+    /// where none narrows it).
+    fn options_given(&self) -> String {
+        let given: Vec<&str> = [
+            (!self.globs.is_empty(), "--params"),
+            (self.layers.is_some(), "--layers"),
+            (self.expert.is_some(), "--expert"),
+            (self.last_blocks.is_some(), "--last-blocks"),
+            (self.mlp_only, "--mlp-only"),
+        ]
+        .into_iter()
+        .filter_map(|(on, flag)| on.then_some(flag))
+        .collect();
+        if given.is_empty() {
+            "--params".into()
+        } else {
+            given.join(", ")
+        }
+    }
+}
+
+/// `--expert L:E` must name an expert of the model: refused, naming the option and the experts
+/// block L has (none in a dense block), when no parameter `h.L.mlp.experts.E.*` exists.
+fn check_expert(named: &[(String, Tensor)], l: i64, e: i64) -> Result<()> {
+    let prefix = format!("h.{l}.mlp.experts.");
+    let experts: std::collections::BTreeSet<i64> = named
+        .iter()
+        .filter_map(|(n, _)| n.strip_prefix(&prefix)?.split('.').next()?.parse().ok())
+        .collect();
+    if experts.contains(&e) {
+        return Ok(());
+    }
+    let has = if experts.is_empty() {
+        format!("block {l} of this model has no experts (a dense FFN, or no block {l}); select its parameters with --layers {l}..{l} or --params")
+    } else {
+        let list: Vec<String> = experts.iter().map(|x| x.to_string()).collect();
+        format!("block {l} has experts {}", list.join(", "))
+    };
+    Err(Error::invalid(
+        "--expert",
+        format!("{l}:{e} names no expert of this model: {has}"),
+    ))
 }
 
 /// A batch of samples for capture. A BERT sample's mask is seeded by (`seed`, its tokens), so a
@@ -368,6 +414,21 @@ pub struct Captured {
     pub norms_only: bool,
 }
 
+/// The order of `seqs` by encoded length (stable) and the lengths in that order. Samples are
+/// batched in this order, so a batch pads to texts of about its own length: on Brown + fortunes
+/// with SmolLM2 the padded tokens were half of every batch. What a sample contributes does not
+/// depend on its batch; rows go back to the caller's order.
+fn by_length(model: &Model, seqs: &[&[u32]]) -> (Vec<usize>, Vec<usize>) {
+    let encoded: Vec<usize> = seqs
+        .iter()
+        .map(|s| crate::batch::encoded_len(&model.cfg, s.len()))
+        .collect();
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| encoded[i]);
+    let lengths = order.iter().map(|&i| encoded[i]).collect();
+    (order, lengths)
+}
+
 /// Capture per-sample gradient information of `seqs` for the selected parameters. What a sample
 /// contributes depends only on the sample (see [`capture_batch`]), so shards of a set capture
 /// exactly what the whole set would.
@@ -389,18 +450,9 @@ pub fn capture(
         ));
     }
     let kind = params[0].1.kind();
-    // Samples are batched in order of length (stable), so a batch pads to texts of about its own
-    // length: on Brown + fortunes with SmolLM2 the padded tokens were half of every batch. What
-    // a sample contributes does not depend on its batch; rows go back to the caller's order.
-    let encoded: Vec<usize> = seqs
-        .iter()
-        .map(|s| crate::batch::encoded_len(&model.cfg, s.len()))
-        .collect();
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.sort_by_key(|&i| encoded[i]);
+    let (order, lengths) = by_length(model, seqs);
     let sorted: Vec<&[u32]> = order.iter().map(|&i| seqs[i]).collect();
     let seqs = sorted.as_slice();
-    let lengths: Vec<usize> = order.iter().map(|&i| encoded[i]).collect();
     // The longest text, in positions: what ghost factors and logit-trace probes cover.
     let longest = lengths.last().copied().unwrap_or(1);
     let probes = (opts.output == OutputKind::LogitTrace).then(|| {
@@ -417,31 +469,8 @@ pub fn capture(
     } else {
         1
     };
-    // Under a memory budget, rows wait for their projection in groups of at most an eighth of
-    // it (results do not depend on the group). Groups spread the drawing of a dense matrix
-    // over many rows; a sparse one costs s values per parameter to draw, and a dense one that
-    // fits the blocks' room is drawn once, so then each batch is projected as it comes and no
-    // unprojected row waits (on SmolLM2's last two MLPs, 128 samples waited as 2.7 GB).
-    let budgeted;
-    let value = kind.elt_size_in_bytes().max(1) as u64;
-    let numel = params.iter().map(|(_, t)| t.numel() as u64).sum::<u64>();
-    let opts = match opts.memory {
-        _ if projection::drawn_once(opts, numel, value) => {
-            budgeted = CaptureOptions {
-                project_group: 1,
-                ..opts.clone()
-            };
-            &budgeted
-        }
-        Some(m) if opts.projection.is_some() => {
-            budgeted = CaptureOptions {
-                project_group: opts.project_group.min((m / 8 / value) as i64).max(1),
-                ..opts.clone()
-            };
-            &budgeted
-        }
-        _ => opts,
-    };
+    let grouped = memory::with_groups(opts, params, device);
+    let opts = &grouped;
     let mut parts = Parts::new(model, params, opts, n_out, device);
     let mut done = 0;
     let batch = if opts.method == Method::Exact {
@@ -449,34 +478,8 @@ pub fn capture(
     } else {
         opts.batch.max(1)
     };
-    let fp = memory::Footprint::of(model, params, opts, &parts.use_ghost, longest);
-    // The budget is the process's: what it holds already (model, corpus) counts.
-    let held = memory::resident() + fp.held(seqs.len(), None);
-    let plan = memory::plan_batches(&lengths, &fp, opts.memory, held, batch)?;
-    if let Some(budget) = opts.memory {
-        let sizes = plan.iter().map(|r| r.len());
-        let largest = plan
-            .iter()
-            .map(|r| {
-                fp.batch(
-                    r.len(),
-                    lengths[r.clone()].iter().copied().max().unwrap_or(1),
-                )
-            })
-            .max()
-            .unwrap_or(0);
-        tracing::info!(
-            "memory budget {:.1} GB: held {:.1} GB (this process and the capture's results); {} samples in {} batches of {} to {} (longest text {} tokens), largest batch estimated {:.1} GB",
-            budget as f64 / 1e9,
-            held as f64 / 1e9,
-            seqs.len(),
-            plan.len(),
-            sizes.clone().min().unwrap_or(0),
-            sizes.max().unwrap_or(0),
-            lengths.iter().max().copied().unwrap_or(0),
-            largest as f64 / 1e9
-        );
-    }
+    let fp = memory::Footprint::of(model, params, opts, &parts.use_ghost, longest, device);
+    let plan = memory::plan(&fp, &lengths, opts.memory, batch)?;
     for range in plan {
         let chunk = &seqs[range];
         let b = capture_batch(model, chunk, opts.seed, device);
@@ -625,10 +628,11 @@ impl<'a> Parts<'a> {
             ghost: (0..params.len()).map(|_| Vec::new()).collect(),
             pending: empty(),
             projected: empty(),
-            blocks: ProjectionCache::new(projection::cache_room(
+            blocks: ProjectionCache::new(memory::cache_room(
                 opts,
                 params.iter().map(|(_, t)| t.numel() as u64).sum(),
                 params[0].1.kind().elt_size_in_bytes() as u64,
+                device,
             )),
         }
     }

@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
-use super::CaptureOptions;
 use crate::error::{Error, Result};
 
 /// Random projection of per-sample gradients.
@@ -108,33 +107,53 @@ pub struct Projection {
     pub seed: u64,
 }
 
-/// Bytes of projection blocks a capture keeps between batches: an eighth of the memory budget
-/// (1 GB without one), for sparse blocks and for a dense matrix only when the whole of it fits
-/// (`numel`: the parameters projected; `value`: bytes per value). Blocks kept are drawn once
-/// instead of once a group: on SmolLM2's last two MLPs (5.3 M parameters, 340 MB of sparse
-/// blocks) drawing them for each of 8 batches cost a quarter of the capture. Keeping part of a
-/// larger dense matrix saved a tenth of its draws there for 2 GB, so none of it is kept.
-/// Kronecker factors are kept apart, whatever their size.
-pub(crate) fn cache_room(opts: &CaptureOptions, numel: u64, value: u64) -> u64 {
-    let Some(p) = opts.projection else {
-        return 0;
-    };
-    let room = opts.memory.map_or(1 << 30, |m| m / 8);
-    match p.kind {
-        ProjectionKind::Sparse => room,
-        _ if numel.saturating_mul(p.dim.max(0) as u64 * value) <= room => room,
-        _ => 0,
+/// Rows of projection matrices are generated in blocks of this many parameters.
+pub(crate) const PROJ_BLOCK: i64 = 1 << 16;
+
+/// Bytes of one row of a block of `p` as it is kept between batches on `device` (what
+/// [`ProjectionCache`] counts), in a precision of `value` bytes: a sparse row as s u32 columns
+/// and s sign bytes on the CPU ([`SparseRows`]), as s int64 columns and s values elsewhere
+/// ([`Block::SparseOnDevice`]); a dense row as k values.
+pub(crate) fn kept_row_bytes(p: &Projection, value: u64, device: Device) -> u64 {
+    let s = p.nonzeros() as u64;
+    match (p.kind, device) {
+        (ProjectionKind::Sparse, Device::Cpu) => 5 * s,
+        (ProjectionKind::Sparse, _) => (8 + value) * s,
+        _ => p.dim.max(0) as u64 * value,
     }
 }
 
-/// Whether a capture draws each block of its projection once (a sparse one, or a dense one that
-/// fits the blocks' room), so batches are projected as they come with no rows waiting.
-pub(crate) fn drawn_once(opts: &CaptureOptions, numel: u64, value: u64) -> bool {
-    cache_room(opts, numel, value) > 0
+/// Bytes of the `len`-row block `key` of a sparse projection as another device keeps it (the
+/// device path's tensors, drawn here on the CPU).
+#[cfg(test)]
+pub(crate) fn sparse_block_bytes_on_device(p: &Projection, key: &str, len: i64) -> u64 {
+    let (c, v) = sparse_by_tensor_ops(p, key, len, Kind::Float, Device::Cpu);
+    Block::SparseOnDevice(c, v).bytes()
 }
 
-/// Rows of projection matrices are generated in blocks of this many parameters.
-pub(crate) const PROJ_BLOCK: i64 = 1 << 16;
+/// Int64 (len × s) arrays [`sparse_by_tensor_ops`] holds at once at most (the counter, the
+/// draws, and the columns' operands and partial results), beside the values it returns.
+const SPARSE_DRAW_INT64: u64 = 6;
+
+/// Peak bytes of drawing one block of `len` rows of `p` on `device` in a precision of `value`
+/// bytes, the block included. On the CPU a block is written in place: sparse rows as kept, a
+/// dense block in float32 (float64 for float64) and then converted to a half precision. On
+/// other devices the libtorch ops hold a sparse block's int64 temporaries
+/// ([`SPARSE_DRAW_INT64`]), or a dense block's chunks and their concatenation (the block twice)
+/// with the int64 draws of one chunk ([`DEVICE_CHUNK`] entries; six arrays counted).
+pub(crate) fn draw_bytes(p: &Projection, len: i64, value: u64, device: Device) -> u64 {
+    let len = len.max(0) as u64;
+    let s = p.nonzeros() as u64;
+    let work = if value == 8 { 8 } else { 4 };
+    let dense = len * p.dim.max(0) as u64;
+    let converted = if value == work { 0 } else { dense * value };
+    match (p.kind, device) {
+        (ProjectionKind::Sparse, Device::Cpu) => len * kept_row_bytes(p, value, device),
+        (ProjectionKind::Sparse, _) => len * s * (8 * SPARSE_DRAW_INT64 + value),
+        (_, Device::Cpu) => dense * work + converted,
+        _ => 2 * dense * work + converted + (DEVICE_CHUNK as u64).min(dense) * 8 * 6,
+    }
+}
 
 /// Project per-sample gradients `j` (n, P) to (n, k): J R with R (P, k) of entries of variance 1/k,
 /// drawn per (seed, name, block) so every process builds the same R. With several logit-trace
@@ -722,8 +741,70 @@ mod tests {
                 assert_eq!(ops.kind(), work);
                 let diff = (&cpu - &ops).abs().max().double_value(&[]);
                 assert!(diff < tol, "{kind:?} {work:?}: paths differ by {diff}");
-                let via = dense_block(&p, "w#0", len, work, Device::Cpu);
-                assert!(cpu.equal(&via));
+            }
+        }
+    }
+
+    /// SplitMix64 written out here from its definition: output n of the generator seeded with
+    /// `seed` is mix(seed + n·γ); draw i of a stream σ is mix(σ + i·γ).
+    fn splitmix(stream: u64, i: u64) -> u64 {
+        let mut z = stream.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Entry (r, c) of a dense block of width k from the formula, in float64: entry e = r·k + c
+    /// is the cosine (e even) or sine (e odd) of the Box–Muller pair of draw ⌊e/2⌋ of the stream
+    /// hashed from "{key}/gaussian", u₁ = (high 32 bits + ½)/2³², u₂ = low 32 bits/2³², over √k;
+    /// for a Rademacher block, −1/√k where draw e of "{key}/rademacher" has its top bit set.
+    fn entry_by_formula(p: &Projection, key: &str, r: i64, c: i64) -> f64 {
+        let e = (r * p.dim + c) as u64;
+        let scale = 1.0 / (p.dim as f64).sqrt();
+        if p.kind == ProjectionKind::Rademacher {
+            let stream = crate::seed::stable_hash(p.seed, format!("{key}/rademacher").as_bytes());
+            return if splitmix(stream, e) >> 63 == 1 {
+                -scale
+            } else {
+                scale
+            };
+        }
+        let stream = crate::seed::stable_hash(p.seed, format!("{key}/gaussian").as_bytes());
+        let h = splitmix(stream, e / 2);
+        let u1 = ((h >> 32) as f64 + 0.5) / 4_294_967_296.0;
+        let u2 = (h & 0xffff_ffff) as f64 / 4_294_967_296.0;
+        let radius = (-2.0 * u1.ln()).sqrt();
+        let angle = 2.0 * std::f64::consts::PI * u2;
+        scale * radius * if e % 2 == 0 { angle.cos() } else { angle.sin() }
+    }
+
+    /// Dense blocks, drawn on the CPU and by the other devices' libtorch ops (run here on the
+    /// CPU), in both precisions, hold the entries the formula gives, computed here on its own:
+    /// the first pair, a pair straddling two rows of an odd width, and the last entry.
+    #[test]
+    fn dense_entries_are_the_splitmix_box_muller_formula() {
+        // SplitMix64 seeded with 0: its published first output.
+        assert_eq!(splitmix(0, 1), 0xe220_a839_7b1d_cdaf);
+        let len = 301;
+        for kind in [ProjectionKind::Gaussian, ProjectionKind::Rademacher] {
+            let p = Projection {
+                kind,
+                dim: 37,
+                seed: 11,
+            };
+            for (work, tol) in [(Kind::Double, 1e-13), (Kind::Float, 1e-6)] {
+                let cpu = dense_block(&p, "w#3", len, work, Device::Cpu);
+                let ops = dense_by_tensor_ops(&p, "w#3", len, work, Device::Cpu, 80);
+                for (r, c) in [(0, 0), (0, 1), (0, 36), (1, 0), (150, 17), (len - 1, 36)] {
+                    let want = entry_by_formula(&p, "w#3", r, c);
+                    for (path, t) in [("cpu", &cpu), ("ops", &ops)] {
+                        let got = t.double_value(&[r, c]);
+                        assert!(
+                            (got - want).abs() < tol,
+                            "{kind:?} {work:?} {path} ({r}, {c}): {got} against {want}"
+                        );
+                    }
+                }
             }
         }
     }
@@ -801,6 +882,40 @@ mod tests {
         };
         assert_ne!(b2.data_ptr(), b.data_ptr());
         assert!(b2.equal(&b));
+    }
+
+    /// The bytes of a kept row that the memory estimate counts are those the cache holds: a
+    /// sparse block on the CPU, a sparse block as other devices draw it (run here on the CPU)
+    /// and dense blocks in both precisions.
+    #[test]
+    fn kept_rows_are_counted_as_the_cache_holds_them() {
+        let sparse = Projection {
+            kind: ProjectionKind::Sparse,
+            dim: 40,
+            seed: 1,
+        };
+        let rows = SparseRows::draw(&sparse, "w#0", 777);
+        assert_eq!(
+            Block::Sparse(Arc::new(rows)).bytes(),
+            777 * kept_row_bytes(&sparse, 4, Device::Cpu)
+        );
+        assert_eq!(kept_row_bytes(&sparse, 4, Device::Cpu), 5 * 8);
+        let cuda = Device::Cuda(0);
+        assert_eq!(
+            sparse_block_bytes_on_device(&sparse, "w#0", 777),
+            777 * kept_row_bytes(&sparse, 4, cuda)
+        );
+        assert_eq!(kept_row_bytes(&sparse, 4, cuda), 12 * 8);
+        for (kind, value) in [(Kind::Float, 4), (Kind::Double, 8)] {
+            let p = Projection {
+                kind: ProjectionKind::Gaussian,
+                ..sparse
+            };
+            let mut cache = ProjectionCache::new(1 << 30);
+            let block = cache.get(&p, "w#0", 777, kind, Device::Cpu);
+            assert_eq!(block.bytes(), 777 * kept_row_bytes(&p, value, Device::Cpu));
+            assert_eq!(cache.room, (1 << 30) - block.bytes());
+        }
     }
 
     /// Several sets of rows projected together (each block drawn once for all) give what each

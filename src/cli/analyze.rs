@@ -1,5 +1,7 @@
-//! `tailscope analyze`: per-sample metrics joined into one table, frequency correlations with
-//! bootstrap intervals, GC per frequency bin and domain, and the ranked under-memorised flags.
+//! `tailscope analyze`: per-sample statistics joined into one table (loss, uncertainty, excess
+//! loss, reducible loss, learnability against the training data, trajectory), the neglect score
+//! and its flags with their evidence, frequency correlations with bootstrap intervals, GC per
+//! frequency bin and domain, and expert isolation.
 
 use std::path::PathBuf;
 
@@ -8,8 +10,8 @@ use clap::Args;
 use super::progress::Bars;
 use super::Global;
 use crate::analysis::analyze::{self, Analysis, AnalyzeSpec};
-use crate::analysis::flags::FlagOptions;
 use crate::analysis::isolation::BlockReport;
+use crate::analysis::learnability::LearnabilityOptions;
 
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "Example:\n  \
@@ -46,18 +48,51 @@ pub struct AnalyzeArgs {
         help_heading = "Statistics"
     )]
     pub alpha: f64,
-    /// Rare: frequency score below this quantile.
-    #[arg(long, default_value_t = FlagOptions::default().rare_quantile, value_name = "Q", help_heading = "Flags")]
-    pub rare_quantile: f64,
-    /// Do not count long-tail domains as rare.
-    #[arg(long, help_heading = "Flags")]
-    pub no_long_tail_domains: bool,
-    /// Poorly aligned: alignment below this quantile.
-    #[arg(long, default_value_t = FlagOptions::default().align_quantile, value_name = "Q", help_heading = "Flags")]
-    pub align_quantile: f64,
-    /// Poorly fitted: loss this many robust sd above its frequency bin's median.
-    #[arg(long, default_value_t = FlagOptions::default().loss_z, value_name = "Z", help_heading = "Flags")]
-    pub loss_z: f64,
+    /// Training texts the samples' loss gradients are compared with (0: no learnability statistics).
+    #[arg(
+        long,
+        default_value_t = LearnabilityOptions::default().train_samples,
+        value_name = "N",
+        help_heading = "Learnability",
+        long_help = "Training texts (a seeded random draw of the training split) that each sample's \
+            loss gradient is compared with: the predicted decrease (mean cross-kernel), the \
+            support (ridge leverage on the first --ridge-samples of them) and cosine support, \
+            and each sample's nearest training texts. Captured --train-chunk at a time, so any \
+            number fits --memory. 0 skips these statistics (and a neglect model that needs them \
+            is refused)."
+    )]
+    pub train_samples: usize,
+    /// Training texts captured at a time.
+    #[arg(long, default_value_t = LearnabilityOptions::default().chunk, value_name = "N", help_heading = "Learnability")]
+    pub train_chunk: usize,
+    /// Nearest training texts kept per sample (by gradient cosine).
+    #[arg(long, default_value_t = LearnabilityOptions::default().neighbours, value_name = "K", help_heading = "Learnability")]
+    pub neighbours: usize,
+    /// Training texts of the ridge leverage (support).
+    #[arg(long, default_value_t = LearnabilityOptions::default().ridge_samples, value_name = "N", help_heading = "Learnability")]
+    pub ridge_samples: usize,
+    /// Ridge κ of the support, as a multiple of the mean Θ_jj of those texts.
+    #[arg(long, default_value_t = LearnabilityOptions::default().ridge, value_name = "X", help_heading = "Learnability")]
+    pub ridge: f64,
+    /// Memory budget in GB of the gradient captures (default: 80% of the memory available).
+    #[arg(long, value_name = "GB", value_parser = super::ntk::positive_gb, help_heading = "Learnability")]
+    pub memory: Option<f64>,
+    /// A reference model (same tokenizer) for the reducible loss (RHO-LOSS).
+    #[arg(
+        long,
+        value_name = "PATH",
+        help_heading = "Neglect",
+        long_help = "A reference model, ideally trained on held-out data of the same distribution, \
+            sharing the model's tokenizer (refused otherwise): adds the reducible loss, the \
+            sample's loss minus the reference's on the same tokens (Mindermann et al., ICML 2022)."
+    )]
+    pub reference: Option<PathBuf>,
+    /// A training run folder (or its checkpoints/): adds loss slope, forgetting events and self-influence.
+    #[arg(long, value_name = "DIR", help_heading = "Neglect")]
+    pub checkpoints: Option<PathBuf>,
+    /// The neglect model (TOML; default: the built-in analyses/neglect-weights.toml).
+    #[arg(long, value_name = "FILE", help_heading = "Neglect")]
+    pub neglect_model: Option<PathBuf>,
     /// An `ntk` folder of the dense baseline on the same samples: adds expert isolation.
     #[arg(
         long,
@@ -84,13 +119,22 @@ impl AnalyzeArgs {
             tokenizer: self.tokenizer.clone(),
             resamples: self.resamples,
             alpha: self.alpha,
-            flags: FlagOptions {
-                rare_quantile: self.rare_quantile,
-                long_tail_domains: !self.no_long_tail_domains,
-                align_quantile: self.align_quantile,
-                loss_z: self.loss_z,
-            },
             baseline: self.baseline.clone(),
+            learnability: (self.train_samples > 0).then(|| LearnabilityOptions {
+                train_samples: self.train_samples,
+                chunk: self.train_chunk,
+                neighbours: self.neighbours,
+                ridge_samples: self.ridge_samples,
+                ridge: self.ridge,
+                sample_seed: g.seed.max(1),
+            }),
+            reference: self.reference.clone(),
+            checkpoints: self.checkpoints.clone(),
+            neglect_model: self.neglect_model.clone(),
+            memory: match self.memory {
+                Some(gb) => Some((gb * 1e9) as u64),
+                None => crate::capture::memory::default_budget(),
+            },
             seed: g.seed,
         }
     }
@@ -104,7 +148,7 @@ pub fn run(a: &AnalyzeArgs, g: &Global) -> anyhow::Result<()> {
     r.write(&a.out)?;
     print_analysis(&spec, &r);
     println!(
-        "wrote {}/{{analysis,correlations,flags}}.parquet and summary.json",
+        "wrote {}/{{analysis,correlations,flags,neighbours}}.parquet and summary.json",
         a.out.display()
     );
     Ok(())
@@ -138,18 +182,20 @@ pub fn print_analysis(spec: &AnalyzeSpec, r: &Analysis) {
             .join(", ")
     );
     println!(
-        "flagged as under-memorised: {} of {} (top: {})",
+        "flagged as neglected (learnable, not yet learned): {} of {}",
         r.flagged.len(),
-        r.ids.len(),
-        r.flagged
-            .iter()
-            .take(3)
-            .map(|f| r.ids[f.index].as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        r.ids.len()
     );
+    for f in r.flagged.iter().take(3) {
+        println!(
+            "  {} (score {:.2}): {}",
+            r.ids[f.index],
+            f.score,
+            f.reasons.join("; ")
+        );
+    }
     if let Some((p, rc)) = r.precision_recall {
-        println!("against the corpus's ground truth (long_tail): precision {p:.3}, recall {rc:.3}");
+        println!("against the corpus's ground truth: precision {p:.3}, recall {rc:.3}");
     }
     if let Some(iso) = &r.isolation {
         if iso.reports.is_empty() {

@@ -265,15 +265,17 @@ pub struct SynthArgs {
             rare domain. Example: --rare-domains 3 --shares 0.03,0.02,0.01"
     )]
     pub shares: Option<Vec<f64>>,
-    /// Add domains that separate rarity from neglect (and a `neglected` ground truth).
+    /// Add domains that separate rarity, neglect and noise (`neglected` and `noise` truths).
     #[arg(
         long,
         help_heading = "Synthesis",
         long_help = "Add two contrast domains: `glossary`, rare (a quarter of the rare share) but \
             only 4 distinct sentences repeated, which a model learns; and `chatter`, 8% of the \
-            corpus, common words in random order, frequent but unpredictable. The table gains a \
-            `neglected` column (rare domains and chatter) beside `long_tail` (rare domains and \
-            glossary), so flag rankings can be scored where rarity and neglect differ."
+            corpus, common words in random order, frequent but unpredictable (noise). The table \
+            gains a three-way ground truth: `neglected` (the rare domains: learnable, not yet \
+            learned), `noise` (chatter: not learnable) and neither (common text and the \
+            learned-though-rare glossary), beside `long_tail` (rare domains and glossary), so \
+            flag rankings can be scored where rarity, neglect and noise differ."
     )]
     pub contrasts: bool,
     #[command(flatten)]

@@ -137,6 +137,9 @@ where
     };
     init_logging(&cli.global);
     progress::set_quiet(cli.global.quiet);
+    for (flag, path, kind) in outputs(&cli.command) {
+        check_output(flag, path, kind)?;
+    }
     crate::device::configure(cli.global.threads, cli.global.seed)?;
     match &cli.command {
         Command::Corpus(cmd) => corpus::run(cmd, &cli.global)?,
@@ -155,6 +158,75 @@ where
     Ok(ExitCode::SUCCESS)
 }
 
+/// What an output path names: a folder the command writes into, or one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    Folder,
+    File,
+}
+
+/// The output paths a command was given, with their flags (those of `study` and `run` are in
+/// their specs).
+fn outputs(c: &Command) -> Vec<(&'static str, &std::path::Path, Output)> {
+    use Output::{File, Folder};
+    match c {
+        Command::Corpus(corpus::CorpusCommand::Ingest(a)) => vec![("-o", &a.build.out, File)],
+        Command::Corpus(corpus::CorpusCommand::Synth(a)) => vec![("-o", &a.build.out, File)],
+        Command::Corpus(corpus::CorpusCommand::Facts(a)) => {
+            let mut v = vec![("-o", a.out.as_path(), File)];
+            v.extend(a.probes.iter().map(|p| ("--probes", p.as_path(), File)));
+            v
+        }
+        Command::Freq(a) => vec![("-o", &a.out, Folder)],
+        Command::Train(a) => vec![("-o", &a.out, Folder)],
+        Command::Eval(a) => a.out.iter().map(|o| ("-o", o.as_path(), Folder)).collect(),
+        Command::Capture(a) => vec![("-o", &a.out, Folder)],
+        Command::Ntk(a) => vec![("-o", &a.capture.out, Folder)],
+        Command::Analyze(a) => vec![("-o", &a.out, Folder)],
+        Command::Select(a) => vec![("-o", &a.out, File)],
+        Command::Report(a) => {
+            let mut v = vec![("-o", a.out.as_path(), Folder)];
+            v.extend(a.notebook.iter().map(|n| ("--notebook", n.as_path(), File)));
+            v
+        }
+        Command::Import(a) => vec![("-o", &a.out, Folder)],
+        Command::Study(_) | Command::Run(_) => Vec::new(),
+    }
+}
+
+/// Refuse, before any work and naming `flag`, an output `path` that cannot be one: an existing
+/// file where a folder goes, an existing folder where a file goes, or a path below a file.
+fn check_output(flag: &str, path: &std::path::Path, kind: Output) -> crate::Result<()> {
+    let bad = |m: String| Err(crate::Error::invalid(flag, m));
+    let shown = path.display();
+    match kind {
+        Output::Folder if path.is_file() => {
+            return bad(format!(
+                "{shown} is an existing file, and the outputs go into a folder: give a folder's path (a new one, or an existing folder)"
+            ))
+        }
+        Output::File if path.is_dir() => {
+            return bad(format!(
+                "{shown} is an existing folder: give the path of the file to write"
+            ))
+        }
+        _ => {}
+    }
+    // The nearest part of the path that exists must be a folder.
+    let existing = path
+        .ancestors()
+        .skip(1)
+        .filter(|a| !a.as_os_str().is_empty())
+        .find(|a| a.exists());
+    match existing {
+        Some(a) if !a.is_dir() => bad(format!(
+            "{} is an existing file, so {shown} cannot be made under it",
+            a.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A count that must be at least 1 (`--batch`, `--bins`, `--samples`, …): clap names the flag
 /// and shows this message when it is 0 or not a number.
 pub fn at_least_one(s: &str) -> Result<usize, String> {
@@ -163,6 +235,24 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(_) => Err(format!("expected a whole number, got {s:?}")),
     }
+}
+
+/// The one line printed for an error: its chain of causes joined by ": ", leaving out a cause
+/// whose text the line already ends with (a library error that names its file shows the
+/// system's reason itself, which is also its source).
+pub fn message(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// The exit status for an error: 2 when some `tailscope::Error` in its chain is bad input.

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use super::progress::Bars;
 use super::Global;
@@ -116,9 +116,10 @@ pub struct CaptureArgs {
         long_help = "Project every parameter's per-sample gradients to K dimensions with a seeded random matrix (entries of variance 1/K, identical across processes for one --seed), trading exactness for memory. Not with --method ghost."
     )]
     pub project: Option<i64>,
-    /// Distribution of the projection (sparse: as accurate as gaussian at equal K, far cheaper).
-    #[arg(long, value_enum, default_value_t = ProjectionKind::default(), value_name = "KIND", help_heading = "Gradients")]
-    pub projection: ProjectionKind,
+    /// Distribution of the projection (default sparse: as accurate as gaussian at equal K, far
+    /// cheaper); needs --project.
+    #[arg(long, value_enum, value_name = "KIND", help_heading = "Gradients")]
+    pub projection: Option<ProjectionKind>,
     /// Memory budget in GB (default: 80% of the memory available at start); see the long help.
     #[arg(
         long,
@@ -258,6 +259,15 @@ pub struct NtkArgs {
 impl CaptureArgs {
     /// The library's description of this capture.
     pub fn job_spec(&self, g: &Global) -> crate::Result<JobSpec> {
+        if let (Some(kind), None) = (self.projection, self.project) {
+            return Err(crate::error::Error::invalid(
+                "--projection",
+                format!(
+                    "{} applies to a projection, and none was asked for: add --project K (the dimension to project to), or drop --projection",
+                    kind.to_possible_value().map_or("it".into(), |v| v.get_name().to_string())
+                ),
+            ));
+        }
         Ok(JobSpec {
             model: self.model.clone(),
             corpus: self.corpus.clone(),
@@ -281,7 +291,7 @@ impl CaptureArgs {
                 output: self.output,
                 method: self.method,
                 projection: self.project.map(|dim| Projection {
-                    kind: self.projection,
+                    kind: self.projection.unwrap_or_default(),
                     dim,
                     seed: g.seed,
                 }),
@@ -327,7 +337,7 @@ impl NtkArgs {
 }
 
 /// A memory budget in GB: a positive number.
-fn positive_gb(s: &str) -> Result<f64, String> {
+pub(crate) fn positive_gb(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
         _ => Err(format!("expected a positive number of GB, got {s:?}")),
@@ -434,7 +444,9 @@ fn run_ntk_mpi(a: &NtkArgs, g: &Global, device: tch::Device) -> anyhow::Result<(
         Ok(x) => x,
         Err(e) => {
             let code = if e.is_bad_input() { 2 } else { 1 };
-            eprintln!("tailscope: rank {rank} of {size}: {e}; aborting the job");
+            // One write, so that ranks failing together do not interleave their lines.
+            let line = format!("tailscope: rank {rank} of {size}: {e}; aborting the job\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             ranks.abort(code);
         }
     };

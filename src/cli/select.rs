@@ -23,13 +23,17 @@ pub struct SelectArgs {
         default_value_t = Criterion::Flag,
         value_name = "CRITERION",
         help_heading = "Selection",
-        long_help = "How samples are ranked; every score is 'higher: select first'. flag (default): \
-            the flag rank score (1 − frequency percentile) + (1 − alignment percentile) + loss z, \
-            flagged samples first; alignment: lowest cos(g(X), J_i) first; gc: lowest GC of the \
-            sample's domain first (needs the NTK folder); self-kernel: largest Θ_ii first; loss: \
-            largest mean token loss first; frequency: lowest frequency score first; uncertainty: \
-            largest mean token entropy under the model first (runs the model); random: a seeded \
-            uniform draw. Ties are broken by a seeded random key."
+        long_help = "How samples are ranked; every score is 'higher: select first', each a column \
+            of the analysis's analysis.parquet. flag (default): the neglect score (learnable and \
+            not yet learned), flagged samples first; loss, uncertainty, excess-loss (loss against \
+            tokens at the same positions), reducible (needs analyze --reference): highest first; \
+            predicted-decrease, support, support-cos: what the training data lowers least, the \
+            most isolated gradients first; gc: lowest |GC| of the sample's domain first; \
+            self-kernel: largest Θ_ii; alignment: least aligned; frequency: rarest; loss-slope, \
+            forgetting, self-influence (need analyze --checkpoints; steepest fall, most forgotten, \
+            largest first); rarity-rule: the earlier \
+            flag rule; random: a seeded draw. A sample without a score ranks last; ties are \
+            broken by a seeded random key."
     )]
     pub criterion: Criterion,
     /// Select the M highest-ranked samples.
@@ -38,24 +42,36 @@ pub struct SelectArgs {
         value_name = "M",
         conflicts_with = "threshold",
         required_unless_present = "threshold",
+        value_parser = super::at_least_one,
         help_heading = "Selection"
     )]
     pub top: Option<usize>,
-    /// Select every sample whose score is at least T.
-    #[arg(long, value_name = "T", help_heading = "Selection")]
+    /// Select every sample whose score is at least T (a finite number).
+    #[arg(long, value_name = "T", value_parser = finite, help_heading = "Selection")]
     pub threshold: Option<f64>,
-    /// The NTK folder for `--criterion gc` (default: the one the analysis used).
+    /// Unused by analyses of this version (kept for scripts that pass it).
     #[arg(long, value_name = "DIR", help_heading = "Input")]
     pub ntk: Option<PathBuf>,
-    /// The model for `--criterion uncertainty` (default: the one the analysis used).
+    /// The model for `--criterion uncertainty` of an analysis made before that column existed.
     #[arg(long, value_name = "PATH", help_heading = "Input")]
     pub model: Option<PathBuf>,
-    /// The tokenizer for `--criterion uncertainty` (default: the model's, else the corpus's).
+    /// The tokenizer for `--criterion uncertainty` of such an analysis.
     #[arg(long, value_name = "FILE", help_heading = "Input")]
     pub tokenizer: Option<PathBuf>,
     /// The selection table to write (Parquet: id, domain, score, rank, selected, flagged, criterion).
     #[arg(short, long, value_name = "FILE", help_heading = "Output")]
     pub out: PathBuf,
+}
+
+/// A score threshold: a finite number (no sample's score is at least NaN).
+fn finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(_) => Err(format!(
+            "expected a finite number, got {s:?}: no score is at least it"
+        )),
+        Err(_) => Err(format!("expected a number, got {s:?}")),
+    }
 }
 
 /// `tailscope select`.

@@ -23,8 +23,10 @@ pub struct StudyArgs {
         long_help = "The study spec: [data] (corpus, or [data.synth] to generate it), [model] and \
             [train] (the base model), [select] (pool, top, criteria), [continue] (steps, lr, \
             share: the expected share of selected samples per batch), seeds and out (the selection \
-            study); or [ranking] (seeds, fit_seeds, rare_shares, pool, criteria, out), [model] and \
-            [train] (the flag ranking study on corpora with contrasts); or [experts] (seeds, \
+            study); or [ranking] (seeds, fit_seeds, rare_shares or corpus and base_model, pool, \
+            train_samples, reference, checkpoints, counterfactual, fit_truth, frozen_model, \
+            criteria, out), [model], [train] and [counterfactual] (the neglect ranking study: \
+            fits and scores the neglect score against synthetic and counterfactual truths); or [experts] (seeds, \
             corpus, ingest, eval_samples, probe_samples, ntk_samples, baseline, out), [model], \
             [train] and [[run]]s (CSE against dense and Switch-MoE); or [facts] (seeds, \
             dev_seed, host, corpus, counts, facts_per_count, controls, host_samples, foresight, \
@@ -119,14 +121,15 @@ fn run_ranking(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
         .map(|x| x.to_string())
         .collect();
     println!(
-        "ranking quality against `neglected` (held-out seeds {}, rare shares {:?} pooled; 95% t \
-         intervals):",
+        "ranking quality of the neglect score and every criterion (held-out seeds {}; models \
+         fitted on seeds {:?}):",
         held.join(", "),
-        r.rare_shares
+        r.fit_seeds
     );
     print!("{}", s.markdown());
     println!(
-        "wrote {}/ranking.parquet, summary.parquet, comparisons.parquet, ranking.md",
+        "wrote {}/ranking.parquet, summary.parquet, comparisons.parquet, models.toml, \
+         fitted-model.toml, ranking.md",
         r.out.display()
     );
     Ok(())

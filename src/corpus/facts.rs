@@ -664,6 +664,7 @@ pub fn insert(
                 n_tokens: 0,
                 long_tail: None,
                 neglected: None,
+                noise: None,
                 fact: Some(FactRef {
                     id: f.id.clone(),
                     count: f.count,

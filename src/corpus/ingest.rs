@@ -152,6 +152,7 @@ fn read_text(path: &Path, label: &str, domain: &str, unit: Unit) -> Result<Vec<R
                 domain: domain.to_owned(),
                 long_tail: None,
                 neglected: None,
+                noise: None,
             });
         }
     };
@@ -241,6 +242,7 @@ fn read_jsonl(path: &Path, label: &str, opts: &IngestOptions) -> Result<Vec<RawR
             domain,
             long_tail: None,
             neglected: None,
+            noise: None,
         });
     }
     Ok(out)
@@ -336,6 +338,7 @@ fn read_delimited(
             domain,
             long_tail: None,
             neglected: None,
+            noise: None,
         });
     }
     Ok(out)
@@ -396,6 +399,7 @@ fn read_parquet_records(path: &Path, label: &str, opts: &IngestOptions) -> Resul
             domain,
             long_tail: None,
             neglected: None,
+            noise: None,
         });
     }
     Ok(out)

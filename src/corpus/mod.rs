@@ -67,8 +67,12 @@ pub struct Sample {
     pub long_tail: Option<bool>,
     /// Ground truth from `corpus synth --contrasts`: whether the sample's domain is one a model
     /// fails to learn (rare and varied, or frequent words in inconsistent order), as opposed to
-    /// common text or a rare domain repeated enough to be learned.
+    /// common text or a rare domain repeated enough to be learned. Noise is not neglected: it is
+    /// marked by [`Sample::noise`].
     pub neglected: Option<bool>,
+    /// Ground truth from `corpus synth --contrasts`: whether the sample is noise, text no model
+    /// can learn (frequent words in random order): high loss with nothing to gain by training.
+    pub noise: Option<bool>,
     /// Ground truth from `corpus facts`: the fictional fact the sample states (none on host rows).
     pub fact: Option<FactRef>,
 }
@@ -99,6 +103,8 @@ pub struct RawRecord {
     /// Ground truth of synthetic corpora: whether the record's domain is neglected
     /// ([`Sample::neglected`]).
     pub neglected: Option<bool>,
+    /// Ground truth of synthetic corpora: whether the record is noise ([`Sample::noise`]).
+    pub noise: Option<bool>,
 }
 
 /// How raw records become samples.
@@ -261,6 +267,7 @@ pub fn build(
                 long_tail: rec.long_tail,
                 neglected: rec.neglected,
                 fact: None,
+                noise: rec.noise,
             });
         }
     }
@@ -411,6 +418,12 @@ impl Corpus {
                     .collect::<Vec<_>>(),
             ));
         }
+        if s.iter().any(|x| x.noise.is_some()) {
+            cols.push(Column::new(
+                "noise".into(),
+                s.iter().map(|x| x.noise).collect::<Vec<_>>(),
+            ));
+        }
         DataFrame::new(s.len(), cols).map_err(|e| Error::table("building the corpus table", e))
     }
 
@@ -478,6 +491,7 @@ impl Corpus {
         let long_tail = flag("long_tail")?;
         let neglected = flag("neglected")?;
         let facts = read_fact_columns(&df, path)?;
+        let noise = flag("noise")?;
         let mut samples = Vec::with_capacity(ids.len());
         for (i, (((id, text), domain), split)) in ids
             .into_iter()
@@ -504,6 +518,7 @@ impl Corpus {
                 long_tail: long_tail.as_ref().and_then(|v| v[i]),
                 neglected: neglected.as_ref().and_then(|v| v[i]),
                 fact: facts.as_ref().and_then(|v| v[i].clone()),
+                noise: noise.as_ref().and_then(|v| v[i]),
             });
         }
         if samples.is_empty() {
@@ -569,6 +584,7 @@ mod tests {
             domain: "d".into(),
             long_tail: None,
             neglected: None,
+            noise: None,
         }
     }
 

@@ -11,8 +11,10 @@
 //! a quarter of `rare_share`, but only [`GLOSSARY_SENTENCES`] distinct sentences of its own
 //! pseudo-words, repeated, so a model learns it) and `chatter` ([`CHATTER_SHARE`] of the corpus:
 //! 8–12 common words drawn uniformly in random order, frequent vocabulary that no model can
-//! predict), and every sample carries `neglected` = rare domain or chatter (not common, not
-//! glossary) beside `long_tail` = rare domain or glossary.
+//! predict). Every sample then carries a three-way ground truth beside `long_tail` (= rare
+//! domain or glossary): `neglected` = a rare domain (learnable, and not yet learned: varied text
+//! a model sees too rarely), `noise` = chatter (not learnable: no model can predict it), and
+//! neither for common text or the glossary (learned, though the glossary is rare).
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -508,7 +510,7 @@ pub fn generate(opts: &SynthOptions) -> Result<Vec<RawRecord>> {
         .enumerate()
         .map(|(i, d)| {
             let k = opts.rare_domains;
-            // (text, domain, long_tail, neglected)
+            // (text, domain, long_tail, neglected); noise is the chatter domain.
             let (text, domain, long_tail, neglected) = if d == 0 {
                 let t = COMMON_TEMPLATES[rng.random_range(0..COMMON_TEMPLATES.len())];
                 (
@@ -530,8 +532,14 @@ pub fn generate(opts: &SynthOptions) -> Result<Vec<RawRecord>> {
                 let words: Vec<&str> = (0..n)
                     .map(|_| chatter_words[rng.random_range(0..chatter_words.len())])
                     .collect();
-                (as_sentence(&words), CHATTER_DOMAIN.to_string(), false, true)
+                (
+                    as_sentence(&words),
+                    CHATTER_DOMAIN.to_string(),
+                    false,
+                    false,
+                )
             };
+            let noise = d == k + 2;
             RawRecord {
                 origin: format!("synth:{}", i + 1),
                 id: None,
@@ -539,6 +547,7 @@ pub fn generate(opts: &SynthOptions) -> Result<Vec<RawRecord>> {
                 domain,
                 long_tail: Some(long_tail),
                 neglected: opts.contrasts.then_some(neglected),
+                noise: opts.contrasts.then_some(noise),
             }
         })
         .collect();
@@ -615,8 +624,8 @@ mod tests {
     }
 
     /// Contrasts: a learnable rare domain of 4 repeated sentences, a frequent-vocabulary chatter
-    /// domain, `neglected` = rare domains and chatter; the rest of the corpus is what it is
-    /// without them only in the common domain's count.
+    /// domain, `neglected` = rare domains only, `noise` = chatter only; the rest of the corpus is
+    /// what it is without them only in the common domain's count.
     #[test]
     fn contrasts_separate_rarity_from_neglect() {
         let plain = SynthOptions {
@@ -643,8 +652,10 @@ mod tests {
             let d = r.domain.as_str();
             let rare = d != COMMON_DOMAIN && d != CHATTER_DOMAIN;
             assert_eq!(r.long_tail, Some(rare), "{d}");
-            let neglected = d != COMMON_DOMAIN && d != GLOSSARY_DOMAIN;
+            let neglected = rare && d != GLOSSARY_DOMAIN;
             assert_eq!(r.neglected, Some(neglected), "{d}");
+            assert_eq!(r.noise, Some(d == CHATTER_DOMAIN), "{d}");
+            assert!(!(r.noise == Some(true) && r.neglected == Some(true)), "{d}");
         }
         let common_words: std::collections::HashSet<&str> =
             chatter_vocabulary().into_iter().collect();
@@ -662,11 +673,11 @@ mod tests {
                 r.text
             );
         }
-        // Without contrasts: no neglected truth.
+        // Without contrasts: no neglected or noise truth.
         assert!(generate(&plain)
             .unwrap()
             .iter()
-            .all(|r| r.neglected.is_none()));
+            .all(|r| r.neglected.is_none() && r.noise.is_none()));
     }
 
     #[test]

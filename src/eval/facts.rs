@@ -512,11 +512,10 @@ mod tests {
             .probes
             .iter()
             .map(|p| {
-                let first = match (p.fact_id.as_str(), p.probe) {
-                    ("fact-0001", 0 | 1) | ("fact-0002", 2) => true,
-                    (_, 3) => true,
-                    _ => false,
-                };
+                let first = matches!(
+                    (p.fact_id.as_str(), p.probe),
+                    ("fact-0001", 0 | 1) | ("fact-0002", 2) | (_, 3)
+                );
                 if first {
                     vec![-1.0, -2.0, -3.0]
                 } else {
@@ -534,7 +533,7 @@ mod tests {
         assert!((f1.gain.unwrap() - 1.5).abs() < 1e-12, "{f1:?}");
         // Specific gain of probe 0: 2 − mean(0, −2) = 3.
         assert!((e.probes[0].specific_gain.unwrap() - 3.0).abs() < 1e-12);
-        let c = e.chance.unwrap();
+        let c = e.chance.clone().unwrap();
         assert_eq!((c.on.as_str(), c.facts, c.rate), ("before", 4, 0.0));
         assert!(!c.at_chance, "never first before: below chance 1/3");
         let by = e.by_count();

@@ -104,6 +104,83 @@ pub fn sample_entropies(
     })
 }
 
+/// One sequence's predicted tokens: their positions in the padded input (for a causal model,
+/// the index of the token in the text, 0 = first token), their losses and the model's
+/// predictive entropy there (nats).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenStats {
+    /// Position of each predicted token.
+    pub positions: Vec<u32>,
+    /// Its loss, −ln p(target).
+    pub loss: Vec<f64>,
+    /// The entropy of the predicted distribution there.
+    pub entropy: Vec<f64>,
+}
+
+impl TokenStats {
+    /// Mean token loss (0 without predicted tokens).
+    pub fn mean_loss(&self) -> f64 {
+        self.loss.iter().sum::<f64>() / self.loss.len().max(1) as f64
+    }
+    /// Mean token entropy (0 without predicted tokens).
+    pub fn mean_entropy(&self) -> f64 {
+        self.entropy.iter().sum::<f64>() / self.entropy.len().max(1) as f64
+    }
+}
+
+/// Every sequence's per-token losses and entropies, from one forward pass per batch (the same
+/// positions, and for BERT the same seeded masks, as [`sample_losses`] and
+/// [`sample_entropies`], whose sums these are).
+pub fn sample_token_stats(
+    model: &Model,
+    seqs: &[&[u32]],
+    batch: usize,
+    device: Device,
+    seed: u64,
+) -> Result<Vec<TokenStats>> {
+    let mut out = vec![TokenStats::default(); seqs.len()];
+    let order = batch_order(model, seqs);
+    tch::no_grad(|| -> Result<()> {
+        for (k, idx) in order.chunks(batch.max(1)).enumerate() {
+            let chunk: Vec<&[u32]> = idx.iter().map(|&i| seqs[i]).collect();
+            let mut rng = step_rng(seed, k as u64);
+            let b = model_batch(model, &chunk, &mut rng, device);
+            let o = model.forward_t(&b.ids, &b.mask, false, false)?;
+            let (rows, t) = b.targets.size2()?;
+            let logp = o
+                .logits
+                .to_kind(tch::Kind::Float)
+                .log_softmax(-1, tch::Kind::Float);
+            let h = -(logp.exp() * &logp).sum_dim_intlist(-1, false, tch::Kind::Float);
+            let valid = b.targets.ne(crate::model::IGNORE);
+            let safe = b.targets.where_scalarother(&valid, 0);
+            let nll = -logp.gather(-1, &safe.unsqueeze(-1), false).squeeze_dim(-1);
+            let cpu = |x: &Tensor| -> Result<Vec<f64>> {
+                Ok(Vec::try_from(
+                    x.to_kind(tch::Kind::Double)
+                        .to_device(Device::Cpu)
+                        .view([-1]),
+                )?)
+            };
+            let (nll, h) = (cpu(&nll)?, cpu(&h)?);
+            let valid: Vec<bool> = Vec::try_from(valid.to_device(Device::Cpu).view([-1]))?;
+            for (r, &i) in idx.iter().enumerate().take(rows as usize) {
+                let s = &mut out[i];
+                for p in 0..t as usize {
+                    let at = r * t as usize + p;
+                    if valid[at] {
+                        s.positions.push(p as u32);
+                        s.loss.push(nll[at]);
+                        s.entropy.push(h[at]);
+                    }
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// A per-sequence sum and count from each batch's logits and targets.
 type PerSequence<'a> = &'a dyn Fn(&Tensor, &Tensor) -> (Tensor, Tensor);
 

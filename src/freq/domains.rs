@@ -144,6 +144,7 @@ mod tests {
                     long_tail: None,
                     neglected: None,
                     fact: None,
+                    noise: None,
                 });
             }
         }

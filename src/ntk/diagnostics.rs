@@ -71,7 +71,7 @@ fn one() -> f64 {
 /// any normalisation (the spread is about gradient norms).
 pub fn diagnose(k: &dyn KernelOp, whole: &Principal, raw_diag: &Tensor) -> Result<Diagnostics> {
     let n = k.n();
-    let kd = k.diag();
+    let kd = k.diag()?;
     let trace = kd.sum(Kind::Double).double_value(&[]);
     let mut d: Vec<f64> = Vec::try_from(raw_diag.to_kind(Kind::Double).to_device(Device::Cpu))?;
     let max = d.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -85,7 +85,7 @@ pub fn diagnose(k: &dyn KernelOp, whole: &Principal, raw_diag: &Tensor) -> Resul
     };
     // Σ|cos_ij| off the diagonal: every sample of non-zero norm has cos_ii = 1.
     let on = kd.gt(0.0).sum(Kind::Double).double_value(&[]);
-    let off = k.abs_cosine_sum() - on;
+    let off = k.abs_cosine_sum()? - on;
     let pr = participation(&whole.u);
     Ok(Diagnostics {
         diag_spread: if median > 0.0 {
@@ -129,6 +129,16 @@ impl std::fmt::Display for Warning {
 /// `normalized` says whether the direction came from the cosine kernel (then the spread of
 /// gradient norms no longer matters).
 pub fn warnings(d: &Diagnostics, rows: &[GcRow], normalized: bool) -> Vec<Warning> {
+    let mut out = kernel_warnings(d, normalized);
+    out.extend(group_warnings(rows));
+    out
+}
+
+/// The warnings about the whole kernel: a degenerate or nearly diagonal direction, a dominant
+/// sample. (A near-tie of the direction's sign is no warning: the report and the flags read
+/// |GC| and statistics that do not depend on that sign; `sign_margin` stays in `ntk.json` and
+/// `gc.parquet` for readers of the signed values, alignment among them.)
+fn kernel_warnings(d: &Diagnostics, normalized: bool) -> Vec<Warning> {
     let n = d.samples as f64;
     let mut out = Vec::new();
     let handful = PR_MIN.max(PR_SHARE_MIN * n);
@@ -166,6 +176,12 @@ pub fn warnings(d: &Diagnostics, rows: &[GcRow], normalized: bool) -> Vec<Warnin
             change: "Use --normalize cosine, or look at that sample (the largest self_kernel in samples.parquet).".into(),
         });
     }
+    out
+}
+
+/// The warnings about the frequency-bin and long-tail groups: an undetermined (wide) interval.
+fn group_warnings(rows: &[GcRow]) -> Vec<Warning> {
+    let mut out = Vec::new();
     let headline: Vec<&GcRow> = rows
         .iter()
         .filter(|r| r.column == "freq_bin" || r.column == "long_tail")
@@ -174,33 +190,6 @@ pub fn warnings(d: &Diagnostics, rows: &[GcRow], normalized: bool) -> Vec<Warnin
         .iter()
         .filter(|r| r.interval.is_some_and(|(lo, hi)| hi - lo > WIDTH_MAX))
         .collect();
-    if sign_near_tie(d.sign_margin) {
-        out.push(Warning {
-            problem: format!(
-                "Ill-determined direction sign: the principal direction's entries nearly cancel (Σu / Σ|u| = {:.3}), so the Σu ≥ 0 convention that sets the sign of every GC and of every per-sample alignment is nearly a tie; another sample or checkpoint may flip all of them, and with them the order of the alignments (and the flags ranked by it).",
-                d.sign_margin
-            ),
-            change: "Compare |GC| across groups (the report does); read relations with alignment as holding up to that sign.".into(),
-        });
-    }
-    let unsigned: Vec<&&GcRow> = headline
-        .iter()
-        .filter(|r| r.sign_margin.is_some_and(sign_near_tie) && r.gc.is_some())
-        .collect();
-    if let Some(u) = unsigned.first() {
-        out.push(Warning {
-            problem: format!(
-                "Ill-determined GC sign: the principal direction of {} of {} frequency-bin and long-tail groups has entries that nearly cancel (e.g. {} {}: Σu / Σ|u| = {:.3}, GC {:+.3}), so the Σu ≥ 0 convention that sets the sign of its GC is nearly a tie.",
-                unsigned.len(),
-                headline.len(),
-                u.column,
-                u.group,
-                u.sign_margin.unwrap_or(f64::NAN),
-                u.gc.unwrap_or(f64::NAN)
-            ),
-            change: "Read |GC| for such groups (gc.parquet's sign_margin column says which), or compare them through the per-sample alignment, which does not depend on a group's own sign.".into(),
-        });
-    }
     if let Some(w) = wide.first() {
         let (lo, hi) = w.interval.unwrap_or((f64::NAN, f64::NAN));
         out.push(Warning {
@@ -238,9 +227,10 @@ mod tests {
 
     /// The cosine kernel has a unit diagonal and its blocks still sum to it; a zero-gradient
     /// sample stays zero instead of dividing by zero.
-    /// A cancelling group direction, or whole direction, gets a sign warning; sound ones none.
+    /// A cancelling group direction, or whole direction, is no warning (|GC| and the flags do
+    /// not depend on the sign); a wide interval is.
     #[test]
-    fn near_tie_signs_are_warned() {
+    fn near_tie_signs_are_not_warned_and_wide_intervals_are() {
         let sound = Diagnostics {
             diag_spread: 1.0,
             mean_abs_cosine: 0.5,
@@ -253,16 +243,14 @@ mod tests {
         let mut rows = vec![gc_row("freq_bin", (0.5, 0.7))];
         assert!(warnings(&sound, &rows, true).is_empty());
         rows[0].sign_margin = Some(0.05);
-        let w = warnings(&sound, &rows, true);
-        assert_eq!(w.len(), 1);
-        assert!(w[0].problem.contains("Ill-determined GC sign") && w[0].problem.contains("0.050"));
         let tie = Diagnostics {
             sign_margin: 0.02,
             ..sound
         };
-        let w = warnings(&tie, &[gc_row("freq_bin", (0.5, 0.7))], true);
+        assert!(warnings(&tie, &rows, true).is_empty());
+        let w = warnings(&tie, &[gc_row("freq_bin", (-0.5, 0.7))], true);
         assert!(
-            w.len() == 1 && w[0].problem.contains("Ill-determined direction sign"),
+            w.len() == 1 && w[0].problem.contains("Undetermined GC"),
             "{w:?}"
         );
         // Σu / Σ|u| by hand: (1 − 1 + 0.5) / 2.5.

@@ -11,13 +11,18 @@
 //! - Rank 0 then finishes as `--assemble` does: the tile index, and up to `--assemble-max`
 //!   samples the kernel, GC and tables, from the same tiles as one process, so the same numbers.
 //!   Above `--assemble-max` every rank reads its rows of the kernel from the tiles and the ranks
-//!   compute the principal direction (Lanczos on products with an all-reduce), GC, alignment
-//!   and their intervals together ([`RowBlocks`]); no rank holds the whole kernel.
+//!   compute the principal direction (Lanczos on products with an all-reduce, several vectors
+//!   per all-reduce), GC, alignment and their intervals together ([`RowBlocks`]); no rank holds
+//!   the whole kernel or a sub-kernel of it.
 //! - A rank that fails (bad input, panic) aborts the whole job with a message naming the rank;
 //!   the files written are complete (atomic), so rerunning resumes, under any R.
 //!
 //! Written by hand on rsmpi's point-to-point calls: tch tensors cross as f64 or f32 buffers
-//! (their own precision) with a small header (shard, rows, kind and width per tensor).
+//! (their own precision) with a small header (shard, rows, kind and width per tensor). A
+//! payload crosses in messages of at most 2²⁶ values (`TAILSCOPE_MPI_CHUNK` sets another count,
+//! for tests); both ends of a link count its messages from the payload's length, which the
+//! receiver learns first (the header's length, then the header), so ranks with more, fewer or
+//! no shards (more ranks than shards) exchange without a message left over.
 
 use std::path::Path;
 use std::time::Instant;
@@ -159,6 +164,43 @@ pub fn compute_into(
     ranks: &Ranks,
     progress: &dyn Progress,
 ) -> Result<MpiOutput> {
+    let tile = check_options(opts)?;
+    let chunk = chunk_size()?;
+    let started = Instant::now();
+    let (rank, size) = (ranks.rank(), ranks.size());
+    let world = &ranks.world;
+    prepare(job, opts, tile, dir, rank, world)?;
+    let n_shards = job.seqs().len().div_ceil(tile);
+    let mine: Vec<usize> = (0..n_shards).filter(|s| s % size == rank).collect();
+    let names: Vec<String> = job.params.iter().map(|(n, _)| n.clone()).collect();
+    let mut rep = RankReport {
+        rank,
+        ..RankReport::default()
+    };
+    let own = own_shards(job, tile, &mine, dir, device, &mut rep, progress)?;
+    let ring = Ring {
+        world,
+        names: &names,
+        chunk,
+        dir,
+        blocks: opts.blocks,
+    };
+    ring.compute_tiles(own, &mut rep, progress)?;
+    let reports = gather_reports(world, &rep);
+    let mut output = finish(job, opts, tile, &mine, device, dir, world, progress)?;
+    if let Some(out) = &mut output {
+        write_run_files(out, &reports, started, dir)?;
+    }
+    // The other ranks wait for rank 0, so the job ends when the outputs are there.
+    world.barrier();
+    Ok(MpiOutput {
+        output,
+        ranks: reports,
+    })
+}
+
+/// The tile size, refusing what an MPI run cannot do.
+fn check_options(opts: &NtkOptions) -> Result<usize> {
     let tile = opts.tile.ok_or_else(|| {
         Error::invalid(
             "--tile",
@@ -171,12 +213,44 @@ pub fn compute_into(
             "under an MPI launcher the ranks share the work; drop --shard and --assemble",
         ));
     }
+    Ok(tile)
+}
+
+/// The environment variable that sets the values per message of the ring exchange.
+pub const CHUNK_VAR: &str = "TAILSCOPE_MPI_CHUNK";
+
+/// Values per message of the ring exchange: [`CHUNK`], or `TAILSCOPE_MPI_CHUNK` (1 to 2³¹ − 1,
+/// MPI's counts being 32-bit; the tests set it small so that small runs cross message
+/// boundaries).
+pub fn chunk_size() -> Result<usize> {
+    match std::env::var(CHUNK_VAR) {
+        Err(_) => Ok(CHUNK),
+        Ok(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&c| (1..=i32::MAX as usize).contains(&c))
+            .ok_or_else(|| {
+                Error::invalid(
+                    CHUNK_VAR,
+                    format!("expected values per MPI message from 1 to 2147483647, got `{v}`"),
+                )
+            }),
+    }
+}
+
+/// One rank checks (or resets) the manifest before any rank writes; then every rank has the
+/// folders.
+fn prepare(
+    job: &Job,
+    opts: &NtkOptions,
+    tile: usize,
+    dir: &Path,
+    rank: usize,
+    world: &SimpleCommunicator,
+) -> Result<()> {
     stream::check(&job.opts, tile)?;
-    let started = Instant::now();
-    let (rank, size) = (ranks.rank(), ranks.size());
-    let world = &ranks.world;
     if rank == 0 {
-        // One rank checks (or resets) the manifest before any rank writes.
         let _lock = crate::lock::OutputLock::acquire(dir, "tailscope ntk (MPI rank 0)")?;
         crate::lock::clear_stale(dir, pipeline::SHARE_LOCK);
         pipeline::prepare_stream(job, opts, tile, dir)?;
@@ -186,37 +260,38 @@ pub fn compute_into(
         let d = dir.join(sub);
         std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
     }
-    let seqs = job.seqs();
-    let n_shards = seqs.len().div_ceil(tile);
-    let mine: Vec<usize> = (0..n_shards).filter(|s| s % size == rank).collect();
-    let names: Vec<String> = job.params.iter().map(|(n, _)| n.clone()).collect();
-    let mut rep = RankReport {
-        rank,
-        ..RankReport::default()
-    };
-    // Phase 1: this rank's shards, captured (or found) and read back as one process reads them.
+    Ok(())
+}
+
+/// Phase 1: this rank's shards `mine`, captured (or found) and read back as one process reads
+/// them, on the CPU (shards travel the ring as MPI buffers).
+fn own_shards(
+    job: &Job,
+    tile: usize,
+    mine: &[usize],
+    dir: &Path,
+    device: Device,
+    rep: &mut RankReport,
+    progress: &dyn Progress,
+) -> Result<Vec<(usize, Captured)>> {
     let t0 = Instant::now();
-    progress.start(&format!("rank {rank}: shards"), Some(mine.len() as u64));
-    let mut own: Vec<(usize, Captured)> = Vec::with_capacity(mine.len());
+    let seqs = job.seqs();
+    let names: Vec<String> = job.params.iter().map(|(n, _)| n.clone()).collect();
+    progress.start(
+        &format!("rank {}: shards", rep.rank),
+        Some(mine.len() as u64),
+    );
+    let mut own = Vec::with_capacity(mine.len());
     for (k, &s) in mine.iter().enumerate() {
         let path = stream::shard_path(dir, s);
         if path.exists() {
             rep.shards_reused += 1;
         } else {
-            let start = s * tile;
-            let end = (start + tile).min(seqs.len());
-            stream::write_shard(
-                &job.model,
-                &job.params,
-                &seqs,
-                (start, end),
-                &job.opts,
-                device,
-                &path,
-            )?;
+            let range = (s * tile, ((s + 1) * tile).min(seqs.len()));
+            let (model, params) = (&job.model, &job.params);
+            stream::write_shard(model, params, &seqs, range, &job.opts, device, &path)?;
             rep.shards_captured += 1;
         }
-        // On the CPU: shards travel the ring as MPI buffers.
         let c = stream::load_shard(&path, &names, Device::Cpu)?;
         rep.samples += c.n;
         own.push((s, c));
@@ -224,56 +299,129 @@ pub fn compute_into(
     }
     progress.finish();
     rep.capture_seconds = t0.elapsed().as_secs_f64();
-    // Phase 2: the ring.
-    let next = world.process_at_rank(((rank + 1) % size) as i32);
-    let prev = world.process_at_rank(((rank + size - 1) % size) as i32);
-    let mut visiting: Option<Vec<(usize, Captured)>> = None;
-    progress.start(&format!("rank {rank}: tiles"), Some(size as u64));
-    for step in 0..size {
-        let t1 = Instant::now();
-        {
-            let guest = visiting.as_deref().unwrap_or(&own);
-            for (a, xa) in &own {
-                for (b, xb) in guest {
-                    if a > b {
-                        continue;
-                    }
-                    if stream::tile_path(dir, *a, *b).exists() {
-                        rep.tiles_reused += 1;
-                        continue;
-                    }
-                    let xb = (a != b).then_some((*b, xb));
-                    stream::write_tile(dir, opts.blocks, (*a, xa), xb)?;
-                    rep.tiles_computed += 1;
+    Ok(own)
+}
+
+/// What the ring exchange of phase 2 needs.
+struct Ring<'a> {
+    world: &'a SimpleCommunicator,
+    names: &'a [String],
+    /// Values per message.
+    chunk: usize,
+    dir: &'a Path,
+    blocks: super::BlockBy,
+}
+
+impl Ring<'_> {
+    /// Phase 2: at step k this rank holds the shards of rank r − k and computes the tiles (a, b),
+    /// a ≤ b, a its own, then passes the visiting shards on.
+    fn compute_tiles(
+        &self,
+        own: Vec<(usize, Captured)>,
+        rep: &mut RankReport,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let (rank, size) = (rep.rank, self.world.size() as usize);
+        let next = self.world.process_at_rank(((rank + 1) % size) as i32);
+        let prev = self
+            .world
+            .process_at_rank(((rank + size - 1) % size) as i32);
+        let mut visiting: Option<Vec<(usize, Captured)>> = None;
+        progress.start(&format!("rank {rank}: tiles"), Some(size as u64));
+        for step in 0..size {
+            let t1 = Instant::now();
+            self.tiles_with(&own, visiting.as_deref().unwrap_or(&own), rep)?;
+            rep.tile_seconds += t1.elapsed().as_secs_f64();
+            if step + 1 < size {
+                let t2 = Instant::now();
+                let guest = visiting.as_deref().unwrap_or(&own);
+                let (received, sent) = self.pass_on(guest, &next, &prev)?;
+                rep.bytes_sent += sent;
+                visiting = Some(received);
+                rep.exchange_seconds += t2.elapsed().as_secs_f64();
+            }
+            progress.advance_to(step as u64 + 1);
+        }
+        progress.finish();
+        Ok(())
+    }
+
+    /// The tiles (a, b), a ≤ b, of `own` rows and `guest` columns not yet on disk.
+    fn tiles_with(
+        &self,
+        own: &[(usize, Captured)],
+        guest: &[(usize, Captured)],
+        rep: &mut RankReport,
+    ) -> Result<()> {
+        for (a, xa) in own {
+            for (b, xb) in guest.iter().filter(|(b, _)| a <= b) {
+                if stream::tile_path(self.dir, *a, *b).exists() {
+                    rep.tiles_reused += 1;
+                    continue;
                 }
+                let xb = (a != b).then_some((*b, xb));
+                stream::write_tile(self.dir, self.blocks, (*a, xa), xb)?;
+                rep.tiles_computed += 1;
             }
         }
-        rep.tile_seconds += t1.elapsed().as_secs_f64();
-        if step + 1 < size {
-            let t2 = Instant::now();
-            let guest = visiting.as_deref().unwrap_or(&own);
-            let (received, sent) = pass_on(guest, &names, &next, &prev)?;
-            rep.bytes_sent += sent;
-            visiting = Some(received);
-            rep.exchange_seconds += t2.elapsed().as_secs_f64();
-        }
-        progress.advance_to(step as u64 + 1);
+        Ok(())
     }
-    progress.finish();
-    drop(own);
-    drop(visiting);
-    // Every rank's report, then rank 0 finishes from the tiles.
+
+    /// Send `shards` to `next` and receive the shards `prev` sends; what was received and how
+    /// many bytes were sent. The header's length crosses first, then the header, from which
+    /// the receiver knows how many values (and so messages) follow.
+    fn pass_on(
+        &self,
+        shards: &[(usize, Captured)],
+        next: &impl Destination,
+        prev: &impl Source,
+    ) -> Result<(Vec<(usize, Captured)>, u64)> {
+        let mine = pack(shards)?;
+        let mut len = [0u64; 1];
+        let header_len = [mine.header.len() as u64];
+        mpi::point_to_point::send_receive_into(&header_len[..], next, &mut len[..], prev);
+        let c = self.chunk;
+        let header = exchange(&mine.header, len[0] as usize, c, next, prev);
+        let (wide, narrow) = data_len(&header, self.names.len())?;
+        let theirs = Packed {
+            wide: exchange(&mine.wide, wide, c, next, prev),
+            narrow: exchange(&mine.narrow, narrow, c, next, prev),
+            header,
+        };
+        let sent = 8 * (1 + mine.header.len() + mine.wide.len()) + 4 * mine.narrow.len();
+        Ok((unpack(&theirs, self.names)?, sent as u64))
+    }
+}
+
+/// Every rank's report, on every rank.
+fn gather_reports(world: &SimpleCommunicator, rep: &RankReport) -> Vec<RankReport> {
     let counts = rep.to_vec();
-    let mut all = vec![0.0; RankReport::FIELDS * size];
+    let mut all = vec![0.0; RankReport::FIELDS * world.size() as usize];
     world.all_gather_into(&counts[..], &mut all[..]);
-    let reports: Vec<RankReport> = all
-        .chunks(RankReport::FIELDS)
+    all.chunks(RankReport::FIELDS)
         .map(RankReport::from_slice)
-        .collect();
-    // Rank 0 checks that every tile is there and writes the index; up to --assemble-max samples
-    // it assembles the kernel and finishes as one process would.
-    let assemble = seqs.len() <= opts.assemble_max;
-    let mut output = match (rank, assemble) {
+        .collect()
+}
+
+/// Rank 0 checks that every tile is there and writes the index; up to `--assemble-max` samples
+/// it assembles the kernel and finishes as one process would. Above it, the ranks keep their
+/// rows of the kernel and compute GC, alignment and intervals together, never holding the
+/// whole kernel. Rank 0's outputs (`None` on the others).
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    job: &Job,
+    opts: &NtkOptions,
+    tile: usize,
+    mine: &[usize],
+    device: Device,
+    dir: &Path,
+    world: &SimpleCommunicator,
+    progress: &dyn Progress,
+) -> Result<Option<NtkOutput>> {
+    let rank = world.rank();
+    let n = job.seqs().len();
+    let assemble = n <= opts.assemble_max;
+    let output = match (rank, assemble) {
         (0, true) => {
             let finish = NtkOptions {
                 work: Work::AssembleOnly,
@@ -284,65 +432,66 @@ pub fn compute_into(
         }
         (0, false) => {
             let rep = pipeline::index_tiles(job, opts, tile, dir, device)?;
-            Some(pipeline::NtkOutput::streamed_only(None, Some(rep)))
+            Some(NtkOutput::streamed_only(None, Some(rep)))
         }
         _ => None,
     };
     world.barrier();
-    if !assemble {
-        // Above it, the ranks keep their rows of the kernel and compute GC, alignment and
-        // intervals together, never holding the whole kernel.
-        let blocks = RowBlocks::from_tiles(world, dir, tile, seqs.len(), &mine, job)?;
-        let silent = crate::progress::Silent;
-        let p: &dyn Progress = if rank == 0 { progress } else { &silent };
-        let names = blocks.block_names.clone();
-        let out = pipeline::from_op(job, &blocks, names, opts, device, p)?;
-        if rank == 0 {
-            let mut out = out;
-            out.stream = output.and_then(|o| o.stream);
-            out.write(dir)?;
-            output = Some(out);
-        }
+    if assemble {
+        return Ok(output);
     }
-    if let Some(out) = &mut output {
-        if let Some(s) = &mut out.summary {
-            s.seconds = started.elapsed().as_secs_f64();
-            // ntk.json carries the whole run's time.
-            let json = serde_json::to_string_pretty(s)
-                .map_err(|e| Error::invalid("ntk summary", e.to_string()))?;
-            crate::io::write_atomic(dir.join("ntk.json"), json.as_bytes())?;
-        }
-        let json = serde_json::to_string_pretty(&reports)
-            .map_err(|e| Error::invalid("ranks.json", e.to_string()))?;
-        crate::io::write_atomic(dir.join("ranks.json"), json.as_bytes())?;
+    let blocks = RowBlocks::from_tiles(world, dir, tile, n, mine, job)?;
+    let silent = crate::progress::Silent;
+    let p: &dyn Progress = if rank == 0 { progress } else { &silent };
+    let names = blocks.block_names.clone();
+    let mut out = pipeline::from_op(job, &blocks, names, opts, device, p)?;
+    if rank != 0 {
+        return Ok(None);
     }
-    // The other ranks wait for rank 0, so the job ends when the outputs are there.
-    world.barrier();
-    Ok(MpiOutput {
-        output,
-        ranks: reports,
-    })
+    out.stream = output.and_then(|o| o.stream);
+    out.write(dir)?;
+    Ok(Some(out))
+}
+
+/// `ntk.json` with the whole run's time, and `ranks.json` (rank 0).
+fn write_run_files(
+    out: &mut NtkOutput,
+    reports: &[RankReport],
+    started: Instant,
+    dir: &Path,
+) -> Result<()> {
+    if let Some(s) = &mut out.summary {
+        s.seconds = started.elapsed().as_secs_f64();
+        let json = serde_json::to_string_pretty(s)
+            .map_err(|e| Error::invalid("ntk summary", e.to_string()))?;
+        crate::io::write_atomic(dir.join("ntk.json"), json.as_bytes())?;
+    }
+    let json = serde_json::to_string_pretty(reports)
+        .map_err(|e| Error::invalid("ranks.json", e.to_string()))?;
+    crate::io::write_atomic(dir.join("ranks.json"), json.as_bytes())
 }
 
 /// One rank's rows of the kernel, Θ[rows, :] in float64, read from the tiles; the other rows are
 /// on the other ranks. Every [`KernelOp`] call is collective: each rank fills the entries of its
 /// own rows in a full-size buffer of zeros and one all-reduce sums them (each entry has one
-/// owner, so the sum is exact and the same on every rank).
+/// owner, so the sum is exact and the same on every rank). No sub-kernel is given out
+/// ([`KernelOp::sub`] is `None`): GC works through products, several vectors per all-reduce.
 pub struct RowBlocks<'a> {
     world: &'a SimpleCommunicator,
     n: usize,
     /// Sample index of each local row.
     rows: Vec<usize>,
-    /// Local row of each sample held here.
-    local: Vec<Option<usize>>,
     block: Tensor,
+    /// Θ_ii of every sample (gathered once).
+    diag: Tensor,
     /// The kernel's block names (`tiles/*` keys without `block.`).
     pub block_names: Vec<String>,
 }
 
 impl<'a> RowBlocks<'a> {
     /// The rows of `shards` (this rank's, `tile` samples each, n in all) from the tiles under
-    /// `dir`; refuses non-finite entries, naming the first pair.
+    /// `dir`; refuses non-finite entries, naming the first pair. Collective (the diagonal is
+    /// gathered by an all-reduce).
     fn from_tiles(
         world: &'a SimpleCommunicator,
         dir: &Path,
@@ -380,27 +529,38 @@ impl<'a> RowBlocks<'a> {
         super::tiles::refuse_non_finite(&block, |i, j| {
             (ids[rows[i]].id.clone(), ids[j].id.clone())
         })?;
-        let mut local = vec![None; n];
-        for (r, &i) in rows.iter().enumerate() {
-            local[i] = Some(r);
-        }
-        Ok(RowBlocks {
+        let mut me = RowBlocks {
             world,
             n,
             rows,
-            local,
             block,
+            diag: Tensor::zeros([n as i64], (Kind::Double, Device::Cpu)),
             block_names,
-        })
+        };
+        me.diag = me.gather_diag()?;
+        Ok(me)
+    }
+
+    /// Θ_ii of every sample: each rank's own, summed over ranks.
+    fn gather_diag(&self) -> Result<Tensor> {
+        let d = Tensor::zeros([self.n as i64], (Kind::Double, Device::Cpu));
+        if self.rows.is_empty() {
+            return self.all_sum(&d);
+        }
+        let rows = self.row_index();
+        let mine = self
+            .block
+            .gather(1, &rows.unsqueeze(1), false)
+            .squeeze_dim(1);
+        self.all_sum(&d.index_copy(0, &rows, &mine))
     }
 
     /// The sum over ranks of `t` (float64), as a tensor of `t`'s shape.
-    fn all_sum(&self, t: &Tensor) -> Tensor {
-        let mine: Vec<f64> = Vec::try_from(t.flatten(0, -1)).unwrap_or_default();
-        let mut sum = vec![0.0; mine.len()];
-        self.world
-            .all_reduce_into(&mine[..], &mut sum[..], SystemOperation::sum());
-        Tensor::from_slice(&sum).view(t.size().as_slice())
+    fn all_sum(&self, t: &Tensor) -> Result<Tensor> {
+        sum_with(t, &|mine, sum| {
+            self.world
+                .all_reduce_into(mine, sum, SystemOperation::sum())
+        })
     }
 
     fn row_index(&self) -> Tensor {
@@ -408,57 +568,41 @@ impl<'a> RowBlocks<'a> {
     }
 }
 
+/// `t` (float64) reduced by `reduce(mine, sum)` over its values, as a tensor of `t`'s shape;
+/// an error, not a vector of the wrong length, where `t` cannot be read as float64 values.
+fn sum_with(t: &Tensor, reduce: &dyn Fn(&[f64], &mut [f64])) -> Result<Tensor> {
+    let mine: Vec<f64> = Vec::try_from(&t.f_flatten(0, -1)?)?;
+    let mut sum = vec![0.0; mine.len()];
+    reduce(&mine[..], &mut sum[..]);
+    Ok(Tensor::from_slice(&sum).f_view(t.size().as_slice())?)
+}
+
 impl KernelOp for RowBlocks<'_> {
     fn n(&self) -> usize {
         self.n
     }
 
-    fn mv(&self, x: &Tensor) -> Tensor {
-        // Θx on this rank's rows, and this rank's rows' share of Θᵀx, summed in one all-reduce.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        // Θ X on this rank's rows, and this rank's rows' share of Θᵀ X, summed in one
+        // all-reduce.
         let rows = self.row_index();
-        let mut y = self.block.tr().mv(&x.index_select(0, &rows));
+        let mut y = self.block.tr().f_mm(&x.f_index_select(0, &rows)?)?;
         if !self.rows.is_empty() {
-            y = y.index_add(0, &rows, &self.block.mv(x));
+            y = y.f_index_add(0, &rows, &self.block.f_mm(x)?)?;
         }
-        self.all_sum(&y) / 2.0
+        Ok(self.all_sum(&y)? / 2.0)
     }
 
-    fn sub(&self, idx: &[usize]) -> Tensor {
-        let m = idx.len() as i64;
-        let (at, here): (Vec<usize>, Vec<usize>) = idx
-            .iter()
-            .enumerate()
-            .filter_map(|(p, &i)| self.local[i].map(|r| (p, r)))
-            .unzip();
-        let mut s = Tensor::zeros([m, m], (Kind::Double, Device::Cpu));
-        if !at.is_empty() {
-            let part = self
-                .block
-                .index_select(0, &op::index(&here))
-                .index_select(1, &op::index(idx));
-            s = s.index_copy(0, &op::index(&at), &part);
-        }
-        let s = self.all_sum(&s);
-        (&s + s.tr()) / 2.0
+    fn sub(&self, _idx: &[usize]) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 
-    fn diag(&self) -> Tensor {
-        let d = Tensor::zeros([self.n as i64], (Kind::Double, Device::Cpu));
-        let d = if self.rows.is_empty() {
-            d
-        } else {
-            let rows = self.row_index();
-            let mine = self
-                .block
-                .gather(1, &rows.unsqueeze(1), false)
-                .squeeze_dim(1);
-            d.index_copy(0, &rows, &mine)
-        };
-        self.all_sum(&d)
+    fn diag(&self) -> Result<Tensor> {
+        Ok(self.diag.shallow_clone())
     }
 
-    fn abs_cosine_sum(&self) -> f64 {
-        let s = op::inverse_norms(&self.diag());
+    fn abs_cosine_sum(&self) -> Result<f64> {
+        let s = op::inverse_norms(&self.diag);
         let mine = if self.rows.is_empty() {
             0.0
         } else {
@@ -470,11 +614,11 @@ impl KernelOp for RowBlocks<'_> {
         let mut sum = 0.0;
         self.world
             .all_reduce_into(&mine, &mut sum, SystemOperation::sum());
-        sum
+        Ok(sum)
     }
 }
 
-/// Elements per message: MPI counts are 32-bit.
+/// Values per message by default: MPI counts are 32-bit.
 const CHUNK: usize = 1 << 26;
 
 /// Values of a set of shards as they cross: float64 gradients as f64, the others (float32, and
@@ -487,47 +631,41 @@ struct Packed {
     narrow: Vec<f32>,
 }
 
+/// The messages a payload of `len` values crosses in, `chunk` values each: ⌈len / chunk⌉.
+/// Both ends of a link count from the same `len` (the sender its data's length, the receiver
+/// the length it learnt from the header), so every message sent is received in the same
+/// exchange, whatever the link in the other direction carries.
+fn messages(len: usize, chunk: usize) -> usize {
+    len.div_ceil(chunk.max(1))
+}
+
 /// Send `data` to `next` while receiving `len` values from `prev`, in messages of at most
-/// [`CHUNK`] values.
-fn exchange<T>(data: &[T], len: usize, next: &impl Destination, prev: &impl Source) -> Vec<T>
+/// `chunk` values: [`messages`] to `next` and from `prev`, paired while both have one.
+fn exchange<T>(
+    data: &[T],
+    len: usize,
+    chunk: usize,
+    next: &impl Destination,
+    prev: &impl Source,
+) -> Vec<T>
 where
     T: mpi::datatype::Equivalence + Default + Clone,
 {
     let mut got = vec![T::default(); len];
-    let chunks = data.len().div_ceil(CHUNK).max(len.div_ceil(CHUNK));
-    for c in 0..chunks {
-        let send = &data[(c * CHUNK).min(data.len())..((c + 1) * CHUNK).min(data.len())];
-        let (lo, hi) = ((c * CHUNK).min(len), ((c + 1) * CHUNK).min(len));
-        mpi::point_to_point::send_receive_into(send, next, &mut got[lo..hi], prev);
+    let (out, inn) = (messages(data.len(), chunk), messages(len, chunk));
+    let piece = |c: usize, of: usize| ((c * chunk).min(of), ((c + 1) * chunk).min(of));
+    for c in 0..out.max(inn) {
+        let (slo, shi) = piece(c, data.len());
+        let (rlo, rhi) = piece(c, len);
+        if c < out && c < inn {
+            mpi::point_to_point::send_receive_into(&data[slo..shi], next, &mut got[rlo..rhi], prev);
+        } else if c < out {
+            next.send(&data[slo..shi]);
+        } else {
+            prev.receive_into(&mut got[rlo..rhi]);
+        }
     }
     got
-}
-
-/// Send `shards` to `next` and receive the shards `prev` sends; what was received and how many
-/// bytes were sent.
-fn pass_on(
-    shards: &[(usize, Captured)],
-    names: &[String],
-    next: &impl Destination,
-    prev: &impl Source,
-) -> Result<(Vec<(usize, Captured)>, u64)> {
-    let mine = pack(shards)?;
-    let mut len = [0u64; 1];
-    mpi::point_to_point::send_receive_into(
-        &[mine.header.len() as u64][..],
-        next,
-        &mut len[..],
-        prev,
-    );
-    let header = exchange(&mine.header, len[0] as usize, next, prev);
-    let (wide, narrow) = data_len(&header, names.len())?;
-    let theirs = Packed {
-        wide: exchange(&mine.wide, wide, next, prev),
-        narrow: exchange(&mine.narrow, narrow, next, prev),
-        header,
-    };
-    let sent = 8 * (1 + mine.header.len() + mine.wide.len()) + 4 * mine.narrow.len();
-    Ok((unpack(&theirs, names)?, sent as u64))
 }
 
 /// Kind codes of the header.
@@ -634,6 +772,32 @@ fn unpack(p: &Packed, names: &[String]) -> Result<Vec<(usize, Captured)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ranks' sum keeps the tensor's shape; a tensor that cannot be read as values is an
+    /// error, not an empty vector that the reduction would turn into a tensor of no values.
+    #[test]
+    fn sums_keep_the_shape_and_refuse_what_cannot_be_read() {
+        let t = Tensor::from_slice(&[1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0]).view([2, 3]);
+        let double = |mine: &[f64], sum: &mut [f64]| {
+            for (o, i) in sum.iter_mut().zip(mine) {
+                *o = 2.0 * i;
+            }
+        };
+        let s = sum_with(&t, &double).unwrap();
+        assert_eq!(s.size(), [2, 3]);
+        assert!(s.equal(&(&t * 2.0)));
+        assert!(sum_with(&Tensor::new(), &double).is_err());
+    }
+
+    /// Both ends count a payload's messages from its length: none for an empty payload, one
+    /// for up to a chunk, one more per chunk begun.
+    #[test]
+    fn messages_cover_the_payload() {
+        assert_eq!(messages(0, 1000), 0);
+        assert_eq!(messages(1000, 1000), 1);
+        assert_eq!(messages(1001, 1000), 2);
+        assert_eq!(messages(5, 1), 5);
+    }
 
     #[test]
     fn shards_cross_as_they_were() {

@@ -1,26 +1,40 @@
-//! A symmetric kernel seen through what GC needs of it: products Θx, small sub-kernels Θ[S, S],
-//! the diagonal and the sum of |cosines|. [`Dense`] holds the whole kernel; under MPI the ranks'
-//! row blocks answer the same calls with an all-reduce (`mpi::RowBlocks`), so that GC,
-//! alignment and their intervals ([`super::gc`]) never need the whole kernel on one process.
+//! A symmetric kernel seen through what GC needs of it: products Θx, for several vectors at
+//! once (Θ X, one pass over the kernel), the diagonal, the sum of |cosines|, and sub-kernels
+//! Θ[S, S] where the kernel is held whole in memory. [`Dense`] holds the whole kernel; a kernel
+//! out of core (tiles on disk, `tiles::Tiles`; the MPI ranks' row blocks, `mpi::RowBlocks`, which
+//! answer every call with an all-reduce) is seen through products only, so that GC, alignment and
+//! their intervals ([`super::gc`]) never need the whole kernel in one process.
+//!
+//! Every call returns a `Result`: a kernel read from disk can fail (a tile removed or damaged
+//! since it was opened), and the failure reaches the caller naming the file.
 //!
 //! Every call on a distributed kernel is collective: all ranks make the same calls in the same
 //! order (they run the same deterministic code on the same vectors).
 
 use tch::{Device, Kind, Tensor};
 
+use crate::error::Result;
+
 /// A symmetric n × n kernel, float64 on the CPU.
 pub trait KernelOp {
     /// Number of samples.
     fn n(&self) -> usize;
+    /// (Θ + Θᵀ)/2 · X for X of n × k (float64): k products in one pass over the kernel (each
+    /// tile read once, one all-reduce).
+    fn apply(&self, x: &Tensor) -> Result<Tensor>;
     /// (Θ + Θᵀ)/2 · x for x of length n.
-    fn mv(&self, x: &Tensor) -> Tensor;
-    /// (Θ + Θᵀ)/2 restricted to the samples `idx`, in that order (|idx| × |idx|).
-    fn sub(&self, idx: &[usize]) -> Tensor;
+    fn mv(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.apply(&x.unsqueeze(1))?.squeeze_dim(1))
+    }
+    /// (Θ + Θᵀ)/2 restricted to the samples `idx`, in that order (|idx| × |idx|), when the kernel
+    /// is held whole in this process's memory; `None` for a kernel out of core, which callers see
+    /// through products only.
+    fn sub(&self, idx: &[usize]) -> Result<Option<Tensor>>;
     /// Θ_ii (length n).
-    fn diag(&self) -> Tensor;
+    fn diag(&self) -> Result<Tensor>;
     /// Σ_ij |Θ_ij| / √(Θ_ii Θ_jj) over all pairs, the diagonal included (zero-norm samples
     /// count 0).
-    fn abs_cosine_sum(&self) -> f64;
+    fn abs_cosine_sum(&self) -> Result<f64>;
 }
 
 /// Indices as a libtorch index tensor.
@@ -52,25 +66,25 @@ impl KernelOp for Dense {
         self.k.size()[0] as usize
     }
 
-    fn mv(&self, x: &Tensor) -> Tensor {
-        (self.k.mv(x) + self.k.tr().mv(x)) / 2.0
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok((self.k.f_mm(x)? + self.k.tr().f_mm(x)?) / 2.0)
     }
 
-    fn sub(&self, idx: &[usize]) -> Tensor {
+    fn sub(&self, idx: &[usize]) -> Result<Option<Tensor>> {
         let sel = index(idx);
-        let s = self.k.index_select(0, &sel).index_select(1, &sel);
-        (&s + s.tr()) / 2.0
+        let s = self.k.f_index_select(0, &sel)?.f_index_select(1, &sel)?;
+        Ok(Some((&s + s.tr()) / 2.0))
     }
 
-    fn diag(&self) -> Tensor {
-        self.k.diagonal(0, 0, 1).copy()
+    fn diag(&self) -> Result<Tensor> {
+        Ok(self.k.diagonal(0, 0, 1).copy())
     }
 
-    fn abs_cosine_sum(&self) -> f64 {
-        super::cosine(&self.k)
+    fn abs_cosine_sum(&self) -> Result<f64> {
+        Ok(super::cosine(&self.k)
             .abs()
             .sum(Kind::Double)
-            .double_value(&[])
+            .double_value(&[]))
     }
 }
 
@@ -83,13 +97,16 @@ pub(crate) fn inverse_norms(diag: &Tensor) -> Tensor {
 pub struct Cosine<'a> {
     inner: &'a dyn KernelOp,
     scale: Tensor,
+    diag: Tensor,
 }
 
 impl<'a> Cosine<'a> {
     /// The cosine kernel of `inner`.
-    pub fn new(inner: &'a dyn KernelOp) -> Cosine<'a> {
-        let scale = inverse_norms(&inner.diag());
-        Cosine { inner, scale }
+    pub fn new(inner: &'a dyn KernelOp) -> Result<Cosine<'a>> {
+        let d = inner.diag()?;
+        let scale = inverse_norms(&d);
+        let diag = d * scale.square();
+        Ok(Cosine { inner, scale, diag })
     }
 }
 
@@ -98,20 +115,21 @@ impl KernelOp for Cosine<'_> {
         self.inner.n()
     }
 
-    fn mv(&self, x: &Tensor) -> Tensor {
-        &self.scale * self.inner.mv(&(&self.scale * x))
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let s = self.scale.unsqueeze(1);
+        Ok(&s * self.inner.apply(&(&s * x))?)
     }
 
-    fn sub(&self, idx: &[usize]) -> Tensor {
+    fn sub(&self, idx: &[usize]) -> Result<Option<Tensor>> {
         let s = self.scale.index_select(0, &index(idx));
-        self.inner.sub(idx) * s.outer(&s)
+        Ok(self.inner.sub(idx)?.map(|k| k * s.outer(&s)))
     }
 
-    fn diag(&self) -> Tensor {
-        self.inner.diag() * self.scale.square()
+    fn diag(&self) -> Result<Tensor> {
+        Ok(self.diag.shallow_clone())
     }
 
-    fn abs_cosine_sum(&self) -> f64 {
+    fn abs_cosine_sum(&self) -> Result<f64> {
         self.inner.abs_cosine_sum()
     }
 }
@@ -120,29 +138,42 @@ impl KernelOp for Cosine<'_> {
 mod tests {
     use super::*;
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// The cosine operator equals the cosine kernel computed whole, in every call; a product
+    /// with several vectors equals the products with each (the float64 direct computation
+    /// (Θ + Θᵀ)/2 X of a slightly asymmetric kernel).
     #[test]
     fn cosine_operator_equals_the_cosine_kernel() {
         tch::manual_seed(3);
         let j = Tensor::randn([7, 4], (Kind::Double, Device::Cpu));
-        let k = j.matmul(&j.tr());
+        let k = j.matmul(&j.tr()) + Tensor::randn([7, 7], (Kind::Double, Device::Cpu)) * 1e-3;
         // A zero-gradient sample stays zero.
         let _ = k.get(2).fill_(0.0);
         let _ = k.select(1, 2).fill_(0.0);
         let dense = Dense::new(&k);
-        let cos = Cosine::new(&dense);
+        let cos = Cosine::new(&dense).unwrap();
         let want = Dense::new(&super::super::cosine(&k));
         let x = Tensor::randn([7], (Kind::Double, Device::Cpu));
-        assert!((cos.mv(&x) - want.mv(&x)).abs().max().double_value(&[]) < 1e-12);
+        assert!(max_diff(&cos.mv(&x).unwrap(), &want.mv(&x).unwrap()) < 1e-12);
         let idx = [5, 0, 2];
-        assert!(
-            (cos.sub(&idx) - want.sub(&idx))
-                .abs()
-                .max()
-                .double_value(&[])
-                < 1e-12
+        let (a, b) = (cos.sub(&idx).unwrap(), want.sub(&idx).unwrap());
+        assert!(max_diff(&a.unwrap(), &b.unwrap()) < 1e-12);
+        assert!(max_diff(&cos.diag().unwrap(), &want.diag().unwrap()) < 1e-12);
+        let (p, q) = (
+            cos.abs_cosine_sum().unwrap(),
+            want.abs_cosine_sum().unwrap(),
         );
-        assert!((cos.diag() - want.diag()).abs().max().double_value(&[]) < 1e-12);
-        assert!((cos.abs_cosine_sum() - want.abs_cosine_sum()).abs() < 1e-9);
-        assert_eq!(cos.diag().double_value(&[2]), 0.0);
+        assert!((p - q).abs() < 1e-9);
+        assert_eq!(cos.diag().unwrap().double_value(&[2]), 0.0);
+        let xs = Tensor::randn([7, 3], (Kind::Double, Device::Cpu));
+        let sym = (&k + k.tr()) / 2.0;
+        assert!(max_diff(&dense.apply(&xs).unwrap(), &sym.mm(&xs)) < 1e-12);
+        for c in 0..3 {
+            let col = cos.apply(&xs).unwrap().select(1, c);
+            assert!(max_diff(&col, &cos.mv(&xs.select(1, c)).unwrap()) < 1e-12);
+        }
     }
 }

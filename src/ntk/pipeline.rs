@@ -105,6 +105,8 @@ pub struct NtkSummary {
     pub output: OutputKind,
     /// Number of selected parameter values.
     pub parameters: i64,
+    /// The selected parameters' names (what `analyze` captures its loss gradients over).
+    pub params: Vec<String>,
     /// Projection dimension, if projected.
     pub projection: Option<i64>,
     /// Number of samples.
@@ -228,16 +230,34 @@ fn stream_manifest(job: &Job, opts: &NtkOptions, tile: usize) -> Result<Manifest
         "samples.tokens",
         crate::manifest::fingerprint_ids(&job.seqs()),
     )
-    .set("capture.output", format!("{:?}", c.output))
-    .set("capture.method", format!("{:?}", c.method))
-    .set("capture.projection", format!("{:?}", c.projection))
-    .set("capture.batch", c.batch)
-    .set("capture.probes", c.probes)
-    .set("capture.seed", c.seed)
+    .set("capture.output", typed("--output", c.output))
+    .set("capture.method", typed("--method", c.method))
+    .set("capture.projection", projection_flags(c.projection))
+    .set("capture.batch", format!("--batch {}", c.batch))
+    .set("capture.probes", format!("--probes {}", c.probes))
+    .set("capture.seed", format!("--seed {}", c.seed))
     .set("capture.draws", crate::capture::DRAWS)
-    .set("blocks", format!("{:?}", opts.blocks))
-    .set("tile", tile);
+    .set("blocks", typed("--blocks", opts.blocks))
+    .set("tile", format!("--tile {tile}"));
     Ok(m)
+}
+
+/// An option and its value as the command line spells them (`--method batched`), so that a
+/// resume refused under other settings names what the user typed.
+fn typed<T: clap::ValueEnum>(flag: &str, value: T) -> String {
+    match value.to_possible_value() {
+        Some(v) => format!("{flag} {}", v.get_name()),
+        None => flag.to_string(),
+    }
+}
+
+/// A capture's projection as the command line asks for it: `--project 256 --projection sparse`,
+/// or `no --project`.
+fn projection_flags(p: Option<crate::capture::Projection>) -> String {
+    match p {
+        Some(p) => format!("--project {} {}", p.dim, typed("--projection", p.kind)),
+        None => "no --project".into(),
+    }
 }
 
 /// Compute the NTK of a prepared job. `dir` is where a streamed kernel (`opts.tile`) keeps its
@@ -262,19 +282,7 @@ pub fn compute(
                     return Ok(NtkOutput::streamed_only(None, Some(rep)))
                 }
                 None => {
-                    // Above --assemble-max: GC, alignment and intervals from the tiles on disk
-                    // (held in memory when the total kernel fits half the memory budget).
-                    let hold = job
-                        .opts
-                        .memory
-                        .or_else(crate::capture::memory::default_budget)
-                        .unwrap_or(0)
-                        / 2;
-                    let samples = job.samples();
-                    let ids: Vec<&str> = samples.iter().map(|s| s.id.as_str()).collect();
-                    let tiles = super::tiles::Tiles::open(dir, &ids, tile, hold)?;
-                    let names = tiles.block_names.clone();
-                    let mut out = from_op(job, &tiles, names, opts, device, progress)?;
+                    let mut out = from_tiles(job, opts, (dir, tile), device, progress)?;
                     out.stream = Some(rep);
                     if let Some(s) = &mut out.summary {
                         s.seconds = t0.elapsed().as_secs_f64();
@@ -315,6 +323,38 @@ pub fn compute(
         })?;
         out.cross = Some(cross(job, cx, split, n, opts.blocks, device, progress)?);
     }
+    Ok(out)
+}
+
+/// Above `--assemble-max`: GC, alignment and intervals from the kernel's tiles under `dir`
+/// (held in memory when the total kernel fits half the memory budget, read from disk at every
+/// product pass otherwise), never assembled; the tiles read and passes are logged.
+fn from_tiles(
+    job: &Job,
+    opts: &NtkOptions,
+    (dir, tile): (&Path, usize),
+    device: Device,
+    progress: &dyn Progress,
+) -> Result<NtkOutput> {
+    let hold = job
+        .opts
+        .memory
+        .or_else(crate::capture::memory::default_budget)
+        .unwrap_or(0)
+        / 2;
+    let samples = job.samples();
+    let ids: Vec<&str> = samples.iter().map(|s| s.id.as_str()).collect();
+    let tiles = super::tiles::Tiles::open(dir, &ids, tile, hold)?;
+    let names = tiles.block_names.clone();
+    let out = from_op(job, &tiles, names, opts, device, progress)?;
+    let c = tiles.counts();
+    tracing::info!(
+        "kernel of {} samples from its tiles: {} tile reads, {} product passes of up to {} vectors",
+        ids.len(),
+        c.reads,
+        c.passes,
+        c.widest
+    );
     Ok(out)
 }
 
@@ -360,6 +400,7 @@ fn summary_of(job: &Job, blocks: Vec<String>, opts: &NtkOptions) -> NtkSummary {
         normalize: opts.normalize,
         output: job.opts.output,
         parameters: job.parameter_count(),
+        params: job.params.iter().map(|(n, _)| n.clone()).collect(),
         projection: job.opts.projection.map(|pr| pr.dim),
         samples: job.ids.len(),
         seconds: 0.0,
@@ -383,18 +424,18 @@ pub fn from_op(
     let mut summary = summary_of(job, blocks, opts);
     let (extra, last) = annotations(job, device)?;
     let mut out = NtkOutput::streamed_only(None, None);
-    let raw_diag = k.diag();
+    let raw_diag = k.diag()?;
     let cosine;
     let kt: &dyn KernelOp = match opts.normalize {
         Normalize::None => k,
         Normalize::Cosine => {
-            cosine = Cosine::new(k);
+            cosine = Cosine::new(k)?;
             &cosine
         }
     };
     let whole = gc::principal_op(kt, None)?;
     let scores = freq_scores(job)?;
-    let bins = quantile_bins(&scores, opts.bins.max(1));
+    let bins = frequency_bins(&scores, opts.bins.max(1));
     let groups = groups(job, &bins, &extra);
     out.gc = gc_rows(kt, &whole, &groups, &scores, opts, progress)?;
     let diag = diagnostics::diagnose(kt, &whole, &raw_diag)?;
@@ -631,8 +672,9 @@ fn annotations(job: &Job, device: Device) -> Result<(Annotations, Option<Array2<
     Ok((extra, last))
 }
 
-/// The 1-gram frequency score of each chosen sample (counts over the corpus's training split).
-fn freq_scores(job: &Job) -> Result<Vec<f64>> {
+/// The 1-gram frequency score of each chosen sample (counts over the corpus's training split);
+/// `None` for a sample with no tokens to count.
+fn freq_scores(job: &Job) -> Result<Vec<Option<f64>>> {
     let report = crate::freq::compute(
         &job.corpus,
         &job.all_ids,
@@ -641,18 +683,41 @@ fn freq_scores(job: &Job) -> Result<Vec<f64>> {
             ..FreqOptions::default()
         },
     )?;
-    Ok(job
-        .idx
-        .iter()
-        .map(|&i| report.scores[0][i].unwrap_or(0.0))
-        .collect())
+    Ok(job.idx.iter().map(|&i| report.scores[0][i]).collect())
+}
+
+/// The frequency bin of each sample ([`quantile_bins`]), warning with their count when some
+/// samples have no frequency score: those are in no bin (no `freq_bin` group, and null
+/// `freq_score` and `freq_bin` in the sample table), rather than counted as the rarest.
+fn frequency_bins(scores: &[Option<f64>], bins: usize) -> Vec<Option<usize>> {
+    let missing = scores.iter().filter(|s| s.is_none()).count();
+    if missing > 0 {
+        tracing::warn!(
+            "{missing} of {} samples have no frequency score (no tokens to count): they are left out of the frequency bins, with null freq_score and freq_bin in samples.parquet",
+            scores.len()
+        );
+    }
+    quantile_bins(scores, bins)
 }
 
 /// A group of samples GC is computed for: (column, label, member indices).
 type Group = (String, String, Vec<usize>);
 
+/// The frequency-bin groups, in order of the bin; samples in no bin are in none of them.
+fn freq_groups(bins: &[Option<usize>]) -> Vec<Group> {
+    let mut m: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, b) in bins.iter().enumerate() {
+        if let Some(b) = b {
+            m.entry(*b).or_default().push(i);
+        }
+    }
+    m.into_iter()
+        .map(|(b, v)| ("freq_bin".to_string(), b.to_string(), v))
+        .collect()
+}
+
 /// The groups: frequency bins, domains, long-tail flag, and every integer annotation.
-fn groups(job: &Job, bins: &[usize], extra: &[(String, Vec<i64>)]) -> Vec<Group> {
+fn groups(job: &Job, bins: &[Option<usize>], extra: &[(String, Vec<i64>)]) -> Vec<Group> {
     let (shares, _) = domain_shares(&job.corpus, ShareBy::Tokens);
     let lt: HashSet<&str> = shares
         .iter()
@@ -660,7 +725,7 @@ fn groups(job: &Job, bins: &[usize], extra: &[(String, Vec<i64>)]) -> Vec<Group>
         .map(|d| d.domain.as_str())
         .collect();
     let samples = job.samples();
-    let mut groups: Vec<Group> = Vec::new();
+    let mut groups: Vec<Group> = freq_groups(bins);
     let mut by = |column: &str, labels: Vec<String>| {
         let mut m: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, l) in labels.into_iter().enumerate() {
@@ -670,7 +735,6 @@ fn groups(job: &Job, bins: &[usize], extra: &[(String, Vec<i64>)]) -> Vec<Group>
             groups.push((column.to_string(), l, v));
         }
     };
-    by("freq_bin", bins.iter().map(|b| format!("{b}")).collect());
     by("domain", samples.iter().map(|s| s.domain.clone()).collect());
     by(
         "long_tail",
@@ -690,7 +754,7 @@ fn gc_rows(
     k: &dyn KernelOp,
     whole: &Principal,
     groups: &[Group],
-    scores: &[f64],
+    scores: &[Option<f64>],
     opts: &NtkOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<GcRow>> {
@@ -699,12 +763,13 @@ fn gc_rows(
         None,
     );
     let refs: Vec<&[usize]> = groups.iter().map(|g| g.2.as_slice()).collect();
-    let intervals = gc::gc_intervals(k, &refs, opts.interval, opts.gc_resamples, 0.05, opts.seed)?;
+    let (method, resamples, seed) = (opts.interval, opts.gc_resamples, opts.seed);
+    let intervals = gc::gc_intervals(k, whole, &refs, method, resamples, 0.05, seed)?;
     progress.finish();
+    let subsets = gc::subsets(k, whole, &refs)?;
     let mut rows = Vec::with_capacity(groups.len());
-    for ((column, group, members), interval) in groups.iter().zip(intervals) {
-        let mean = members.iter().map(|&i| scores[i]).sum::<f64>() / members.len() as f64;
-        let sub = gc::subset(k, whole, members)?;
+    for (((column, group, members), interval), sub) in groups.iter().zip(intervals).zip(subsets) {
+        let mean = mean_score(members, scores);
         rows.push(GcRow {
             column: column.clone(),
             group: group.clone(),
@@ -720,6 +785,15 @@ fn gc_rows(
     Ok(rows)
 }
 
+/// The mean frequency score of `members` over those that have one; NaN where none has.
+fn mean_score(members: &[usize], scores: &[Option<f64>]) -> f64 {
+    let scored: Vec<f64> = members.iter().filter_map(|&i| scores[i]).collect();
+    if scored.is_empty() {
+        return f64::NAN;
+    }
+    scored.iter().sum::<f64>() / scored.len() as f64
+}
+
 /// What the per-sample table is made of.
 struct SampleInputs<'a> {
     /// The kernel the direction came from (normalised or not).
@@ -728,24 +802,23 @@ struct SampleInputs<'a> {
     raw_diag: &'a Tensor,
     whole: &'a Principal,
     extra: &'a [(String, Vec<i64>)],
-    bins: &'a [usize],
-    scores: &'a [f64],
+    bins: &'a [Option<usize>],
+    scores: &'a [Option<f64>],
     last: Option<&'a Array2<f32>>,
 }
 
 /// The per-sample table of a full kernel: Θ_ii, alignment, annotations, frequency bin, two
-/// principal components of the last block's embeddings and the frequency score.
+/// principal components of the last block's embeddings and the frequency score (the bin and
+/// the score null for a sample with no score).
 fn samples_table(job: &Job, t: &SampleInputs) -> Result<DataFrame> {
     let (scores, last) = (t.scores, t.last);
-    let align = gc::alignment(t.k, t.whole);
+    let align = gc::alignment(t.k, t.whole)?;
     let diag: Vec<f64> = Vec::try_from(t.raw_diag)?;
-    let mut extra2 = t.extra.to_vec();
-    extra2.push((
-        "freq_bin".into(),
-        t.bins.iter().map(|&b| b as i64).collect(),
-    ));
-    let mut df = job.samples_frame(Some(&diag), Some(&align), &extra2)?;
+    let mut df = job.samples_frame(Some(&diag), Some(&align), t.extra)?;
     let table = |e| Error::table("samples", e);
+    let bins: Vec<Option<i64>> = t.bins.iter().map(|b| b.map(|b| b as i64)).collect();
+    df.with_column(Column::new("freq_bin".into(), bins))
+        .map_err(table)?;
     if let Some(last) = last {
         let (pc1, pc2) = crate::cluster::pca::pca2(last.view())?;
         df.with_column(Column::new("pc1".into(), pc1))
@@ -778,15 +851,22 @@ fn cross(
     })
 }
 
-/// Quantile bin (0 = lowest) of each value, `bins` bins of near-equal size.
-pub fn quantile_bins(values: &[f64], bins: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]).then(a.cmp(&b)));
-    let mut out = vec![0; values.len()];
-    for (rank, &i) in order.iter().enumerate() {
-        out[i] = rank * bins / values.len().max(1);
-    }
-    out
+/// Quantile bin (0 = lowest) of each value, `bins` bins of near-equal size; `None` for a
+/// missing value, which is in no bin and not counted. A value's bin is ⌊bins · b / m⌋, where b
+/// is the number of the m present values strictly below it: tied values share one bin (the one
+/// their lowest rank falls in), whatever their order, so ties across a bin edge make the bins
+/// unequal, and a bin can be empty.
+pub fn quantile_bins(values: &[Option<f64>], bins: usize) -> Vec<Option<usize>> {
+    let mut sorted: Vec<f64> = values.iter().flatten().copied().collect();
+    sorted.sort_by(f64::total_cmp);
+    let m = sorted.len().max(1);
+    values
+        .iter()
+        .map(|v| {
+            let v = (*v)?;
+            Some(sorted.partition_point(|x| x.total_cmp(&v).is_lt()) * bins / m)
+        })
+        .collect()
 }
 
 /// The GC table as `gc.parquet` holds it.
@@ -865,6 +945,48 @@ mod tests {
         }
     }
 
+    /// Tied scores share a bin whatever the samples' order: four samples tied at the minimum
+    /// of ten all land in bin 0 (by index, one of them went to bin 1); without ties the bins
+    /// are of equal size.
+    #[test]
+    fn tied_scores_share_a_bin() {
+        let plain: Vec<Option<f64>> = (0..10).map(|i| Some(i as f64)).collect();
+        let b = quantile_bins(&plain, 5);
+        assert_eq!(b, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4].map(Some).to_vec());
+        let mut tied = plain.clone();
+        for v in tied.iter_mut().take(4) {
+            *v = Some(0.0);
+        }
+        tied.reverse();
+        let b = quantile_bins(&tied, 5);
+        assert_eq!(b, [4, 4, 3, 3, 2, 2, 0, 0, 0, 0].map(Some).to_vec());
+        // A tie across the edge of bins 1 and 2 goes whole to bin 1.
+        let edge: Vec<Option<f64>> = [0.0, 1.0, 2.0, 3.0, 3.0, 3.0, 6.0, 7.0, 8.0, 9.0]
+            .map(Some)
+            .to_vec();
+        let b = quantile_bins(&edge, 5);
+        assert_eq!(b, [0, 0, 1, 1, 1, 1, 3, 3, 4, 4].map(Some).to_vec());
+    }
+
+    /// A sample with no frequency score is in no bin, is not counted in the others' bins, and is
+    /// in no frequency-bin group; the group means leave it out.
+    #[test]
+    fn samples_without_a_frequency_score_are_in_no_bin() {
+        let scores = [Some(0.0), None, Some(1.0), Some(2.0), None, Some(3.0)];
+        let b = quantile_bins(&scores, 2);
+        assert_eq!(b, vec![Some(0), None, Some(0), Some(1), None, Some(1)]);
+        let g = freq_groups(&b);
+        let members: Vec<(&str, &[usize])> = g
+            .iter()
+            .map(|(_, l, m)| (l.as_str(), m.as_slice()))
+            .collect();
+        assert_eq!(members, [("0", &[0, 2][..]), ("1", &[3, 5][..])]);
+        assert!(g.iter().all(|(c, _, _)| c == "freq_bin"));
+        assert_eq!(mean_score(&[0, 1, 2], &scores), 0.5);
+        assert!(mean_score(&[1, 4], &scores).is_nan());
+        assert_eq!(quantile_bins(&[None, None], 3), vec![None, None]);
+    }
+
     #[test]
     fn non_finite_kernel_entries_are_refused_naming_the_pairs() {
         let ids = ["a", "b", "c"];
@@ -878,5 +1000,23 @@ mod tests {
         assert!(msg.contains("2 kernel entries are not finite"), "{msg}");
         assert!(msg.contains("Θ(b, c)") && msg.contains("Θ(c, b)"), "{msg}");
         assert!(!msg.contains("Θ(a,"), "{msg}");
+    }
+
+    /// The settings a streamed kernel records read as the command line spells them.
+    #[test]
+    fn recorded_settings_read_as_typed() {
+        use crate::capture::{Method, Projection, ProjectionKind};
+        let p = Projection {
+            kind: ProjectionKind::Sparse,
+            dim: 256,
+            seed: 0,
+        };
+        assert_eq!(
+            projection_flags(Some(p)),
+            "--project 256 --projection sparse"
+        );
+        assert_eq!(projection_flags(None), "no --project");
+        assert_eq!(typed("--method", Method::Batched), "--method batched");
+        assert_eq!(typed("--blocks", BlockBy::Module), "--blocks module");
     }
 }

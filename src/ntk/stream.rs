@@ -207,7 +207,6 @@ pub fn stream_kernel(
         .filter(|&t| share.owns(t))
         .map(|t| tiles[t])
         .collect();
-    let total = mine.len() + my_tiles.len();
     let mut report = StreamReport {
         shards: mine.len(),
         shards_reused: 0,
@@ -215,72 +214,125 @@ pub fn stream_kernel(
         tiles_reused: 0,
         shards_taken_over: 0,
     };
-    let capture = |s: usize| {
-        let start = s * plan.tile;
-        let end = (start + plan.tile).min(seqs.len());
-        write_shard(
-            model,
-            params,
-            seqs,
-            (start, end),
-            opts,
-            device,
-            &shard_path(plan.dir, s),
-        )
+    let work = ShareWork {
+        model,
+        params,
+        seqs,
+        opts,
+        plan,
+        device,
+        share,
+        total: mine.len() + my_tiles.len(),
+        on_step,
     };
-    for (k, &s) in mine.iter().enumerate() {
-        if shard_path(plan.dir, s).exists() {
-            report.shards_reused += 1;
-        } else {
-            capture(s)?;
-        }
-        on_step(k + 1, total);
-    }
-    let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
-    // Tiles whose shards are there first; the rest wait for (or take over) the missing shards.
-    let have = |&(a, b): &(usize, usize)| {
-        shard_path(plan.dir, a).exists() && shard_path(plan.dir, b).exists()
-    };
-    let (ready, pending): (Vec<_>, Vec<_>) = my_tiles.iter().partition(|t| have(t));
-    let wait = match plan.work {
-        Work::Share { wait, .. } => wait,
-        _ => Duration::ZERO,
-    };
-    let mut done = mine.len();
-    let mut rows = TileCache::default();
-    for (a, b) in ready.into_iter().chain(pending) {
-        for s in [a, b] {
-            let path = shard_path(plan.dir, s);
-            if !path.exists() && !wait_for(&path, wait) {
-                tracing::warn!(
-                    "shard {s} (share {}) is not in {} after {:.0} s; capturing it here",
-                    Share::owner(s, share.count),
-                    plan.dir.display(),
-                    wait.as_secs_f64()
-                );
-                capture(s)?;
-                report.shards_taken_over += 1;
-            }
-        }
-        let path = tile_path(plan.dir, a, b);
-        if path.exists() {
-            report.tiles_reused += 1;
-        } else {
-            let xa = rows.get(plan.dir, a, &names, device)?;
-            let xb = if a == b {
-                None
-            } else {
-                Some(load_shard(&shard_path(plan.dir, b), &names, device)?)
-            };
-            write_tile(plan.dir, plan.blocks, (a, xa), xb.as_ref().map(|x| (b, x)))?;
-        }
-        done += 1;
-        on_step(done, total);
-    }
+    work.shards(&mine, &mut report)?;
+    work.tiles(&my_tiles, mine.len(), &mut report)?;
     if plan.work == Work::All {
         index_complete(plan, seqs.len(), &tiles)?;
     }
     Ok(report)
+}
+
+/// One process's share of a streamed kernel: what it captures and computes, and how.
+struct ShareWork<'a> {
+    model: &'a Model,
+    params: &'a [(String, Tensor)],
+    seqs: &'a [&'a [u32]],
+    opts: &'a CaptureOptions,
+    plan: &'a StreamPlan<'a>,
+    device: Device,
+    share: Share,
+    /// This process's shards and tiles, for progress.
+    total: usize,
+    on_step: &'a dyn Fn(usize, usize),
+}
+
+impl ShareWork<'_> {
+    /// Capture shard `s` and write it.
+    fn capture(&self, s: usize) -> Result<()> {
+        let start = s * self.plan.tile;
+        let end = (start + self.plan.tile).min(self.seqs.len());
+        let path = shard_path(self.plan.dir, s);
+        let (model, params, opts) = (self.model, self.params, self.opts);
+        write_shard(
+            model,
+            params,
+            self.seqs,
+            (start, end),
+            opts,
+            self.device,
+            &path,
+        )
+    }
+
+    /// Phase 1: this share's shards, those on disk reused.
+    fn shards(&self, mine: &[usize], report: &mut StreamReport) -> Result<()> {
+        for (k, &s) in mine.iter().enumerate() {
+            if shard_path(self.plan.dir, s).exists() {
+                report.shards_reused += 1;
+            } else {
+                self.capture(s)?;
+            }
+            (self.on_step)(k + 1, self.total);
+        }
+        Ok(())
+    }
+
+    /// Phase 2: this share's tiles, those whose shards are there first; the rest wait for (or
+    /// take over) the missing shards. `done` steps are behind.
+    fn tiles(
+        &self,
+        my_tiles: &[(usize, usize)],
+        mut done: usize,
+        report: &mut StreamReport,
+    ) -> Result<()> {
+        let dir = self.plan.dir;
+        let names: Vec<String> = self.params.iter().map(|(n, _)| n.clone()).collect();
+        let have =
+            |&&(a, b): &&(usize, usize)| shard_path(dir, a).exists() && shard_path(dir, b).exists();
+        let (ready, pending): (Vec<_>, Vec<_>) = my_tiles.iter().partition(have);
+        let mut rows = TileCache::default();
+        for &(a, b) in ready.into_iter().chain(pending) {
+            for s in [a, b] {
+                self.await_shard(s, report)?;
+            }
+            if tile_path(dir, a, b).exists() {
+                report.tiles_reused += 1;
+            } else {
+                let xa = rows.get(dir, a, &names, self.device)?;
+                let xb = if a == b {
+                    None
+                } else {
+                    Some(load_shard(&shard_path(dir, b), &names, self.device)?)
+                };
+                write_tile(dir, self.plan.blocks, (a, xa), xb.as_ref().map(|x| (b, x)))?;
+            }
+            done += 1;
+            (self.on_step)(done, self.total);
+        }
+        Ok(())
+    }
+
+    /// Shard `s` on disk: there, written by its share within the wait, or captured here.
+    fn await_shard(&self, s: usize, report: &mut StreamReport) -> Result<()> {
+        let path = shard_path(self.plan.dir, s);
+        let wait = match self.plan.work {
+            Work::Share { wait, .. } => wait,
+            _ => Duration::ZERO,
+        };
+        if path.exists() || wait_for(&path, wait) {
+            return Ok(());
+        }
+        tracing::warn!(
+            "shard {s} (share {}) is not in {} after {:.0} s; capturing it here",
+            Share::owner(s, self.share.count),
+            self.plan.dir.display(),
+            wait.as_secs_f64()
+        );
+        self.capture(s)?;
+        report.shards_taken_over += 1;
+        Ok(())
+    }
 }
 
 /// Refuse what a streamed kernel cannot do: ghost kernels (no per-sample gradients to store)

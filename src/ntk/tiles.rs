@@ -2,10 +2,15 @@
 //! [`KernelOp`] of one process above `--assemble-max`, so that GC, alignment and their intervals
 //! come from the tiles on disk (the Slurm route's `--assemble`, or one process's `--tile`).
 //!
-//! Each call visits the upper-triangle tiles (a ≤ b) once. The tiles' `total` kernels are held in
-//! memory (float64) when they fit the given byte budget; otherwise every call reads them from
-//! disk again, so memory stays at one tile plus the n-sized vectors whatever n is.
+//! Each product visits the upper-triangle tiles (a ≤ b) once, for as many vectors as it is given
+//! (Θ X, X of n × k: the GC code batches its Lanczos solves so that one pass serves many). The
+//! tiles' `total` kernels are held in memory (float64) when they fit the given byte budget;
+//! otherwise every pass reads them from disk again, so memory stays at one tile plus the n × k
+//! blocks whatever n is. The kernel never gives out a sub-kernel ([`KernelOp::sub`] is `None`):
+//! no n × n or m × m copy is made. A tile removed or damaged after opening is an error naming
+//! its file, not a panic. [`Tiles::counts`] says how many tiles were read and in how many passes.
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
@@ -55,6 +60,19 @@ pub(crate) fn refuse_non_finite(
     ))
 }
 
+/// What a [`Tiles`] kernel has cost so far: tiles read from disk (opening reads each once, and
+/// tile 0-0 once more for the block names), passes over the tiles by products, and the most
+/// vectors one pass multiplied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TileCounts {
+    /// Tile files read (each read of one tile counts once).
+    pub reads: usize,
+    /// Passes over all the tiles by products (Θ X and Σ|cos|), opening not included.
+    pub passes: usize,
+    /// The most vectors multiplied in one pass.
+    pub widest: usize,
+}
+
 /// A kernel of `n` samples in tiles of `tile` under `dir`.
 pub struct Tiles {
     dir: PathBuf,
@@ -62,14 +80,17 @@ pub struct Tiles {
     tile: usize,
     /// The tiles' totals in upper-triangle order, when they fit the budget.
     held: Option<Vec<Tensor>>,
+    /// Θ_ii, read when the tiles are opened.
+    diag: Tensor,
     /// The kernel's block names (`tiles/*` keys without `block.`).
     pub block_names: Vec<String>,
+    counts: Cell<TileCounts>,
 }
 
 impl Tiles {
     /// The kernel of the samples `ids` under `dir`; its tiles' totals are held in memory when n²
     /// float64 values fit `hold_bytes`. Reads every tile once, refusing a missing `total` or
-    /// non-finite entries (naming the first pair).
+    /// non-finite entries (naming the first pair), and keeps the diagonal.
     pub fn open(dir: &Path, ids: &[&str], tile: usize, hold_bytes: u64) -> Result<Tiles> {
         let n = ids.len();
         if tile == 0 || n == 0 {
@@ -84,14 +105,20 @@ impl Tiles {
             n,
             tile,
             held: None,
+            diag: Tensor::zeros([n as i64], (Kind::Double, Device::Cpu)),
             block_names: Vec::new(),
+            counts: Cell::new(TileCounts::default()),
         };
+        me.block_names = me.read(0, 0)?.1;
         let mut held = Vec::new();
-        me.block_names = read_total(dir, 0, 0)?.1;
         me.each(&mut |a, b, t| {
             refuse_non_finite(t, |i, j| {
                 (ids[a * tile + i].to_string(), ids[b * tile + j].to_string())
             })?;
+            if a == b {
+                let (ra, la) = me.range(a);
+                me.diag.narrow(0, ra, la).copy_(&t.diagonal(0, 0, 1));
+            }
             if hold {
                 held.push(t.shallow_clone());
             }
@@ -99,6 +126,11 @@ impl Tiles {
         })?;
         me.held = hold.then_some(held);
         Ok(me)
+    }
+
+    /// Tiles read, passes and the widest pass so far.
+    pub fn counts(&self) -> TileCounts {
+        self.counts.get()
     }
 
     fn shards(&self) -> usize {
@@ -111,7 +143,8 @@ impl Tiles {
         (lo as i64, ((lo + self.tile).min(self.n) - lo) as i64)
     }
 
-    /// `f(a, b, Θ[A, B])` for every tile a ≤ b, in order.
+    /// `f(a, b, Θ[A, B])` for every tile a ≤ b, in order: from memory when held, otherwise each
+    /// read from disk (a tile removed or damaged since opening is an error naming its file).
     fn each(&self, f: &mut dyn FnMut(usize, usize, &Tensor) -> Result<()>) -> Result<()> {
         let s = self.shards();
         let mut k = 0;
@@ -119,7 +152,7 @@ impl Tiles {
             for b in a..s {
                 match &self.held {
                     Some(h) => f(a, b, &h[k])?,
-                    None => f(a, b, &self.read(a, b)?)?,
+                    None => f(a, b, &self.read(a, b)?.0)?,
                 }
                 k += 1;
             }
@@ -127,8 +160,29 @@ impl Tiles {
         Ok(())
     }
 
-    fn read(&self, a: usize, b: usize) -> Result<Tensor> {
-        let (total, _) = read_total(&self.dir, a, b)?;
+    /// `each`, counted as one product pass of `width` vectors.
+    fn pass(
+        &self,
+        width: usize,
+        f: &mut dyn FnMut(usize, usize, &Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let c = self.counts.get();
+        self.counts.set(TileCounts {
+            passes: c.passes + 1,
+            widest: c.widest.max(width),
+            ..c
+        });
+        self.each(f)
+    }
+
+    /// Tile (a, b)'s total and block names, read from disk and checked for shape.
+    fn read(&self, a: usize, b: usize) -> Result<(Tensor, Vec<String>)> {
+        let c = self.counts.get();
+        self.counts.set(TileCounts {
+            reads: c.reads + 1,
+            ..c
+        });
+        let (total, names) = read_total(&self.dir, a, b)?;
         let want = [self.range(a).1, self.range(b).1];
         if total.size() != want {
             return Err(Error::in_file(
@@ -140,23 +194,8 @@ impl Tiles {
                 ),
             ));
         }
-        Ok(total)
+        Ok((total, names))
     }
-
-    /// `each` for the [`KernelOp`] calls, which cannot fail: tiles were read and checked by
-    /// [`Tiles::open`], so a failure here is a tile removed or damaged since, reported loudly.
-    fn visit(&self, f: &mut dyn FnMut(usize, usize, &Tensor)) {
-        if let Err(e) = self.each(&mut |a, b, t| {
-            f(a, b, t);
-            Ok(())
-        }) {
-            panic!("a tile changed while the kernel was in use: {e}");
-        }
-    }
-}
-
-fn zeros(n: i64) -> Tensor {
-    Tensor::zeros([n], (Kind::Double, Device::Cpu))
 }
 
 impl KernelOp for Tiles {
@@ -164,74 +203,46 @@ impl KernelOp for Tiles {
         self.n
     }
 
-    fn mv(&self, x: &Tensor) -> Tensor {
-        let y = zeros(self.n as i64);
-        self.visit(&mut |a, b, t| {
-            let ((ra, la), (rb, lb)) = (self.range(a), self.range(b));
-            let (xa, xb) = (x.narrow(0, ra, la), x.narrow(0, rb, lb));
-            if a == b {
-                let v = (t.mv(&xa) + t.tr().mv(&xa)) / 2.0;
-                let _ = y.narrow(0, ra, la).g_add_(&v);
-            } else {
-                let _ = y.narrow(0, ra, la).g_add_(&t.mv(&xb));
-                let _ = y.narrow(0, rb, lb).g_add_(&t.tr().mv(&xa));
-            }
-        });
-        y
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.zeros_like();
+        self.pass(
+            x.size().get(1).copied().unwrap_or(1) as usize,
+            &mut |a, b, t| {
+                let ((ra, la), (rb, lb)) = (self.range(a), self.range(b));
+                let (xa, xb) = (x.narrow(0, ra, la), x.narrow(0, rb, lb));
+                if a == b {
+                    let v = (t.f_mm(&xa)? + t.tr().f_mm(&xa)?) / 2.0;
+                    let _ = y.narrow(0, ra, la).f_add_(&v)?;
+                } else {
+                    let _ = y.narrow(0, ra, la).f_add_(&t.f_mm(&xb)?)?;
+                    let _ = y.narrow(0, rb, lb).f_add_(&t.tr().f_mm(&xa)?)?;
+                }
+                Ok(())
+            },
+        )?;
+        Ok(y)
     }
 
-    fn sub(&self, idx: &[usize]) -> Tensor {
-        let m = idx.len() as i64;
-        // Positions in idx and offsets within their shard, per shard.
-        let mut by: Vec<(Vec<i64>, Vec<i64>)> = vec![(Vec::new(), Vec::new()); self.shards()];
-        for (p, &i) in idx.iter().enumerate() {
-            let e = &mut by[i / self.tile];
-            e.0.push(p as i64);
-            e.1.push((i % self.tile) as i64);
-        }
-        let mut s = Tensor::zeros([m, m], (Kind::Double, Device::Cpu));
-        let ix = |v: &[i64]| Tensor::from_slice(v);
-        let mut put = |rows: &[i64], cols: &[i64], v: &Tensor| {
-            let r = ix(rows).unsqueeze(1);
-            let c = ix(cols).unsqueeze(0);
-            let _ = s.index_put_(&[Some(r), Some(c)], v, false);
-        };
-        self.visit(&mut |a, b, t| {
-            let ((pa, oa), (pb, ob)) = (&by[a], &by[b]);
-            if pa.is_empty() || pb.is_empty() {
-                return;
-            }
-            let v = t.index_select(0, &ix(oa)).index_select(1, &ix(ob));
-            put(pa, pb, &v);
-            if a != b {
-                put(pb, pa, &v.tr());
-            }
-        });
-        (&s + s.tr()) / 2.0
+    fn sub(&self, _idx: &[usize]) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 
-    fn diag(&self) -> Tensor {
-        let d = zeros(self.n as i64);
-        self.visit(&mut |a, b, t| {
-            if a == b {
-                let (ra, la) = self.range(a);
-                d.narrow(0, ra, la).copy_(&t.diagonal(0, 0, 1));
-            }
-        });
-        d
+    fn diag(&self) -> Result<Tensor> {
+        Ok(self.diag.shallow_clone())
     }
 
-    fn abs_cosine_sum(&self) -> f64 {
-        let s = op::inverse_norms(&self.diag());
+    fn abs_cosine_sum(&self) -> Result<f64> {
+        let s = op::inverse_norms(&self.diag);
         let mut sum = 0.0;
-        self.visit(&mut |a, b, t| {
+        self.pass(1, &mut |a, b, t| {
             let ((ra, la), (rb, lb)) = (self.range(a), self.range(b));
             let part = (t.abs() * s.narrow(0, ra, la).outer(&s.narrow(0, rb, lb)))
                 .sum(Kind::Double)
                 .double_value(&[]);
             sum += if a == b { part } else { 2.0 * part };
-        });
-        sum
+            Ok(())
+        })?;
+        Ok(sum)
     }
 }
 
@@ -287,6 +298,13 @@ mod tests {
         (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-300)
     }
 
+    fn sample_ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("s{i}")).collect()
+    }
+
+    /// Every call equals the assembled kernel's, held or read from disk at every pass; a
+    /// product of k vectors is one pass (each tile read once when not held, not k times), and
+    /// no sub-kernel is given out.
     #[test]
     fn tiles_answer_as_the_assembled_kernel_held_or_read_each_time() {
         let dir = tempfile::tempdir().unwrap();
@@ -294,26 +312,62 @@ mod tests {
         let full = kernel_in_tiles(dir.path(), n, tile);
         let dense = Dense::new(&full);
         let x = Tensor::randn([n as i64], (Kind::Double, Device::Cpu));
-        let idx = [22, 0, 7, 3, 19, 4, 5, 11];
-        let names: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
+        let xs = Tensor::randn([n as i64, 4], (Kind::Double, Device::Cpu));
+        let names = sample_ids(n);
         let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+        let tiles = 5 * 6 / 2;
         for hold in [0, u64::MAX] {
             let t = Tiles::open(dir.path(), &ids, tile, hold).unwrap();
             assert_eq!(t.held.is_some(), hold > 0);
             assert_eq!(t.block_names, vec!["mlp".to_string()]);
-            assert!(close(&t.mv(&x), &dense.mv(&x)) < 1e-12);
-            assert!(close(&t.sub(&idx), &dense.sub(&idx)) < 1e-12);
-            assert!(close(&t.diag(), &dense.diag()) < 1e-12);
-            let (p, q) = (t.abs_cosine_sum(), dense.abs_cosine_sum());
+            // Opening reads each tile once, and tile 0-0 once more for the block names.
+            assert_eq!(t.counts().reads, tiles + 1);
+            assert!(close(&t.mv(&x).unwrap(), &dense.mv(&x).unwrap()) < 1e-12);
+            let before = t.counts();
+            let y = t.apply(&xs).unwrap();
+            let after = t.counts();
+            assert!(close(&y, &dense.apply(&xs).unwrap()) < 1e-12);
+            assert_eq!((after.passes - before.passes, after.widest), (1, 4));
+            let read = if hold > 0 { 0 } else { tiles };
+            assert_eq!(
+                after.reads - before.reads,
+                read,
+                "one read per tile per pass"
+            );
+            assert!(t.sub(&[0, 3]).unwrap().is_none());
+            assert!(close(&t.diag().unwrap(), &dense.diag().unwrap()) < 1e-12);
+            let (p, q) = (t.abs_cosine_sum().unwrap(), dense.abs_cosine_sum().unwrap());
             assert!((p - q).abs() < 1e-10 * q, "{p} against {q}");
         }
+    }
+
+    /// A tile removed or overwritten with garbage after the kernel was opened: the next product
+    /// is an error naming the tile's file (the library does not panic).
+    #[test]
+    fn a_tile_damaged_after_opening_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let _ = kernel_in_tiles(dir.path(), 12, 4);
+        let names = sample_ids(12);
+        let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+        let t = Tiles::open(dir.path(), &ids, 4, 0).unwrap();
+        let x = Tensor::ones([12], (Kind::Double, Device::Cpu));
+        assert!(t.mv(&x).is_ok());
+        let path = tile_path(dir.path(), 1, 2);
+        std::fs::write(&path, b"not a tile").unwrap();
+        let e = t.mv(&x).unwrap_err().to_string();
+        assert!(e.contains("tile-00001-00002"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+        let e = t.abs_cosine_sum().unwrap_err().to_string();
+        assert!(e.contains("tile-00001-00002"), "{e}");
+        let held = Tiles::open(dir.path(), &ids, 4, u64::MAX);
+        assert!(held.is_err(), "opening reads every tile");
     }
 
     #[test]
     fn a_missing_misshapen_or_non_finite_tile_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let full = kernel_in_tiles(dir.path(), 12, 4);
-        let names: Vec<String> = (0..13).map(|i| format!("s{i}")).collect();
+        let names = sample_ids(13);
         let ids: Vec<&str> = names.iter().map(String::as_str).collect();
         // Opened as 13 samples: the last tiles have the wrong shape.
         let e = Tiles::open(dir.path(), &ids, 4, 0)

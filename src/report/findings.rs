@@ -46,8 +46,10 @@ impl NtkJson {
 }
 
 /// The kernel lines of the report: its diagnostics, then each warning (`Warning: …`), or a line
-/// saying that no rule found it degenerate. Empty without an `ntk.json` or its diagnostics.
-pub(super) fn kernel_lines(j: Option<&NtkJson>) -> Vec<String> {
+/// saying that no rule found it degenerate and which of those rules could be checked (the width
+/// rule only where `g`'s headline groups have intervals). Empty without an `ntk.json` or its
+/// diagnostics.
+pub(super) fn kernel_lines(j: Option<&NtkJson>, g: &GcTable) -> Vec<String> {
     let Some(j) = j else {
         return Vec::new();
     };
@@ -68,10 +70,41 @@ pub(super) fn kernel_lines(j: Option<&NtkJson>) -> Vec<String> {
         d.mean_abs_cosine
     )];
     if j.warnings.is_empty() {
-        out.push("No degeneracy found: the direction is shared by many samples and the headline GC intervals are narrower than half of [−1, 1] (rules in the README).".into());
+        out.push(no_degeneracy(g));
     }
     out.extend(j.warnings.iter().map(|w| format!("Warning: {w}")));
     out
+}
+
+/// The line for a kernel no rule found degenerate. The interval-width rule holds only for the
+/// headline groups (frequency bins, long-tail flag) that have an interval: the line says how many
+/// of them had one, and that the width was not checked where none had (`--gc-resamples` below 2).
+fn no_degeneracy(g: &GcTable) -> String {
+    let headline: Vec<usize> = (0..g.column.len())
+        .filter(|&i| g.column[i] == "freq_bin" || g.column[i] == "long_tail")
+        .collect();
+    let with = headline
+        .iter()
+        .filter(|&&i| g.interval(i).is_some())
+        .count();
+    let widths = if with == 0 {
+        format!(
+            "no GC intervals were computed for the {} frequency-bin and long-tail groups (--gc-resamples below 2), so whether GC is determined was not checked",
+            headline.len()
+        )
+    } else if with == headline.len() {
+        format!(
+            "the {with} headline GC intervals (frequency bins, long-tail flag) are narrower than half of [−1, 1]"
+        )
+    } else {
+        format!(
+            "the {with} headline GC intervals computed (of {} frequency-bin and long-tail groups; the others have none) are narrower than half of [−1, 1]",
+            headline.len()
+        )
+    };
+    format!(
+        "No degeneracy found: the direction is shared by many samples and {widths} (rules in the README)."
+    )
 }
 
 /// `v [lo, hi]`.
@@ -83,7 +116,7 @@ fn with_iv(v: f64, iv: Option<(f64, f64)>) -> String {
 }
 
 /// |GC| and its interval: the interval of |x| for x in [lo, hi].
-fn fold(v: f64, iv: Option<(f64, f64)>) -> (f64, Option<(f64, f64)>) {
+pub(crate) fn fold(v: f64, iv: Option<(f64, f64)>) -> (f64, Option<(f64, f64)>) {
     let folded = iv.map(|(lo, hi)| {
         if lo >= 0.0 {
             (lo, hi)
@@ -109,10 +142,11 @@ enum Signs {
     GroupTie,
 }
 
-/// A comparison of two GCs: a difference only when their intervals are disjoint. Where a sign
-/// is a near-tie of the Σu ≥ 0 convention (which another sample could flip), it compares |GC|,
-/// with the intervals folded, and says so; under a near-tie of the whole set's sign alone, two
-/// GCs of clearly opposite signs are said to point opposite ways, which neither flip changes.
+/// A comparison of two GCs, sign-free: |GC| with the intervals folded (the Σu ≥ 0 convention that
+/// sets a GC's sign is arbitrary, and a near-tie of it would flip the sign; |GC| does not
+/// depend on it), a difference only when the folded intervals are disjoint. Two GCs whose
+/// intervals clearly lie on opposite sides of 0 are said to point opposite ways, which flipping
+/// the whole set's direction does not change; not where a group's own sign is a near-tie.
 fn compare_gc(
     a: (&str, f64, Option<(f64, f64)>),
     b: (&str, f64, Option<(f64, f64)>),
@@ -121,34 +155,38 @@ fn compare_gc(
     let clear = |v: f64, iv: Option<(f64, f64)>| {
         iv.is_some_and(|(lo, hi)| lo > 0.0 || hi < 0.0) && v != 0.0
     };
-    if signs == Signs::WholeTie && a.1 * b.1 < 0.0 && clear(a.1, a.2) && clear(b.1, b.2) {
+    if signs != Signs::GroupTie && a.1 * b.1 < 0.0 && clear(a.1, a.2) && clear(b.1, b.2) {
         return format!(
-            "GC of {} and of {} have opposite signs ({} against {}): their directions point opposite ways along the whole set's principal direction, whose own sign is a near-tie here (see the warnings above), so which of them is negative is not determined.",
+            "GC of {} and of {} have opposite signs ({} against {}): their gradients point opposite ways along the whole set's principal direction{}.",
             a.0,
             b.0,
             with_iv(a.1, a.2),
-            with_iv(b.1, b.2)
+            with_iv(b.1, b.2),
+            if signs == Signs::WholeTie {
+                ", whose own sign is a near-tie here, so which of them is negative is not determined"
+            } else {
+                ""
+            }
         );
     }
-    let (what, a, b, why) = match signs {
-        Signs::Sure => ("GC", a, b, ""),
-        _ => {
-            let ((av, ai), (bv, bi)) = (fold(a.1, a.2), fold(b.1, b.2));
-            (
-                "|GC|",
-                (a.0, av, ai),
-                (b.0, bv, bi),
-                if signs == Signs::WholeTie {
-                    " (compared as |GC|: the whole set's direction, which sets both signs, is a near-tie of the Σu ≥ 0 convention here, see the warnings above)"
-                } else {
-                    " (compared as |GC|: a group's own direction, which sets its sign, is a near-tie of the Σu ≥ 0 convention here, see the warnings above)"
-                },
-            )
-        }
-    };
+    let ((av, ai), (bv, bi)) = (fold(a.1, a.2), fold(b.1, b.2));
+    let (what, a, b, why) = ("|GC|", (a.0, av, ai), (b.0, bv, bi), "");
     let disjoint = match (a.2, b.2) {
         (Some((alo, ahi)), Some((blo, bhi))) => ahi < blo || bhi < alo,
-        _ => false,
+        (None, _) | (_, None) => {
+            let missing = match (a.2, b.2) {
+                (None, None) => "neither has a".to_string(),
+                (None, _) => format!("{} has no", a.0),
+                _ => format!("{} has no", b.0),
+            };
+            return format!(
+                "No difference in {what} between {} ({}) and {} ({}) can be stated: {missing} 95% interval (intervals need --gc-resamples of at least 2){why}.",
+                a.0,
+                with_iv(a.1, a.2),
+                b.0,
+                with_iv(b.1, b.2)
+            );
+        }
     };
     if disjoint {
         format!(
@@ -170,6 +208,43 @@ fn compare_gc(
     }
 }
 
+/// How the GC comparison names the bins it compares, `first` and `last` (the rarest and the most
+/// frequent of `bins` that have a GC): "the rarest frequency bin" and "the most frequent" when
+/// they are the ends of `bins`; otherwise by label, saying which bins beyond them have no GC.
+fn end_bin_names(bins: &[GcBin], first: &GcBin, last: &GcBin) -> (String, String) {
+    let none = |range: &[GcBin]| match range {
+        [one] => format!("bin {} has none", one.label),
+        many => format!(
+            "bins {} have none",
+            many.iter()
+                .map(|b| b.label.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let at = |b: &GcBin| bins.iter().position(|x| x.label == b.label).unwrap_or(0);
+    let (i, j) = (at(first), at(last));
+    let rare = if i == 0 {
+        "the rarest frequency bin".to_string()
+    } else {
+        format!(
+            "frequency bin {} (the rarest with a GC; {})",
+            first.label,
+            none(&bins[..i])
+        )
+    };
+    let common = if j + 1 >= bins.len() {
+        "the most frequent".to_string()
+    } else {
+        format!(
+            "frequency bin {} (the most frequent with a GC; {})",
+            last.label,
+            none(&bins[j + 1..])
+        )
+    };
+    (rare, common)
+}
+
 /// GC by frequency bin (rarest against most frequent) and by long-tail flag; compared as |GC|
 /// where the whole set's direction (`ill_signed`) or either group's own has an ill-determined
 /// sign ([`sign_near_tie`]).
@@ -187,24 +262,22 @@ fn gc_findings(g: &GcTable, bins: &[GcBin], ill_signed: bool) -> Vec<String> {
     let defined: Vec<&GcBin> = bins.iter().filter(|b| b.gc.is_some()).collect();
     if let (Some(first), Some(last)) = (defined.first(), defined.last()) {
         if defined.len() > 1 {
+            let (rare, common) = end_bin_names(bins, first, last);
             out.push(compare_gc(
-                (
-                    "the rarest frequency bin",
-                    first.gc.unwrap_or(f64::NAN),
-                    first.interval,
-                ),
-                (
-                    "the most frequent",
-                    last.gc.unwrap_or(f64::NAN),
-                    last.interval,
-                ),
+                (&rare, first.gc.unwrap_or(f64::NAN), first.interval),
+                (&common, last.gc.unwrap_or(f64::NAN), last.interval),
                 signs(&first.label, &last.label, "freq_bin"),
             ));
         }
         out.push(format!(
-            "GC by frequency bin, rarest first [95% interval]: {}.",
+            "|GC| by frequency bin, rarest first [95% interval]: {}.",
             bins.iter()
-                .map(|b| b.gc.map_or("–".into(), |v| with_iv(v, b.interval)))
+                .map(|b| {
+                    b.gc.map_or("–".into(), |v| {
+                        let (v, iv) = fold(v, b.interval);
+                        with_iv(v, iv)
+                    })
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
@@ -261,7 +334,7 @@ fn correlation_findings(corr: &Correlations, ill_signed: bool) -> Vec<String> {
             let mut s = words.to_string();
             s[..1].make_ascii_uppercase();
             let caveat = if ill_signed && (x == "alignment" || y == "alignment") {
-                " Alignment takes its sign from the principal direction's, set by a near-tie of the Σu ≥ 0 convention here (see the warnings above): under the other sign this relation reverses."
+                " Alignment takes its sign from the principal direction's, set by a near-tie of the Σu ≥ 0 convention here (ntk.json's sign_margin): under the other sign this relation reverses."
             } else {
                 ""
             };
@@ -287,7 +360,8 @@ fn wilson(k: usize, n: usize) -> (f64, f64) {
 
 /// Where the flags land: their count, the domains holding most, and the long-tail share of the
 /// flags (Wilson interval) against that of all samples.
-/// With `ill_signed`, says that the alignment the flag rule ranks by has an ill-determined sign.
+/// With `ill_signed`, says that the flags hang on an ill-determined sign when the neglect model
+/// uses alignment (the default model does not: `summary.json`'s `neglect_features`).
 fn flag_findings(a: &Samples, analysis: &Path, ill_signed: bool) -> Result<Vec<String>> {
     let rank = column_f64(&a.frame, "flag_rank", &a.path)?;
     let lt = column_str(&a.frame, "long_tail_domain", &a.path)?;
@@ -305,12 +379,22 @@ fn flag_findings(a: &Samples, analysis: &Path, ill_signed: bool) -> Result<Vec<S
     let k = flagged.iter().filter(|&&i| lt[i] == "true").count();
     let all = lt.iter().filter(|v| *v == "true").count();
     let (lo, hi) = wilson(k, flagged.len());
-    // Whether the flag rule counted a long-tail domain as rarity (summary.json's flag options).
-    let by_rule = std::fs::read_to_string(analysis.join("summary.json"))
+    let summary = std::fs::read_to_string(analysis.join("summary.json"))
         .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    // Whether the flag rule counted a long-tail domain as rarity (analyses of earlier versions).
+    let by_rule = summary
+        .as_ref()
         .and_then(|v| v["flag_options"]["long_tail_domains"].as_bool())
         .unwrap_or(false);
+    // Whether the flags rank by alignment: the rule of earlier versions did; a neglect model
+    // does when its features include it.
+    let uses_alignment = summary
+        .as_ref()
+        .is_none_or(|v| match v["neglect_features"].as_array() {
+            Some(f) => f.iter().any(|x| x == "alignment"),
+            None => v.get("flag_options").is_some(),
+        });
     Ok(vec![format!(
         "{} of {n} samples are flagged as neglected; {k} of them ({:.0}% [{:.0}%, {:.0}%]) come from long-tail domains, which hold {:.0}% of all samples{}. Most flags: {}.{}",
         flagged.len(),
@@ -328,8 +412,8 @@ fn flag_findings(a: &Samples, analysis: &Path, ill_signed: bool) -> Result<Vec<S
             .map(|(d, c)| format!("{d} {c}"))
             .collect::<Vec<_>>()
             .join(", "),
-        if ill_signed {
-            " The flag rule ranks by alignment, whose sign is set by a near-tie here (see the warnings above): under the other sign the least aligned samples would be others."
+        if ill_signed && uses_alignment {
+            " The flags rank by alignment, whose sign is set by a near-tie here (ntk.json's sign_margin): under the other sign the least aligned samples would be others."
         } else {
             ""
         }
@@ -403,14 +487,25 @@ mod tests {
         );
         assert_eq!(
             s,
-            "GC of a is lower than of b: 0.410 [0.300, 0.520] against 0.890 [0.850, 0.920]."
+            "|GC| of a is lower than of b: 0.410 [0.300, 0.520] against 0.890 [0.850, 0.920]."
         );
         let s = compare_gc(
             ("a", 0.41, Some((0.30, 0.86))),
             ("b", 0.89, Some((0.85, 0.92))),
             Signs::Sure,
         );
-        assert!(s.starts_with("No difference in GC between a"), "{s}");
+        assert!(s.starts_with("No difference in |GC| between a"), "{s}");
+        // A negative GC is compared by its size: -0.41 against 0.89 with overlapping folded
+        // intervals is no difference, though the signed intervals are disjoint.
+        let s = compare_gc(
+            ("a", -0.80, Some((-0.95, 0.10))),
+            ("b", 0.89, Some((0.85, 0.92))),
+            Signs::Sure,
+        );
+        assert!(
+            s.starts_with("No difference in |GC| between a (0.800 [0.000, 0.950])"),
+            "{s}"
+        );
     }
 
     /// The demo's case: a rarest bin at −0.944 [−1, −0.944] against 0.945 [0.945, 1] is "lower"
@@ -422,12 +517,16 @@ mod tests {
             ("a", -0.944, Some((-1.0, -0.944))),
             ("b", 0.945, Some((0.945, 1.0))),
         );
-        assert!(compare_gc(a, b, Signs::Sure).starts_with("GC of a is lower than of b"));
+        let s = compare_gc(a, b, Signs::Sure);
+        assert!(
+            s.starts_with("GC of a and of b have opposite signs") && !s.contains("near-tie"),
+            "{s}"
+        );
         let s = compare_gc(a, b, Signs::WholeTie);
         assert!(
             s.starts_with(
                 "GC of a and of b have opposite signs (-0.944 [-1.000, -0.944] against 0.945"
-            ),
+            ) && s.contains("near-tie"),
             "{s}"
         );
         let s = compare_gc(a, b, Signs::GroupTie);
@@ -474,10 +573,7 @@ mod tests {
         };
         let sure = table(0.4);
         let first = &gc_findings(&sure, &sure.bins(), false)[0];
-        assert!(
-            first.starts_with("GC of the rarest frequency bin is lower"),
-            "{first}"
-        );
+        assert!(first.contains("have opposite signs"), "{first}");
         let tie = table(0.05);
         let first = &gc_findings(&tie, &tie.bins(), false)[0];
         assert!(
@@ -512,6 +608,118 @@ mod tests {
             tie[1].starts_with("Rarer samples align less") && tie[1].contains("reverses"),
             "{}",
             tie[1]
+        );
+    }
+
+    /// A GC table of frequency bins 0..gcs.len() and the long-tail groups, with intervals
+    /// where `iv` has them (NaN columns otherwise, as `--gc-resamples 0` writes them).
+    fn bins_table(gcs: &[f64], iv: &[Option<(f64, f64)>]) -> GcTable {
+        let n = gcs.len();
+        let mut column: Vec<String> = vec!["freq_bin".into(); n];
+        let mut group: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+        column.extend(["long_tail".into(), "long_tail".into()]);
+        group.extend(["true".into(), "false".into()]);
+        let mut gc = gcs.to_vec();
+        gc.extend([0.3, 0.8]);
+        let mut iv = iv.to_vec();
+        iv.extend([iv[0], iv[n - 1]]);
+        GcTable {
+            n: vec![10.0; n + 2],
+            score: vec![0.1; n + 2],
+            low: iv.iter().map(|x| x.map_or(f64::NAN, |x| x.0)).collect(),
+            high: iv.iter().map(|x| x.map_or(f64::NAN, |x| x.1)).collect(),
+            sign_margin: vec![0.6; n + 2],
+            gc,
+            column,
+            group,
+        }
+    }
+
+    /// Without intervals (`--gc-resamples` below 2) no sentence says that intervals overlap:
+    /// it says that there are none.
+    #[test]
+    fn gc_without_intervals_is_not_said_to_overlap() {
+        let g = bins_table(&[0.2, 0.5, 0.9], &[None; 3]);
+        let lines = gc_findings(&g, &g.bins(), false);
+        assert_eq!(
+            lines[0],
+            "No difference in |GC| between the rarest frequency bin (0.200) and the most frequent (0.900) can be stated: neither has a 95% interval (intervals need --gc-resamples of at least 2)."
+        );
+        assert!(lines.iter().all(|l| !l.contains("overlap")), "{lines:?}");
+        let one = compare_gc(
+            ("a", 0.41, Some((0.30, 0.52))),
+            ("b", 0.89, None),
+            Signs::Sure,
+        );
+        assert!(
+            one.ends_with("can be stated: b has no 95% interval (intervals need --gc-resamples of at least 2)."),
+            "{one}"
+        );
+    }
+
+    /// Where the rarest bin has no GC, the comparison names the bin it compares and says that
+    /// the rarer one has none; likewise at the frequent end.
+    #[test]
+    fn the_gc_comparison_names_the_bins_it_compares() {
+        let iv = Some((0.1, 0.2));
+        let g = bins_table(
+            &[f64::NAN, 0.15, 0.5, 0.85, f64::NAN],
+            &[None, iv, Some((0.45, 0.55)), Some((0.8, 0.9)), None],
+        );
+        let first = &gc_findings(&g, &g.bins(), false)[0];
+        assert!(
+            first.starts_with("|GC| of frequency bin 1 (the rarest with a GC; bin 0 has none) is lower than of frequency bin 3 (the most frequent with a GC; bin 4 has none): 0.150 [0.100, 0.200] against 0.850"),
+            "{first}"
+        );
+        let g = bins_table(
+            &[f64::NAN, f64::NAN, 0.15, 0.85],
+            &[None, None, iv, Some((0.8, 0.9))],
+        );
+        let first = &gc_findings(&g, &g.bins(), false)[0];
+        assert!(
+            first.starts_with("|GC| of frequency bin 2 (the rarest with a GC; bins 0, 1 have none) is lower than of the most frequent:"),
+            "{first}"
+        );
+    }
+
+    fn ntk_json() -> NtkJson {
+        NtkJson {
+            diagnostics: Some(Diagnostics {
+                diag_spread: 2.0,
+                mean_abs_cosine: 0.3,
+                participation: 40.0,
+                participation_share: 0.5,
+                samples: 80,
+                sign_margin: 0.6,
+                top_share: 0.4,
+            }),
+            warnings: Vec::new(),
+            normalize: None,
+        }
+    }
+
+    /// "No degeneracy found" claims narrow intervals only where there were intervals.
+    #[test]
+    fn no_degeneracy_claims_narrow_intervals_only_where_they_were_computed() {
+        let j = ntk_json();
+        let none = bins_table(&[0.2, 0.9], &[None; 2]);
+        let line = &kernel_lines(Some(&j), &none)[1];
+        assert!(!line.contains("narrower"), "{line}");
+        assert!(
+            line.contains("no GC intervals were computed for the 4 frequency-bin and long-tail groups (--gc-resamples below 2)"),
+            "{line}"
+        );
+        let all = bins_table(&[0.2, 0.9], &[Some((0.1, 0.3)), Some((0.8, 1.0))]);
+        let line = &kernel_lines(Some(&j), &all)[1];
+        assert!(
+            line.contains("the 4 headline GC intervals (frequency bins, long-tail flag) are narrower than half of [−1, 1]"),
+            "{line}"
+        );
+        let some = bins_table(&[0.2, 0.9], &[None, Some((0.8, 1.0))]);
+        let line = &kernel_lines(Some(&j), &some)[1];
+        assert!(
+            line.contains("the 2 headline GC intervals computed (of 4 frequency-bin and long-tail groups; the others have none)"),
+            "{line}"
         );
     }
 

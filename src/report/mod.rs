@@ -1,9 +1,12 @@
-//! Reports (`tailscope report`): one self-contained HTML file (inline SVG figures, no network; a
-//! sortable table of the flagged examples with their text) and a Jupyter notebook (nbformat 4)
-//! with the same figures as outputs and cells that reload the Parquet tables, so users can go on
-//! in Python. Inputs are an `analyze` folder and the `ntk` folder(s) it was computed from.
+//! Reports (`tailscope report`): one self-contained HTML file (inline SVG figures, no network) that
+//! opens with what the model neglects — the flagged texts, each with its evidence in words and
+//! its nearest training texts ([`neglected`]) — then the kernel's diagnostics, the findings, the
+//! figures and a sortable table of every flag; and a Jupyter notebook (nbformat 4) with the same
+//! figures as outputs and cells that reload the Parquet tables, so users can go on in Python.
+//! Inputs are an `analyze` folder and the `ntk` folder(s) it was computed from.
 
 mod findings;
+pub mod neglected;
 pub mod plots;
 pub mod runs;
 pub mod trajectory;
@@ -30,6 +33,8 @@ pub struct Figure {
 pub struct Report {
     /// Title of the page.
     pub title: String,
+    /// What the model neglects: the flagged texts with their evidence, best first.
+    pub neglected: neglected::Neglected,
     /// Whether the kernel is informative: its diagnostics and warnings, in words.
     pub kernel: Vec<String>,
     /// The findings, in words with their intervals.
@@ -136,6 +141,61 @@ impl GcTable {
     }
 }
 
+/// The bins with |GC| and folded intervals ([`findings::fold`]), as the figure shows them.
+fn folded(bins: &[plots::GcBin]) -> Vec<plots::GcBin> {
+    bins.iter()
+        .map(|b| {
+            let (gc, interval) = match b.gc {
+                Some(v) => {
+                    let (v, iv) = findings::fold(v, b.interval);
+                    (Some(v), iv)
+                }
+                None => (None, b.interval),
+            };
+            plots::GcBin {
+                gc,
+                interval,
+                label: b.label.clone(),
+                ..*b
+            }
+        })
+        .collect()
+}
+
+/// Whether `dir` is the output folder of a selection study (false) or a CSE study (true), by
+/// the file `tailscope study` writes last there: `study.md` or `experts.md`. A ranking study
+/// (`ranking.md`) has no report section, and any other folder is not a study's.
+fn study_kind(dir: &Path) -> Result<bool> {
+    let not = |what: &str| {
+        Err(Error::invalid(
+            "--study",
+            format!(
+                "{} {what}; give the output folder of a selection, CSE or facts study (`tailscope study`, which writes study.md, experts.md or facts-study.md there)",
+                dir.display()
+            ),
+        ))
+    };
+    if !dir.is_dir() {
+        return not(if dir.exists() {
+            "is a file, not a study's output folder"
+        } else {
+            "does not exist"
+        });
+    }
+    if dir.join("experts.md").is_file() {
+        return Ok(true);
+    }
+    if dir.join("study.md").is_file() {
+        return Ok(false);
+    }
+    if dir.join("ranking.md").is_file() {
+        return not(
+            "is a ranking study's folder, which the report does not show (read its ranking.md)",
+        );
+    }
+    not("is not a study's output folder: it has neither study.md (a selection study) nor experts.md (a CSE study)")
+}
+
 /// The per-sample columns of `analysis.parquet` the figures use.
 struct Samples {
     path: PathBuf,
@@ -207,6 +267,12 @@ impl ReportSpec {
 
 /// Build the report of `spec` and write the page, figures and notebook.
 pub fn render(spec: &ReportSpec) -> Result<Report> {
+    // A folder that is not a study's is refused before any work.
+    if let Some(dir) = &spec.study {
+        if !dir.join("facts-study.md").is_file() {
+            study_kind(dir)?;
+        }
+    }
     let r = build(
         &spec.analysis,
         &spec.ntk,
@@ -236,8 +302,8 @@ pub fn build(
     let mut figures = vec![
         Figure {
             name: "gc_by_frequency".into(),
-            caption: "Gradient consistency of each 1-gram frequency bin with the whole sample set, with 95% intervals (top), and the samples per bin (bottom); paper Fig. 2a.".into(),
-            plot: plots::gc_by_frequency(&bins, "GC by data frequency")?,
+            caption: "Gradient consistency of each 1-gram frequency bin with the whole sample set as |GC|, with 95% intervals folded the same way (the sign of a GC follows the Σu ≥ 0 convention, which is arbitrary; |GC| does not depend on it) (top), and the samples per bin (bottom); paper Fig. 2a.".into(),
+            plot: plots::gc_by_frequency(&folded(&bins), "|GC| by data frequency")?,
         },
         Figure {
             name: "frequency_vs_alignment".into(),
@@ -268,10 +334,11 @@ pub fn build(
     }
     let corr = Correlations::read(analysis)?;
     let flags = flag_rows(analysis)?;
+    let neglected = neglected::Neglected::read(analysis)?;
     let isolation = isolation_lines(analysis)?;
     let ntk_json = findings::NtkJson::read(ntk)?;
     let summary = findings::findings(&a, &g, &bins, &corr, analysis, ntk_json.as_ref())?;
-    let kernel = findings::kernel_lines(ntk_json.as_ref());
+    let kernel = findings::kernel_lines(ntk_json.as_ref(), &g);
     let tables = [
         "analysis.parquet",
         "correlations.parquet",
@@ -285,6 +352,7 @@ pub fn build(
     .collect();
     Ok(Report {
         title: title.to_string(),
+        neglected,
         kernel,
         summary,
         correlations: corr.rows(),
@@ -297,13 +365,14 @@ pub fn build(
 }
 
 /// `r` with a study's findings and figure (`tailscope study`'s output folder): a selection study,
-/// a CSE (`[experts]`) study, told apart by its `experts.md`, or a facts study, by its
-/// `facts-study.md` (whose sentences come from its `findings.json`).
+/// a CSE (`[experts]`) study, told apart by its `experts.md` (a selection study writes
+/// `study.md`), or a facts study, by its `facts-study.md` (whose sentences come from its
+/// `findings.json`). Any other folder is refused, saying what it is not.
 pub fn with_study(mut r: Report, dir: &Path) -> Result<Report> {
-    if dir.join("facts-study.md").exists() {
+    if dir.join("facts-study.md").is_file() {
         return with_facts_study(r, dir);
     }
-    let (name, caption) = if dir.join("experts.md").exists() {
+    let (name, caption) = if study_kind(dir)? {
         let s = crate::study::experts::ExpertsStudy::read(dir)?;
         r.summary.extend(s.findings());
         (
@@ -721,10 +790,12 @@ pub fn html(r: &Report) -> String {
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>\
 body{{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}}table{{border-collapse:collapse;font-size:13px;margin:1em 0}}\
 td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top}}th{{background:#eee;cursor:pointer}}figure{{margin:1.5em 0}}\
-figcaption{{font-size:13px;color:#444}}svg{{max-width:100%;height:auto}}.note{{font-size:13px;color:#555}}.warn{{color:#a00}}</style>\
-<script>{js}</script></head><body><h1>{t}</h1>{kernel}<h2>Findings</h2><ul id=\"findings\">{summary}</ul>{runs}<h2>Figures</h2>{figs}\
+figcaption{{font-size:13px;color:#444}}svg{{max-width:100%;height:auto}}.note{{font-size:13px;color:#555}}.warn{{color:#a00}}\
+#neglected li{{margin:0.8em 0}}.text{{font-style:italic}}.evidence{{font-size:14px}}.near{{font-size:13px;color:#444}}</style>\
+<script>{js}</script></head><body><h1>{t}</h1>{lead}{kernel}<h2>Findings</h2><ul id=\"findings\">{summary}</ul>{runs}<h2>Figures</h2>{figs}\
 <h2>Correlations</h2>{corr}{iso}<h2>Flagged examples</h2><p class=\"note\">Click a column to sort.</p>{flags}</body></html>",
         t = esc(&r.title),
+        lead = r.neglected.html(),
         js = SORT_JS,
         corr = table("corr", &["x", "y", "method", "value", "95% low", "95% high"], &r.correlations),
         flags = table("flags", &["rank", "id", "domain", "score", "reasons", "text"], &r.flags),
@@ -752,7 +823,7 @@ fn relative_to(path: &Path, from: &Path) -> String {
 pub fn notebook(r: &Report, figure_dir: &Path, notebook_dir: &Path) -> serde_json::Value {
     let mut cells = vec![json!({
         "cell_type": "markdown", "id": "title", "metadata": {},
-        "source": lines(&format!("# {}\n\n{}\n", r.title, r.kernel.iter().chain(&r.summary).chain(&r.runs).map(|s| format!("- {s}")).collect::<Vec<_>>().join("\n")))
+        "source": lines(&format!("# {}\n\n{}{}\n", r.title, r.neglected.markdown(), r.kernel.iter().chain(&r.summary).chain(&r.runs).map(|s| format!("- {s}")).collect::<Vec<_>>().join("\n")))
     })];
     let paths: Vec<String> = r
         .tables

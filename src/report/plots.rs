@@ -115,7 +115,7 @@ pub fn gc_by_frequency(bins: &[GcBin], title: &str) -> Result<Rendered> {
             .build_cartesian_2d(-0.5..n - 0.5, (lo - 0.05)..(hi + 0.05))
             .map_err(plot_err)?;
         c.configure_mesh()
-            .y_desc("gradient consistency (GC)")
+            .y_desc("|GC| (gradient consistency, sign-free)")
             // Without this, the tick at 0 reads "-0.0" (a float just below zero).
             .y_label_formatter(&|y| format!("{:.1}", if y.abs() < 1e-9 { 0.0 } else { *y }))
             .x_labels(bins.len().max(2))

@@ -30,7 +30,6 @@ use tch::Device;
 
 use super::{interval_columns, t_interval, Interval};
 use crate::analysis::analyze::{self, AnalyzeSpec};
-use crate::analysis::flags::FlagOptions;
 use crate::corpus::SplitChoice;
 use crate::error::{Error, Result};
 use crate::eval::evaluate::{evaluate, EvalSpec};
@@ -476,16 +475,20 @@ fn measure(
     if matches!(r.experts, ExpertConfig::Dense) {
         return Ok(m);
     }
+    // Isolation is what this study reads; the neglect score's learnability statistics come from
+    // 512 training texts (the default 2,048 would cost more than the analysis it serves).
     let aspec = AnalyzeSpec {
-        ntk: ntk_dir,
-        model,
-        corpus: e.corpus.clone(),
-        tokenizer: None,
         resamples: 200,
-        alpha: analyze::DEFAULT_ALPHA,
-        flags: FlagOptions::default(),
         baseline: Some(sd.join("ntk").join(&e.baseline)),
+        learnability: Some(
+            crate::analysis::learnability::LearnabilityOptions {
+                train_samples: 512,
+                ..Default::default()
+            }
+            .seeded(seed),
+        ),
         seed,
+        ..AnalyzeSpec::new(&ntk_dir, &model, &e.corpus)
     };
     let mut an = analyze::analyze(&aspec, device, progress)?;
     an.write(&sd.join("analysis").join(&r.name))?;

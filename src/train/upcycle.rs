@@ -101,31 +101,6 @@ pub fn batch_config(cfg: &ModelConfig, max_len: Option<i64>) -> ModelConfig {
     c
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scopes_pick_the_top_blocks() {
-        let n = 4;
-        let mlp = TrainScope::Mlp;
-        assert!(mlp.trains("h.3.mlp.c_fc.weight", n, 2));
-        assert!(mlp.trains("h.2.mlp.experts.1.c_proj.bias", n, 2));
-        assert!(mlp.trains("h.2.mlp.router.weight", n, 2));
-        assert!(mlp.trains("h.3.attn.experts.0.c_attn.weight", n, 2));
-        assert!(!mlp.trains("h.1.mlp.c_fc.weight", n, 2));
-        assert!(!mlp.trains("h.3.attn.c_attn.weight", n, 2));
-        assert!(!mlp.trains("h.3.ln_2.weight", n, 2));
-        assert!(!mlp.trains("wte.weight", n, 2));
-        assert!(TrainScope::Blocks.trains("h.3.ln_2.weight", n, 2));
-        assert!(!TrainScope::Blocks.trains("ln_f.weight", n, 2));
-        assert!(TrainScope::All.trains("wte.weight", n, 2));
-        // h.10 is not h.1: the block number is parsed, not prefix-matched.
-        assert!(mlp.trains("h.10.mlp.c_fc.weight", 11, 1));
-        assert!(!mlp.trains("h.1.mlp.c_fc.weight", 11, 1));
-    }
-}
-
 pub use crate::model::trunk::{Trunk, TrunkCache};
 
 /// The frozen trunk runs from `base` share: the base model's blocks below the first trained
@@ -155,5 +130,30 @@ pub fn first_trained_block(base: &BaseSpec, cfg: &ModelConfig) -> usize {
     match base.train {
         TrainScope::All => 0,
         TrainScope::Mlp | TrainScope::Blocks => (cfg.n_layer - base.last_k).max(0) as usize,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_pick_the_top_blocks() {
+        let n = 4;
+        let mlp = TrainScope::Mlp;
+        assert!(mlp.trains("h.3.mlp.c_fc.weight", n, 2));
+        assert!(mlp.trains("h.2.mlp.experts.1.c_proj.bias", n, 2));
+        assert!(mlp.trains("h.2.mlp.router.weight", n, 2));
+        assert!(mlp.trains("h.3.attn.experts.0.c_attn.weight", n, 2));
+        assert!(!mlp.trains("h.1.mlp.c_fc.weight", n, 2));
+        assert!(!mlp.trains("h.3.attn.c_attn.weight", n, 2));
+        assert!(!mlp.trains("h.3.ln_2.weight", n, 2));
+        assert!(!mlp.trains("wte.weight", n, 2));
+        assert!(TrainScope::Blocks.trains("h.3.ln_2.weight", n, 2));
+        assert!(!TrainScope::Blocks.trains("ln_f.weight", n, 2));
+        assert!(TrainScope::All.trains("wte.weight", n, 2));
+        // h.10 is not h.1: the block number is parsed, not prefix-matched.
+        assert!(mlp.trains("h.10.mlp.c_fc.weight", 11, 1));
+        assert!(!mlp.trains("h.1.mlp.c_fc.weight", 11, 1));
     }
 }

@@ -20,7 +20,6 @@ use serde::{Deserialize, Serialize};
 use tch::Device;
 
 use crate::analysis::analyze::{self, AnalyzeSpec};
-use crate::analysis::flags::FlagOptions;
 use crate::analysis::select::{self, Amount, Criterion, Pool, Sources};
 use crate::capture::job::{Job, JobSpec};
 use crate::capture::projection::{Projection, ProjectionKind};
@@ -126,16 +125,12 @@ pub fn analyse(spec: &ForesightSpec, device: Device, progress: &dyn Progress) ->
     ntk_pipeline::compute_into(&job, &opts, device, &ntk_dir, progress)?;
     drop(job);
     let an_dir = spec.dir.join("analysis");
+    // The analysis corpus holds the training rows, so the learnability statistics (which the
+    // neglect model reads) are computed against them.
     let aspec = AnalyzeSpec {
-        ntk: ntk_dir,
-        model: spec.model.clone(),
-        corpus: spec.corpus.clone(),
-        tokenizer: None,
         resamples: spec.resamples,
-        alpha: analyze::DEFAULT_ALPHA,
-        flags: FlagOptions::default(),
-        baseline: None,
         seed: spec.seed,
+        ..AnalyzeSpec::new(&ntk_dir, &spec.model, &spec.corpus)
     };
     analyze::analyze(&aspec, device, progress)?.write(&an_dir)?;
     Pool::read(&an_dir)

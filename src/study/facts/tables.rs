@@ -332,21 +332,7 @@ fn rest(s: &FactsStudy) -> String {
         }
     }
     md.push_str(&foresight_md(s));
-    if !s.development.is_empty() {
-        md.push_str("\n## Development seed: which blocks train\n\n| choice | trains | last blocks | parameters | acquired share | mean gain | chosen |\n|---|---|---|---|---|---|---|\n");
-        for d in &s.development {
-            md.push_str(&format!(
-                "| {} | {} | {} | {} | {:.3} | {:+.3} | {} |\n",
-                d.choice,
-                d.train,
-                d.last_k,
-                d.params,
-                d.acquired,
-                d.gain,
-                if d.chosen { "yes" } else { "" }
-            ));
-        }
-    }
+    md.push_str(&development_md(s));
     if let Some(c) = &s.chance {
         md.push_str(&format!(
             "\nBase model on the invented facts (all {} facts, held-out probes): first-rank rate \
@@ -378,12 +364,37 @@ fn rest(s: &FactsStudy) -> String {
     md
 }
 
+/// The development seed's block choices (empty without `[[choice]]`s).
+fn development_md(s: &FactsStudy) -> String {
+    let mut md = String::new();
+    if s.development.is_empty() {
+        return md;
+    }
+    md.push_str("\n## Development seed: which blocks train\n\n| choice | trains | last blocks | parameters | acquired share | mean gain | chosen |\n|---|---|---|---|---|---|---|\n");
+    for d in &s.development {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {:.3} | {:+.3} | {} |\n",
+            d.choice,
+            d.train,
+            d.last_k,
+            d.params,
+            d.acquired,
+            d.gain,
+            if d.chosen { "yes" } else { "" }
+        ));
+    }
+    md
+}
+
+/// Per (run, criterion): each seed's AP, AUROC and share of facts not acquired.
+type ApAuroc = (Vec<f64>, Vec<f64>, Vec<f64>);
+
 /// Per criterion: AP and AUROC for "not acquired at the end", mean over seeds per run.
 fn foresight_md(s: &FactsStudy) -> String {
     if s.quality.is_empty() {
         return String::new();
     }
-    let mut by: BTreeMap<(String, String), (Vec<f64>, Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    let mut by: BTreeMap<(String, String), ApAuroc> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     for (_, run, q) in &s.quality {
         if !order.contains(&q.criterion) {
