@@ -229,11 +229,23 @@ pub fn measure(
     progress: &dyn Progress,
 ) -> Result<Learnability> {
     opts.check()?;
-    let train_idx = job.corpus.pick_seeded(
+    let mut train_idx = job.corpus.pick_seeded(
         SplitChoice::Train,
         opts.train_samples,
         opts.sample_seed.max(1),
     );
+    // The draw comes back in corpus order, and R is its first `ridge_samples`: shuffled (seeded),
+    // so that R is a random subset, not the lowest rows (a corpus stored by domain would give
+    // the ridge leverage the gradients of its first few domains only).
+    {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(
+            opts.sample_seed.max(1),
+            b"ridge-set",
+        ));
+        train_idx.shuffle(&mut rng);
+    }
     if train_idx.is_empty() {
         return Err(Error::invalid(
             "--train-samples",
