@@ -1065,7 +1065,7 @@ pub fn write(s: &Study, out: &Path) -> Result<()> {
         }
         v
     };
-    let series: Vec<crate::report::plots::IntervalSeries> = groups
+    let series: Vec<crate::plots::IntervalSeries> = groups
         .iter()
         .map(|g| {
             (
@@ -1082,7 +1082,7 @@ pub fn write(s: &Study, out: &Path) -> Result<()> {
             )
         })
         .collect();
-    let fig = crate::report::plots::interval_dots(
+    let fig = crate::plots::interval_dots(
         &crits,
         &series,
         "Held-out loss change against no selection (mean over seeds, 95% t interval)",

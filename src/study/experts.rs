@@ -299,7 +299,7 @@ fn ensure_corpus(e: &ExpertsSettings, seed: u64, progress: &dyn Progress) -> Res
     }
     match &e.ingest {
         Some(input) if input.exists() => {
-            crate::pipeline::ingest_default(input, &e.corpus, None, seed, progress)?;
+            crate::corpus::ingest_default(input, &e.corpus, None, seed, progress)?;
             Ok(())
         }
         Some(input) => Err(Error::in_file(
@@ -822,7 +822,7 @@ pub fn write(s: &ExpertsStudy, out: &Path) -> Result<()> {
         .filter(|r| **r != s.baseline)
         .cloned()
         .collect();
-    let series: Vec<crate::report::plots::IntervalSeries> = [
+    let series: Vec<crate::plots::IntervalSeries> = [
         ("long-tail", "ppl_long_tail"),
         ("common", "ppl_common"),
         ("all", "ppl_all"),
@@ -838,7 +838,7 @@ pub fn write(s: &ExpertsStudy, out: &Path) -> Result<()> {
         )
     })
     .collect();
-    let fig = crate::report::plots::interval_dots(
+    let fig = crate::plots::interval_dots(
         &others,
         &series,
         &format!(
