@@ -65,31 +65,7 @@ pub fn print_ntk(job: &Job, out: &Path, assemble_max: usize, r: &NtkOutput) {
         return;
     };
     print_diagnostics(s, whole.lambda);
-    println!(
-        "GC (cos of the primary gradient directions) [95% {} interval] by 1-gram frequency bin (0 = rarest):",
-        interval_name(s.interval)
-    );
-    for row in r.gc.iter().filter(|r| r.column == "freq_bin") {
-        println!(
-            "  bin {:<3} n {:>4}  mean score {:.4}  GC {}",
-            row.group,
-            row.n,
-            row.mean_freq_score,
-            show_gc(row)
-        );
-    }
-    for row in
-        r.gc.iter()
-            .filter(|r| r.column == "long_tail" || r.column.starts_with("expert_"))
-    {
-        println!(
-            "  {} {:<8} n {:>4}  GC {}",
-            row.column,
-            row.group,
-            row.n,
-            show_gc(row)
-        );
-    }
+    print_gc(s.interval, &r.gc);
     if let Some(c) = &r.cross {
         println!(
             "cross-kernel {} × {} against the {} split: cross_kernel.safetensors",
@@ -110,6 +86,35 @@ pub fn print_ntk(job: &Job, out: &Path, assemble_max: usize, r: &NtkOutput) {
             assemble_max,
             out.display()
         ),
+    }
+}
+
+/// GC per frequency bin, then per long-tail flag and expert, each with its interval.
+fn print_gc(interval: IntervalMethod, gc: &[GcRow]) {
+    println!(
+        "GC (cos of the primary gradient directions) [95% {} interval] by 1-gram frequency bin (0 = rarest):",
+        interval_name(interval)
+    );
+    for row in gc.iter().filter(|r| r.column == "freq_bin") {
+        println!(
+            "  bin {:<3} n {:>4}  mean score {:.4}  GC {}",
+            row.group,
+            row.n,
+            row.mean_freq_score,
+            show_gc(row)
+        );
+    }
+    for row in gc
+        .iter()
+        .filter(|r| r.column == "long_tail" || r.column.starts_with("expert_"))
+    {
+        println!(
+            "  {} {:<8} n {:>4}  GC {}",
+            row.column,
+            row.group,
+            row.n,
+            show_gc(row)
+        );
     }
 }
 
