@@ -257,6 +257,7 @@ fn ticked(cell: &str) -> Vec<&str> {
 
 /// The rows of the `## Code map` section of `doc`.
 fn code_map(doc: &str) -> Vec<Row> {
+    let doc = format!("\n{doc}");
     let start = doc
         .find("\n## Code map")
         .expect("ARCHITECTURE.md has a `## Code map` section");
