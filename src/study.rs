@@ -402,6 +402,19 @@ fn ensure_corpus(spec: &StudySpec, progress: &dyn Progress) -> Result<()> {
 /// Per-sample validation losses of a finished run: (corpus index, domain, loss sum, tokens).
 type ValLosses = Vec<(u64, String, f64, i64)>;
 
+/// The held-out groups a selection study summarises, in order: every sentence, long-tail and
+/// common domains, the neglected and noise sentences of a corpus with those truths (`corpus synth
+/// --contrasts`), and the selection's own domains (`targeted`, not compared across criteria,
+/// whose domains differ).
+pub const GROUPS: [&str; 6] = [
+    "all",
+    "long-tail",
+    "common",
+    "neglected",
+    "noise",
+    "targeted",
+];
+
 fn final_losses(r: &train::RunResult) -> ValLosses {
     let last = r.state.step;
     r.state
@@ -787,7 +800,7 @@ pub fn summarise(results: Vec<ResultRow>) -> Study {
     }
     let mut summary = Vec::new();
     for c in &order {
-        for g in ["all", "long-tail", "common", "targeted"] {
+        for g in GROUPS {
             if let Some(v) = by.get(&(c.clone(), g.to_string())) {
                 let d: Vec<f64> = v.iter().map(|x| x.1 - x.2).collect();
                 summary.push(SummaryRow {
@@ -805,7 +818,7 @@ pub fn summarise(results: Vec<ResultRow>) -> Study {
             if a == b {
                 continue;
             }
-            for g in ["all", "long-tail", "common"] {
+            for g in GROUPS.iter().filter(|g| **g != "targeted") {
                 let (Some(va), Some(vb)) = (
                     by.get(&((*a).clone(), g.to_string())),
                     by.get(&((*b).clone(), g.to_string())),
@@ -820,7 +833,7 @@ pub fn summarise(results: Vec<ResultRow>) -> Study {
                     comparisons.push(Comparison {
                         a: (*a).clone(),
                         b: (*b).clone(),
-                        group: g.into(),
+                        group: (*g).into(),
                         diff: t_interval(&d),
                     });
                 }
@@ -838,17 +851,10 @@ impl Study {
     /// The summary as a Markdown table (criterion × group: Δ loss against the control, 95%
     /// interval).
     pub fn markdown(&self) -> String {
-        let groups: Vec<&str> = [
-            "all",
-            "long-tail",
-            "common",
-            "neglected",
-            "noise",
-            "targeted",
-        ]
-        .into_iter()
-        .filter(|g| self.summary.iter().any(|r| r.group == *g))
-        .collect();
+        let groups: Vec<&str> = GROUPS
+            .into_iter()
+            .filter(|g| self.summary.iter().any(|r| r.group == *g))
+            .collect();
         let mut s = format!(
             "| criterion | {} |\n|---|{}\n",
             groups
@@ -1086,7 +1092,10 @@ pub fn write(s: &Study, out: &Path) -> Result<()> {
         DataFrame::new(c.len(), cols).map_err(|e| Error::table("study comparisons", e))?;
     crate::io::write_parquet(&mut comparisons, out.join("comparisons.parquet"))?;
     crate::io::write_atomic(out.join("study.md"), s.markdown().as_bytes())?;
-    let groups = ["all", "long-tail", "common", "targeted"];
+    let groups: Vec<&str> = GROUPS
+        .into_iter()
+        .filter(|g| s.summary.iter().any(|r| r.group == *g))
+        .collect();
     let crits: Vec<String> = {
         let mut v: Vec<String> = Vec::new();
         for r in &s.summary {
