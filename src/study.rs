@@ -663,12 +663,54 @@ pub fn run(
     let n = data.train.len();
     // share = w m / (w m + n − m)  ⇔  w = share (n − m) / ((1 − share) m).
     let weight = spec.cont.share * (n - m) as f64 / ((1.0 - spec.cont.share) * m as f64);
+    let ctx = Runs {
+        spec,
+        data: &data,
+        long_tail: &long_tail,
+        truths: &truths,
+        weight,
+        device,
+        stop,
+        progress,
+        train_progress,
+    };
     let mut results = Vec::new();
     for &seed in &spec.seeds {
+        results.extend(ctx.seed(seed, &mut say)?);
+    }
+    let study = summarise(results);
+    write(&study, &spec.out)?;
+    Ok(study)
+}
+
+/// What every seed of a selection study shares.
+struct Runs<'a> {
+    spec: &'a StudySpec,
+    data: &'a TrainData,
+    long_tail: &'a HashSet<String>,
+    truths: &'a Truths,
+    /// The sampling weight that gives the selection its share of the continued batches.
+    weight: f64,
+    device: Device,
+    stop: &'a AtomicBool,
+    progress: &'a dyn Progress,
+    train_progress: &'a dyn train::Progress,
+}
+
+impl Runs<'_> {
+    /// Train `s` to its end under the seed's folder `dir`.
+    fn train(&self, s: &TrainSpec, dir: &Path, seed: u64) -> Result<train::RunResult> {
+        let (data, device, stop) = (self.data, self.device, self.stop);
+        train_to_end(s, data, dir, device, seed, stop, self.train_progress)
+    }
+
+    /// One seed: the base model, the NTK of its pool, the control run, then one continued run
+    /// per criterion; the result rows of all of them.
+    fn seed(&self, seed: u64, say: &mut dyn FnMut(&str)) -> Result<Vec<ResultRow>> {
+        let spec = self.spec;
         let sd = spec.out.join(format!("seed-{seed}"));
         say(&format!("seed {seed}: base model"));
-        let base_spec = spec.base_spec();
-        let base = train_to_end(&base_spec, &data, &sd, device, seed, stop, train_progress)?;
+        let base = self.train(&spec.base_spec(), &sd, seed)?;
         let base_final = sd.join("base").join("final");
         say(&format!(
             "seed {seed}: NTK of {} training samples",
@@ -683,73 +725,62 @@ pub fn run(
             analyze::DEFAULT_RESAMPLES,
             seed,
             &sd,
-            device,
-            progress,
+            self.device,
+            self.progress,
             &|_| {},
         )?;
-        let control = {
-            let s = spec.continued_spec(&base_final, CONTROL, None);
-            final_losses(&train_to_end(
-                &s,
-                &data,
-                &sd.join("continued"),
-                device,
-                seed,
-                stop,
-                train_progress,
-            )?)
-        };
+        let s = spec.continued_spec(&base_final, CONTROL, None);
+        let control = final_losses(&self.train(&s, &sd.join("continued"), seed)?);
         let base_losses = final_losses(&base);
+        let groups = (self.long_tail, self.truths);
+        let mut results = Vec::new();
         for (name, v) in [("base", &base_losses), (CONTROL, &control)] {
-            results.extend(group_rows(
-                seed,
-                name,
-                v,
-                &control,
-                (&long_tail, &truths),
-                None,
-            ));
+            results.extend(group_rows(seed, name, v, &control, groups, None));
         }
         for &c in &spec.select.criteria {
             say(&format!("seed {seed}: {} selection", c.name()));
-            let sel = select::select(&pool, c, Amount::Top(m), &Sources::default(), device, seed)?;
-            let file = sd.join("select").join(format!("{}.parquet", c.name()));
-            crate::io::write_parquet(&mut sel.frame(&pool)?, &file)?;
-            let mut mix: BTreeMap<String, f64> = BTreeMap::new();
-            for &i in &sel.order[..sel.selected] {
-                *mix.entry(pool.domains[i].clone()).or_default() += 1.0 / m as f64;
-            }
-            let s = spec.continued_spec(
-                &base_final,
-                c.name(),
-                Some(SelectionSpec {
-                    file,
-                    repeat: None,
-                    weight: Some(weight),
-                }),
-            );
-            let v = final_losses(&train_to_end(
-                &s,
-                &data,
-                &sd.join("continued"),
-                device,
-                seed,
-                stop,
-                train_progress,
-            )?);
-            results.extend(group_rows(
-                seed,
-                c.name(),
-                &v,
-                &control,
-                (&long_tail, &truths),
-                Some(&mix),
-            ));
+            let (v, mix) = self.continued(c, &pool, &base_final, &sd, seed)?;
+            results.extend(group_rows(seed, c.name(), &v, &control, groups, Some(&mix)));
         }
+        Ok(results)
     }
-    let study = summarise(results);
-    write(&study, &spec.out)?;
-    Ok(study)
+
+    /// The continued run of criterion `c` on the base model: its selection from the pool
+    /// (written under `sd/select/`), its final validation losses and the domain mix it chose.
+    fn continued(
+        &self,
+        c: Criterion,
+        pool: &Pool,
+        base_final: &Path,
+        sd: &Path,
+        seed: u64,
+    ) -> Result<(ValLosses, BTreeMap<String, f64>)> {
+        let m = self.spec.select.top;
+        let sel = select::select(
+            pool,
+            c,
+            Amount::Top(m),
+            &Sources::default(),
+            self.device,
+            seed,
+        )?;
+        let file = sd.join("select").join(format!("{}.parquet", c.name()));
+        crate::io::write_parquet(&mut sel.frame(pool)?, &file)?;
+        let mut mix: BTreeMap<String, f64> = BTreeMap::new();
+        for &i in &sel.order[..sel.selected] {
+            *mix.entry(pool.domains[i].clone()).or_default() += 1.0 / m as f64;
+        }
+        let selection = SelectionSpec {
+            file,
+            repeat: None,
+            weight: Some(self.weight),
+        };
+        let s = self
+            .spec
+            .continued_spec(base_final, c.name(), Some(selection));
+        let v = final_losses(&self.train(&s, &sd.join("continued"), seed)?);
+        Ok((v, mix))
+    }
 }
 
 /// Means and intervals over seeds: each criterion against the control, and every pair of
@@ -1074,7 +1105,7 @@ pub fn write(s: &Study, out: &Path) -> Result<()> {
         }
         v
     };
-    let series: Vec<crate::report::plots::IntervalSeries> = groups
+    let series: Vec<crate::plots::IntervalSeries> = groups
         .iter()
         .map(|g| {
             (
@@ -1091,7 +1122,7 @@ pub fn write(s: &Study, out: &Path) -> Result<()> {
             )
         })
         .collect();
-    let fig = crate::report::plots::interval_dots(
+    let fig = crate::plots::interval_dots(
         &crits,
         &series,
         "Held-out loss change against no selection (mean over seeds, 95% t interval)",

@@ -675,7 +675,7 @@ fn long_tail_domains(corpus: &Corpus) -> HashSet<String> {
         .collect()
 }
 
-fn feature<'a>(table: &'a FeatureTable, f: Feature) -> Option<&'a [f64]> {
+fn feature(table: &FeatureTable, f: Feature) -> Option<&[f64]> {
     table
         .iter()
         .find(|(g, _)| *g == f)

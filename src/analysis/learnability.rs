@@ -126,6 +126,9 @@ pub struct CrossStats {
     best: Vec<Vec<(usize, f64)>>,
 }
 
+/// The nearest training texts of every sample: (training text, cosine), best first.
+pub type Neighbours = Vec<Vec<(usize, f64)>>;
+
 impl CrossStats {
     /// Sums for samples whose Θ_ii are `self_k`, keeping `neighbours` per sample.
     pub fn new(self_k: Vec<f64>, neighbours: usize) -> CrossStats {
@@ -164,7 +167,7 @@ impl CrossStats {
     }
 
     /// (predicted decrease, cosine support, neighbours): the means over the texts added.
-    pub fn finish(self) -> (Vec<f64>, Vec<f64>, Vec<Vec<(usize, f64)>>) {
+    pub fn finish(self) -> (Vec<f64>, Vec<f64>, Neighbours) {
         let mean = |v: &[f64]| -> Vec<f64> {
             v.iter()
                 .zip(&self.count)
