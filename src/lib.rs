@@ -32,6 +32,7 @@ pub mod manifest;
 pub mod model;
 pub mod ntk;
 pub mod pipeline;
+pub mod plots;
 pub mod progress;
 pub mod report;
 pub mod seed;

@@ -37,9 +37,8 @@ use tch::Device;
 use crate::analysis::analyze::{self, Analysis, AnalyzeSpec};
 use crate::capture::job::{Job, JobSpec};
 use crate::capture::{CaptureOptions, Method, OutputKind, Selection};
-use crate::corpus::ingest::{self, IngestOptions};
-use crate::corpus::tokenizer::{self, TokenizerSource};
-use crate::corpus::{BuildOptions, BuildStats, Corpus, SplitChoice};
+pub use crate::corpus::ingest_default;
+use crate::corpus::{BuildStats, Corpus, SplitChoice};
 use crate::error::{Error, Result};
 use crate::ntk::pipeline::{self as ntk_pipeline, NtkOptions, NtkOutput};
 use crate::ntk::{gc::IntervalMethod, Normalize};
@@ -366,36 +365,6 @@ fn ingest_step(spec: &Spec, input: &Path, seed: u64, rep: &mut Reporting) -> Res
     )?;
     rep.observer.ingested(&corpus, &stats, out, &tok_out, vocab);
     Ok(())
-}
-
-/// Ingest `input` into the corpus table `out` with `corpus ingest`'s defaults, training a
-/// tokenizer beside it unless `tokenizer` is given: the corpus, its build statistics, the
-/// tokenizer's path and its vocabulary size.
-pub fn ingest_default(
-    input: &Path,
-    out: &Path,
-    tokenizer: Option<&Path>,
-    seed: u64,
-    progress: &dyn Progress,
-) -> Result<(Corpus, BuildStats, PathBuf, usize)> {
-    let records = ingest::read_records(input, &IngestOptions::default())?;
-    let build = BuildOptions {
-        min_words: crate::corpus::DEFAULT_MIN_WORDS,
-        seed,
-        ..BuildOptions::default()
-    };
-    let (mut corpus, stats) = crate::corpus::build(&input.display().to_string(), records, &build)?;
-    let tok_out = tokenizer::default_path(out);
-    let source = match tokenizer {
-        Some(p) => TokenizerSource::Load(p.to_path_buf()),
-        None => TokenizerSource::Train {
-            vocab_size: tokenizer::DEFAULT_VOCAB_SIZE,
-            min_frequency: tokenizer::DEFAULT_MIN_FREQUENCY,
-        },
-    };
-    let tok = tokenizer::finish_corpus(&mut corpus, &source, out, &tok_out, progress)?;
-    let vocab = tok.get_vocab_size(true);
-    Ok((corpus, stats, tok_out, vocab))
 }
 
 /// Train the spec's runs.

@@ -403,6 +403,19 @@ fn ensure_corpus(spec: &StudySpec, progress: &dyn Progress) -> Result<()> {
 /// Per-sample validation losses of a finished run: (corpus index, domain, loss sum, tokens).
 type ValLosses = Vec<(u64, String, f64, i64)>;
 
+/// The held-out groups a selection study summarises, in order: every sentence, long-tail and
+/// common domains, the neglected and noise sentences of a corpus with those truths (`corpus synth
+/// --contrasts`), and the selection's own domains (`targeted`, not compared across criteria,
+/// whose domains differ).
+pub const GROUPS: [&str; 6] = [
+    "all",
+    "long-tail",
+    "common",
+    "neglected",
+    "noise",
+    "targeted",
+];
+
 fn final_losses(r: &train::RunResult) -> ValLosses {
     let last = r.state.step;
     r.state
@@ -651,12 +664,54 @@ pub fn run(
     let n = data.train.len();
     // share = w m / (w m + n − m)  ⇔  w = share (n − m) / ((1 − share) m).
     let weight = spec.cont.share * (n - m) as f64 / ((1.0 - spec.cont.share) * m as f64);
+    let ctx = Runs {
+        spec,
+        data: &data,
+        long_tail: &long_tail,
+        truths: &truths,
+        weight,
+        device,
+        stop,
+        progress,
+        train_progress,
+    };
     let mut results = Vec::new();
     for &seed in &spec.seeds {
+        results.extend(ctx.seed(seed, &mut say)?);
+    }
+    let study = summarise(results);
+    write(&study, &spec.out)?;
+    Ok(study)
+}
+
+/// What every seed of a selection study shares.
+struct Runs<'a> {
+    spec: &'a StudySpec,
+    data: &'a TrainData,
+    long_tail: &'a HashSet<String>,
+    truths: &'a Truths,
+    /// The sampling weight that gives the selection its share of the continued batches.
+    weight: f64,
+    device: Device,
+    stop: &'a AtomicBool,
+    progress: &'a dyn Progress,
+    train_progress: &'a dyn train::Progress,
+}
+
+impl Runs<'_> {
+    /// Train `s` to its end under the seed's folder `dir`.
+    fn train(&self, s: &TrainSpec, dir: &Path, seed: u64) -> Result<train::RunResult> {
+        let (data, device, stop) = (self.data, self.device, self.stop);
+        train_to_end(s, data, dir, device, seed, stop, self.train_progress)
+    }
+
+    /// One seed: the base model, the NTK of its pool, the control run, then one continued run
+    /// per criterion; the result rows of all of them.
+    fn seed(&self, seed: u64, say: &mut dyn FnMut(&str)) -> Result<Vec<ResultRow>> {
+        let spec = self.spec;
         let sd = spec.out.join(format!("seed-{seed}"));
         say(&format!("seed {seed}: base model"));
-        let base_spec = spec.base_spec();
-        let base = train_to_end(&base_spec, &data, &sd, device, seed, stop, train_progress)?;
+        let base = self.train(&spec.base_spec(), &sd, seed)?;
         let base_final = sd.join("base").join("final");
         say(&format!(
             "seed {seed}: NTK of {} training samples",
@@ -671,73 +726,62 @@ pub fn run(
             analyze::DEFAULT_RESAMPLES,
             seed,
             &sd,
-            device,
-            progress,
+            self.device,
+            self.progress,
             &|_| {},
         )?;
-        let control = {
-            let s = spec.continued_spec(&base_final, CONTROL, None);
-            final_losses(&train_to_end(
-                &s,
-                &data,
-                &sd.join("continued"),
-                device,
-                seed,
-                stop,
-                train_progress,
-            )?)
-        };
+        let s = spec.continued_spec(&base_final, CONTROL, None);
+        let control = final_losses(&self.train(&s, &sd.join("continued"), seed)?);
         let base_losses = final_losses(&base);
+        let groups = (self.long_tail, self.truths);
+        let mut results = Vec::new();
         for (name, v) in [("base", &base_losses), (CONTROL, &control)] {
-            results.extend(group_rows(
-                seed,
-                name,
-                v,
-                &control,
-                (&long_tail, &truths),
-                None,
-            ));
+            results.extend(group_rows(seed, name, v, &control, groups, None));
         }
         for &c in &spec.select.criteria {
             say(&format!("seed {seed}: {} selection", c.name()));
-            let sel = select::select(&pool, c, Amount::Top(m), &Sources::default(), device, seed)?;
-            let file = sd.join("select").join(format!("{}.parquet", c.name()));
-            crate::io::write_parquet(&mut sel.frame(&pool)?, &file)?;
-            let mut mix: BTreeMap<String, f64> = BTreeMap::new();
-            for &i in &sel.order[..sel.selected] {
-                *mix.entry(pool.domains[i].clone()).or_default() += 1.0 / m as f64;
-            }
-            let s = spec.continued_spec(
-                &base_final,
-                c.name(),
-                Some(SelectionSpec {
-                    file,
-                    repeat: None,
-                    weight: Some(weight),
-                }),
-            );
-            let v = final_losses(&train_to_end(
-                &s,
-                &data,
-                &sd.join("continued"),
-                device,
-                seed,
-                stop,
-                train_progress,
-            )?);
-            results.extend(group_rows(
-                seed,
-                c.name(),
-                &v,
-                &control,
-                (&long_tail, &truths),
-                Some(&mix),
-            ));
+            let (v, mix) = self.continued(c, &pool, &base_final, &sd, seed)?;
+            results.extend(group_rows(seed, c.name(), &v, &control, groups, Some(&mix)));
         }
+        Ok(results)
     }
-    let study = summarise(results);
-    write(&study, &spec.out)?;
-    Ok(study)
+
+    /// The continued run of criterion `c` on the base model: its selection from the pool
+    /// (written under `sd/select/`), its final validation losses and the domain mix it chose.
+    fn continued(
+        &self,
+        c: Criterion,
+        pool: &Pool,
+        base_final: &Path,
+        sd: &Path,
+        seed: u64,
+    ) -> Result<(ValLosses, BTreeMap<String, f64>)> {
+        let m = self.spec.select.top;
+        let sel = select::select(
+            pool,
+            c,
+            Amount::Top(m),
+            &Sources::default(),
+            self.device,
+            seed,
+        )?;
+        let file = sd.join("select").join(format!("{}.parquet", c.name()));
+        crate::io::write_parquet(&mut sel.frame(pool)?, &file)?;
+        let mut mix: BTreeMap<String, f64> = BTreeMap::new();
+        for &i in &sel.order[..sel.selected] {
+            *mix.entry(pool.domains[i].clone()).or_default() += 1.0 / m as f64;
+        }
+        let selection = SelectionSpec {
+            file,
+            repeat: None,
+            weight: Some(self.weight),
+        };
+        let s = self
+            .spec
+            .continued_spec(base_final, c.name(), Some(selection));
+        let v = final_losses(&self.train(&s, &sd.join("continued"), seed)?);
+        Ok((v, mix))
+    }
 }
 
 /// Means and intervals over seeds: each criterion against the control, and every pair of
@@ -757,7 +801,7 @@ pub fn summarise(results: Vec<ResultRow>) -> Study {
     }
     let mut summary = Vec::new();
     for c in &order {
-        for g in ["all", "long-tail", "common", "targeted"] {
+        for g in GROUPS {
             if let Some(v) = by.get(&(c.clone(), g.to_string())) {
                 let d: Vec<f64> = v.iter().map(|x| x.1 - x.2).collect();
                 summary.push(SummaryRow {
@@ -775,7 +819,7 @@ pub fn summarise(results: Vec<ResultRow>) -> Study {
             if a == b {
                 continue;
             }
-            for g in ["all", "long-tail", "common"] {
+            for g in GROUPS.iter().filter(|g| **g != "targeted") {
                 let (Some(va), Some(vb)) = (
                     by.get(&((*a).clone(), g.to_string())),
                     by.get(&((*b).clone(), g.to_string())),
@@ -790,7 +834,7 @@ pub fn summarise(results: Vec<ResultRow>) -> Study {
                     comparisons.push(Comparison {
                         a: (*a).clone(),
                         b: (*b).clone(),
-                        group: g.into(),
+                        group: (*g).into(),
                         diff: t_interval(&d),
                     });
                 }
@@ -808,17 +852,10 @@ impl Study {
     /// The summary as a Markdown table (criterion × group: Δ loss against the control, 95%
     /// interval).
     pub fn markdown(&self) -> String {
-        let groups: Vec<&str> = [
-            "all",
-            "long-tail",
-            "common",
-            "neglected",
-            "noise",
-            "targeted",
-        ]
-        .into_iter()
-        .filter(|g| self.summary.iter().any(|r| r.group == *g))
-        .collect();
+        let groups: Vec<&str> = GROUPS
+            .into_iter()
+            .filter(|g| self.summary.iter().any(|r| r.group == *g))
+            .collect();
         let mut s = format!(
             "| criterion | {} |\n|---|{}\n",
             groups
@@ -1056,7 +1093,10 @@ pub fn write(s: &Study, out: &Path) -> Result<()> {
         DataFrame::new(c.len(), cols).map_err(|e| Error::table("study comparisons", e))?;
     crate::io::write_parquet(&mut comparisons, out.join("comparisons.parquet"))?;
     crate::io::write_atomic(out.join("study.md"), s.markdown().as_bytes())?;
-    let groups = ["all", "long-tail", "common", "targeted"];
+    let groups: Vec<&str> = GROUPS
+        .into_iter()
+        .filter(|g| s.summary.iter().any(|r| r.group == *g))
+        .collect();
     let crits: Vec<String> = {
         let mut v: Vec<String> = Vec::new();
         for r in &s.summary {
@@ -1066,7 +1106,7 @@ pub fn write(s: &Study, out: &Path) -> Result<()> {
         }
         v
     };
-    let series: Vec<crate::report::plots::IntervalSeries> = groups
+    let series: Vec<crate::plots::IntervalSeries> = groups
         .iter()
         .map(|g| {
             (
@@ -1083,7 +1123,7 @@ pub fn write(s: &Study, out: &Path) -> Result<()> {
             )
         })
         .collect();
-    let fig = crate::report::plots::interval_dots(
+    let fig = crate::plots::interval_dots(
         &crits,
         &series,
         "Held-out loss change against no selection (mean over seeds, 95% t interval)",

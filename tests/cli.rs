@@ -1596,7 +1596,7 @@ out = "{out}"
 [data]
 corpus = "{corpus}"
 eval_samples = 200
-synth = {{ samples = 1500, rare_share = 0.1, vocab_size = 320 }}
+synth = {{ samples = 1500, rare_share = 0.1, vocab_size = 320, contrasts = true }}
 {TINY_MODEL}[train]
 steps = 12
 batch_size = 8
@@ -1621,10 +1621,27 @@ steps = 4
         "{printed}"
     );
     let results = read_table(&t.path("study/results.parquet"));
-    // Per seed: base and none on 3 groups, each criterion on 4.
-    assert_eq!(results.height(), 2 * (2 * 3 + 3 * 4));
     let crit = strs(&results, "criterion");
     let group = strs(&results, "group");
+    // The contrasts corpus adds the neglected and noise held-out sentences to all, long-tail
+    // and common. Per seed: base and none on those 5 groups, each criterion also on targeted.
+    for g in ["neglected", "noise"] {
+        assert!(group.iter().any(|x| x == g), "{g}: {group:?}");
+    }
+    assert_eq!(results.height(), 2 * (2 * 5 + 3 * 6));
+    // Every (criterion, group) of the results is summarised over seeds, the neglected and
+    // noise groups included.
+    let summary = read_table(&t.path("study/summary.parquet"));
+    let pairs = |c: &[String], g: &[String]| {
+        c.iter()
+            .zip(g)
+            .map(|(c, g)| (c.clone(), g.clone()))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(
+        pairs(&strs(&summary, "criterion"), &strs(&summary, "group")),
+        pairs(&crit, &group)
+    );
     let (seed, loss) = (f64s(&results, "seed"), f64s(&results, "loss"));
     for i in 0..results.height() {
         if group[i] != "all" || crit[i] == "base" {
@@ -1657,7 +1674,7 @@ steps = 4
     // The report of seed 1's analysis with the study beside it.
     let printed = report_with_study(&t, "study/seed-1/analysis", "study/seed-1/ntk", "study");
     assert!(
-        printed.contains("Selection study, long-tail: flag against loss"),
+        printed.contains("Selection study, neglected: flag against loss"),
         "{printed}"
     );
     let html = std::fs::read_to_string(t.path("rep/report.html")).unwrap();

@@ -413,6 +413,23 @@ fn reducible_losses(
         }
     }
     let rstats = crate::eval::sample_token_stats(&rmodel, &ld.seqs(), 64, device, spec.seed)?;
+    // Same tokenizer is not enough: a reference with a shorter context (or another start token)
+    // would average other positions.
+    if let Some(i) = (0..stats.len()).find(|&i| stats[i].positions != rstats[i].positions) {
+        return Err(Error::invalid(
+            "--reference",
+            format!(
+                "{} scores other positions of sample {:?} than --model {} ({} against {} \
+                 predicted tokens: another context length or start token); a reference model \
+                 must share the model's context length",
+                reference.display(),
+                ld.corpus.samples[ld.rows[i]].id,
+                spec.model.display(),
+                rstats[i].positions.len(),
+                stats[i].positions.len()
+            ),
+        ));
+    }
     Ok(stats
         .iter()
         .zip(&rstats)

@@ -126,9 +126,8 @@ pub struct CrossStats {
     best: Vec<Vec<(usize, f64)>>,
 }
 
-/// What [`CrossStats::finish`] returns: per text, the predicted decrease, the
-/// cosine support and the nearest training texts (index, weight).
-pub type Finished = (Vec<f64>, Vec<f64>, Vec<Vec<(usize, f64)>>);
+/// The nearest training texts of every sample: (training text, cosine), best first.
+pub type Neighbours = Vec<Vec<(usize, f64)>>;
 
 impl CrossStats {
     /// Sums for samples whose Θ_ii are `self_k`, keeping `neighbours` per sample.
@@ -168,7 +167,7 @@ impl CrossStats {
     }
 
     /// (predicted decrease, cosine support, neighbours): the means over the texts added.
-    pub fn finish(self) -> Finished {
+    pub fn finish(self) -> (Vec<f64>, Vec<f64>, Neighbours) {
         let mean = |v: &[f64]| -> Vec<f64> {
             v.iter()
                 .zip(&self.count)
@@ -233,11 +232,23 @@ pub fn measure(
     progress: &dyn Progress,
 ) -> Result<Learnability> {
     opts.check()?;
-    let train_idx = job.corpus.pick_seeded(
+    let mut train_idx = job.corpus.pick_seeded(
         SplitChoice::Train,
         opts.train_samples,
         opts.sample_seed.max(1),
     );
+    // The draw comes back in corpus order, and R is its first `ridge_samples`: shuffled (seeded),
+    // so that R is a random subset, not the lowest rows (a corpus stored by domain would give
+    // the ridge leverage the gradients of its first few domains only).
+    {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(crate::seed::stable_hash(
+            opts.sample_seed.max(1),
+            b"ridge-set",
+        ));
+        train_idx.shuffle(&mut rng);
+    }
     if train_idx.is_empty() {
         return Err(Error::invalid(
             "--train-samples",

@@ -109,7 +109,9 @@ impl Feature {
         }
     }
 
-    /// Whether the feature comes from a kernel (gradients against other samples).
+    /// Whether the feature comes from the loss-gradient kernel: against other samples
+    /// (predicted decrease, support, domain |GC|, alignment) or its diagonal (Θ_ii as
+    /// `grad_norm`, and its sum over checkpoints, `self_influence`).
     pub fn is_kernel(self) -> bool {
         matches!(
             self,
@@ -118,6 +120,8 @@ impl Feature {
                 | Feature::SupportCos
                 | Feature::DomainGc
                 | Feature::Alignment
+                | Feature::GradNorm
+                | Feature::SelfInfluence
         )
     }
 
@@ -306,6 +310,13 @@ impl NeglectModel {
                                     Feature::LossSlope
                                     | Feature::Forgetting
                                     | Feature::SelfInfluence => " (give --checkpoints DIR)",
+                                    Feature::GradNorm
+                                    | Feature::PredictedDecrease
+                                    | Feature::Support
+                                    | Feature::SupportCos => {
+                                        " (give --train-samples above 0, or a --neglect-model \
+                                         without the learnability statistics)"
+                                    }
                                     _ => "",
                                 }
                             ),

@@ -76,7 +76,7 @@ impl ParamValues {
                 };
                 continue;
             }
-            let kron = side.filter(|_| super::is_linear_weight(name, t));
+            let kron = side.filter(|_| super::gradients::is_linear_weight(name, t));
             v.piece += match kron {
                 Some(k) if opts.method != Method::Exact => k * k,
                 _ => numel,
@@ -581,7 +581,7 @@ mod tests {
         let (_vs, model, params) = tiny(&["h.*.weight"]);
         let linear: Vec<(String, Tensor)> = params
             .into_iter()
-            .filter(|(n, t)| super::super::is_linear_weight(n, t))
+            .filter(|(n, t)| crate::capture::gradients::is_linear_weight(n, t))
             .collect();
         assert_eq!(linear.len(), 8);
         let opts = projected(ProjectionKind::Kronecker, 30);

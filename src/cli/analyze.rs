@@ -75,7 +75,7 @@ pub struct AnalyzeArgs {
     #[arg(long, default_value_t = LearnabilityOptions::default().ridge, value_name = "X", help_heading = "Learnability")]
     pub ridge: f64,
     /// Memory budget in GB of the gradient captures (default: 80% of the memory available).
-    #[arg(long, value_name = "GB", value_parser = super::ntk::positive_gb, help_heading = "Learnability")]
+    #[arg(long, value_name = "GB", value_parser = super::capture::positive_gb, help_heading = "Learnability")]
     pub memory: Option<f64>,
     /// A reference model (same tokenizer) for the reducible loss (RHO-LOSS).
     #[arg(

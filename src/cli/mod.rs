@@ -5,6 +5,7 @@
 //! file, line, field or option).
 
 mod analyze;
+mod capture;
 mod corpus;
 mod freq;
 mod import;
@@ -108,7 +109,7 @@ pub enum Command {
     /// Perplexity per domain and linear-probe accuracy of a trained model.
     Eval(train::EvalArgs),
     /// Per-sample gradients of a scalar output for chosen parameters.
-    Capture(ntk::CaptureArgs),
+    Capture(capture::CaptureArgs),
     /// Empirical NTK (total, blocks or diagonal) and gradient consistency.
     Ntk(ntk::NtkArgs),
     /// Frequency correlations, GC per bin and the ranked under-memorised long-tail flags.
@@ -146,7 +147,7 @@ where
         Command::Freq(args) => freq::run(args, &cli.global)?,
         Command::Train(args) => train::run_train(args, &cli.global)?,
         Command::Eval(args) => train::run_eval(args, &cli.global)?,
-        Command::Capture(args) => ntk::run_capture_cmd(args, &cli.global)?,
+        Command::Capture(args) => capture::run_capture_cmd(args, &cli.global)?,
         Command::Ntk(args) => ntk::run_ntk(args, &cli.global)?,
         Command::Analyze(args) => analyze::run(args, &cli.global)?,
         Command::Select(args) => select::run(args, &cli.global)?,

@@ -572,6 +572,36 @@ fn read_fact_columns(df: &DataFrame, path: &Path) -> Result<Option<Vec<Option<Fa
         .map(Some)
 }
 
+/// Ingest `input` into the corpus table `out` with `corpus ingest`'s defaults, training a
+/// tokenizer beside it unless `tokenizer` is given: the corpus, its build statistics, the
+/// tokenizer's path and its vocabulary size.
+pub fn ingest_default(
+    input: &Path,
+    out: &Path,
+    tokenizer: Option<&Path>,
+    seed: u64,
+    progress: &dyn crate::progress::Progress,
+) -> Result<(Corpus, BuildStats, std::path::PathBuf, usize)> {
+    let records = ingest::read_records(input, &ingest::IngestOptions::default())?;
+    let opts = BuildOptions {
+        min_words: DEFAULT_MIN_WORDS,
+        seed,
+        ..BuildOptions::default()
+    };
+    let (mut corpus, stats) = build(&input.display().to_string(), records, &opts)?;
+    let tok_out = tokenizer::default_path(out);
+    let source = match tokenizer {
+        Some(p) => tokenizer::TokenizerSource::Load(p.to_path_buf()),
+        None => tokenizer::TokenizerSource::Train {
+            vocab_size: tokenizer::DEFAULT_VOCAB_SIZE,
+            min_frequency: tokenizer::DEFAULT_MIN_FREQUENCY,
+        },
+    };
+    let tok = tokenizer::finish_corpus(&mut corpus, &source, out, &tok_out, progress)?;
+    let vocab = tok.get_vocab_size(true);
+    Ok((corpus, stats, tok_out, vocab))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

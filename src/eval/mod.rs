@@ -118,13 +118,14 @@ pub struct TokenStats {
 }
 
 impl TokenStats {
-    /// Mean token loss (0 without predicted tokens).
+    /// Mean token loss (NaN without predicted tokens: such a text is not well fitted, it is
+    /// unmeasured, and ranks last).
     pub fn mean_loss(&self) -> f64 {
-        self.loss.iter().sum::<f64>() / self.loss.len().max(1) as f64
+        self.loss.iter().sum::<f64>() / self.loss.len() as f64
     }
-    /// Mean token entropy (0 without predicted tokens).
+    /// Mean token entropy (NaN without predicted tokens).
     pub fn mean_entropy(&self) -> f64 {
-        self.entropy.iter().sum::<f64>() / self.entropy.len().max(1) as f64
+        self.entropy.iter().sum::<f64>() / self.entropy.len() as f64
     }
 }
 

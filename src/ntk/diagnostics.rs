@@ -17,7 +17,7 @@ use super::op::KernelOp;
 use tch::{Device, Kind, Tensor};
 
 use super::gc::{participation, Principal};
-use super::pipeline::GcRow;
+use super::groups::GcRow;
 use crate::error::Result;
 
 /// Participation below `max(PR_MIN, PR_SHARE_MIN · n)` is a handful of samples.

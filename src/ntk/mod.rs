@@ -10,6 +10,7 @@
 pub mod coverage;
 pub mod diagnostics;
 pub mod gc;
+pub mod groups;
 pub mod lanczos;
 #[cfg(feature = "mpi")]
 pub mod mpi;

@@ -7,7 +7,7 @@
 
 mod findings;
 pub mod neglected;
-pub mod plots;
+pub use crate::plots;
 pub mod runs;
 pub mod trajectory;
 

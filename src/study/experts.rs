@@ -299,7 +299,7 @@ fn ensure_corpus(e: &ExpertsSettings, seed: u64, progress: &dyn Progress) -> Res
     }
     match &e.ingest {
         Some(input) if input.exists() => {
-            crate::pipeline::ingest_default(input, &e.corpus, None, seed, progress)?;
+            crate::corpus::ingest_default(input, &e.corpus, None, seed, progress)?;
             Ok(())
         }
         Some(input) => Err(Error::in_file(
@@ -417,49 +417,11 @@ fn measure(
     let e = &spec.experts;
     let model = trained.dir.join("final");
     let mut m: Vec<(String, f64)> = vec![("params".into(), trained.params as f64)];
-    let es = EvalSpec {
-        model: model.clone(),
-        corpus: e.corpus.clone(),
-        tokenizer: None,
-        label: "domain".into(),
-        extra_labels: vec!["long_tail".into()],
-        layer: None,
-        probe_samples: e.probe_samples,
-        samples: Some(e.eval_samples),
-        seed,
-    };
-    let ev = evaluate(&es, device, progress)?;
     let eval_dir = sd.join("eval").join(&r.name);
-    ev.write(&es, &eval_dir)?;
-    for g in &ev.tail_groups {
-        m.push((format!("ppl_{}", g.group.replace('-', "_")), g.perplexity()));
-    }
-    // Accuracy, and balanced accuracy (the mean of the per-label accuracies: a probe that
-    // always answers the majority label scores 1/labels, however unbalanced they are).
-    let probes = std::iter::once(("domain".to_string(), &ev.probe))
-        .chain(ev.extra_probes.iter().map(|(l, p)| (l.clone(), p)));
-    for (label, p) in probes {
-        m.push((format!("probe_{label}"), p.accuracy));
-        let per: Vec<f64> = p.per_label.iter().map(|x| x.2).collect();
-        if !per.is_empty() {
-            let balanced = per.iter().sum::<f64>() / per.len() as f64;
-            m.push((format!("probe_{label}_balanced"), balanced));
-        }
-    }
-    let last = trained.state.step;
-    for &b in blocks {
-        if let Some(c) = trained
-            .state
-            .clusters
-            .iter()
-            .find(|c| c.step == last && c.layer == b + 1)
-        {
-            m.push((format!("clusters_h{b}"), c.n_clusters as f64));
-            if let Some(ratio) = c.ratio {
-                m.push((format!("cluster_ratio_h{b}"), ratio));
-            }
-        }
-    }
+    m.extend(eval_metrics(
+        spec, &model, &eval_dir, seed, device, progress,
+    )?);
+    m.extend(cluster_metrics(trained, blocks));
     let ntk_dir = sd.join("ntk").join(&r.name);
     super::default_ntk(
         &model,
@@ -492,6 +454,77 @@ fn measure(
     };
     let mut an = analyze::analyze(&aspec, device, progress)?;
     an.write(&sd.join("analysis").join(&r.name))?;
+    m.extend(isolation_metrics(&an));
+    Ok(m)
+}
+
+/// Held-out perplexity per group and the linear probes' accuracies of the model `model`,
+/// evaluated and written into `eval_dir`.
+fn eval_metrics(
+    spec: &ExpertsSpec,
+    model: &Path,
+    eval_dir: &Path,
+    seed: u64,
+    device: Device,
+    progress: &dyn Progress,
+) -> Result<Vec<(String, f64)>> {
+    let e = &spec.experts;
+    let mut m = Vec::new();
+    let es = EvalSpec {
+        model: model.to_path_buf(),
+        corpus: e.corpus.clone(),
+        tokenizer: None,
+        label: "domain".into(),
+        extra_labels: vec!["long_tail".into()],
+        layer: None,
+        probe_samples: e.probe_samples,
+        samples: Some(e.eval_samples),
+        seed,
+    };
+    let ev = evaluate(&es, device, progress)?;
+    ev.write(&es, eval_dir)?;
+    for g in &ev.tail_groups {
+        m.push((format!("ppl_{}", g.group.replace('-', "_")), g.perplexity()));
+    }
+    // Accuracy, and balanced accuracy (the mean of the per-label accuracies: a probe that
+    // always answers the majority label scores 1/labels, however unbalanced they are).
+    let probes = std::iter::once(("domain".to_string(), &ev.probe))
+        .chain(ev.extra_probes.iter().map(|(l, p)| (l.clone(), p)));
+    for (label, p) in probes {
+        m.push((format!("probe_{label}"), p.accuracy));
+        let per: Vec<f64> = p.per_label.iter().map(|x| x.2).collect();
+        if !per.is_empty() {
+            let balanced = per.iter().sum::<f64>() / per.len() as f64;
+            m.push((format!("probe_{label}_balanced"), balanced));
+        }
+    }
+    Ok(m)
+}
+
+/// The clusters (and their separation ratio) the last cluster-dynamics log found at the input
+/// of each CSE block.
+fn cluster_metrics(trained: &train::RunResult, blocks: &[i64]) -> Vec<(String, f64)> {
+    let mut m = Vec::new();
+    let last = trained.state.step;
+    for &b in blocks {
+        if let Some(c) = trained
+            .state
+            .clusters
+            .iter()
+            .find(|c| c.step == last && c.layer == b + 1)
+        {
+            m.push((format!("clusters_h{b}"), c.n_clusters as f64));
+            if let Some(ratio) = c.ratio {
+                m.push((format!("cluster_ratio_h{b}"), ratio));
+            }
+        }
+    }
+    m
+}
+
+/// Experts, the ones used and the isolated ones, NMI and separation, per sparse block.
+fn isolation_metrics(an: &analyze::Analysis) -> Vec<(String, f64)> {
+    let mut m = Vec::new();
     for rep in an.isolation.iter().flat_map(|i| &i.reports) {
         let b = rep.block.trim_start_matches("expert_");
         let used = rep.experts.iter().filter(|x| x.verdict != "idle").count();
@@ -508,7 +541,7 @@ fn measure(
             m.push((format!("separation_{b}"), s));
         }
     }
-    Ok(m)
+    m
 }
 
 /// Means and intervals over seeds, and each run against the baseline paired by seed.
@@ -822,7 +855,7 @@ pub fn write(s: &ExpertsStudy, out: &Path) -> Result<()> {
         .filter(|r| **r != s.baseline)
         .cloned()
         .collect();
-    let series: Vec<crate::report::plots::IntervalSeries> = [
+    let series: Vec<crate::plots::IntervalSeries> = [
         ("long-tail", "ppl_long_tail"),
         ("common", "ppl_common"),
         ("all", "ppl_all"),
@@ -838,7 +871,7 @@ pub fn write(s: &ExpertsStudy, out: &Path) -> Result<()> {
         )
     })
     .collect();
-    let fig = crate::report::plots::interval_dots(
+    let fig = crate::plots::interval_dots(
         &others,
         &series,
         &format!(

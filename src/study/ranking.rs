@@ -551,6 +551,15 @@ fn counterfactual_truth(
     if path.exists() {
         // The binary truth follows the spec's threshold, not the one it was written under.
         let mut rows = counterfactual::read(&path)?;
+        // A truth written for another pool (another `pool` size or seed) is never zipped with
+        // this one's scores.
+        if rows.len() != pool_ids.len() || rows.iter().zip(pool_ids).any(|(r, id)| &r.id != id) {
+            return Err(Error::in_file(
+                &path,
+                "holds the counterfactual truth of another pool (its ids differ from the \
+                 analysed samples'); delete the folder to recompute it",
+            ));
+        }
         let gain: Vec<f64> = rows.iter().map(|r| r.gain).collect();
         let now: Vec<f64> = rows.iter().map(|r| r.loss_now).collect();
         let t =
