@@ -171,6 +171,13 @@ pub fn truth_table(
     let mut per_criterion = Vec::new();
     let mut flagged = vec![false; pool.ids.len()];
     for c in Criterion::ALL {
+        // Criteria whose column this analysis lacks (no reference model, no checkpoint
+        // trajectory at the early checkpoint) are left out rather than guessed.
+        if c.column()
+            .is_some_and(|(col, _)| pool.column(col, c).is_err())
+        {
+            continue;
+        }
         let s = select::scores(pool, c, &Sources::default(), device, seed)?;
         if c == Criterion::Flag {
             flagged = s.iter().map(|x| x.1).collect();
