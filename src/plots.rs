@@ -148,7 +148,7 @@ pub fn gc_by_frequency(bins: &[GcBin], title: &str) -> Result<Rendered> {
         .legend(|(x, y)| PathElement::new(vec![(x + 10, y - 6), (x + 10, y + 6)], BLACK));
         c.draw_series(LineSeries::new(pts.clone(), PALETTE[0].stroke_width(2)))
             .map_err(plot_err)?
-            .label("GC of the bin vs all samples")
+            .label("|GC| of the bin vs all samples")
             .legend(|(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], PALETTE[0].stroke_width(2))
             });

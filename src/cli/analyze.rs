@@ -174,10 +174,10 @@ pub fn print_analysis(spec: &AnalyzeSpec, r: &Analysis) {
         );
     }
     println!(
-        "GC by frequency bin (0 = rarest): {}",
+        "|GC| by frequency bin (0 = rarest; the sign follows the arbitrary Σu ≥ 0 convention): {}",
         r.gc_by_bin
             .iter()
-            .map(|(bin, v)| format!("{bin}: {v:.3}"))
+            .map(|(bin, v)| format!("{bin}: {:.3}", v.abs()))
             .collect::<Vec<_>>()
             .join(", ")
     );

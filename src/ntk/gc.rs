@@ -714,9 +714,6 @@ mod tests {
             self.counts.set((p + 1, v + k, w.max(k)));
             self.k.apply(x)
         }
-        fn sub(&self, _idx: &[usize]) -> Result<Option<Tensor>> {
-            Ok(None)
-        }
         fn diag(&self) -> Result<Tensor> {
             self.k.diag()
         }

@@ -593,10 +593,6 @@ impl KernelOp for RowBlocks<'_> {
         Ok(self.all_sum(&y)? / 2.0)
     }
 
-    fn sub(&self, _idx: &[usize]) -> Result<Option<Tensor>> {
-        Ok(None)
-    }
-
     fn diag(&self) -> Result<Tensor> {
         Ok(self.diag.shallow_clone())
     }

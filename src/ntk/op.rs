@@ -28,8 +28,10 @@ pub trait KernelOp {
     }
     /// (Θ + Θᵀ)/2 restricted to the samples `idx`, in that order (|idx| × |idx|), when the kernel
     /// is held whole in this process's memory; `None` for a kernel out of core, which callers see
-    /// through products only.
-    fn sub(&self, idx: &[usize]) -> Result<Option<Tensor>>;
+    /// through products only (the default).
+    fn sub(&self, _idx: &[usize]) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     /// Θ_ii (length n).
     fn diag(&self) -> Result<Tensor>;
     /// Σ_ij |Θ_ij| / √(Θ_ii Θ_jj) over all pairs, the diagonal included (zero-norm samples

@@ -223,10 +223,6 @@ impl KernelOp for Tiles {
         Ok(y)
     }
 
-    fn sub(&self, _idx: &[usize]) -> Result<Option<Tensor>> {
-        Ok(None)
-    }
-
     fn diag(&self) -> Result<Tensor> {
         Ok(self.diag.shallow_clone())
     }

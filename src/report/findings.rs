@@ -170,7 +170,7 @@ fn compare_gc(
         );
     }
     let ((av, ai), (bv, bi)) = (fold(a.1, a.2), fold(b.1, b.2));
-    let (what, a, b, why) = ("|GC|", (a.0, av, ai), (b.0, bv, bi), "");
+    let (a, b) = ((a.0, av, ai), (b.0, bv, bi));
     let disjoint = match (a.2, b.2) {
         (Some((alo, ahi)), Some((blo, bhi))) => ahi < blo || bhi < alo,
         (None, _) | (_, None) => {
@@ -180,7 +180,7 @@ fn compare_gc(
                 _ => format!("{} has no", b.0),
             };
             return format!(
-                "No difference in {what} between {} ({}) and {} ({}) can be stated: {missing} 95% interval (intervals need --gc-resamples of at least 2){why}.",
+                "No difference in |GC| between {} ({}) and {} ({}) can be stated: {missing} 95% interval (intervals need --gc-resamples of at least 2).",
                 a.0,
                 with_iv(a.1, a.2),
                 b.0,
@@ -190,7 +190,7 @@ fn compare_gc(
     };
     if disjoint {
         format!(
-            "{what} of {} is {} than of {}: {} against {}{why}.",
+            "|GC| of {} is {} than of {}: {} against {}.",
             a.0,
             if a.1 < b.1 { "lower" } else { "higher" },
             b.0,
@@ -199,7 +199,7 @@ fn compare_gc(
         )
     } else {
         format!(
-            "No difference in {what} between {} ({}) and {} ({}) is detectable at this sample size: the 95% intervals overlap{why}.",
+            "No difference in |GC| between {} ({}) and {} ({}) is detectable at this sample size: the 95% intervals overlap.",
             a.0,
             with_iv(a.1, a.2),
             b.0,
