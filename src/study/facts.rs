@@ -501,7 +501,7 @@ fn ensure_corpora(spec: &FactsStudySpec, progress: &dyn Progress) -> Result<()> 
     if !f.host.exists() {
         match (&f.ingest, &f.synth) {
             (Some(input), _) => {
-                crate::pipeline::ingest_default(input, &f.host, None, 0, progress)?;
+                crate::corpus::ingest_default(input, &f.host, None, 0, progress)?;
             }
             (None, Some(s)) => crate::corpus::synth::write_corpus(
                 &crate::corpus::synth::SynthOptions {

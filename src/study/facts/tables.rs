@@ -489,11 +489,11 @@ pub fn findings(s: &FactsStudy) -> Vec<String> {
 }
 
 /// Acquired share against the count, one line per run, with a dashed line at one half.
-pub fn figure(s: &FactsStudy) -> Result<crate::report::plots::Rendered> {
+pub fn figure(s: &FactsStudy) -> Result<crate::plots::Rendered> {
     let ks = counts(s);
     let xs: Vec<f64> = ks.iter().map(|&k| f64::from(k).log2()).collect();
     let labels: Vec<String> = ks.iter().map(|k| k.to_string()).collect();
-    let series: Vec<crate::report::plots::IntervalSeries> = s
+    let series: Vec<crate::plots::IntervalSeries> = s
         .runs
         .iter()
         .map(|r| {
@@ -505,7 +505,7 @@ pub fn figure(s: &FactsStudy) -> Result<crate::report::plots::Rendered> {
             )
         })
         .collect();
-    crate::report::plots::interval_lines(
+    crate::plots::interval_lines(
         &xs,
         &labels,
         &series,
