@@ -84,6 +84,16 @@ pub fn encoded_len(cfg: &ModelConfig, n: usize) -> usize {
     }
 }
 
+/// The input row a causal model reads for a text, as [`make_batch`] puts it in its row before
+/// padding (`<|endoftext|> t1 … t(n−1)`, cut to `max_len`); `None` for BERT, whose rows depend on
+/// the masking draw. What [`crate::model::trunk::TrunkCache`] keys a text's states by.
+pub fn causal_row(cfg: &ModelConfig, s: &[u32]) -> Option<Vec<i64>> {
+    // A causal row draws nothing from the generator.
+    cfg.arch
+        .is_causal()
+        .then(|| encode_row(cfg, s, &mut step_rng(0, 0)).0)
+}
+
 /// Input ids and targets of one sample (see the module docs).
 fn encode_row(cfg: &ModelConfig, s: &[u32], rng: &mut ChaCha8Rng) -> (Vec<i64>, Vec<i64>) {
     let max_len = cfg.max_len as usize;

@@ -540,3 +540,112 @@ pub fn interval_dots(
         root.present().map_err(plot_err)?;
     })
 }
+
+/// Lines with error bars, one per series, over shared x positions `xs` labelled `xlabels` (e.g.
+/// counts at log₂ positions), and a dashed horizontal reference line at `reference` (e.g. one
+/// half): e.g. the share of facts acquired against how often they were read, one line per run.
+/// `series[k].1[j]`: (mean, low, high) of series k at `xs[j]`, or `None`.
+pub fn interval_lines(
+    xs: &[f64],
+    xlabels: &[String],
+    series: &[IntervalSeries],
+    reference: Option<f64>,
+    title: &str,
+    (xdesc, ydesc): (&str, &str),
+) -> Result<Rendered> {
+    let vals: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.1.iter().flatten())
+        .flat_map(|&(m, l, h)| [m, l, h])
+        .chain(reference)
+        .filter(|v| v.is_finite())
+        .collect();
+    let (y0, y1) = vals
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+    let (y0, y1) = if vals.is_empty() {
+        (0.0, 1.0)
+    } else {
+        (y0, y1)
+    };
+    let pad = ((y1 - y0) * 0.08).max(1e-3);
+    let (x0, x1) = xs
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+    let (x0, x1) = if xs.is_empty() {
+        (0.0, 1.0)
+    } else {
+        (x0 - 0.3, x1 + 0.3)
+    };
+    let k = series.len().max(1) as f64;
+    render!((820, 460), |root| {
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut c = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(50)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
+            .map_err(plot_err)?;
+        c.configure_mesh()
+            .disable_x_mesh()
+            .x_labels(xs.len().max(2) * 4)
+            .x_label_formatter(&|x: &f64| {
+                xs.iter()
+                    .position(|v| (v - x).abs() < 1e-6)
+                    .and_then(|j| xlabels.get(j).cloned())
+                    .unwrap_or_default()
+            })
+            .x_desc(xdesc)
+            .y_desc(ydesc)
+            .draw()
+            .map_err(plot_err)?;
+        if let Some(r) = reference {
+            c.draw_series(DashedLineSeries::new(
+                vec![(x0, r), (x1, r)],
+                6,
+                4,
+                BLACK.stroke_width(1),
+            ))
+            .map_err(plot_err)?;
+        }
+        for (s, (name, pts)) in series.iter().enumerate() {
+            let col = PALETTE[s % PALETTE.len()];
+            let off = (s as f64 - (k - 1.0) / 2.0) * 0.12 / k;
+            let present: Vec<(f64, (f64, f64, f64))> = pts
+                .iter()
+                .zip(xs)
+                .filter_map(|(p, &x)| p.filter(|q| q.0.is_finite()).map(|q| (x + off, q)))
+                .collect();
+            c.draw_series(
+                present
+                    .iter()
+                    .filter(|p| p.1 .1.is_finite() && p.1 .2.is_finite())
+                    .map(|&(x, (m, l, h))| {
+                        ErrorBar::new_vertical(x, l, m, h, col.stroke_width(1), 6)
+                    }),
+            )
+            .map_err(plot_err)?;
+            c.draw_series(LineSeries::new(
+                present.iter().map(|&(x, (m, _, _))| (x, m)),
+                col.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
+            c.draw_series(
+                present
+                    .iter()
+                    .map(|&(x, (m, _, _))| Circle::new((x, m), 4, col.filled())),
+            )
+            .map_err(plot_err)?;
+        }
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    })
+}

@@ -19,6 +19,7 @@
 
 pub mod counterfactual;
 pub mod experts;
+pub mod facts;
 pub mod ranking;
 
 use std::collections::{BTreeMap, HashSet};
@@ -267,7 +268,7 @@ pub struct ResultRow {
 }
 
 /// A mean over seeds with its t interval.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Interval {
     /// Mean.
     pub mean: f64,

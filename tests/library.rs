@@ -277,6 +277,9 @@ fn bundled_specs_parse() {
         } else if text.contains("[experts]") {
             let s = tailscope::study::experts::ExpertsSpec::read(&p).unwrap();
             assert!(s.experts.seeds.len() >= 3, "{p:?}");
+        } else if text.contains("[facts]") {
+            let s = tailscope::study::facts::FactsStudySpec::read(&p).unwrap();
+            assert!(!s.facts.counts.is_empty(), "{p:?}");
         } else if text.contains("[[run]]") {
             TrainSpec::read(&p).unwrap();
         } else if text.contains("[ranking]") {

@@ -1,4 +1,4 @@
-//! `tailscope corpus ingest` and `tailscope corpus synth`.
+//! `tailscope corpus ingest`, `tailscope corpus synth` and `tailscope corpus facts`.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +23,65 @@ pub enum CorpusCommand {
     #[command(after_help = "Example:\n  \
         tailscope corpus synth --samples 20000 --rare-domains 4 --rare-share 0.06 -o out/synth/corpus.parquet")]
     Synth(SynthArgs),
+    /// Insert fictional facts at controlled counts into a host corpus, and write their probes.
+    #[command(after_help = "Example:\n  \
+        tailscope corpus facts --host out/demo/corpus.parquet --host-samples 2000 -o out/facts/corpus.parquet\n  \
+        (writes out/facts/corpus.parquet, out/facts/tokenizer.json, out/facts/corpus.probes.parquet)")]
+    Facts(FactsArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FactsArgs {
+    /// The host corpus table (its tokenizer.json beside it).
+    #[arg(
+        long,
+        value_name = "FILE",
+        long_help = "The host corpus table (`corpus ingest`'s output; Brown for the benchmark). The \
+            facts are inserted into its training split, which must exist; its tokenizer.json (beside \
+            it) is copied beside --out. Example: --host out/demo/corpus.parquet"
+    )]
+    pub host: PathBuf,
+    /// Insertion counts, comma-separated (each at least 1).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,2,4,8,16",
+        value_name = "K1,K2,..",
+        long_help = "How many training sentences state each fact: --facts-per-count facts per count. \
+            A count of 0 is refused (facts that are never inserted are the --controls). \
+            Example: --counts 1,4,16"
+    )]
+    pub counts: Vec<u32>,
+    /// Facts per count.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub facts_per_count: usize,
+    /// Control facts: in the probe table only, never inserted.
+    #[arg(
+        long,
+        default_value_t = 20,
+        value_name = "N",
+        long_help = "Facts that are only in the probe table (count 0): what a model answers about facts \
+            it never read, the check that the invented facts are at chance. Example: --controls 30"
+    )]
+    pub controls: usize,
+    /// Distractors per fact (other answers of the same relation).
+    #[arg(long, default_value_t = 7, value_name = "N")]
+    pub distractors: usize,
+    /// Keep a seeded subset of the host's training samples.
+    #[arg(
+        long,
+        value_name = "N",
+        long_help = "Keep N of the host's training samples, drawn with --seed (default: all), so that \
+            one epoch over host + facts fits a time budget; validation samples are all kept. \
+            Example: --host-samples 2000"
+    )]
+    pub host_samples: Option<usize>,
+    /// The probe table (default: <out stem>.probes.parquet beside --out).
+    #[arg(long, value_name = "FILE")]
+    pub probes: Option<PathBuf>,
+    /// The corpus table to write (Parquet).
+    #[arg(short, long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 /// Splitting, filtering and tokenizer options shared by `ingest` and `synth`.
@@ -227,7 +286,36 @@ pub fn run(cmd: &CorpusCommand, g: &Global) -> anyhow::Result<()> {
     match cmd {
         CorpusCommand::Ingest(a) => ingest_cmd(a, g),
         CorpusCommand::Synth(a) => synth_cmd(a, g),
+        CorpusCommand::Facts(a) => facts_cmd(a, g),
     }
+}
+
+fn facts_cmd(a: &FactsArgs, g: &Global) -> anyhow::Result<()> {
+    use crate::corpus::facts::{self, FactsOptions};
+    let opts = FactsOptions {
+        counts: a.counts.clone(),
+        facts_per_count: a.facts_per_count,
+        controls: a.controls,
+        distractors: a.distractors,
+        host_samples: a.host_samples,
+        seed: g.seed,
+    };
+    let w = facts::write_facts(&a.host, &a.out, a.probes.as_deref(), &opts)?;
+    println!(
+        "facts: {} ({} per count {:?}, {} controls), {} sentences inserted into {} host training \
+         samples ({} validation samples kept)",
+        w.facts.len(),
+        a.facts_per_count,
+        a.counts,
+        a.controls,
+        w.fact_rows,
+        w.host_train,
+        w.validation
+    );
+    println!("wrote {}", w.corpus.display());
+    println!("tokenizer (the host's): {}", w.tokenizer.display());
+    println!("probes: {}", w.probes.display());
+    Ok(())
 }
 
 fn ingest_cmd(a: &IngestArgs, g: &Global) -> anyhow::Result<()> {

@@ -173,6 +173,11 @@ fn outputs(c: &Command) -> Vec<(&'static str, &std::path::Path, Output)> {
     match c {
         Command::Corpus(corpus::CorpusCommand::Ingest(a)) => vec![("-o", &a.build.out, File)],
         Command::Corpus(corpus::CorpusCommand::Synth(a)) => vec![("-o", &a.build.out, File)],
+        Command::Corpus(corpus::CorpusCommand::Facts(a)) => {
+            let mut v = vec![("-o", a.out.as_path(), File)];
+            v.extend(a.probes.iter().map(|p| ("--probes", p.as_path(), File)));
+            v
+        }
         Command::Freq(a) => vec![("-o", &a.out, Folder)],
         Command::Train(a) => vec![("-o", &a.out, Folder)],
         Command::Eval(a) => a.out.iter().map(|o| ("-o", o.as_path(), Folder)).collect(),

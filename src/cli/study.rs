@@ -1,4 +1,5 @@
-//! `tailscope study`: the counterfactual selection study ([`crate::study`]).
+//! `tailscope study`: the counterfactual selection study ([`crate::study`]), flag ranking,
+//! CSE against dense and Switch, and the facts study ([`crate::study::facts`]).
 
 use std::path::PathBuf;
 
@@ -13,7 +14,8 @@ use crate::study::{self, StudySpec};
 #[command(after_help = "Example:\n  \
     tailscope study analyses/selection-study.toml   (writes out/selection-study)\n  \
     tailscope study analyses/ranking-study.toml     (flag ranking quality; out/ranking-study)\n  \
-    tailscope study analyses/cse-study.toml         (CSE vs dense vs Switch; out/cse-study)")]
+    tailscope study analyses/cse-study.toml         (CSE vs dense vs Switch; out/cse-study)\n  \
+    tailscope study analyses/facts-study.toml       (facts at controlled counts; out/facts-study)")]
 pub struct StudyArgs {
     /// The study spec (TOML).
     #[arg(
@@ -26,9 +28,12 @@ pub struct StudyArgs {
             criteria, out), [model], [train] and [counterfactual] (the neglect ranking study: \
             fits and scores the neglect score against synthetic and counterfactual truths); or [experts] (seeds, \
             corpus, ingest, eval_samples, probe_samples, ntk_samples, baseline, out), [model], \
-            [train] and [[run]]s (CSE against dense and Switch-MoE). See \
-            analyses/selection-study.toml, analyses/ranking-study.toml, analyses/cse-study.toml \
-            and the README. Finished \
+            [train] and [[run]]s (CSE against dense and Switch-MoE); or [facts] (seeds, \
+            dev_seed, host, corpus, counts, facts_per_count, controls, host_samples, foresight, \
+            out), [base], [train], [[run]]s and [[choice]]s (the knowledge-acquisition benchmark: \
+            fictional facts at controlled counts, one epoch of continued training). See \
+            analyses/selection-study.toml, analyses/ranking-study.toml, analyses/cse-study.toml, \
+            analyses/facts-study.toml and the README. Finished \
             training runs are reused on a rerun."
     )]
     pub spec: PathBuf,
@@ -59,6 +64,9 @@ pub fn run(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
     }
     if text.lines().any(|l| l.trim() == "[experts]") {
         return run_experts(a, g);
+    }
+    if text.lines().any(|l| l.trim() == "[facts]") {
+        return run_facts(a, g);
     }
     let spec = StudySpec::read(&a.spec)?;
     let s = with_study(g, |d, stop, bars, runs| {
@@ -144,6 +152,23 @@ fn run_experts(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
         "wrote {}/results.parquet, summary.parquet, comparisons.parquet, experts.md, \
          figures/cse_study.{{svg,png}}",
         spec.experts.out.display()
+    );
+    Ok(())
+}
+
+/// `tailscope study` of a `[facts]` spec.
+fn run_facts(a: &StudyArgs, g: &Global) -> anyhow::Result<()> {
+    use crate::study::facts::{self, tables, FactsStudySpec};
+    let spec = FactsStudySpec::read(&a.spec)?;
+    let s = with_study(g, |d, stop, bars, runs| {
+        facts::run(&spec, d, stop, bars, runs, |m| tracing::info!("{m}"))
+    })?;
+    print!("{}", tables::markdown(&s));
+    println!(
+        "wrote {}/outcomes.parquet, curves.parquet, vs_baseline.parquet, half.parquet, \
+         forgetting.parquet, routing.parquet, foresight.parquet, truth.parquet, facts-study.md, \
+         findings.json, figures/acquisition.{{svg,png}}",
+        spec.facts.out.display()
     );
     Ok(())
 }

@@ -83,8 +83,9 @@ pub struct TrainArgs {
 }
 
 #[derive(Debug, Clone, Args)]
-#[command(after_help = "Example:\n  \
-    tailscope eval --model out/demo/train/cse/final --corpus out/demo/corpus.parquet")]
+#[command(after_help = "Examples:\n  \
+    tailscope eval --model out/demo/train/cse/final --corpus out/demo/corpus.parquet\n  \
+    tailscope eval --facts out/facts/corpus.probes.parquet --model M --before BASE -o out/facts/eval")]
 pub struct EvalArgs {
     /// The model: a checkpoint folder, a Hugging Face folder, a GGUF file or a TorchScript module.
     ///
@@ -93,8 +94,35 @@ pub struct EvalArgs {
     #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
     /// The corpus table; validation samples are evaluated.
-    #[arg(long, value_name = "FILE")]
-    pub corpus: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "facts")]
+    pub corpus: Option<PathBuf>,
+    /// A probe table of `corpus facts`: judge the model's knowledge of its facts instead.
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Facts",
+        long_help = "A probe table written by `tailscope corpus facts`. Instead of perplexity and \
+            probes: per fact, the answer's log-probability given each held-out probe (summed over \
+            its tokens), its rank among the distractors, and acquired = ranked first on more than \
+            half of the held-out probes; the summary by count. The tokenizer is the model's own, \
+            else --tokenizer, else tokenizer.json beside the probe table. -o DIR writes \
+            fact_probes.parquet, facts.parquet, facts_summary.parquet and facts.json. \
+            Example: --facts out/facts/corpus.probes.parquet"
+    )]
+    pub facts: Option<PathBuf>,
+    /// With --facts: the model before training (gain, and the check that facts start at chance).
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "facts",
+        help_heading = "Facts",
+        long_help = "With --facts: the model before training (e.g. the base model a run started \
+            from). Adds each answer's log-probability gain and the chance check: the first-rank \
+            rate of the invented facts before training with a 95% interval, against \
+            1 / (1 + distractors). Without it the check uses the never-inserted controls. \
+            Example: --before out/fetched/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
+    pub before: Option<PathBuf>,
     /// The tokenizer.json (default: beside the corpus).
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
@@ -110,7 +138,7 @@ pub struct EvalArgs {
     /// Validation samples evaluated (evenly spaced; default all).
     #[arg(long, value_name = "N")]
     pub samples: Option<usize>,
-    /// Write eval.json here.
+    /// Write eval.json here (with --facts: the fact tables).
     #[arg(short, long, value_name = "DIR")]
     pub out: Option<PathBuf>,
 }
@@ -259,7 +287,7 @@ impl EvalArgs {
     pub fn spec(&self, g: &Global) -> EvalSpec {
         EvalSpec {
             model: self.model.clone(),
-            corpus: self.corpus.clone(),
+            corpus: self.corpus.clone().unwrap_or_default(),
             tokenizer: self.tokenizer.clone(),
             label: self.label.clone(),
             extra_labels: Vec::new(),
@@ -274,12 +302,79 @@ impl EvalArgs {
 /// `tailscope eval`.
 pub fn run_eval(a: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     let device = crate::device::resolve(g.device)?;
+    if let Some(probes) = &a.facts {
+        return run_fact_eval(a, probes, device);
+    }
     let spec = a.spec(g);
     let r = evaluate::evaluate(&spec, device, &Bars::default())?;
     print_eval(&spec, &r);
     if let Some(dir) = &a.out {
         r.write(&spec, dir)?;
         println!("wrote {}", dir.join("eval.json").display());
+    }
+    Ok(())
+}
+
+/// `tailscope eval --facts`.
+fn run_fact_eval(
+    a: &EvalArgs,
+    probes: &std::path::Path,
+    device: tch::Device,
+) -> anyhow::Result<()> {
+    use crate::eval::facts;
+    let set = crate::corpus::facts::ProbeSet::read(probes)?;
+    let scores = |model_path: &std::path::Path| -> anyhow::Result<Vec<Vec<f64>>> {
+        let (_vs, model) = crate::source::load_model(model_path, device)?;
+        let tok = crate::source::tokenizer_for(a.tokenizer.as_deref(), model_path, &model, probes)?;
+        let enc = facts::encode(&tok, &set)?;
+        Ok(facts::score(&model, None, &enc, device)?)
+    };
+    let after = scores(&a.model)?;
+    let before = a.before.as_deref().map(scores).transpose()?;
+    let e = facts::judge(&set, &after, before.as_deref());
+    println!(
+        "model {}: {} facts, {} probes ({} held out)",
+        a.model.display(),
+        e.facts.len(),
+        e.probes.len(),
+        e.probes.iter().filter(|p| p.held_out).count()
+    );
+    println!("  count  facts  acquired  first-rank rate  mean log p(answer)  mean gain");
+    for r in e.by_count() {
+        println!(
+            "  {:>5}  {:>5}  {:>8.3}  {:>15.3}  {:>18.3}  {}",
+            r.count,
+            r.facts,
+            r.acquired,
+            r.first_rate,
+            r.logprob,
+            r.gain.map_or("–".into(), |g| format!("{g:+.3}"))
+        );
+    }
+    if let Some(c) = &e.chance {
+        println!(
+            "chance check ({}, {} facts): first-rank rate {:.3} [{:.3}, {:.3}] against chance \
+             {:.3}: {}",
+            if c.on == "before" {
+                "before training"
+            } else {
+                "never-inserted controls"
+            },
+            c.facts,
+            c.rate,
+            c.low,
+            c.high,
+            c.chance,
+            if c.at_chance {
+                "at chance"
+            } else {
+                "NOT at chance"
+            }
+        );
+    }
+    if let Some(dir) = &a.out {
+        e.write(dir)?;
+        println!("wrote {}", dir.join("facts.parquet").display());
     }
     Ok(())
 }

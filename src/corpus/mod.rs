@@ -2,11 +2,13 @@
 //! length in tokens. Every later stage (frequency statistics, training, capture, analysis) reads
 //! this table, written as Parquet with the columns
 //! `id: str, text: str, domain: str, split: str ("train" | "validation"), n_tokens: u32`
-//! and, for synthetic corpora, the ground truth `long_tail: bool`.
+//! and, for synthetic corpora, the ground truth `long_tail: bool`; corpora with inserted fictional
+//! facts (`corpus facts`, [`facts`]) add `fact_id: str` and `count: u32` (null on host rows).
 //!
 //! Building a corpus from raw records ([`build`]) applies, in order: whitespace normalisation,
 //! optional sentence splitting, the word-length filter, the id-uniqueness check, the seeded split.
 
+pub mod facts;
 pub mod ingest;
 pub mod synth;
 pub mod tokenizer;
@@ -71,6 +73,17 @@ pub struct Sample {
     /// Ground truth from `corpus synth --contrasts`: whether the sample is noise, text no model
     /// can learn (frequent words in random order): high loss with nothing to gain by training.
     pub noise: Option<bool>,
+    /// Ground truth from `corpus facts`: the fictional fact the sample states (none on host rows).
+    pub fact: Option<FactRef>,
+}
+
+/// The fictional fact a sample of `corpus facts` states, and how often that fact is inserted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FactRef {
+    /// The fact's id (`fact-0001`, …), as in the probe table.
+    pub id: String,
+    /// How many training sentences state it.
+    pub count: u32,
 }
 
 /// A raw record before [`build`]: where it came from (for error messages), an id if the input
@@ -253,6 +266,7 @@ pub fn build(
                 n_tokens: 0,
                 long_tail: rec.long_tail,
                 neglected: rec.neglected,
+                fact: None,
                 noise: rec.noise,
             });
         }
@@ -390,6 +404,20 @@ impl Corpus {
                 s.iter().map(|x| x.neglected).collect::<Vec<_>>(),
             ));
         }
+        if s.iter().any(|x| x.fact.is_some()) {
+            cols.push(Column::new(
+                "fact_id".into(),
+                s.iter()
+                    .map(|x| x.fact.as_ref().map(|f| f.id.as_str()))
+                    .collect::<Vec<_>>(),
+            ));
+            cols.push(Column::new(
+                "count".into(),
+                s.iter()
+                    .map(|x| x.fact.as_ref().map(|f| f.count))
+                    .collect::<Vec<_>>(),
+            ));
+        }
         if s.iter().any(|x| x.noise.is_some()) {
             cols.push(Column::new(
                 "noise".into(),
@@ -462,6 +490,7 @@ impl Corpus {
         };
         let long_tail = flag("long_tail")?;
         let neglected = flag("neglected")?;
+        let facts = read_fact_columns(&df, path)?;
         let noise = flag("noise")?;
         let mut samples = Vec::with_capacity(ids.len());
         for (i, (((id, text), domain), split)) in ids
@@ -488,6 +517,7 @@ impl Corpus {
                 n_tokens: n_tokens[i],
                 long_tail: long_tail.as_ref().and_then(|v| v[i]),
                 neglected: neglected.as_ref().and_then(|v| v[i]),
+                fact: facts.as_ref().and_then(|v| v[i].clone()),
                 noise: noise.as_ref().and_then(|v| v[i]),
             });
         }
@@ -496,6 +526,50 @@ impl Corpus {
         }
         Ok(Corpus { samples })
     }
+}
+
+/// The optional `fact_id` and `count` columns of a corpus table: both or neither; a row with
+/// one null and not the other is bad input naming the row.
+fn read_fact_columns(df: &DataFrame, path: &Path) -> Result<Option<Vec<Option<FactRef>>>> {
+    let (ids, counts) = match (df.column("fact_id"), df.column("count")) {
+        (Err(_), Err(_)) => return Ok(None),
+        (Ok(i), Ok(c)) => (i, c),
+        _ => {
+            return Err(Error::in_file(
+                path,
+                "columns `fact_id` and `count` come together (a table of `corpus facts`)",
+            ))
+        }
+    };
+    let ids = ids
+        .str()
+        .map_err(|_| Error::in_file(path, "column `fact_id` is not str"))?;
+    let counts = counts
+        .cast(&polars::prelude::DataType::UInt32)
+        .map_err(|_| Error::in_file(path, "column `count` is not an integer column"))?;
+    let counts = counts
+        .u32()
+        .map_err(|e| Error::table("reading count", e))?
+        .clone();
+    ids.iter()
+        .zip(counts.iter())
+        .enumerate()
+        .map(|(i, (id, count))| match (id, count) {
+            (Some(id), Some(count)) => Ok(Some(FactRef {
+                id: id.to_string(),
+                count,
+            })),
+            (None, None) => Ok(None),
+            _ => Err(Error::in_file(
+                path,
+                format!(
+                    "row {}: `fact_id` and `count` must both be set or both null",
+                    i + 1
+                ),
+            )),
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }
 
 /// Ingest `input` into the corpus table `out` with `corpus ingest`'s defaults, training a
@@ -602,6 +676,10 @@ mod tests {
         .unwrap();
         c.samples[0].n_tokens = 3;
         c.samples[1].long_tail = Some(true);
+        c.samples[1].fact = Some(FactRef {
+            id: "fact-0001".into(),
+            count: 4,
+        });
         c.write(&p).unwrap();
         assert_eq!(Corpus::read(&p).unwrap(), c);
     }

@@ -3,6 +3,7 @@
 //! ([`probe`]) of frozen embeddings as in the paper.
 
 pub mod evaluate;
+pub mod facts;
 pub mod probe;
 
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use tch::{Device, Tensor};
 
 use crate::batch::{model_batch, step_rng};
 use crate::error::Result;
+use crate::model::trunk::Trunk;
 use crate::model::{token_losses, Model};
 
 /// Summed token loss of a group of samples.
@@ -46,7 +48,27 @@ pub fn sample_losses(
     device: Device,
     seed: u64,
 ) -> Result<Vec<(f64, i64)>> {
-    per_sample(model, seqs, batch, device, seed, &|logits, targets| {
+    sample_losses_with(model, None, seqs, batch, device, seed)
+}
+
+/// [`sample_losses`] with the frozen blocks' output from a trunk cache, when given
+/// ([`crate::model::trunk`]; the model's blocks below the trunk's layer must be its source's).
+pub fn sample_losses_with(
+    model: &Model,
+    trunk: Option<&Trunk>,
+    seqs: &[&[u32]],
+    batch: usize,
+    device: Device,
+    seed: u64,
+) -> Result<Vec<(f64, i64)>> {
+    let by = Batched {
+        model,
+        trunk,
+        batch,
+        device,
+        seed,
+    };
+    by.per_sample(seqs, &|logits, targets| {
         let (_, per_seq, counts) = token_losses(logits, targets);
         (per_seq, counts)
     })
@@ -62,7 +84,14 @@ pub fn sample_entropies(
     device: Device,
     seed: u64,
 ) -> Result<Vec<(f64, i64)>> {
-    per_sample(model, seqs, batch, device, seed, &|logits, targets| {
+    let by = Batched {
+        model,
+        trunk: None,
+        batch,
+        device,
+        seed,
+    };
+    by.per_sample(seqs, &|logits, targets| {
         let logp = logits
             .to_kind(tch::Kind::Float)
             .log_softmax(-1, tch::Kind::Float);
@@ -156,35 +185,52 @@ pub fn sample_token_stats(
 /// A per-sequence sum and count from each batch's logits and targets.
 type PerSequence<'a> = &'a dyn Fn(&Tensor, &Tensor) -> (Tensor, Tensor);
 
-fn per_sample(
-    model: &Model,
-    seqs: &[&[u32]],
+/// How per-sample passes run: the model, its trunk cache if any, batch size, device, seed.
+struct Batched<'a> {
+    model: &'a Model,
+    trunk: Option<&'a Trunk<'a>>,
     batch: usize,
     device: Device,
     seed: u64,
-    f: PerSequence,
-) -> Result<Vec<(f64, i64)>> {
-    let mut out = vec![(0.0, 0); seqs.len()];
-    let order = batch_order(model, seqs);
-    tch::no_grad(|| -> Result<()> {
-        for (k, idx) in order.chunks(batch.max(1)).enumerate() {
-            let chunk: Vec<&[u32]> = idx.iter().map(|&i| seqs[i]).collect();
-            let mut rng = step_rng(seed, k as u64);
-            let b = model_batch(model, &chunk, &mut rng, device);
-            let o = model.forward_t(&b.ids, &b.mask, false, false)?;
-            let (per_seq, counts) = f(&o.logits, &b.targets);
-            let l: Vec<f64> =
-                Vec::try_from(per_seq.to_kind(tch::Kind::Double).to_device(Device::Cpu))?;
-            let c: Vec<f64> =
-                Vec::try_from(counts.to_kind(tch::Kind::Double).to_device(Device::Cpu))?;
-            for ((&i, l), c) in idx.iter().zip(l).zip(c) {
-                out[i] = (l, c as i64);
-            }
-        }
-        Ok(())
-    })?;
-    Ok(out)
 }
+
+impl Batched<'_> {
+    fn per_sample(&self, seqs: &[&[u32]], f: PerSequence) -> Result<Vec<(f64, i64)>> {
+        let (model, device) = (self.model, self.device);
+        let mut out = vec![(0.0, 0); seqs.len()];
+        let order = batch_order(model, seqs);
+        tch::no_grad(|| -> Result<()> {
+            for (k, idx) in order.chunks(self.batch.max(1)).enumerate() {
+                let chunk: Vec<&[u32]> = idx.iter().map(|&i| seqs[i]).collect();
+                let mut rng = step_rng(self.seed, k as u64);
+                let b = model_batch(model, &chunk, &mut rng, device);
+                let o = match self.trunk {
+                    Some(t) => t.forward(model, &b.ids, &b.mask, &INFERENCE)?,
+                    None => model.forward_t(&b.ids, &b.mask, false, false)?,
+                };
+                let (per_seq, counts) = f(&o.logits, &b.targets);
+                let l: Vec<f64> =
+                    Vec::try_from(per_seq.to_kind(tch::Kind::Double).to_device(Device::Cpu))?;
+                let c: Vec<f64> =
+                    Vec::try_from(counts.to_kind(tch::Kind::Double).to_device(Device::Cpu))?;
+                for ((&i, l), c) in idx.iter().zip(l).zip(c) {
+                    out[i] = (l, c as i64);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+/// An inference pass with logits (no dropout, no capture, no tape).
+pub const INFERENCE: crate::model::Forward<'static> = crate::model::Forward {
+    train: false,
+    capture: false,
+    capacity: true,
+    tape: None,
+    head: true,
+};
 
 /// The order sequences are batched in: shortest first for a causal model, whose outputs for a
 /// sequence do not depend on the other sequences of its batch, so that batches carry little

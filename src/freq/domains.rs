@@ -143,6 +143,7 @@ mod tests {
                     n_tokens: toks / n as u32,
                     long_tail: None,
                     neglected: None,
+                    fact: None,
                     noise: None,
                 });
             }

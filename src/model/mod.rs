@@ -24,6 +24,7 @@ pub mod moe;
 pub mod script;
 pub mod sublayers;
 pub mod tape;
+pub mod trunk;
 pub mod upcycle;
 
 use tch::{nn, Kind, Tensor};
@@ -253,6 +254,19 @@ pub struct Output {
     pub loads: Vec<(i64, Tensor)>,
 }
 
+impl Output {
+    /// No logits, no auxiliary loss, nothing recorded, in the kind and on the device of `x`.
+    fn empty(x: &Tensor) -> Output {
+        Output {
+            logits: Tensor::zeros([], (x.kind(), x.device())),
+            aux_loss: Tensor::zeros([], (x.kind(), x.device())),
+            seq_emb: Vec::new(),
+            routes: Vec::new(),
+            loads: Vec::new(),
+        }
+    }
+}
+
 impl Model {
     /// Build the model's variables under `p` (the root of a `VarStore`). Validates the config.
     pub fn new(p: &nn::Path, cfg: &ModelConfig) -> Result<Model> {
@@ -343,6 +357,32 @@ impl Model {
 
     /// The forward pass with every option (see [`Forward`]).
     pub fn forward_with(&self, ids: &Tensor, mask: &Tensor, f: &Forward) -> Result<Output> {
+        let t = self.check_input(ids, mask)?;
+        if let Some(s) = &self.script {
+            return script_forward(s, ids, mask, self.cfg.vocab_size, f);
+        }
+        let x = self.embed(ids, t, f);
+        Ok(self.blocks_and_head(0, x, mask, f))
+    }
+
+    /// [`Model::final_hidden`] from token ids: the embeddings and every block, recording
+    /// gradients as `f` asks (training computes the logits of the predicted positions only).
+    pub fn final_hidden_of(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        f: &Forward,
+    ) -> Result<(Tensor, Output)> {
+        let t = self.check_input(ids, mask)?;
+        self.check_split(0)?;
+        let x = self.embed(ids, t, f);
+        let mut out = Output::empty(&x);
+        let x = self.run_blocks(0, x, mask, f, &mut out);
+        Ok((x, out))
+    }
+
+    /// Ids (batch, seq) within `max_len` and a mask of the same shape: the sequence length.
+    fn check_input(&self, ids: &Tensor, mask: &Tensor) -> Result<i64> {
         let (b, t) = ids.size2().map_err(|_| {
             Error::invalid(
                 "input ids",
@@ -361,11 +401,7 @@ impl Model {
                 format!("expected {:?}, got {:?}", [b, t], mask.size()),
             ));
         }
-        if let Some(s) = &self.script {
-            return script_forward(s, ids, mask, self.cfg.vocab_size, f);
-        }
-        let x = self.embed(ids, t, f);
-        Ok(self.blocks_and_head(0, x, mask, f))
+        Ok(t)
     }
 
     /// The lowest block the parameters `names` can change the output from: the smallest `i` of
@@ -453,15 +489,57 @@ impl Model {
         Ok(())
     }
 
+    /// The forward pass from `x`, the hidden states entering block `layer`, to the hidden
+    /// states leaving the last block (b, t, d), before the final norm and the output layer:
+    /// what [`Model::logits`] turns into logits at the positions a caller needs (the output layer
+    /// of a large vocabulary costs more than several blocks). The rest of the returned
+    /// [`Output`] is as [`Model::forward_from`]'s, without logits.
+    pub fn final_hidden(
+        &self,
+        layer: usize,
+        x: Tensor,
+        mask: &Tensor,
+        f: &Forward,
+    ) -> Result<(Tensor, Output)> {
+        self.check_split(layer)?;
+        let mut out = Output::empty(&x);
+        let x = self.run_blocks(layer, x, mask, f, &mut out);
+        Ok((x, out))
+    }
+
+    /// Logits of hidden states leaving the last block, (…, d) → (…, vocab): the final norm,
+    /// BERT's masked-LM transform and the output layer, without a tape.
+    pub fn logits(&self, h: &Tensor) -> Tensor {
+        let f = Forward {
+            train: false,
+            capture: false,
+            capacity: true,
+            tape: None,
+            head: true,
+        };
+        self.head(h.shallow_clone(), &f)
+    }
+
     /// Blocks `start..` and the head, from the hidden states entering block `start`.
     fn blocks_and_head(&self, start: usize, x: Tensor, mask: &Tensor, f: &Forward) -> Output {
-        let mut out = Output {
-            logits: Tensor::zeros([], (x.kind(), x.device())),
-            aux_loss: Tensor::zeros([], (x.kind(), x.device())),
-            seq_emb: Vec::new(),
-            routes: Vec::new(),
-            loads: Vec::new(),
-        };
+        let mut out = Output::empty(&x);
+        let x = self.run_blocks(start, x, mask, f, &mut out);
+        if f.head {
+            out.logits = self.head(x, f);
+        }
+        out
+    }
+
+    /// Blocks `start..` from the hidden states entering block `start`, recording sequence
+    /// embeddings, routes, loads and the auxiliary loss into `out`; the last block's output.
+    fn run_blocks(
+        &self,
+        start: usize,
+        x: Tensor,
+        mask: &Tensor,
+        f: &Forward,
+        out: &mut Output,
+    ) -> Tensor {
         let mut x = x;
         for (i, block) in self.blocks.iter().enumerate().skip(start) {
             if f.capture {
@@ -482,10 +560,7 @@ impl Model {
         if f.capture {
             out.seq_emb.push(masked_mean(&x, mask));
         }
-        if f.head {
-            out.logits = self.head(x, f);
-        }
-        out
+        x
     }
 
     /// Token (and position) embeddings, their LayerNorm (BERT) and dropout.

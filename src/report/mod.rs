@@ -170,7 +170,7 @@ fn study_kind(dir: &Path) -> Result<bool> {
         Err(Error::invalid(
             "--study",
             format!(
-                "{} {what}; give the output folder of a selection or CSE study (`tailscope study`, which writes study.md or experts.md there)",
+                "{} {what}; give the output folder of a selection, CSE or facts study (`tailscope study`, which writes study.md, experts.md or facts-study.md there)",
                 dir.display()
             ),
         ))
@@ -269,7 +269,9 @@ impl ReportSpec {
 pub fn render(spec: &ReportSpec) -> Result<Report> {
     // A folder that is not a study's is refused before any work.
     if let Some(dir) = &spec.study {
-        study_kind(dir)?;
+        if !dir.join("facts-study.md").is_file() {
+            study_kind(dir)?;
+        }
     }
     let r = build(
         &spec.analysis,
@@ -363,9 +365,13 @@ pub fn build(
 }
 
 /// `r` with a study's findings and figure (`tailscope study`'s output folder): a selection study,
-/// or a CSE (`[experts]`) study, told apart by its `experts.md` (a selection study writes
-/// `study.md`). Any other folder is refused, saying what it is not.
+/// a CSE (`[experts]`) study, told apart by its `experts.md` (a selection study writes
+/// `study.md`), or a facts study, by its `facts-study.md` (whose sentences come from its
+/// `findings.json`). Any other folder is refused, saying what it is not.
 pub fn with_study(mut r: Report, dir: &Path) -> Result<Report> {
+    if dir.join("facts-study.md").is_file() {
+        return with_facts_study(r, dir);
+    }
     let (name, caption) = if study_kind(dir)? {
         let s = crate::study::experts::ExpertsStudy::read(dir)?;
         r.summary.extend(s.findings());
@@ -399,6 +405,33 @@ pub fn with_study(mut r: Report, dir: &Path) -> Result<Report> {
     });
     r.tables.extend(
         ["summary.parquet", "comparisons.parquet", "results.parquet"]
+            .iter()
+            .map(|t| dir.join(t)),
+    );
+    Ok(r)
+}
+
+/// `r` with a facts study's findings (`findings.json`) and acquisition figure.
+fn with_facts_study(mut r: Report, dir: &Path) -> Result<Report> {
+    let p = dir.join("findings.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    let lines: Vec<String> =
+        serde_json::from_str(&text).map_err(|e| Error::in_file(&p, e.to_string()))?;
+    r.summary.extend(lines);
+    let fig = dir.join("figures").join("acquisition");
+    let (svg_path, png_path) = (fig.with_extension("svg"), fig.with_extension("png"));
+    r.figures.push(Figure {
+        name: "facts_acquisition".into(),
+        caption: "Facts study: share of the inserted facts each run acquired against how often \
+                  it read them, with 95% intervals over seeds and facts; the dashed line is one half."
+            .into(),
+        plot: plots::Rendered {
+            svg: std::fs::read_to_string(&svg_path).map_err(|e| Error::io(&svg_path, e))?,
+            png: std::fs::read(&png_path).map_err(|e| Error::io(&png_path, e))?,
+        },
+    });
+    r.tables.extend(
+        ["curves.parquet", "vs_baseline.parquet", "outcomes.parquet"]
             .iter()
             .map(|t| dir.join(t)),
     );

@@ -63,7 +63,8 @@ pub struct TrainData {
     /// The tokenizer as JSON when it is not the corpus's (a base model's own), written beside
     /// every model a run saves.
     pub tokenizer_json: Option<String>,
-    /// The frozen trunk's output per step, shared by the runs of a spec from one base model.
+    /// The frozen trunk's output per text, shared by the runs of a spec (or a study) from one
+    /// base model.
     pub trunk: upcycle::TrunkCache,
 }
 
@@ -415,7 +416,14 @@ fn validation(
     }
     let data = ctx.data;
     let seqs = data.seqs(val_idx);
-    let losses = crate::eval::sample_losses(&live.model, &seqs, 64, ctx.device, ctx.seed)?;
+    let losses = crate::eval::sample_losses_with(
+        &live.model,
+        ctx.trunk.as_ref(),
+        &seqs,
+        64,
+        ctx.device,
+        ctx.seed,
+    )?;
     let labels: Vec<&str> = val_idx
         .iter()
         .map(|&i| data.corpus.samples[i].domain.as_str())
@@ -521,6 +529,8 @@ struct RunCtx<'a> {
     device: Device,
     seed: u64,
     run_dir: PathBuf,
+    /// The frozen blocks' output per text, shared by the runs from one base model.
+    trunk: Option<upcycle::Trunk<'a>>,
 }
 
 /// Replace the dense FFNs (or attention) of the CSE blocks by experts initialised from DBSCAN
@@ -592,26 +602,19 @@ fn optimise_step(
     let mut rng = step_rng(seed, step);
     let batch = make_batch(ctx.cfg, &data.seqs(&idx), idx.clone(), &mut rng, ctx.device);
     tch::manual_seed(seed.wrapping_add(step) as i64);
-    let out = match ctx.base {
-        // The frozen blocks below the trained ones run once per batch for all runs of the spec.
-        Some(b) if upcycle::first_trained_block(b, &live.cfg) > 0 => {
-            let key = upcycle::trunk_key(b, &live.cfg, seed, step, &idx);
-            let first = key.1;
-            let x = data
-                .trunk
-                .get_or_compute(key, &live.model, &batch.ids, &batch.mask)?;
-            let f = crate::model::Forward {
-                train: true,
-                capture: false,
-                capacity: true,
-                tape: None,
-                head: true,
-            };
-            live.model.forward_from(first, x, &batch.mask, &f)?
-        }
-        _ => live.model.forward_t(&batch.ids, &batch.mask, true, false)?,
+    let f = crate::model::Forward {
+        train: true,
+        capture: false,
+        capacity: true,
+        tape: None,
+        head: false,
     };
-    let (loss, _, _) = token_losses(&out.logits, &batch.targets);
+    let (h, out) = match &ctx.trunk {
+        // The frozen blocks below the trained ones run once per text for all runs of the spec.
+        Some(trunk) => trunk.final_hidden(&live.model, &batch.ids, &batch.mask, &f)?,
+        None => live.model.final_hidden_of(&batch.ids, &batch.mask, &f)?,
+    };
+    let loss = predicted_loss(&live.model, &h, &batch.targets);
     let total = &loss + &out.aux_loss * aux_weight;
     live.opt.zero_grad();
     total.backward();
@@ -635,6 +638,22 @@ fn optimise_step(
         expert_load: load_string(&out.loads),
     };
     Ok(row)
+}
+
+/// Mean token loss of a batch from the last block's hidden states (b, t, d): only the positions
+/// with a target go through the output layer (padding and, for BERT, unmasked positions do not,
+/// and the output layer of a large vocabulary costs more than the blocks trained above a frozen
+/// trunk). Equals [`token_losses`]' mean.
+fn predicted_loss(model: &Model, h: &tch::Tensor, targets: &tch::Tensor) -> tch::Tensor {
+    let d = h.size().last().copied().unwrap_or(0);
+    let flat = targets.reshape([-1]);
+    let keep = flat.ne(crate::model::IGNORE).nonzero().squeeze_dim(1);
+    if keep.size()[0] == 0 {
+        let (loss, _, _) = token_losses(&model.logits(h), targets);
+        return loss;
+    }
+    let logits = model.logits(&h.reshape([-1, d]).index_select(0, &keep));
+    logits.cross_entropy_for_logits(&flat.index_select(0, &keep))
 }
 
 /// The error of a step whose loss or gradient is not finite: the step, the values, the batch's
@@ -781,6 +800,10 @@ pub fn train_run(
         device,
         seed,
         run_dir: out.join(&run.name),
+        trunk: spec
+            .base
+            .as_ref()
+            .and_then(|b| upcycle::trunk(&data.trunk, b, &cfg)),
     };
     let run_dir = &ctx.run_dir;
     let _lock = OutputLock::acquire(run_dir, &format!("tailscope train, run {}", run.name))?;
@@ -808,6 +831,9 @@ pub fn train_run(
     let val_idx = data.val_subset(spec.data.eval_samples);
     let probe = data.seqs(&data.val_subset(t.probe_samples));
     let mut sampler = selection::sampler(chosen.as_ref(), data, seed)?;
+    if let Some(trunk) = &ctx.trunk {
+        declare_trunk_rows(trunk, &mut sampler, &ctx, &val_idx, &live.cfg);
+    }
     progress.start(&run.name, t.steps, state.step);
     let dynamics_due = |step: u64| {
         step == 0 || step == t.steps || (t.dynamics_every > 0 && step % t.dynamics_every == 0)
@@ -857,7 +883,10 @@ pub fn train_run(
         state.log.push(row);
         state.step += 1;
         let s = state.step;
-        if s == t.steps || (t.checkpoint_every > 0 && s % t.checkpoint_every == 0) {
+        if s == t.steps
+            || (t.checkpoint_every > 0 && s % t.checkpoint_every == 0)
+            || t.keep_steps.contains(&s)
+        {
             let probe = (s == t.steps && dynamics_due(s)).then_some(probe.as_slice());
             validate_and_checkpoint(&live, &mut state, &ctx, &val_idx, probe)?;
         }
@@ -870,6 +899,32 @@ pub fn train_run(
     write_tables(run_dir, &state)?;
     progress.finish();
     Ok(result(Outcome::Finished, &live, state, cse_reports))
+}
+
+/// Declare to the trunk cache the texts a run reads, in an order that depends only on the spec,
+/// seed and corpus (so a resumed run chunks them as an uninterrupted one): the training samples
+/// of every step (as batches encode them) and the validation samples (as evaluation does).
+fn declare_trunk_rows(
+    trunk: &upcycle::Trunk,
+    sampler: &mut Sampler,
+    ctx: &RunCtx,
+    val_idx: &[usize],
+    model_cfg: &ModelConfig,
+) {
+    let data = ctx.data;
+    let mut used: Vec<usize> = (0..ctx.t.steps)
+        .flat_map(|s| sampler.batch(s, ctx.t.batch_size))
+        .map(|k| data.train[k])
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    let rows = |idx: &[usize], cfg: &ModelConfig| -> Vec<Vec<i64>> {
+        idx.iter()
+            .filter_map(|&i| crate::batch::causal_row(cfg, &data.ids[i]))
+            .collect()
+    };
+    trunk.declare(&rows(&used, ctx.cfg));
+    trunk.declare(&rows(val_idx, model_cfg));
 }
 
 /// `h.3.mlp.experts.2.c_fc.weight` → `h.3.mlp.experts.0.c_fc.weight`: new experts take the

@@ -186,7 +186,8 @@ pub struct TrainOptions {
     pub checkpoint_every: u64,
     /// Keep the last k periodic checkpoints ...
     pub keep_last: usize,
-    /// ... plus these steps, kept for analysis.
+    /// ... plus checkpoints at these steps, written whether or not `checkpoint_every` falls on
+    /// them, and kept for analysis.
     pub keep_steps: Vec<u64>,
     /// Cluster dynamics (DBSCAN per layer over the probe set) every M steps (0: only at the ends).
     pub dynamics_every: u64,

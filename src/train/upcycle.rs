@@ -4,10 +4,9 @@
 //! one, and it is written beside every model the run saves, so `eval`, `ntk` and `analyze` read
 //! the corpus as the run did.
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use tch::{nn, Device, Tensor};
+use tch::{nn, Device};
 
 use super::spec::{BaseSpec, TrainScope};
 use crate::error::{Error, Result};
@@ -102,6 +101,38 @@ pub fn batch_config(cfg: &ModelConfig, max_len: Option<i64>) -> ModelConfig {
     c
 }
 
+pub use crate::model::trunk::{Trunk, TrunkCache};
+
+/// The frozen trunk runs from `base` share: the base model's blocks below the first trained
+/// one, served per text by `cache` ([`crate::model::trunk`]). `None` when nothing below is frozen
+/// (`train = "all"`), for BERT (whose inputs are masked afresh at every step, so no text repeats)
+/// or when the cache is off.
+pub fn trunk<'a>(
+    cache: &'a TrunkCache,
+    base: &'a BaseSpec,
+    cfg: &ModelConfig,
+) -> Option<Trunk<'a>> {
+    trunk_layer(cache, base, cfg).map(|layer| Trunk {
+        cache,
+        source: &base.model,
+        layer,
+    })
+}
+
+/// The block the trunk of runs from `base` ends before, when [`trunk`] gives one.
+pub fn trunk_layer(cache: &TrunkCache, base: &BaseSpec, cfg: &ModelConfig) -> Option<usize> {
+    let layer = first_trained_block(base, cfg);
+    (cache.is_enabled() && layer > 0 && cfg.arch.is_causal()).then_some(layer)
+}
+
+/// The lowest block whose parameters `base.train` trains (0 when the embeddings are trained).
+pub fn first_trained_block(base: &BaseSpec, cfg: &ModelConfig) -> usize {
+    match base.train {
+        TrainScope::All => 0,
+        TrainScope::Mlp | TrainScope::Blocks => (cfg.n_layer - base.last_k).max(0) as usize,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,81 +155,5 @@ mod tests {
         // h.10 is not h.1: the block number is parsed, not prefix-matched.
         assert!(mlp.trains("h.10.mlp.c_fc.weight", 11, 1));
         assert!(!mlp.trains("h.1.mlp.c_fc.weight", 11, 1));
-    }
-}
-
-/// The frozen trunk's output per training step: the hidden states entering the first trained
-/// block for the step's batch. Runs of one spec from one base model draw the same batches (a
-/// function of seed and step), so the second and later runs skip the frozen blocks; a run resumed
-/// from a checkpoint recomputes them bit for bit. Kept in memory up to [`TrunkCache::BUDGET`].
-#[derive(Default)]
-pub struct TrunkCache {
-    map: std::sync::Mutex<(HashMap<TrunkKey, Tensor>, usize)>,
-}
-
-/// What a cached trunk output depends on besides the base model's weights: the base model, the
-/// first trained block, the seed, the step, the batch's samples (a hash of their corpus rows:
-/// runs that up-weight different samples draw different batches at the same step) and the
-/// training `max_len`.
-type TrunkKey = (std::path::PathBuf, usize, u64, u64, u64, i64);
-
-impl TrunkCache {
-    /// Bytes of cached hidden states kept at most (4 GiB); later steps are recomputed.
-    pub const BUDGET: usize = 4 << 30;
-
-    /// The hidden states entering block `layer` for `ids`/`mask`, from the cache when `key`
-    /// was seen, else computed by `model` (and kept while the budget allows).
-    pub fn get_or_compute(
-        &self,
-        key: TrunkKey,
-        model: &Model,
-        ids: &Tensor,
-        mask: &Tensor,
-    ) -> Result<Tensor> {
-        if let Ok(g) = self.map.lock() {
-            if let Some(t) = g.0.get(&key) {
-                return Ok(t.shallow_clone());
-            }
-        }
-        let x = model.hidden_before(ids, mask, key.1, true)?;
-        let bytes = x.numel() * x.kind().elt_size_in_bytes();
-        if let Ok(mut g) = self.map.lock() {
-            if g.1 + bytes <= Self::BUDGET {
-                g.1 += bytes;
-                g.0.insert(key, x.shallow_clone());
-            }
-        }
-        Ok(x)
-    }
-}
-
-/// The key of step `step`'s trunk output, for the batch of corpus rows `rows`, for runs of
-/// `base`.
-pub fn trunk_key(
-    base: &BaseSpec,
-    cfg: &ModelConfig,
-    seed: u64,
-    step: u64,
-    rows: &[usize],
-) -> TrunkKey {
-    let bytes: Vec<u8> = rows
-        .iter()
-        .flat_map(|&r| (r as u64).to_le_bytes())
-        .collect();
-    (
-        base.model.clone(),
-        first_trained_block(base, cfg),
-        seed,
-        step,
-        crate::seed::stable_hash(rows.len() as u64, &bytes),
-        base.max_len.unwrap_or(cfg.max_len),
-    )
-}
-
-/// The lowest block whose parameters `base.train` trains (0 when the embeddings are trained).
-pub fn first_trained_block(base: &BaseSpec, cfg: &ModelConfig) -> usize {
-    match base.train {
-        TrainScope::All => 0,
-        TrainScope::Mlp | TrainScope::Blocks => (cfg.n_layer - base.last_k).max(0) as usize,
     }
 }
