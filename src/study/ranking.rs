@@ -343,6 +343,8 @@ pub struct RankComparison {
     pub auroc: Interval,
     /// Uncertainty-matched AP(flag) − that of the other.
     pub matched_ap: Interval,
+    /// ρ(flag, gain) − ρ(other, gain): agreement with the continuous counterfactual gain.
+    pub spearman_gain: Interval,
     /// (AP_flag − AP_other) / (1 − AP_other), of the held-out means.
     pub error_removed: f64,
 }
@@ -714,19 +716,27 @@ pub fn evaluate(spec: &RankingSpec, pools: &[PoolData]) -> Result<RankingStudy> 
             ));
         }
         for (truth, t) in &p.truths {
+            let positives = t.iter().filter(|&&x| x).count();
+            if positives == 0 || positives == t.len() {
+                tracing::warn!(
+                    "seed {} share {}: the {truth} truth marks {positives} of {} samples; AP, \
+                     AUROC and P@positives are undefined in this pool (ρ with the gain is kept)",
+                    p.seed,
+                    p.share,
+                    t.len()
+                );
+            }
             for (name, scores) in &cands {
-                if let Some(m) = metrics::metrics(scores, t, p) {
-                    rows.push(RankRow {
-                        share: p.share,
-                        seed: p.seed,
-                        truth: truth.clone(),
-                        criterion: name.clone(),
-                        m,
-                        positives: t.iter().filter(|&&x| x).count(),
-                        n: t.len(),
-                        held_out: p.held_out,
-                    });
-                }
+                rows.push(RankRow {
+                    share: p.share,
+                    seed: p.seed,
+                    truth: truth.clone(),
+                    criterion: name.clone(),
+                    m: metrics::metrics(scores, t, p),
+                    positives,
+                    n: t.len(),
+                    held_out: p.held_out,
+                });
             }
         }
     }
@@ -777,7 +787,8 @@ fn choose(fitted: &[(String, NeglectModel, f64)]) -> Result<NeglectModel> {
 }
 
 /// Per held-out seed, the value of `f` for `crit` under `truth` in `scope` (a share, or the
-/// mean over shares).
+/// mean over shares). Undefined values (a pool without positives) are left out; a seed with
+/// none defined is absent.
 fn per_seed(
     rows: &[RankRow],
     truth: &str,
@@ -789,9 +800,14 @@ fn per_seed(
     for r in rows.iter().filter(|r| {
         r.held_out && r.truth == truth && r.criterion == crit && scope.is_none_or(|s| r.share == s)
     }) {
-        by.entry(r.seed).or_default().push(f(&r.m));
+        let v = by.entry(r.seed).or_default();
+        let x = f(&r.m);
+        if x.is_finite() {
+            v.push(x);
+        }
     }
     by.into_iter()
+        .filter(|(_, v)| !v.is_empty())
         .map(|(s, v)| (s, v.iter().sum::<f64>() / v.len() as f64))
         .collect()
 }
@@ -821,12 +837,10 @@ pub fn summarise(rows: &[RankRow], shares: &[f64]) -> (Vec<RankSummary>, Vec<Ran
             for c in &crits {
                 let get = |f: fn(&Metrics) -> f64| per_seed(rows, truth, c, scope, f);
                 let ap = get(|m| m.ap);
-                if ap.is_empty() {
+                let rho = get(|m| m.spearman_gain);
+                if ap.is_empty() && rho.is_empty() {
                     continue;
                 }
-                let finite = |v: Vec<(u64, f64)>| -> Vec<f64> {
-                    vals(v).into_iter().filter(|x| x.is_finite()).collect()
-                };
                 summary.push(RankSummary {
                     truth: truth.clone(),
                     criterion: c.clone(),
@@ -834,8 +848,8 @@ pub fn summarise(rows: &[RankRow], shares: &[f64]) -> (Vec<RankSummary>, Vec<Ran
                     ap: bounded_interval(&vals(ap.clone()), 0.0, 1.0),
                     auroc: bounded_interval(&vals(get(|m| m.auroc)), 0.0, 1.0),
                     p_at_pos: bounded_interval(&vals(get(|m| m.p_at_pos)), 0.0, 1.0),
-                    matched_ap: bounded_interval(&finite(get(|m| m.matched_ap)), 0.0, 1.0),
-                    spearman_gain: bounded_interval(&finite(get(|m| m.spearman_gain)), -1.0, 1.0),
+                    matched_ap: bounded_interval(&vals(get(|m| m.matched_ap)), 0.0, 1.0),
+                    spearman_gain: bounded_interval(&vals(rho), -1.0, 1.0),
                 });
                 if c == "flag" {
                     continue;
@@ -850,6 +864,14 @@ pub fn summarise(rows: &[RankRow], shares: &[f64]) -> (Vec<RankSummary>, Vec<Ran
                         .collect();
                     bounded_interval(&d, -1.0, 1.0)
                 };
+                let diff_rho = || -> Interval {
+                    let (a, b) = (flag(|m| m.spearman_gain), get(|m| m.spearman_gain));
+                    let d: Vec<f64> = a
+                        .iter()
+                        .filter_map(|(s, x)| b.iter().find(|y| y.0 == *s).map(|y| x - y.1))
+                        .collect();
+                    bounded_interval(&d, -2.0, 2.0)
+                };
                 let mean = |v: &[(u64, f64)]| v.iter().map(|x| x.1).sum::<f64>() / v.len() as f64;
                 let (fa, oa) = (mean(&flag(|m| m.ap)), mean(&ap));
                 comparisons.push(RankComparison {
@@ -859,6 +881,7 @@ pub fn summarise(rows: &[RankRow], shares: &[f64]) -> (Vec<RankSummary>, Vec<Ran
                     ap: diff(|m| m.ap),
                     auroc: diff(|m| m.auroc),
                     matched_ap: diff(|m| m.matched_ap),
+                    spearman_gain: diff_rho(),
                     error_removed: (fa - oa) / (1.0 - oa),
                 });
             }
@@ -874,7 +897,15 @@ fn fmt(i: &Interval) -> String {
     format!("{:.3} [{:.3}, {:.3}]", i.mean, i.low, i.high)
 }
 
+/// A correlation: signed.
+fn fmt_rho(i: &Interval) -> String {
+    fmt_diff(i)
+}
+
 fn fmt_diff(i: &Interval) -> String {
+    if i.mean.is_nan() {
+        return "–".into();
+    }
     format!("{:+.3} [{:+.3}, {:+.3}]", i.mean, i.low, i.high)
 }
 
@@ -886,31 +917,70 @@ impl RankingStudy {
         truths.dedup();
         for truth in truths {
             s.push_str(&format!(
-                "\n**Truth: {truth}** (held-out seeds; means with 95% t intervals on the logit scale)\n\n\
-                 | criterion | AP | AUROC | P@positives | matched AP | ρ(gain) | AP(flag) − AP | error removed |\n\
-                 |---|---|---|---|---|---|---|---|\n"
+                "\n**Truth: {truth}** (held-out seeds; means with 95% t intervals on the logit scale)\n\n"
             ));
+            // Pools (held out) where this truth marks no sample, or every sample: AP is undefined.
+            let pools: Vec<&RankRow> = self
+                .rows
+                .iter()
+                .filter(|r| r.held_out && r.truth == truth && r.criterion == "flag")
+                .collect();
+            let degenerate: Vec<&&RankRow> = pools
+                .iter()
+                .filter(|r| r.positives == 0 || r.positives == r.n)
+                .collect();
+            if !degenerate.is_empty() {
+                s.push_str(&format!(
+                    "{} of {} held-out pools have {}: AP, AUROC and P@positives are undefined \
+                     there and left out{}.\n\n",
+                    degenerate.len(),
+                    pools.len(),
+                    if degenerate.iter().all(|r| r.positives == 0) {
+                        "no positive (the truth's rule marks no sample)"
+                    } else {
+                        "only one class"
+                    },
+                    if degenerate.len() == pools.len() {
+                        "; only ρ with the continuous gain is measured"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            s.push_str(
+                "| criterion | AP | AUROC | P@positives | matched AP | ρ(gain) | AP(flag) − AP | \
+                 ρ(flag) − ρ | error removed |\n\
+                 |---|---|---|---|---|---|---|---|---|\n",
+            );
             let mut rows: Vec<&RankSummary> = self
                 .summary
                 .iter()
                 .filter(|r| r.share.is_none() && r.truth == truth)
                 .collect();
-            rows.sort_by(|a, b| b.ap.mean.total_cmp(&a.ap.mean));
+            // By AP, then (where AP is undefined) by ρ with the gain.
+            let key = |x: f64| if x.is_nan() { f64::NEG_INFINITY } else { x };
+            rows.sort_by(|a, b| {
+                key(b.ap.mean)
+                    .total_cmp(&key(a.ap.mean))
+                    .then(key(b.spearman_gain.mean).total_cmp(&key(a.spearman_gain.mean)))
+            });
             for r in rows {
                 let c = self
                     .comparisons
                     .iter()
                     .find(|c| c.share.is_none() && c.other == r.criterion && c.truth == truth);
                 s.push_str(&format!(
-                    "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                     r.criterion,
                     fmt(&r.ap),
                     fmt(&r.auroc),
                     fmt(&r.p_at_pos),
                     fmt(&r.matched_ap),
-                    fmt(&r.spearman_gain),
+                    fmt_rho(&r.spearman_gain),
                     c.map_or("–".into(), |c| fmt_diff(&c.ap)),
-                    c.map_or("–".into(), |c| format!("{:+.2}", c.error_removed)),
+                    c.map_or("–".into(), |c| fmt_diff(&c.spearman_gain)),
+                    c.filter(|c| c.error_removed.is_finite())
+                        .map_or("–".into(), |c| format!("{:+.2}", c.error_removed)),
                 ));
             }
         }
@@ -1028,6 +1098,7 @@ pub fn write(s: &RankingStudy, out: &Path) -> Result<()> {
         ),
         ("auroc_diff", |x| &x.auroc),
         ("matched_ap_diff", |x| &x.matched_ap),
+        ("spearman_gain_diff", |x| &x.spearman_gain),
     ] {
         cols.extend(super::interval_columns(
             name,
@@ -1109,6 +1180,60 @@ mod tests {
             .find(|c| c.other == "loss" && c.share == Some(0.1))
             .unwrap();
         assert!((per_share.ap.mean - 0.3).abs() < 1e-12);
+    }
+
+    /// A truth whose rule marks no sample: AP is undefined (left out, not 0 or 1), ρ with the
+    /// continuous gain is summarised and compared by seed, and ranking.md says why AP is missing.
+    #[test]
+    fn a_truth_without_positives_keeps_rho_and_says_so() {
+        let rho_row = |seed: u64, c: &str, ap: f64, rho: f64, positives: usize| RankRow {
+            truth: "counterfactual".into(),
+            m: Metrics {
+                ap,
+                auroc: ap,
+                p_at_pos: ap,
+                matched_ap: f64::NAN,
+                spearman_gain: rho,
+            },
+            positives,
+            ..row(0.1, seed, c, ap)
+        };
+        let nan = f64::NAN;
+        let rows = vec![
+            rho_row(3, "flag", nan, 0.30, 0),
+            rho_row(3, "loss", nan, 0.10, 0),
+            rho_row(4, "flag", nan, 0.20, 0),
+            rho_row(4, "loss", nan, 0.15, 0),
+            rho_row(5, "flag", 0.6, 0.40, 2),
+            rho_row(5, "loss", 0.5, 0.05, 2),
+        ];
+        let (summary, comparisons) = summarise(&rows, &[0.1]);
+        let flag = summary.iter().find(|r| r.criterion == "flag").unwrap();
+        // AP from seed 5 alone (the pools without positives are left out, not counted as 0).
+        assert!((flag.ap.mean - 0.6).abs() < 1e-12, "{flag:?}");
+        assert!((flag.spearman_gain.mean - 0.3).abs() < 1e-12, "{flag:?}");
+        let c = comparisons.iter().find(|c| c.other == "loss").unwrap();
+        // Paired by seed: 0.20, 0.05, 0.35 → mean 0.2.
+        assert!((c.spearman_gain.mean - 0.2).abs() < 1e-12, "{c:?}");
+        let study = RankingStudy {
+            rows,
+            summary,
+            comparisons,
+            flag_model: NeglectModel {
+                provenance: "test".into(),
+                features: vec![],
+                weights: vec![],
+                intercept: 0.0,
+                threshold: 0.5,
+            },
+            fitted: vec![],
+        };
+        let md = study.markdown();
+        assert!(
+            md.contains("2 of 3 held-out pools have no positive"),
+            "{md}"
+        );
+        assert!(md.contains("| +0.200 ["), "{md}");
     }
 
     #[test]

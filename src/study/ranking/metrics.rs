@@ -90,12 +90,15 @@ pub fn matched_ap(scores: &[f64], truth: &[bool], strat: &[f64], bins: usize) ->
     }
 }
 
-/// Every metric of `scores` on `pool` against `truth`; `None` without both classes.
-pub fn metrics(scores: &[f64], truth: &[bool], pool: &PoolData) -> Option<Metrics> {
+/// Every metric of `scores` on `pool` against `truth`; those that need both classes are NaN
+/// without them.
+pub fn metrics(scores: &[f64], truth: &[bool], pool: &PoolData) -> Metrics {
     let pos = truth.iter().filter(|&&t| t).count();
-    let ap = crate::stats::average_precision_tied(scores, truth)?;
-    let auroc = crate::stats::auroc_tied(scores, truth)?;
-    let p_at_pos = crate::stats::precision_at_tied(scores, truth, pos)?;
+    // A truth with no positive (or no negative) in this pool leaves AP, AUROC and P@positives
+    // undefined (NaN, left out of the summaries); ρ with the continuous gain is still measured.
+    let ap = crate::stats::average_precision_tied(scores, truth).unwrap_or(f64::NAN);
+    let auroc = crate::stats::auroc_tied(scores, truth).unwrap_or(f64::NAN);
+    let p_at_pos = crate::stats::precision_at_tied(scores, truth, pos).unwrap_or(f64::NAN);
     let spearman_gain = pool
         .gain
         .as_ref()
@@ -108,13 +111,13 @@ pub fn metrics(scores: &[f64], truth: &[bool], pool: &PoolData) -> Option<Metric
             crate::stats::spearman(&a, &b)
         })
         .unwrap_or(f64::NAN);
-    Some(Metrics {
+    Metrics {
         ap,
         auroc,
         p_at_pos,
         matched_ap: matched_ap(scores, truth, &pool.uncertainty, MATCHED_BINS),
         spearman_gain,
-    })
+    }
 }
 
 /// A set of features a model is fitted on.
