@@ -128,6 +128,10 @@ pub struct FactsSettings {
     /// Sparse projection of the foresight kernel's gradients (dimensions per parameter; 0: none).
     #[serde(default = "projection")]
     pub projection: i64,
+    /// Memory budget of the foresight kernel in GB (the whole study process counts against it:
+    /// a CSE run upcycling six FFNs held 4.9 GB before its first batch).
+    #[serde(default = "eight")]
+    pub foresight_memory: f64,
     /// Bootstrap resamples of the intervals over seeds and facts.
     #[serde(default = "resamples")]
     pub resamples: usize,
@@ -190,6 +194,9 @@ fn default_counts() -> Vec<u32> {
 }
 fn twenty() -> usize {
     20
+}
+fn eight() -> f64 {
+    8.0
 }
 fn seven() -> usize {
     7
@@ -262,6 +269,12 @@ impl FactsStudySpec {
             ));
         }
         self.facts_options().check()?;
+        if !(f.foresight_memory.is_finite() && f.foresight_memory > 0.0) {
+            return Err(Error::invalid(
+                "facts.foresight_memory",
+                format!("is {}; give a budget in GB above 0", f.foresight_memory),
+            ));
+        }
         if f.eval_samples == 0 || f.epochs == 0 {
             return Err(Error::invalid(
                 "facts",
@@ -887,6 +900,7 @@ impl Ctx<'_> {
                 corpus: sh.analysis_corpus.clone(),
                 dir: sd.join("foresight").join(&r.name),
                 projection: self.spec.facts.projection,
+                memory_gb: self.spec.facts.foresight_memory,
                 resamples: 200,
                 seed,
             };

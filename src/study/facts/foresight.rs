@@ -86,6 +86,8 @@ pub struct ForesightSpec {
     pub dir: PathBuf,
     /// Sparse projection of each parameter's gradient to this many dimensions (0: none).
     pub projection: i64,
+    /// Memory budget of the kernel's capture, in GB.
+    pub memory_gb: f64,
     /// Bootstrap resamples of the analysis's correlations.
     pub resamples: usize,
     /// Seed of the projection, the intervals and the tie-breaking.
@@ -101,7 +103,7 @@ pub fn analyse(spec: &ForesightSpec, device: Device, progress: &dyn Progress) ->
             dim: spec.projection,
             seed: spec.seed,
         }),
-        memory: Some(4 << 30),
+        memory: Some((spec.memory_gb * (1u64 << 30) as f64) as u64),
         ..CaptureOptions::default()
     };
     let job = Job::prepare(
