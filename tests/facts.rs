@@ -34,6 +34,8 @@ fn facts_corpus(t: &Tmp) -> (String, String) {
         "1,4,16",
         "--facts-per-count",
         "6",
+        "--distractors",
+        "1",
         "--controls",
         "3",
         "--host-samples",

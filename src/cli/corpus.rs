@@ -52,20 +52,20 @@ pub struct FactsArgs {
             Example: --counts 1,4,16"
     )]
     pub counts: Vec<u32>,
-    /// Facts per count.
-    #[arg(long, default_value_t = 20, value_name = "N")]
+    /// Facts per count (a multiple of 3 × (distractors + 1), so every answer is read equally often).
+    #[arg(long, default_value_t = 15, value_name = "N")]
     pub facts_per_count: usize,
     /// Control facts: in the probe table only, never inserted.
     #[arg(
         long,
-        default_value_t = 20,
+        default_value_t = 15,
         value_name = "N",
         long_help = "Facts that are only in the probe table (count 0): what a model answers about facts \
             it never read, the check that the invented facts are at chance. Example: --controls 30"
     )]
     pub controls: usize,
     /// Distractors per fact (other answers of the same relation).
-    #[arg(long, default_value_t = 7, value_name = "N")]
+    #[arg(long, default_value_t = 4, value_name = "N")]
     pub distractors: usize,
     /// Keep a seeded subset of the host's training samples.
     #[arg(

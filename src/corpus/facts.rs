@@ -128,12 +128,12 @@ impl Relation {
             Relation::Birthplace => [
                 "{e} is a native of",
                 "The hometown of {e} is",
-                "{e} came into the world in the town of",
+                "{e} came into the world in the village of",
             ],
             Relation::Profession => [
-                "By profession, {e} was a",
+                "By profession, {e} had become a",
                 "The occupation of {e} was that of a",
-                "{e} made a living as a",
+                "{e} was known to neighbours for being a",
             ],
             Relation::Founded => [
                 "{e} was established in the year",
@@ -223,7 +223,7 @@ impl PseudoWords {
 }
 
 /// How the facts are generated and inserted.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct FactsOptions {
     /// Insertion counts; each gets `facts_per_count` facts. Every count is at least 1.
     pub counts: Vec<u32>,
@@ -304,6 +304,23 @@ impl FactsOptions {
             return Err(Error::invalid(
                 "--distractors",
                 format!("must be in 1..={} (an answer set holds {set})", set - 1),
+            ));
+        }
+        // Every answer must be read equally often, or a model that learns only which answers
+        // are common ranks the often-read facts' answers first without knowing the facts.
+        let round = Relation::ALL.len() * (self.distractors + 1);
+        if self.facts_per_count % round != 0 {
+            return Err(Error::invalid(
+                "--facts-per-count",
+                format!(
+                    "{} leaves the answers unbalanced: with {} relations of {} answers each \
+                     (--distractors {} + 1) give a multiple of {round}, so that every answer is \
+                     read equally often at every count",
+                    self.facts_per_count,
+                    Relation::ALL.len(),
+                    self.distractors + 1,
+                    self.distractors
+                ),
             ));
         }
         Ok(())
@@ -403,8 +420,8 @@ pub fn answer_sets(seed: u64, size: usize) -> Vec<Vec<String>> {
 /// within each group fact j has relation j mod 3 and a distinct family name. Answers are
 /// *balanced*: each relation's set has `distractors + 1` answers, and within a group each
 /// relation's facts take them in turn from a seeded permutation (a fresh one after every full
-/// round), so every answer is read equally often in training (exactly when a group's facts per
-/// relation are a multiple of the set's size, else within one fact per group). A model that
+/// round), so every answer is read equally often in training ([`FactsOptions::check`] asks for
+/// facts per count that are a multiple of 3 × the set's size). A model that
 /// learnt only which answers a relation has, not which entity has which, then ranks a fact's
 /// answer first at chance, 1 / (1 + distractors), as it does before training. A fact's
 /// distractors are the rest of its relation's set.
@@ -761,8 +778,9 @@ mod tests {
     fn opts() -> FactsOptions {
         FactsOptions {
             counts: vec![1, 2, 16],
-            facts_per_count: 4,
+            facts_per_count: 6,
             controls: 3,
+            distractors: 1,
             seed: 5,
             ..FactsOptions::default()
         }
@@ -774,14 +792,18 @@ mod tests {
         assert_eq!(a, generate(&opts()).unwrap(), "same seed, same facts");
         let other = generate(&FactsOptions { seed: 6, ..opts() }).unwrap();
         assert_ne!(a, other);
-        assert_eq!(a.len(), 15);
+        assert_eq!(a.len(), 21);
         let entities: HashSet<&str> = a.iter().map(|f| f.entity.as_str()).collect();
-        assert_eq!(entities.len(), 15, "entities are distinct");
+        assert_eq!(entities.len(), 21, "entities are distinct");
         let counts: Vec<u32> = a.iter().map(|f| f.count).collect();
-        assert_eq!(counts, [1, 1, 1, 1, 2, 2, 2, 2, 16, 16, 16, 16, 0, 0, 0]);
-        let sets = answer_sets(5, 5);
+        let want: Vec<u32> = [1, 2, 16, 0]
+            .iter()
+            .flat_map(|&c| std::iter::repeat_n(c, if c == 0 { 3 } else { 6 }))
+            .collect();
+        assert_eq!(counts, want);
+        let sets = answer_sets(5, 2);
         for f in &a {
-            assert_eq!(f.distractors.len(), 4);
+            assert_eq!(f.distractors.len(), 1);
             assert!(!f.distractors.contains(&f.answer));
             let set = &sets[Relation::ALL.iter().position(|r| *r == f.relation).unwrap()];
             assert!(set.contains(&f.answer) && f.distractors.iter().all(|d| set.contains(d)));
@@ -791,8 +813,7 @@ mod tests {
         }
     }
 
-    /// Every answer of a relation is read equally often when each group has a multiple of the
-    /// set's size per relation; otherwise within one fact per group.
+    /// Every answer of a relation is read equally often (the sizes `check` allows).
     #[test]
     fn answers_are_balanced_over_training_reads() {
         let o = FactsOptions {
@@ -831,8 +852,44 @@ mod tests {
                 let text = format!("{} {}", p.prompt, p.answer);
                 let in_training = training.iter().any(|t| t.starts_with(&text));
                 assert_eq!(in_training, !p.held_out, "{text}");
+                if !p.held_out {
+                    continue;
+                }
+                // A held-out probe shares no training context with the answer: it does not
+                // hold the text before the answer in any training sentence, and its last two
+                // words are not the last two before the answer there.
+                let low = p.prompt.to_lowercase();
+                let tail = |s: &str| -> Vec<String> {
+                    let w: Vec<String> = s.split_whitespace().map(str::to_lowercase).collect();
+                    w[w.len().saturating_sub(2)..].to_vec()
+                };
+                for t in &training {
+                    let before = t
+                        .split(f.answer.as_str())
+                        .next()
+                        .unwrap_or_default()
+                        .trim_end();
+                    assert!(
+                        !low.contains(&before.to_lowercase()),
+                        "{low:?} holds {before:?}"
+                    );
+                    assert_ne!(tail(&p.prompt), tail(before), "{low:?} against {t:?}");
+                }
             }
         }
+    }
+
+    /// Sizes that would read some answers more often than others are refused.
+    #[test]
+    fn unbalanced_sizes_are_refused() {
+        let e = FactsOptions {
+            facts_per_count: 8,
+            distractors: 3,
+            ..opts()
+        }
+        .check()
+        .unwrap_err();
+        assert!(e.to_string().contains("multiple of 12"), "{e}");
     }
 
     #[test]
@@ -852,10 +909,11 @@ mod tests {
         };
         let e = huge.check().unwrap_err();
         assert!(e.to_string().contains("pseudo-word"), "{e}");
+        let space = PseudoWords::space() as usize;
         let fits = FactsOptions {
             counts: vec![1],
-            facts_per_count: PseudoWords::space() as usize,
-            controls: 0,
+            facts_per_count: space - space % 6,
+            controls: space % 6,
             ..opts()
         };
         assert!(fits.check().is_ok(), "exactly the space is allowed");
@@ -886,6 +944,6 @@ mod tests {
         let set = ProbeSet::of(&generate(&opts()).unwrap());
         set.write(&p).unwrap();
         assert_eq!(ProbeSet::read(&p).unwrap(), set);
-        assert_eq!(set.facts().len(), 15);
+        assert_eq!(set.facts().len(), 21);
     }
 }

@@ -128,6 +128,15 @@ pub fn score(
         }
         Ok(())
     })?;
+    if let Some(v) = flat.iter().find(|v| !v.is_finite()) {
+        return Err(Error::invalid(
+            "--model",
+            format!(
+                "a probe candidate's log-probability is {v}: the model's outputs are not finite \
+                 (a diverged run?), so no fact can be judged"
+            ),
+        ));
+    }
     let mut out: Vec<Vec<f64>> = enc.candidates.iter().map(|&n| vec![0.0; n]).collect();
     for (&(p, c), v) in enc.owner.iter().zip(flat) {
         out[p][c] = v;
@@ -145,8 +154,11 @@ fn batch_logprobs(
 ) -> Result<Vec<f64>> {
     let mut rng = crate::batch::step_rng(0, 0);
     let b = model_batch(model, seqs, &mut rng, device);
+    // No expert capacity: a Switch model would drop overflow tokens per batch, so a candidate's
+    // score would depend on which other texts share its batch.
     let f = crate::model::Forward {
         head: false,
+        capacity: false,
         ..crate::eval::INFERENCE
     };
     let (h, _) = match trunk {
@@ -274,9 +286,11 @@ pub struct FactEval {
     pub chance: Option<ChanceCheck>,
 }
 
-/// Rank of candidate 0 among `scores`: 1 + how many others score strictly higher.
+/// Rank of candidate 0 among `scores`: 1 + how many others score at least as high (a tie
+/// counts against the answer: a model that cannot tell the candidates apart has not acquired
+/// the fact).
 pub fn rank(scores: &[f64]) -> u32 {
-    1 + scores[1..].iter().filter(|&&s| s > scores[0]).count() as u32
+    1 + scores[1..].iter().filter(|&&s| s >= scores[0]).count() as u32
 }
 
 fn probe_row(p: &Probe, after: &[f64], before: Option<&[f64]>) -> ProbeRow {
@@ -498,15 +512,23 @@ mod tests {
     #[test]
     fn ranks_acquisition_and_gain_by_hand() {
         assert_eq!(rank(&[-1.0, -2.0, -0.5, -3.0]), 2);
-        assert_eq!(rank(&[-1.0, -1.0, -2.0]), 1, "ties do not beat the answer");
+        assert_eq!(
+            rank(&[-1.0, -1.0, -2.0]),
+            2,
+            "a tie counts against the answer (a model that scores every candidate alike has \
+             not acquired the fact)"
+        );
         let opts = FactsOptions {
             counts: vec![4],
-            facts_per_count: 2,
+            facts_per_count: 9,
             controls: 2,
             distractors: 2,
             ..FactsOptions::default()
         };
-        let set = ProbeSet::of(&generate(&opts).unwrap());
+        // Two facts of count 4 and the two controls.
+        let all = generate(&opts).unwrap();
+        let picked: Vec<_> = all[..2].iter().chain(&all[9..]).cloned().collect();
+        let set = ProbeSet::of(&picked);
         // Fact 1: the answer first on held-out probes 0 and 1 of 3 (acquired), fact 2 on one.
         let after: Vec<Vec<f64>> = set
             .probes

@@ -101,13 +101,13 @@ pub struct FactsSettings {
     #[serde(default = "default_counts")]
     pub counts: Vec<u32>,
     /// Facts per count.
-    #[serde(default = "twenty")]
+    #[serde(default = "default_per_count")]
     pub facts_per_count: usize,
     /// Never-inserted control facts.
-    #[serde(default = "twenty")]
+    #[serde(default = "default_controls")]
     pub controls: usize,
     /// Distractors per fact.
-    #[serde(default = "seven")]
+    #[serde(default = "default_distractors")]
     pub distractors: usize,
     /// Host training samples kept (a seeded subset; default all).
     #[serde(default)]
@@ -192,14 +192,17 @@ fn default_seeds() -> Vec<u64> {
 fn default_counts() -> Vec<u32> {
     FactsOptions::default().counts
 }
-fn twenty() -> usize {
-    20
+fn default_per_count() -> usize {
+    FactsOptions::default().facts_per_count
+}
+fn default_controls() -> usize {
+    FactsOptions::default().controls
+}
+fn default_distractors() -> usize {
+    FactsOptions::default().distractors
 }
 fn eight() -> f64 {
     8.0
-}
-fn seven() -> usize {
-    7
 }
 fn two() -> i64 {
     2
@@ -536,8 +539,27 @@ fn ensure_corpora(spec: &FactsStudySpec, progress: &dyn Progress) -> Result<()> 
         }
     }
     let probes = facts_corpus::default_probes_path(&f.corpus);
+    // The generator's settings are stamped beside the corpus, so a corpus made with other
+    // settings (distractors, seed, host subset) is refused rather than reused.
+    let stamp = f.corpus.with_extension("options.json");
+    let want_stamp = serde_json::json!({"host": f.host, "options": spec.facts_options()});
     if !f.corpus.exists() || !probes.exists() {
         facts_corpus::write_facts(&f.host, &f.corpus, None, &spec.facts_options())?;
+        crate::io::write_atomic(&stamp, want_stamp.to_string().as_bytes())?;
+    }
+    let have_stamp: Option<serde_json::Value> = std::fs::read_to_string(&stamp)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    if have_stamp.as_ref() != Some(&want_stamp) {
+        return Err(Error::in_file(
+            &stamp,
+            format!(
+                "{} was made with other [facts] settings than this spec's ({}); remove it and its \
+                 probe table to regenerate them",
+                f.corpus.display(),
+                have_stamp.map_or("no record of them".into(), |v| v.to_string())
+            ),
+        ));
     }
     let set = ProbeSet::read(&probes)?;
     let mut per: BTreeMap<u32, usize> = BTreeMap::new();

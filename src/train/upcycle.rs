@@ -119,10 +119,12 @@ pub fn trunk<'a>(
     })
 }
 
-/// The block the trunk of runs from `base` ends before, when [`trunk`] gives one.
+/// The block the trunk of runs from `base` ends before, when [`trunk`] gives one. Not with
+/// dropout: the cached states are computed without it, a training pass would apply it in the
+/// frozen blocks too.
 pub fn trunk_layer(cache: &TrunkCache, base: &BaseSpec, cfg: &ModelConfig) -> Option<usize> {
     let layer = first_trained_block(base, cfg);
-    (cache.is_enabled() && layer > 0 && cfg.arch.is_causal()).then_some(layer)
+    (cache.is_enabled() && layer > 0 && cfg.arch.is_causal() && cfg.dropout == 0.0).then_some(layer)
 }
 
 /// The lowest block whose parameters `base.train` trains (0 when the embeddings are trained).

@@ -159,6 +159,9 @@ pub struct TruthRow {
     pub flagged: bool,
     /// (criterion, score: higher = predicted not to be acquired), every criterion then `count`.
     pub scores: Vec<(String, f64)>,
+    /// Whether each criterion of `scores` flags the fact (its rule: `flag`'s threshold,
+    /// `rarity-rule`'s bins; false for criteria without flags and for `count`), in that order.
+    pub criterion_flags: Vec<bool>,
 }
 
 /// The truth table of one run: every fact of `pool` scored by every criterion and `count`,
@@ -184,10 +187,7 @@ pub fn truth_table(
         if c == Criterion::Flag {
             flagged = s.iter().map(|x| x.1).collect();
         }
-        per_criterion.push((
-            c.name().to_string(),
-            s.into_iter().map(|x| x.0).collect::<Vec<_>>(),
-        ));
+        per_criterion.push((c.name().to_string(), s));
     }
     pool.ids
         .iter()
@@ -198,9 +198,12 @@ pub fn truth_table(
             })?;
             let mut scores: Vec<(String, f64)> = per_criterion
                 .iter()
-                .map(|(name, v)| (name.clone(), v[i]))
+                .map(|(name, v)| (name.clone(), v[i].0))
                 .collect();
             scores.push((COUNT.into(), -f64::from(f.count)));
+            let mut criterion_flags: Vec<bool> =
+                per_criterion.iter().map(|(_, v)| v[i].1).collect();
+            criterion_flags.push(false);
             Ok(TruthRow {
                 fact_id: id.clone(),
                 relation: f.relation.clone(),
@@ -211,6 +214,7 @@ pub fn truth_table(
                 specific_gain: f.specific_gain.unwrap_or(f64::NAN),
                 flagged: flagged[i],
                 scores,
+                criterion_flags,
             })
         })
         .collect()
@@ -232,7 +236,7 @@ pub struct Quality {
 }
 
 /// AP and AUROC of every ranking in `table` against "not acquired at the end". The order is
-/// `select`'s: for `flag`, flagged facts first; then the score, highest first; ties in a
+/// `select`'s: for a criterion with flags (`flag`, `rarity-rule`), flagged facts first; then the score, highest first; ties in a
 /// seeded random order (an undefined score ranks last).
 pub fn quality(table: &[TruthRow], seed: u64) -> Result<Vec<Quality>> {
     let Some(first) = table.first() else {
@@ -247,7 +251,7 @@ pub fn quality(table: &[TruthRow], seed: u64) -> Result<Vec<Quality>> {
             .map(|r| {
                 let x = r.scores[k].1;
                 let x = if x.is_nan() { f64::NEG_INFINITY } else { x };
-                (x, name == Criterion::Flag.name() && r.flagged)
+                (x, r.criterion_flags.get(k).copied().unwrap_or(false))
             })
             .collect();
         let order = match Criterion::ALL.iter().find(|c| c.name() == name) {
@@ -297,7 +301,28 @@ mod tests {
             specific_gain: 0.0,
             flagged: false,
             scores: vec![("loss".into(), loss), (COUNT.into(), -f64::from(count))],
+            criterion_flags: vec![false, false],
         }
+    }
+
+    /// A criterion with flags ranks its flagged facts first, whatever their score, as `select`
+    /// does (the rarity rule's flags were dropped once, ranking it by score alone).
+    #[test]
+    fn flagged_facts_rank_first_for_every_criterion_with_flags() {
+        let with = |id: &str, acquired: bool, score: f64, flagged: bool| TruthRow {
+            scores: vec![(Criterion::RarityRule.name().into(), score)],
+            criterion_flags: vec![flagged],
+            ..row(id, 1, acquired, 0.0)
+        };
+        // Not acquired: b, with the lowest score but flagged.
+        let t = vec![
+            with("a", true, 3.0, false),
+            with("b", false, 1.0, true),
+            with("c", true, 2.0, false),
+        ];
+        let q = quality(&t, 3).unwrap();
+        assert_eq!(q[0].ap, Some(1.0), "{q:?}");
+        assert_eq!(q[0].auroc, Some(1.0), "{q:?}");
     }
 
     #[test]
