@@ -174,7 +174,7 @@ pub fn print_analysis(spec: &AnalyzeSpec, r: &Analysis) {
         );
     }
     println!(
-        "|GC| by frequency bin (0 = rarest; the sign follows the arbitrary Σu ≥ 0 convention): {}",
+        "|GC| by frequency bin (0 = rarest; sign-free, as the sign of GC is arbitrary): {}",
         r.gc_by_bin
             .iter()
             .map(|(bin, v)| format!("{bin}: {:.3}", v.abs()))

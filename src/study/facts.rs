@@ -128,7 +128,7 @@ pub struct FactsSettings {
     /// Sparse projection of the foresight kernel's gradients (dimensions per parameter; 0: none).
     #[serde(default = "projection")]
     pub projection: i64,
-    /// Memory budget of the foresight kernel in GB (the whole study process counts against it:
+    /// Memory budget of the foresight kernel in GiB (the whole study process counts against it:
     /// a CSE run upcycling six FFNs held 4.9 GB before its first batch).
     #[serde(default = "eight")]
     pub foresight_memory: f64,

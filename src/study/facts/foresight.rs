@@ -86,7 +86,7 @@ pub struct ForesightSpec {
     pub dir: PathBuf,
     /// Sparse projection of each parameter's gradient to this many dimensions (0: none).
     pub projection: i64,
-    /// Memory budget of the kernel's capture, in GB.
+    /// Memory budget of the kernel's capture, in GiB.
     pub memory_gb: f64,
     /// Bootstrap resamples of the analysis's correlations.
     pub resamples: usize,

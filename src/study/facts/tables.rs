@@ -8,6 +8,7 @@ use std::path::Path;
 use polars::prelude::{Column, DataFrame};
 use serde::Serialize;
 
+use super::foresight::Quality;
 use super::summary::{self, CurveRow, HalfCount};
 use super::FactsStudy;
 use crate::error::{Error, Result};
@@ -210,12 +211,15 @@ pub fn markdown(s: &FactsStudy) -> String {
         z.controls,
         z.seconds / 60.0
     );
-    md.push_str("## Acquired share by count (mean over seeds and facts, 95% crossed-bootstrap interval)\n\n| run |");
+    md.push_str(
+        "## Acquired share by count (mean over seeds and facts, 95% crossed-bootstrap interval; \
+         the controls: mean over seeds, 95% t interval on the logit scale)\n\n| run |",
+    );
     for k in &ks {
         md.push_str(&format!(" k = {k} |"));
     }
-    md.push_str(" half acquisition |\n|---|");
-    md.push_str(&"---|".repeat(ks.len() + 1));
+    md.push_str(" never read (controls) | half acquisition |\n|---|");
+    md.push_str(&"---|".repeat(ks.len() + 2));
     md.push('\n');
     for run in &s.runs {
         md.push_str(&format!("| {run} |"));
@@ -227,7 +231,8 @@ pub fn markdown(s: &FactsStudy) -> String {
         }
         let h = s.half.iter().find(|h| &h.run == run);
         md.push_str(&format!(
-            " {} |\n",
+            " {} | {} |\n",
+            cell(controls_acquired(s, run), 2),
             h.map_or("–".into(), |h| half_words(h, largest))
         ));
     }
@@ -237,6 +242,15 @@ pub fn markdown(s: &FactsStudy) -> String {
         &s.curves,
         "gain",
         "Mean log-probability gain of the answer over the base model (nats)",
+        false,
+    ));
+    md.push_str(&table_by_count(
+        s,
+        &ks,
+        &s.curves,
+        "specific_gain",
+        "Specific gain: the answer's gain less its distractors' mean gain (nats; the part of the \
+         gain that is about this fact rather than the relation's answers in general)",
         false,
     ));
     md.push_str(&table_by_count(
@@ -444,7 +458,76 @@ fn foresight_md(s: &FactsStudy) -> String {
         ));
     }
     md.push('\n');
+    let vs = flag_against(&s.quality);
+    if !vs.is_empty() {
+        md.push_str(
+            "\nThe flag score against each criterion: AP(flag) − AP, paired by run and seed, the runs \
+             of a seed averaged (95% t interval over seeds):\n\n| criterion | AP(flag) − AP | seeds |\n|---|---|---|\n",
+        );
+        for (c, d, n) in &vs {
+            md.push_str(&format!(
+                "| {c} | {:+.3} [{:+.3}, {:+.3}] | {n} |\n",
+                d.mean, d.low, d.high
+            ));
+        }
+    }
     md
+}
+
+/// The acquired share of the never-inserted controls after training: per seed the share over
+/// controls, then the mean over seeds with a 95% t interval on the logit scale (inside [0, 1]).
+fn controls_acquired(s: &FactsStudy, run: &str) -> Option<(f64, f64, f64)> {
+    let mut by: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+    for o in s
+        .outcomes
+        .iter()
+        .filter(|o| o.run == run && o.fact.count == 0)
+    {
+        let e = by.entry(o.seed).or_default();
+        e.0 += f64::from(u8::from(o.fact.acquired));
+        e.1 += 1.0;
+    }
+    let v: Vec<f64> = by.values().map(|(a, n)| a / n).collect();
+    (!v.is_empty())
+        .then(|| crate::study::bounded_interval(&v, 0.0, 1.0))
+        .and_then(|i| iv(&i))
+}
+
+/// AP(flag) − AP(criterion) at foresight for every other criterion of `quality` (seed, run,
+/// quality): differences paired by run and seed, averaged over the runs of a seed (they share
+/// its facts, corpus and data order, so a seed is the independent unit), then a t interval over
+/// seeds. Pairs where either AP is undefined are left out; the count is of seeds.
+pub fn flag_against(quality: &[(u64, String, Quality)]) -> Vec<(String, Interval, usize)> {
+    let flag = crate::analysis::select::Criterion::Flag.name();
+    let ap = |seed: u64, run: &str, c: &str| {
+        quality
+            .iter()
+            .find(|(sd, r, q)| *sd == seed && r == run && q.criterion == c)
+            .and_then(|(_, _, q)| q.ap)
+    };
+    let mut out = Vec::new();
+    let mut names: Vec<&str> = Vec::new();
+    for (_, _, q) in quality {
+        if q.criterion != flag && !names.contains(&q.criterion.as_str()) {
+            names.push(&q.criterion);
+        }
+    }
+    for c in names {
+        let mut by_seed: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+        for (seed, run, q) in quality.iter().filter(|(_, _, q)| q.criterion == flag) {
+            if let Some(d) = q.ap.zip(ap(*seed, run, c)).map(|(a, b)| a - b) {
+                by_seed.entry(*seed).or_default().push(d);
+            }
+        }
+        let d: Vec<f64> = by_seed
+            .values()
+            .map(|v| v.iter().sum::<f64>() / v.len() as f64)
+            .collect();
+        if !d.is_empty() {
+            out.push((c.to_string(), crate::study::t_interval(&d), d.len()));
+        }
+    }
+    out
 }
 
 /// The study in sentences, each with its interval (a direction only when it excludes 0).
@@ -478,6 +561,22 @@ pub fn findings(s: &FactsStudy) -> Vec<String> {
                 ));
             }
         }
+    }
+    for (c, d, n) in flag_against(&s.quality)
+        .into_iter()
+        .filter(|x| matches!(x.0.as_str(), "loss" | "uncertainty"))
+    {
+        let word = if d.low > 0.0 {
+            "the flags foresee the facts not acquired better"
+        } else if d.high < 0.0 {
+            "the flags foresee them worse"
+        } else {
+            "no difference detectable"
+        };
+        out.push(format!(
+            "Facts study: foresight AP of the flag score minus {c}'s {:+.3} [{:+.3}, {:+.3}] ({word}; paired by run and seed, over {n} seeds).",
+            d.mean, d.low, d.high
+        ));
     }
     if let Some(c) = &s.chance {
         out.push(format!(
@@ -516,4 +615,42 @@ pub fn figure(s: &FactsStudy) -> Result<crate::plots::Rendered> {
             "share of facts acquired",
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(seed: u64, run: &str, c: &str, ap: Option<f64>) -> (u64, String, Quality) {
+        let quality = Quality {
+            criterion: c.into(),
+            ap,
+            auroc: ap,
+            positives: 2,
+            n: 4,
+        };
+        (seed, run.into(), quality)
+    }
+
+    /// Differences are paired by run and seed and averaged over a seed's runs; a pair with an
+    /// undefined AP is left out.
+    #[test]
+    fn flag_against_pairs_by_run_and_seed() {
+        let rows = vec![
+            q(1, "dense", "flag", Some(0.9)),
+            q(1, "dense", "loss", Some(0.5)),
+            q(2, "dense", "flag", Some(0.6)),
+            q(2, "dense", "loss", Some(0.6)),
+            q(1, "cse", "flag", Some(0.7)),
+            q(1, "cse", "loss", Some(0.9)),
+            q(2, "cse", "flag", None),
+            q(2, "cse", "loss", Some(0.1)),
+        ];
+        let v = flag_against(&rows);
+        assert_eq!(v.len(), 1);
+        let (c, d, n) = &v[0];
+        assert_eq!((c.as_str(), *n), ("loss", 2));
+        // Seed 1: (0.4 − 0.2)/2 = 0.1; seed 2: 0.0 (cse's pair undefined) → mean 0.05.
+        assert!((d.mean - 0.05).abs() < 1e-12, "{d:?}");
+    }
 }
