@@ -56,14 +56,16 @@ fixture:
 	scripts/build-brown-fixture
 
 # The studies (README, `tailscope study`): the counterfactual selection studies (2.6 + 5.3 min on
-# 2 cores), flag ranking quality (3.8 min) and CSE against dense and Switch-MoE on Brown +
-# fortunes (65 min).
+# 2 cores), flag ranking quality (3.5 h), CSE against dense and Switch-MoE on Brown + fortunes
+# (65 min) and the SmolLM2 facts benchmark (46 min).
 study: build
 	$(BIN) study analyses/selection-study.toml
 	$(BIN) study analyses/selection-study-mild.toml
 	$(BIN) study analyses/ranking-study.toml
 	bash scripts/fetch-corpora
 	$(BIN) study analyses/cse-study.toml
+	bash scripts/fetch-models
+	$(BIN) study analyses/facts-study.toml
 
 clean:
 	rm -rf $(OUT)
