@@ -584,6 +584,28 @@ impl ProbeSet {
                     format!("column `distractors`: row {} has none", i + 1),
                 ));
             }
+            let mut seen: HashSet<&str> = HashSet::from([answer[i].as_str()]);
+            if let Some(d) = lists[i].iter().find(|d| !seen.insert(d.as_str())) {
+                return Err(Error::in_file(
+                    path,
+                    format!(
+                        "column `distractors`: row {} repeats {d:?} (a distractor must differ \
+                         from the answer and from the other distractors)",
+                        i + 1
+                    ),
+                ));
+            }
+            for (name, v) in [("count", count[i]), ("probe", probe[i])] {
+                if !(v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= f64::from(u32::MAX)) {
+                    return Err(Error::in_file(
+                        path,
+                        format!(
+                            "column `{name}`: row {} has {v}, not a whole number ≥ 0",
+                            i + 1
+                        ),
+                    ));
+                }
+            }
             probes.push(Probe {
                 fact_id: ids[i].clone(),
                 relation,
@@ -945,5 +967,18 @@ mod tests {
         set.write(&p).unwrap();
         assert_eq!(ProbeSet::read(&p).unwrap(), set);
         assert_eq!(set.facts().len(), 21);
+        // A distractor equal to the answer, and a negative count, are refused naming the row.
+        let mut bad = set.clone();
+        bad.probes[2].distractors[0] = bad.probes[2].answer.clone();
+        bad.write(&p).unwrap();
+        let e = ProbeSet::read(&p).unwrap_err().to_string();
+        assert!(e.contains("`distractors`: row 3 repeats"), "{e}");
+        let mut df = set.to_dataframe().unwrap();
+        let mut counts: Vec<i64> = set.probes.iter().map(|p| i64::from(p.count)).collect();
+        counts[4] = -1;
+        df.with_column(Column::new("count".into(), counts)).unwrap();
+        crate::io::write_parquet(&mut df, &p).unwrap();
+        let e = ProbeSet::read(&p).unwrap_err().to_string();
+        assert!(e.contains("`count`: row 5 has -1"), "{e}");
     }
 }
