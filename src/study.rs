@@ -316,15 +316,10 @@ pub fn t_interval(xs: &[f64]) -> Interval {
 /// scale of (x − lo)/(hi − lo) and mapped back, so it stays inside the bounds (a t interval of
 /// AUROCs near 1 otherwise runs past 1). Values at a bound are moved 1e-6 of the range inside.
 pub fn bounded_interval(xs: &[f64], lo: f64, hi: f64) -> Interval {
-    let n = xs.len() as f64;
-    let mean = xs.iter().sum::<f64>() / n;
     if xs.len() < 2 {
-        return Interval {
-            mean,
-            low: f64::NAN,
-            high: f64::NAN,
-        };
+        return t_interval(xs);
     }
+    let mean = xs.iter().sum::<f64>() / xs.len() as f64;
     let w = hi - lo;
     let to = |x: f64| {
         let u = ((x - lo) / w).clamp(1e-6, 1.0 - 1e-6);

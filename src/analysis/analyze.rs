@@ -305,7 +305,10 @@ fn finish(
             x.neglected.or(x.long_tail)
         })
         .collect();
-    let precision_recall = truth.as_ref().map(|t| precision_recall(&flagged, t));
+    let flagged_idx: Vec<usize> = flagged.iter().map(|f| f.index).collect();
+    let precision_recall = truth
+        .as_ref()
+        .map(|t| super::flags::precision_recall(&flagged_idx, t));
     let probs: Vec<f64> = scores.iter().map(|x| x.probability).collect();
     let ranking = truth.as_ref().map(|t| {
         serde_json::json!({
@@ -718,20 +721,6 @@ fn correlations(s: &NtkSamples, table: &FeatureTable, spec: &AnalyzeSpec) -> Vec
         }
     }
     rows
-}
-
-/// Precision and recall of flags against ground-truth labels (`truth[i]`: sample i is
-/// neglected).
-pub fn precision_recall(flags: &[Flag], truth: &[bool]) -> (f64, f64) {
-    let tp = flags.iter().filter(|f| truth[f.index]).count() as f64;
-    let pos = truth.iter().filter(|t| **t).count() as f64;
-    let precision = if flags.is_empty() {
-        0.0
-    } else {
-        tp / flags.len() as f64
-    };
-    let recall = if pos == 0.0 { 0.0 } else { tp / pos };
-    (precision, recall)
 }
 
 /// `analysis.parquet`: the NTK sample table plus every statistic, the neglect score, whether

@@ -178,14 +178,16 @@ pub fn flag(m: &[SampleMetrics], opts: &FlagOptions) -> Vec<Flag> {
     out
 }
 
-/// Precision and recall of flags against ground-truth labels (`truth[i]`: sample i is long-tail).
-pub fn precision_recall(flags: &[Flag], truth: &[bool]) -> (f64, f64) {
-    let tp = flags.iter().filter(|f| truth[f.index]).count() as f64;
+/// Precision and recall of flags against ground-truth labels (`truth[i]`: sample i is a
+/// positive: long-tail, or neglected where the corpus separates neglect from rarity and noise).
+/// `flagged` holds the flagged samples' indices (of this module's or `analyze`'s flags).
+pub fn precision_recall(flagged: &[usize], truth: &[bool]) -> (f64, f64) {
+    let tp = flagged.iter().filter(|&&i| truth[i]).count() as f64;
     let pos = truth.iter().filter(|t| **t).count() as f64;
-    let precision = if flags.is_empty() {
+    let precision = if flagged.is_empty() {
         0.0
     } else {
-        tp / flags.len() as f64
+        tp / flagged.len() as f64
     };
     let recall = if pos == 0.0 { 0.0 } else { tp / pos };
     (precision, recall)
@@ -282,7 +284,8 @@ mod tests {
         let truth = [
             true, false, true, false, false, false, false, false, false, false,
         ];
-        assert_eq!(precision_recall(&f, &truth), (0.5, 0.5));
+        let idx: Vec<usize> = f.iter().map(|x| x.index).collect();
+        assert_eq!(precision_recall(&idx, &truth), (0.5, 0.5));
         let off = flag(
             &m,
             &FlagOptions {

@@ -855,22 +855,15 @@ pub fn summarise(rows: &[RankRow], shares: &[f64]) -> (Vec<RankSummary>, Vec<Ran
                     continue;
                 }
                 let flag = |f: fn(&Metrics) -> f64| per_seed(rows, truth, "flag", scope, f);
-                let diff = |f: fn(&Metrics) -> f64| -> Interval {
+                // Paired by seed (per_seed keeps finite values only); `w` bounds the difference:
+                // 1 for a metric in [0, 1], 2 for a correlation.
+                let diff = |f: fn(&Metrics) -> f64, w: f64| -> Interval {
                     let (a, b) = (flag(f), get(f));
                     let d: Vec<f64> = a
                         .iter()
                         .filter_map(|(s, x)| b.iter().find(|y| y.0 == *s).map(|y| x - y.1))
-                        .filter(|x| x.is_finite())
                         .collect();
-                    bounded_interval(&d, -1.0, 1.0)
-                };
-                let diff_rho = || -> Interval {
-                    let (a, b) = (flag(|m| m.spearman_gain), get(|m| m.spearman_gain));
-                    let d: Vec<f64> = a
-                        .iter()
-                        .filter_map(|(s, x)| b.iter().find(|y| y.0 == *s).map(|y| x - y.1))
-                        .collect();
-                    bounded_interval(&d, -2.0, 2.0)
+                    bounded_interval(&d, -w, w)
                 };
                 let mean = |v: &[(u64, f64)]| v.iter().map(|x| x.1).sum::<f64>() / v.len() as f64;
                 let (fa, oa) = (mean(&flag(|m| m.ap)), mean(&ap));
@@ -878,10 +871,10 @@ pub fn summarise(rows: &[RankRow], shares: &[f64]) -> (Vec<RankSummary>, Vec<Ran
                     truth: truth.clone(),
                     other: c.clone(),
                     share: scope,
-                    ap: diff(|m| m.ap),
-                    auroc: diff(|m| m.auroc),
-                    matched_ap: diff(|m| m.matched_ap),
-                    spearman_gain: diff_rho(),
+                    ap: diff(|m| m.ap, 1.0),
+                    auroc: diff(|m| m.auroc, 1.0),
+                    matched_ap: diff(|m| m.matched_ap, 1.0),
+                    spearman_gain: diff(|m| m.spearman_gain, 2.0),
                     error_removed: (fa - oa) / (1.0 - oa),
                 });
             }
